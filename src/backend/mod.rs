@@ -1,0 +1,84 @@
+//! Data planes: the [`Backend`] trait and the registry by type name.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use async_trait::async_trait;
+
+use crate::config::NetworkConfig;
+use crate::iface::ExternalInterface;
+use crate::subnet::{Lease, PeerSet};
+
+mod alloc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("backend type {0:?} is not known (known: {known})", known = KNOWN.join(", "))]
+    UnknownType(String),
+    #[error("backend {backend}: option {option} {value}: {why}")]
+    BadOption {
+        backend: &'static str,
+        option: &'static str,
+        value: String,
+        why: String,
+    },
+    #[error("backend {backend}: {why}")]
+    Setup { backend: &'static str, why: String },
+    #[error("backend {backend}: netlink: {why}")]
+    Netlink { backend: &'static str, why: String },
+}
+
+/// What the backend publishes in our lease, and the MTU pods must use.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Publish {
+    pub backend_type: String,
+    pub backend_data: Option<serde_json::Value>,
+    pub backend_v6_data: Option<serde_json::Value>,
+    pub mtu: u32,
+}
+
+/// What one reconciliation pass changed, for logs and metrics.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReconcileReport {
+    pub added: usize,
+    pub removed: usize,
+    pub repaired: usize,
+}
+
+/// A data plane. Every method is idempotent: called again after a restart or a missed event,
+/// it converges on the same kernel state.
+#[async_trait]
+pub trait Backend: Send {
+    /// Creates or adopts the backend's devices; says what to publish in the lease.
+    async fn prepare(&mut self) -> Result<Publish, BackendError>;
+    /// Our lease is (re)acquired: give the devices their addresses and routes.
+    async fn lease_acquired(&mut self, own: &Lease) -> Result<(), BackendError>;
+    /// Makes kernel state match `peers`, adding what is missing and removing what is stale.
+    async fn reconcile(&mut self, peers: &PeerSet) -> Result<ReconcileReport, BackendError>;
+}
+
+/// Backend type names this build knows.
+pub const KNOWN: &[&str] = &["alloc"];
+
+/// Context every backend is built from.
+#[derive(Debug, Clone)]
+pub struct BackendContext {
+    pub config: NetworkConfig,
+    pub ext: ExternalInterface,
+}
+
+impl BackendContext {
+    pub fn public_ip(&self) -> Option<Ipv4Addr> {
+        self.ext.public_ip
+    }
+    pub fn public_ipv6(&self) -> Option<Ipv6Addr> {
+        self.ext.public_ipv6
+    }
+}
+
+/// Builds the backend named by the config's `Backend.Type`.
+pub fn create(ctx: BackendContext) -> Result<Box<dyn Backend>, BackendError> {
+    match ctx.config.backend_type.as_str() {
+        "alloc" => Ok(Box::new(alloc::AllocBackend::new(ctx))),
+        other => Err(BackendError::UnknownType(other.to_string())),
+    }
+}

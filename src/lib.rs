@@ -1,0 +1,13 @@
+//! flanneld in Rust: an overlay network daemon compatible with flannel.
+//!
+//! The control plane (config, leases, watch, subnet file, health) lives in this crate; the data
+//! planes are behind [`backend::Backend`].
+
+pub mod backend;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod health;
+pub mod iface;
+pub mod metrics;
+pub mod subnet;

@@ -1,0 +1,1 @@
+//! Which subnet to take: pure arithmetic over the config, no I/O.

@@ -1,0 +1,10 @@
+//! Where leases live: the lease model, subnet arithmetic, the etcd registry, the watcher and the
+//! subnet file.
+
+pub mod alloc;
+pub mod env;
+pub mod etcd;
+pub mod lease;
+pub mod watch;
+
+pub use lease::{Lease, LeaseAttrs, PeerSet, SubnetKey};
