@@ -1,8 +1,11 @@
 //! The network configuration JSON at `<prefix>/config`: parsing and flannel's validation rules.
 
+use std::fmt;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use ipnetwork::{Ipv4Network, Ipv6Network};
+use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
+use serde_json::{Map, Value};
 
 use crate::subnet::SubnetKey;
 
@@ -43,13 +46,933 @@ pub struct NetworkConfig {
 }
 
 impl NetworkConfig {
-    pub fn parse(_json: &[u8]) -> Result<Self, ConfigError> {
-        todo!("config parsing")
+    pub fn parse(json: &[u8]) -> Result<Self, ConfigError> {
+        let entries: Entries =
+            serde_json::from_slice(json).map_err(|e| ConfigError::Json(e.to_string()))?;
+        let enable_ipv4 = entries.bool_or("EnableIPv4", true)?;
+        let enable_ipv6 = entries.bool_or("EnableIPv6", false)?;
+        let enable_nftables = entries.bool_or("EnableNFTables", false)?;
+        // Every field is type-checked even when its family is disabled, as flannel's JSON
+        // decoding does before any rule runs.
+        let v4 = V4.given(&entries)?;
+        let v6 = V6.given(&entries)?;
+        let (backend_type, backend) = backend(&entries)?;
+        if !enable_ipv4 && !enable_ipv6 {
+            return Err(field_err(
+                "EnableIPv4",
+                "false".into(),
+                "no address family enabled (EnableIPv6 is false too)",
+            ));
+        }
+        let mut cfg = NetworkConfig::neutral(enable_ipv4, enable_ipv6, enable_nftables);
+        cfg.backend_type = backend_type;
+        cfg.backend = backend;
+        if enable_ipv4 {
+            cfg.set_v4(V4.validate(v4)?);
+        }
+        if enable_ipv6 {
+            cfg.set_v6(V6.validate(v6)?);
+        }
+        Ok(cfg)
     }
 
     /// Whether a lease with this key may be kept under this config (inside the network, the
     /// configured length, between min and max).
-    pub fn fits(&self, _key: &SubnetKey) -> bool {
-        todo!("config fits")
+    ///
+    /// Only enabled families are checked, each must be present in the key; a subnet of a
+    /// disabled family is tolerated so that turning a family off does not orphan every lease.
+    pub fn fits(&self, key: &SubnetKey) -> bool {
+        let v4_ok = !self.enable_ipv4 || key.ipv4.is_some_and(|n| self.fits_v4(n));
+        let v6_ok = !self.enable_ipv6 || key.ipv6.is_some_and(|n| self.fits_v6(n));
+        (self.enable_ipv4 || self.enable_ipv6) && v4_ok && v6_ok
+    }
+
+    /// How many IPv4 subnets lie between `SubnetMin` and `SubnetMax`, both included.
+    pub fn v4_subnet_count(&self) -> u64 {
+        if !self.enable_ipv4 || self.network.is_none() {
+            return 0;
+        }
+        let (min, max) = (u32::from(self.subnet_min), u32::from(self.subnet_max));
+        // At most 2^30 subnets of /30 or longer fit in 32 bits, so this never truncates.
+        subnet_count(min.into(), max.into(), 32, self.subnet_len) as u64
+    }
+
+    /// How many IPv6 subnets lie between `IPv6SubnetMin` and `IPv6SubnetMax`, both included.
+    pub fn v6_subnet_count(&self) -> u128 {
+        if !self.enable_ipv6 || self.ipv6_network.is_none() {
+            return 0;
+        }
+        let (min, max) = (self.ipv6_subnet_min.into(), self.ipv6_subnet_max.into());
+        subnet_count(min, max, 128, self.ipv6_subnet_len)
+    }
+
+    fn neutral(enable_ipv4: bool, enable_ipv6: bool, enable_nftables: bool) -> Self {
+        NetworkConfig {
+            enable_ipv4,
+            enable_ipv6,
+            network: None,
+            subnet_len: 0,
+            subnet_min: Ipv4Addr::UNSPECIFIED,
+            subnet_max: Ipv4Addr::UNSPECIFIED,
+            ipv6_network: None,
+            ipv6_subnet_len: 0,
+            ipv6_subnet_min: Ipv6Addr::UNSPECIFIED,
+            ipv6_subnet_max: Ipv6Addr::UNSPECIFIED,
+            enable_nftables,
+            backend_type: String::new(),
+            backend: Map::new(),
+        }
+    }
+
+    fn set_v4(&mut self, r: Ranged) {
+        // `validate` returned a prefix ≤ 32 and 32-bit values, so these conversions are exact.
+        self.network = Ipv4Network::new(Ipv4Addr::from(r.network as u32), r.prefix).ok();
+        self.subnet_len = r.len;
+        self.subnet_min = Ipv4Addr::from(r.min as u32);
+        self.subnet_max = Ipv4Addr::from(r.max as u32);
+    }
+
+    fn set_v6(&mut self, r: Ranged) {
+        self.ipv6_network = Ipv6Network::new(Ipv6Addr::from(r.network), r.prefix).ok();
+        self.ipv6_subnet_len = r.len;
+        self.ipv6_subnet_min = Ipv6Addr::from(r.min);
+        self.ipv6_subnet_max = Ipv6Addr::from(r.max);
+    }
+
+    fn fits_v4(&self, n: Ipv4Network) -> bool {
+        self.network.is_some_and(|net| {
+            n.prefix() == self.subnet_len
+                && n.ip() == n.network()
+                && net.contains(n.ip())
+                && (self.subnet_min..=self.subnet_max).contains(&n.ip())
+        })
+    }
+
+    fn fits_v6(&self, n: Ipv6Network) -> bool {
+        self.ipv6_network.is_some_and(|net| {
+            n.prefix() == self.ipv6_subnet_len
+                && n.ip() == n.network()
+                && net.contains(n.ip())
+                && (self.ipv6_subnet_min..=self.ipv6_subnet_max).contains(&n.ip())
+        })
+    }
+}
+
+fn subnet_count(min: u128, max: u128, bits: u8, len: u8) -> u128 {
+    if min > max || len > bits {
+        return 0;
+    }
+    ((max - min) >> (bits - len)) + 1
+}
+
+fn field_err(field: &'static str, value: String, why: impl Into<String>) -> ConfigError {
+    ConfigError::Field {
+        field,
+        value,
+        why: why.into(),
+    }
+}
+
+/// The value as it appeared in the JSON, cut short so that a huge value cannot flood a log line.
+fn shown(v: &Value) -> String {
+    const LIMIT: usize = 80;
+    let s = v.to_string();
+    match s.char_indices().nth(LIMIT) {
+        Some((cut, _)) => format!("{}…", &s[..cut]),
+        None => s,
+    }
+}
+
+/// The top-level object's members in document order (serde_json's own map would sort them and
+/// lose which of two differently-cased duplicates came last).
+struct Entries(Vec<(String, Value)>);
+
+impl<'de> Deserialize<'de> for Entries {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct EntriesVisitor;
+        impl<'de> Visitor<'de> for EntriesVisitor {
+            type Value = Entries;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Entries, A::Error> {
+                let mut out = Vec::new();
+                while let Some(entry) = map.next_entry::<String, Value>()? {
+                    out.push(entry);
+                }
+                Ok(Entries(out))
+            }
+        }
+        d.deserialize_map(EntriesVisitor)
+    }
+}
+
+impl Entries {
+    /// The member named `name`, ignoring ASCII case. As with Go's decoder, which flannel uses,
+    /// the last duplicate wins and `null` leaves the field at its default.
+    fn get(&self, name: &str) -> Option<&Value> {
+        self.0
+            .iter()
+            .rev()
+            .find(|(k, v)| k.eq_ignore_ascii_case(name) && !v.is_null())
+            .map(|(_, v)| v)
+    }
+
+    fn bool_or(&self, name: &'static str, default: bool) -> Result<bool, ConfigError> {
+        match self.get(name) {
+            None => Ok(default),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(v) => Err(field_err(name, shown(v), "must be true or false")),
+        }
+    }
+
+    /// A prefix length; 0 means "not given", as flannel treats its zero value.
+    fn len(&self, name: &'static str) -> Result<Option<u64>, ConfigError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(v) => match v.as_u64() {
+                Some(0) => Ok(None),
+                Some(n) => Ok(Some(n)),
+                None => Err(field_err(name, shown(v), "must be a whole number")),
+            },
+        }
+    }
+
+    fn string(&self, name: &'static str) -> Result<Option<&str>, ConfigError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(v) => Err(field_err(name, shown(v), "must be a string")),
+        }
+    }
+}
+
+/// What differs between the IPv4 and the IPv6 rules; addresses are held as `u128` either way.
+struct Family {
+    bits: u8,
+    network_field: &'static str,
+    len_field: &'static str,
+    min_field: &'static str,
+    max_field: &'static str,
+    /// Longest subnet length allowed: a host needs room for a tunnel and a bridge address.
+    max_len: u8,
+    /// Longest network prefix when the subnet length is left to its default.
+    max_default_prefix: u8,
+    /// Networks with a prefix up to this one get `big_len` subnets by default.
+    big_prefix: u8,
+    big_len: u8,
+    parse_addr: fn(&str) -> Option<u128>,
+    show: fn(u128) -> String,
+}
+
+const V4: Family = Family {
+    bits: 32,
+    network_field: "Network",
+    len_field: "SubnetLen",
+    min_field: "SubnetMin",
+    max_field: "SubnetMax",
+    max_len: 30,
+    max_default_prefix: 28,
+    big_prefix: 22,
+    big_len: 24,
+    parse_addr: |s| s.parse::<Ipv4Addr>().ok().map(|a| u32::from(a).into()),
+    show: |a| Ipv4Addr::from(a as u32).to_string(),
+};
+
+const V6: Family = Family {
+    bits: 128,
+    network_field: "IPv6Network",
+    len_field: "IPv6SubnetLen",
+    min_field: "IPv6SubnetMin",
+    max_field: "IPv6SubnetMax",
+    max_len: 126,
+    max_default_prefix: 124,
+    big_prefix: 62,
+    big_len: 64,
+    parse_addr: |s| s.parse::<Ipv6Addr>().ok().map(u128::from),
+    show: |a| Ipv6Addr::from(a).to_string(),
+};
+
+/// One family's fields, type-checked but not yet validated against each other.
+struct Given {
+    network: Option<(u128, u8)>,
+    len: Option<u64>,
+    min: Option<u128>,
+    max: Option<u128>,
+}
+
+/// One family's validated range.
+struct Ranged {
+    network: u128,
+    prefix: u8,
+    len: u8,
+    min: u128,
+    max: u128,
+}
+
+impl Family {
+    fn given(&self, e: &Entries) -> Result<Given, ConfigError> {
+        Ok(Given {
+            network: self.cidr(e, self.network_field)?,
+            len: e.len(self.len_field)?,
+            min: self.bound(e, self.min_field)?,
+            max: self.bound(e, self.max_field)?,
+        })
+    }
+
+    /// `<address>/<length>`, strictly: Go's CIDR parser, which flannel uses, takes neither a bare
+    /// address nor a dotted netmask.
+    fn cidr(&self, e: &Entries, name: &'static str) -> Result<Option<(u128, u8)>, ConfigError> {
+        let Some(s) = e.string(name)? else {
+            return Ok(None);
+        };
+        let parsed = s.split_once('/').and_then(|(addr, len)| {
+            let addr = (self.parse_addr)(addr)?;
+            let all_digits = !len.is_empty() && len.bytes().all(|b| b.is_ascii_digit());
+            let len: u8 = len.parse().ok().filter(|l| all_digits && *l <= self.bits)?;
+            Some((addr, len))
+        });
+        match parsed {
+            Some(net) => Ok(Some(net)),
+            None => Err(field_err(
+                name,
+                format!("{s:?}"),
+                format!("not a CIDR network (expected e.g. {})", self.example()),
+            )),
+        }
+    }
+
+    fn bound(&self, e: &Entries, name: &'static str) -> Result<Option<u128>, ConfigError> {
+        let Some(s) = e.string(name)? else {
+            return Ok(None);
+        };
+        match (self.parse_addr)(s) {
+            // flannel cannot tell an all-zero IPv4 bound from an absent one, so neither do we.
+            Some(0) if self.bits == 32 => Ok(None),
+            Some(a) => Ok(Some(a)),
+            None => Err(field_err(name, format!("{s:?}"), "not an IP address")),
+        }
+    }
+
+    fn example(&self) -> &'static str {
+        if self.bits == 32 {
+            "10.5.0.0/16"
+        } else {
+            "fc00::/48"
+        }
+    }
+
+    fn validate(&self, g: Given) -> Result<Ranged, ConfigError> {
+        let (network, prefix) = g.network.ok_or_else(|| {
+            field_err(
+                self.network_field,
+                "missing".into(),
+                format!(
+                    "required when the family is enabled (e.g. {})",
+                    self.example()
+                ),
+            )
+        })?;
+        let host = self.host_mask(prefix);
+        if network & host != 0 {
+            return Err(field_err(
+                self.network_field,
+                self.show_net(network, prefix),
+                format!(
+                    "host bits set; did you mean {}?",
+                    self.show_net(network & !host, prefix)
+                ),
+            ));
+        }
+        let len = self.subnet_len(network, prefix, g.len)?;
+        let size = 1u128 << (self.bits - len);
+        let last = network | host;
+        let in_net = |a: u128| a >= network && a <= last;
+        let min = match g.min {
+            None => network + size,
+            Some(a) => {
+                self.check_bound(self.min_field, a, in_net(a), size, len, network, prefix)?
+            }
+        };
+        let max = match g.max {
+            None => last - (size - 1),
+            Some(a) => {
+                self.check_bound(self.max_field, a, in_net(a), size, len, network, prefix)?
+            }
+        };
+        if min > max {
+            return Err(field_err(
+                self.min_field,
+                (self.show)(min),
+                format!("greater than {} {}", self.max_field, (self.show)(max)),
+            ));
+        }
+        Ok(Ranged {
+            network,
+            prefix,
+            len,
+            min,
+            max,
+        })
+    }
+
+    fn host_mask(&self, prefix: u8) -> u128 {
+        let all = u128::MAX >> (128 - u32::from(self.bits));
+        all.checked_shr(prefix.into()).unwrap_or(0)
+    }
+
+    fn show_net(&self, addr: u128, prefix: u8) -> String {
+        format!("{}/{}", (self.show)(addr), prefix)
+    }
+
+    fn subnet_len(&self, network: u128, prefix: u8, given: Option<u64>) -> Result<u8, ConfigError> {
+        let Some(len) = given else {
+            return self.default_len(network, prefix);
+        };
+        if len > self.max_len.into() {
+            return Err(field_err(
+                self.len_field,
+                len.to_string(),
+                format!("must be ≤ {}", self.max_len),
+            ));
+        }
+        // The first subnet is never handed out, so fewer than four would leave too few hosts.
+        let least = u64::from(prefix) + 2;
+        if len < least {
+            return Err(field_err(
+                self.len_field,
+                len.to_string(),
+                format!(
+                    "must be ≥ {least} so that {} {} holds at least 4 subnets",
+                    self.network_field,
+                    self.show_net(network, prefix)
+                ),
+            ));
+        }
+        Ok(len as u8)
+    }
+
+    fn default_len(&self, network: u128, prefix: u8) -> Result<u8, ConfigError> {
+        if prefix > self.max_default_prefix {
+            return Err(field_err(
+                self.network_field,
+                self.show_net(network, prefix),
+                format!(
+                    "too small: the prefix must be ≤ /{} to hold 4 subnets of /{}",
+                    self.max_default_prefix, self.max_len
+                ),
+            ));
+        }
+        Ok(if prefix <= self.big_prefix {
+            self.big_len
+        } else {
+            prefix + 2
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn check_bound(
+        &self,
+        field: &'static str,
+        addr: u128,
+        inside: bool,
+        size: u128,
+        len: u8,
+        network: u128,
+        prefix: u8,
+    ) -> Result<u128, ConfigError> {
+        if !inside {
+            return Err(field_err(
+                field,
+                (self.show)(addr),
+                format!(
+                    "outside {} {}",
+                    self.network_field,
+                    self.show_net(network, prefix)
+                ),
+            ));
+        }
+        if addr & (size - 1) != 0 {
+            return Err(field_err(
+                field,
+                (self.show)(addr),
+                format!(
+                    "not aligned to {} {len} (e.g. {})",
+                    self.len_field,
+                    (self.show)(addr & !(size - 1))
+                ),
+            ));
+        }
+        Ok(addr)
+    }
+}
+
+/// `Backend.Type` (lower-cased) and the whole `Backend` object.
+fn backend(e: &Entries) -> Result<(String, Map<String, Value>), ConfigError> {
+    let obj = match e.get("Backend") {
+        None => return Ok(("udp".into(), Map::new())),
+        Some(Value::Object(obj)) => obj,
+        Some(v) => return Err(field_err("Backend", shown(v), "must be an object")),
+    };
+    let ty = obj
+        .iter()
+        .filter(|(k, v)| k.eq_ignore_ascii_case("Type") && !v.is_null())
+        .map(|(_, v)| v)
+        .last();
+    match ty {
+        Some(Value::String(s)) if !s.is_empty() => Ok((s.to_lowercase(), obj.clone())),
+        Some(v) => Err(field_err(
+            "Backend.Type",
+            shown(v),
+            "must be a non-empty string naming the backend",
+        )),
+        None => Err(field_err(
+            "Backend.Type",
+            "missing".into(),
+            r#"the Backend object must name its type, e.g. {"Type":"vxlan"}"#,
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<NetworkConfig, ConfigError> {
+        NetworkConfig::parse(s.as_bytes())
+    }
+
+    fn v4(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    fn v6(s: &str) -> Ipv6Addr {
+        s.parse().unwrap()
+    }
+
+    fn field_of(r: Result<NetworkConfig, ConfigError>) -> (&'static str, String, String) {
+        match r {
+            Err(ConfigError::Field { field, value, why }) => (field, value, why),
+            other => panic!("expected a field error, got {other:?}"),
+        }
+    }
+
+    /// The error names `field` and its message contains `value`.
+    fn assert_field_err(json: &str, field: &str, value: &str) {
+        let err = parse(json).unwrap_err();
+        let msg = err.to_string();
+        let (f, v, _) = field_of(Err(err));
+        assert_eq!(f, field, "{msg}");
+        assert!(
+            v.contains(value),
+            "value {v:?} should contain {value:?}: {msg}"
+        );
+        assert!(msg.contains(field) && msg.contains(value), "{msg}");
+    }
+
+    #[test]
+    fn flannel_shaped_vxlan_config() {
+        let c = parse(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan","VNI":1}}"#).unwrap();
+        assert!(c.enable_ipv4 && !c.enable_ipv6 && !c.enable_nftables);
+        assert_eq!(c.network, Some("10.5.0.0/16".parse().unwrap()));
+        assert_eq!(c.subnet_len, 24);
+        assert_eq!(c.subnet_min, v4("10.5.1.0"));
+        assert_eq!(c.subnet_max, v4("10.5.255.0"));
+        assert_eq!(c.backend_type, "vxlan");
+        assert_eq!(c.backend["VNI"], 1);
+        assert_eq!(c.backend["Type"], "vxlan");
+        assert_eq!(c.ipv6_network, None);
+        assert_eq!(c.ipv6_subnet_len, 0);
+        assert_eq!(c.ipv6_subnet_min, Ipv6Addr::UNSPECIFIED);
+        assert_eq!(c.ipv6_subnet_max, Ipv6Addr::UNSPECIFIED);
+        assert_eq!(c.v4_subnet_count(), 255);
+        assert_eq!(c.v6_subnet_count(), 0);
+    }
+
+    #[test]
+    fn dual_stack_config() {
+        let c = parse(
+            r#"{"EnableIPv6":true,"Network":"10.42.0.0/16","IPv6Network":"fc00:42::/48",
+                "IPv6SubnetLen":64,"EnableNFTables":true,"Backend":{"Type":"VXLAN"}}"#,
+        )
+        .unwrap();
+        assert!(c.enable_ipv4 && c.enable_ipv6 && c.enable_nftables);
+        assert_eq!(c.ipv6_network, Some("fc00:42::/48".parse().unwrap()));
+        assert_eq!(c.ipv6_subnet_len, 64);
+        assert_eq!(c.ipv6_subnet_min, v6("fc00:42:0:1::"));
+        assert_eq!(c.ipv6_subnet_max, v6("fc00:42:0:ffff::"));
+        assert_eq!(c.v6_subnet_count(), 65535);
+        assert_eq!(c.backend_type, "vxlan");
+    }
+
+    #[test]
+    fn ipv6_only_config_keeps_ipv4_neutral() {
+        let c =
+            parse(r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fc00::/60"}"#).unwrap();
+        assert_eq!(c.network, None);
+        assert_eq!(c.subnet_len, 0);
+        assert_eq!(c.subnet_min, Ipv4Addr::UNSPECIFIED);
+        assert_eq!(c.ipv6_subnet_len, 64);
+        assert_eq!(c.v4_subnet_count(), 0);
+        assert_eq!(c.v6_subnet_count(), 15);
+    }
+
+    #[test]
+    fn keys_are_case_insensitive_and_unknown_keys_ignored() {
+        let c = parse(
+            r#"{"network":"10.5.0.0/16","SUBNETLEN":26,"subnetmin":"10.5.0.64",
+                "whatever":[1,2],"backend":{"type":"Host-GW"}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.subnet_len, 26);
+        assert_eq!(c.subnet_min, v4("10.5.0.64"));
+        assert_eq!(c.backend_type, "host-gw");
+    }
+
+    #[test]
+    fn later_duplicate_key_wins_and_null_is_default() {
+        let c =
+            parse(r#"{"Network":"10.1.0.0/16","network":"10.2.0.0/16","SubnetLen":null}"#).unwrap();
+        assert_eq!(c.network, Some("10.2.0.0/16".parse().unwrap()));
+        assert_eq!(c.subnet_len, 24);
+    }
+
+    #[test]
+    fn not_json_or_not_an_object() {
+        assert!(matches!(parse("{"), Err(ConfigError::Json(_))));
+        assert!(matches!(parse("[1]"), Err(ConfigError::Json(_))));
+        assert!(matches!(parse(""), Err(ConfigError::Json(_))));
+    }
+
+    #[test]
+    fn wrong_json_types_name_field_and_value() {
+        let net = r#""Network":"10.5.0.0/16""#;
+        assert_field_err(
+            &format!(r#"{{{net},"SubnetLen":"24"}}"#),
+            "SubnetLen",
+            "\"24\"",
+        );
+        assert_field_err(&format!(r#"{{{net},"SubnetLen":-1}}"#), "SubnetLen", "-1");
+        assert_field_err(
+            &format!(r#"{{{net},"SubnetLen":24.5}}"#),
+            "SubnetLen",
+            "24.5",
+        );
+        assert_field_err(
+            &format!(r#"{{{net},"EnableIPv4":"yes"}}"#),
+            "EnableIPv4",
+            "yes",
+        );
+        assert_field_err(&format!(r#"{{{net},"EnableIPv6":1}}"#), "EnableIPv6", "1");
+        assert_field_err(
+            &format!(r#"{{{net},"EnableNFTables":0}}"#),
+            "EnableNFTables",
+            "0",
+        );
+        assert_field_err(r#"{"Network":17}"#, "Network", "17");
+        assert_field_err(&format!(r#"{{{net},"SubnetMin":5}}"#), "SubnetMin", "5");
+        // Type-checked even when the family is disabled, like flannel's decoder.
+        assert_field_err(
+            &format!(r#"{{{net},"IPv6Network":"nope"}}"#),
+            "IPv6Network",
+            "nope",
+        );
+    }
+
+    #[test]
+    fn subnet_len_30_ok_31_error() {
+        let c = parse(r#"{"Network":"10.5.0.0/16","SubnetLen":30}"#).unwrap();
+        assert_eq!(c.subnet_len, 30);
+        assert_eq!(c.subnet_min, v4("10.5.0.4"));
+        assert_eq!(c.subnet_max, v4("10.5.255.252"));
+        let (f, v, why) = field_of(parse(r#"{"Network":"10.5.0.0/16","SubnetLen":31}"#));
+        assert_eq!((f, v.as_str()), ("SubnetLen", "31"));
+        assert!(why.contains("≤ 30"), "{why}");
+        assert_eq!(
+            parse(r#"{"Network":"10.5.0.0/16","SubnetLen":31}"#)
+                .unwrap_err()
+                .to_string(),
+            "network config: SubnetLen 31: must be ≤ 30"
+        );
+    }
+
+    #[test]
+    fn subnet_len_must_leave_four_subnets() {
+        let c = parse(r#"{"Network":"10.5.0.0/16","SubnetLen":18}"#).unwrap();
+        assert_eq!(c.subnet_len, 18);
+        assert_eq!(c.v4_subnet_count(), 3);
+        assert_field_err(
+            r#"{"Network":"10.5.0.0/16","SubnetLen":17}"#,
+            "SubnetLen",
+            "17",
+        );
+    }
+
+    #[test]
+    fn subnet_len_zero_means_default() {
+        let c = parse(r#"{"Network":"10.5.0.0/16","SubnetLen":0}"#).unwrap();
+        assert_eq!(c.subnet_len, 24);
+    }
+
+    #[test]
+    fn default_subnet_len_boundaries() {
+        let len = |net: &str| parse(&format!(r#"{{"Network":"{net}"}}"#)).map(|c| c.subnet_len);
+        assert_eq!(len("10.0.0.0/8"), Ok(24));
+        assert_eq!(len("10.5.0.0/22"), Ok(24));
+        assert_eq!(len("10.5.0.0/23"), Ok(25));
+        assert_eq!(len("10.5.0.0/28"), Ok(30));
+        assert_field_err(r#"{"Network":"10.5.0.0/29"}"#, "Network", "10.5.0.0/29");
+    }
+
+    #[test]
+    fn network_rules() {
+        assert_field_err(r#"{"SubnetLen":24}"#, "Network", "missing");
+        assert_field_err(r#"{"Network":"10.5.0.0"}"#, "Network", "10.5.0.0");
+        assert_field_err(r#"{"Network":"10.5.0.0/33"}"#, "Network", "10.5.0.0/33");
+        assert_field_err(
+            r#"{"Network":"10.5.0.0/255.255.0.0"}"#,
+            "Network",
+            "255.255",
+        );
+        assert_field_err(r#"{"Network":"fc00::/48"}"#, "Network", "fc00::/48");
+        assert_field_err(r#"{"Network":"banana"}"#, "Network", "banana");
+        let (_, v, why) = field_of(parse(r#"{"Network":"10.5.0.1/16"}"#));
+        assert_eq!(v, "10.5.0.1/16");
+        assert!(why.contains("10.5.0.0/16"), "{why}");
+    }
+
+    #[test]
+    fn explicit_min_max_rules() {
+        let base = r#""Network":"10.5.0.0/16""#;
+        let c = parse(&format!(
+            r#"{{{base},"SubnetMin":"10.5.0.0","SubnetMax":"10.5.0.0"}}"#
+        ))
+        .unwrap();
+        assert_eq!(
+            (c.subnet_min, c.subnet_max),
+            (v4("10.5.0.0"), v4("10.5.0.0"))
+        );
+        assert_eq!(c.v4_subnet_count(), 1);
+        let c = parse(&format!(
+            r#"{{{base},"SubnetMin":"10.5.10.0","SubnetMax":"10.5.19.0"}}"#
+        ))
+        .unwrap();
+        assert_eq!(c.v4_subnet_count(), 10);
+        assert_field_err(
+            &format!(r#"{{{base},"SubnetMin":"10.5.1.1"}}"#),
+            "SubnetMin",
+            "10.5.1.1",
+        );
+        assert_field_err(
+            &format!(r#"{{{base},"SubnetMax":"10.5.3.128"}}"#),
+            "SubnetMax",
+            "10.5.3.128",
+        );
+        assert_field_err(
+            &format!(r#"{{{base},"SubnetMin":"10.6.0.0"}}"#),
+            "SubnetMin",
+            "10.6.0.0",
+        );
+        assert_field_err(
+            &format!(r#"{{{base},"SubnetMax":"10.4.255.0"}}"#),
+            "SubnetMax",
+            "10.4.255.0",
+        );
+        assert_field_err(
+            &format!(r#"{{{base},"SubnetMin":"10.5.9.0","SubnetMax":"10.5.8.0"}}"#),
+            "SubnetMin",
+            "10.5.9.0",
+        );
+        assert_field_err(
+            &format!(r#"{{{base},"SubnetMin":"10.5.1"}}"#),
+            "SubnetMin",
+            "10.5.1",
+        );
+    }
+
+    #[test]
+    fn zero_ipv4_bound_means_default_as_in_flannel() {
+        let c = parse(r#"{"Network":"10.5.0.0/16","SubnetMin":"0.0.0.0"}"#).unwrap();
+        assert_eq!(c.subnet_min, v4("10.5.1.0"));
+    }
+
+    #[test]
+    fn whole_ipv4_space() {
+        let c = parse(r#"{"Network":"0.0.0.0/0"}"#).unwrap();
+        assert_eq!(c.subnet_len, 24);
+        assert_eq!(c.subnet_min, v4("0.0.1.0"));
+        assert_eq!(c.subnet_max, v4("255.255.255.0"));
+        assert_eq!(c.v4_subnet_count(), (1 << 24) - 1);
+    }
+
+    #[test]
+    fn no_address_family_enabled() {
+        let err = parse(r#"{"EnableIPv4":false,"Network":"10.5.0.0/16"}"#).unwrap_err();
+        assert!(
+            err.to_string().contains("no address family enabled"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn disabled_family_is_not_validated() {
+        let c = parse(r#"{"Network":"10.5.0.0/16","IPv6Network":"fc00::/127"}"#).unwrap();
+        assert_eq!(c.ipv6_network, None);
+        let c = parse(
+            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fc00::/64","SubnetLen":31}"#,
+        )
+        .unwrap();
+        assert_eq!(c.network, None);
+    }
+
+    #[test]
+    fn ipv6_len_rules() {
+        let six = |extra: &str| format!(r#"{{"EnableIPv4":false,"EnableIPv6":true{extra}}}"#);
+        let len = |net: &str| {
+            parse(&six(&format!(r#","IPv6Network":"{net}""#))).map(|c| c.ipv6_subnet_len)
+        };
+        assert_eq!(len("fc00::/48"), Ok(64));
+        assert_eq!(len("fc00::/62"), Ok(64));
+        assert_eq!(len("fc00::/63"), Ok(65));
+        assert_eq!(len("fc00::/124"), Ok(126));
+        assert_field_err(
+            &six(r#","IPv6Network":"fc00::/125""#),
+            "IPv6Network",
+            "fc00::/125",
+        );
+        let c = parse(&six(r#","IPv6Network":"fc00::/64","IPv6SubnetLen":126"#)).unwrap();
+        assert_eq!(c.ipv6_subnet_len, 126);
+        assert_field_err(
+            &six(r#","IPv6Network":"fc00::/64","IPv6SubnetLen":127"#),
+            "IPv6SubnetLen",
+            "127",
+        );
+        assert_field_err(
+            &six(r#","IPv6Network":"fc00::/64","IPv6SubnetLen":65"#),
+            "IPv6SubnetLen",
+            "65",
+        );
+        assert_field_err(&six(""), "IPv6Network", "missing");
+        assert_field_err(
+            &six(r#","IPv6Network":"fc00::1/64""#),
+            "IPv6Network",
+            "fc00::1/64",
+        );
+    }
+
+    #[test]
+    fn ipv6_min_max_rules() {
+        let six = |extra: &str| {
+            format!(r#"{{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fc00::/48"{extra}}}"#)
+        };
+        let c = parse(&six(
+            r#","IPv6SubnetMin":"fc00:0:0:10::","IPv6SubnetMax":"fc00:0:0:1f::""#,
+        ))
+        .unwrap();
+        assert_eq!(c.v6_subnet_count(), 16);
+        assert_field_err(
+            &six(r#","IPv6SubnetMin":"fc00::1""#),
+            "IPv6SubnetMin",
+            "fc00::1",
+        );
+        assert_field_err(
+            &six(r#","IPv6SubnetMax":"fc01::""#),
+            "IPv6SubnetMax",
+            "fc01::",
+        );
+        assert_field_err(&six(r#","IPv6SubnetMin":"::""#), "IPv6SubnetMin", "::");
+        assert_field_err(
+            &six(r#","IPv6SubnetMin":"fc00:0:0:20::","IPv6SubnetMax":"fc00:0:0:1f::""#),
+            "IPv6SubnetMin",
+            "fc00:0:0:20::",
+        );
+        // The whole space: the count does not overflow.
+        let c = parse(
+            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"::/0","IPv6SubnetLen":126}"#,
+        )
+        .unwrap();
+        assert_eq!(c.v6_subnet_count(), (1u128 << 126) - 1);
+    }
+
+    #[test]
+    fn backend_rules() {
+        let net = r#""Network":"10.5.0.0/16""#;
+        let c = parse(&format!("{{{net}}}")).unwrap();
+        assert_eq!(c.backend_type, "udp");
+        assert!(c.backend.is_empty());
+        let c = parse(&format!(
+            r#"{{{net},"Backend":{{"TYPE":"UDP","Port":8285}}}}"#
+        ))
+        .unwrap();
+        assert_eq!(c.backend_type, "udp");
+        assert_eq!(c.backend["Port"], 8285);
+        assert_eq!(c.backend["TYPE"], "UDP");
+        assert_field_err(
+            &format!(r#"{{{net},"Backend":"vxlan"}}"#),
+            "Backend",
+            "vxlan",
+        );
+        let err = parse(&format!(r#"{{{net},"Backend":{{"VNI":1}}}}"#)).unwrap_err();
+        assert!(err.to_string().contains("Backend.Type missing"), "{err}");
+        assert_field_err(
+            &format!(r#"{{{net},"Backend":{{"Type":7}}}}"#),
+            "Backend.Type",
+            "7",
+        );
+        assert_field_err(
+            &format!(r#"{{{net},"Backend":{{"Type":""}}}}"#),
+            "Backend.Type",
+            "\"\"",
+        );
+    }
+
+    #[test]
+    fn long_values_are_cut_short_in_errors() {
+        let long = "x".repeat(500);
+        let err = parse(&format!(
+            r#"{{"Network":"10.5.0.0/16","Backend":"{long}"}}"#
+        ))
+        .unwrap_err();
+        assert!(err.to_string().len() < 200, "{err}");
+    }
+
+    fn key(s: &str) -> SubnetKey {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn fits_v4() {
+        let c = parse(r#"{"Network":"10.5.0.0/16","SubnetMax":"10.5.200.0"}"#).unwrap();
+        assert!(c.fits(&key("10.5.1.0-24")));
+        assert!(c.fits(&key("10.5.200.0-24")));
+        assert!(!c.fits(&key("10.5.0.0-24")), "below SubnetMin");
+        assert!(!c.fits(&key("10.5.201.0-24")), "above SubnetMax");
+        assert!(!c.fits(&key("10.5.1.0-25")), "wrong length");
+        assert!(!c.fits(&key("10.6.1.0-24")), "outside Network");
+        assert!(!c.fits(&key("fc00::-64")), "no IPv4 subnet");
+        assert!(
+            c.fits(&key("10.5.1.0-24&fc00::-64")),
+            "extra family tolerated"
+        );
+        let unaligned = SubnetKey::v4(Ipv4Network::new(v4("10.5.1.1"), 24).unwrap());
+        assert!(!c.fits(&unaligned));
+    }
+
+    #[test]
+    fn fits_dual_stack_and_v6_only() {
+        let c = parse(r#"{"EnableIPv6":true,"Network":"10.5.0.0/16","IPv6Network":"fc00::/48"}"#)
+            .unwrap();
+        assert!(c.fits(&key("10.5.1.0-24&fc00:0:0:1::-64")));
+        assert!(!c.fits(&key("10.5.1.0-24")), "IPv6 subnet missing");
+        assert!(!c.fits(&key("10.5.1.0-24&fc00::-64")), "first IPv6 subnet");
+        assert!(
+            !c.fits(&key("10.5.1.0-24&fc00:1::-64")),
+            "outside IPv6Network"
+        );
+        let c =
+            parse(r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fc00::/48"}"#).unwrap();
+        assert!(c.fits(&key("fc00:0:0:ffff::-64")));
+        assert!(!c.fits(&key("fc00:0:0:ffff::-65")));
+        assert!(!c.fits(&key("10.5.1.0-24")));
     }
 }

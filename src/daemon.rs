@@ -1,1 +1,527 @@
-//! daemon
+//! Wiring: interface → config → backend → lease → subnet file → run loops.
+//!
+//! Three long-lived tasks share state through `watch` channels, so each only ever acts on the
+//! latest state: the watcher (etcd → [`LeaseView`]), the lease keeper (renews, re-acquires when
+//! the lease is lost) and the data plane (reconciles the kernel with the peers).
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ipnetwork::{Ipv4Network, Ipv6Network};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::backend::{self, Backend, BackendContext, BackendError, Publish};
+use crate::cli::Opts;
+use crate::config::NetworkConfig;
+use crate::iface::{self, ExternalInterface, IfaceChoice, IfaceError};
+use crate::metrics::Metrics;
+use crate::subnet::acquire::{self, AcquireError, AcquireRequest, Renewal};
+use crate::subnet::env::SubnetEnv;
+use crate::subnet::etcd::{EtcdError, EtcdOptions, Registry};
+use crate::subnet::watch::{self as lease_watch, Backoff, LeaseView};
+use crate::subnet::{Lease, LeaseAttrs, PeerSet};
+use crate::health;
+
+/// How often the data plane is compared with the peers even when nothing changed.
+const RECONCILE_EVERY: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Iface(#[from] IfaceError),
+    #[error(transparent)]
+    Etcd(#[from] EtcdError),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error("--healthz-ip/--healthz-port {addr}: {err}")]
+    Health { addr: SocketAddr, err: std::io::Error },
+    #[error("{0}")]
+    Mismatch(String),
+}
+
+pub async fn run(opts: Opts) -> Result<(), DaemonError> {
+    let metrics = Arc::new(Metrics::default());
+    if opts.healthz_port != 0 {
+        let addr = SocketAddr::new(opts.healthz_ip, opts.healthz_port);
+        let listener = health::bind(addr)
+            .await
+            .map_err(|err| DaemonError::Health { addr, err })?;
+        tracing::info!("health server on http://{addr}/ (healthz, readyz, metrics)");
+        tokio::spawn(health::serve(listener, metrics.clone()));
+    }
+
+    let ext = iface::select(&IfaceChoice {
+        iface: opts.iface.clone(),
+        iface_regex: opts.iface_regex.clone(),
+        iface_can_reach: opts.iface_can_reach,
+        public_ip: opts.public_ip,
+        public_ipv6: opts.public_ipv6,
+    })?;
+    tracing::info!(
+        "external interface {} (index {}, MTU {}), address {:?}, public IP {:?}, public IPv6 {:?}",
+        ext.name,
+        ext.index,
+        ext.mtu,
+        ext.iface_addr,
+        ext.public_ip,
+        ext.public_ipv6
+    );
+
+    let reg = connect_until_done(&etcd_options(&opts), &metrics).await?;
+    let config = wait_for_config(&reg, &metrics).await;
+    check_families(&config, &ext)?;
+    tracing::info!(
+        "network config: network {:?}, IPv6 network {:?}, backend {}",
+        config.network,
+        config.ipv6_network,
+        config.backend_type
+    );
+
+    let mut backend = backend::create(BackendContext {
+        config: config.clone(),
+        ext: ext.clone(),
+    })?;
+    let publish = backend.prepare().await?;
+    let attrs = lease_attrs(&config, &ext, &publish);
+
+    let old_subnet = match SubnetEnv::read(&opts.subnet_file) {
+        Ok(env) => env.and_then(|e| e.lease_key()),
+        Err(e) => {
+            tracing::warn!("ignoring the old subnet file: {e}");
+            None
+        }
+    };
+    let request = AcquireRequest {
+        attrs,
+        prefer: old_subnet,
+        ttl: opts.subnet_lease_ttl,
+    };
+    let lease = acquire_until_done(&reg, &config, &request, &metrics).await;
+
+    let (view_tx, view_rx) = watch::channel(LeaseView::default());
+    let (own_tx, own_rx) = watch::channel(lease.clone());
+    tokio::spawn(lease_watch::run(
+        reg.clone(),
+        LeaseView::default(),
+        view_tx,
+        metrics.clone(),
+    ));
+    let plane = DataPlane {
+        backend,
+        config: config.clone(),
+        ext: ext.clone(),
+        mtu: publish.mtu,
+        subnet_file: opts.subnet_file.clone(),
+        ip_masq: opts.ip_masq,
+        metrics: metrics.clone(),
+    };
+    tokio::spawn(plane.run(own_rx, view_rx.clone()));
+    let keeper = LeaseKeeper {
+        reg,
+        config,
+        request,
+        renew_after: opts.renew_after(),
+        metrics,
+    };
+    keeper.run(lease, own_tx, view_rx).await;
+    Ok(())
+}
+
+/// Connects to etcd; a flag or file that can never work is fatal, an unreachable etcd is not.
+async fn connect_until_done(
+    opts: &EtcdOptions,
+    metrics: &Metrics,
+) -> Result<Registry, DaemonError> {
+    let mut backoff = Backoff::new();
+    loop {
+        match Registry::connect(opts).await {
+            Ok(reg) => return Ok(reg),
+            Err(e) if e.is_fatal() => return Err(e.into()),
+            Err(e) => {
+                metrics.etcd_error(&e);
+                tracing::warn!("connecting to etcd {:?} failed, retrying: {e}", opts.endpoints);
+                backoff.wait().await;
+            }
+        }
+    }
+}
+
+fn etcd_options(opts: &Opts) -> EtcdOptions {
+    EtcdOptions {
+        endpoints: opts.endpoints(),
+        prefix: opts.etcd_prefix.clone(),
+        cafile: opts.etcd_cafile.clone(),
+        certfile: opts.etcd_certfile.clone(),
+        keyfile: opts.etcd_keyfile.clone(),
+        username: opts.etcd_username.clone(),
+        password: opts.etcd_password.clone(),
+    }
+}
+
+fn check_families(config: &NetworkConfig, ext: &ExternalInterface) -> Result<(), DaemonError> {
+    if config.enable_ipv4 && ext.public_ip.is_none() {
+        return Err(DaemonError::Mismatch(format!(
+            "the network config enables IPv4 but interface {} has no IPv4 address \
+             (give one, --public-ip, or choose another interface with --iface)",
+            ext.name
+        )));
+    }
+    if config.enable_ipv6 && ext.public_ipv6.is_none() {
+        return Err(DaemonError::Mismatch(format!(
+            "the network config enables IPv6 but interface {} has no global IPv6 address \
+             (give one, --public-ipv6, or choose another interface with --iface)",
+            ext.name
+        )));
+    }
+    Ok(())
+}
+
+fn lease_attrs(config: &NetworkConfig, ext: &ExternalInterface, publish: &Publish) -> LeaseAttrs {
+    let raw = |v: &Option<serde_json::Value>| {
+        v.as_ref()
+            .map(|v| serde_json::value::to_raw_value(v).expect("JSON values serialize"))
+    };
+    LeaseAttrs {
+        public_ip: ext.public_ip.filter(|_| config.enable_ipv4),
+        public_ipv6: ext.public_ipv6.filter(|_| config.enable_ipv6),
+        backend_type: publish.backend_type.clone(),
+        backend_data: raw(&publish.backend_data),
+        backend_v6_data: raw(&publish.backend_v6_data),
+    }
+}
+
+/// Reads the network config until a valid one is there, watching the key in between. An
+/// invalid config is reported once per distinct problem; fixing it in etcd is enough.
+async fn wait_for_config(reg: &Registry, metrics: &Metrics) -> NetworkConfig {
+    let mut last_report = String::new();
+    let mut report = |msg: String, error: bool| {
+        if msg != last_report {
+            if error {
+                tracing::error!("{msg}");
+            } else {
+                tracing::info!("{msg}");
+            }
+            last_report = msg;
+        }
+    };
+    let mut backoff = Backoff::new();
+    loop {
+        let (value, revision) = match reg.get_config().await {
+            Ok(r) => r,
+            Err(e) => {
+                metrics.etcd_error(&e);
+                report(format!("reading network config failed, retrying: {e}"), false);
+                backoff.wait().await;
+                continue;
+            }
+        };
+        metrics.set_etcd_up(true);
+        backoff.reset();
+        match value.map(|v| validate(&v)) {
+            None => report(
+                format!("waiting for the network config at {}", reg.config_key()),
+                false,
+            ),
+            Some(Ok(config)) => return config,
+            Some(Err(why)) => report(
+                format!(
+                    "invalid network config at {}: {why}; waiting for a valid one",
+                    reg.config_key()
+                ),
+                true,
+            ),
+        }
+        wait_for_change(reg, revision).await;
+    }
+}
+
+fn validate(raw: &[u8]) -> Result<NetworkConfig, String> {
+    let config = NetworkConfig::parse(raw).map_err(|e| e.to_string())?;
+    if !backend::KNOWN.contains(&config.backend_type.as_str()) {
+        return Err(BackendError::UnknownType(config.backend_type).to_string());
+    }
+    Ok(config)
+}
+
+/// Returns when the config key changed after `revision`, the watch broke, or a minute passed.
+async fn wait_for_change(reg: &Registry, revision: i64) {
+    let wait = async {
+        let Ok(mut stream) = reg.watch_config(revision + 1).await else {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            return;
+        };
+        loop {
+            match stream.message().await {
+                Ok(Some(resp)) if resp.events().is_empty() && !resp.canceled() => continue,
+                Ok(Some(_)) => return,
+                _ => {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    return;
+                }
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(60), wait).await;
+}
+
+/// Acquires a lease, retrying etcd failures and a full network until it succeeds.
+async fn acquire_until_done(
+    reg: &Registry,
+    config: &NetworkConfig,
+    request: &AcquireRequest,
+    metrics: &Metrics,
+) -> Lease {
+    let mut backoff = Backoff::new();
+    loop {
+        match acquire::acquire(reg, config, request).await {
+            Ok(lease) => {
+                Metrics::inc(&metrics.acquisitions);
+                metrics.set_etcd_up(true);
+                set_expiry(metrics, &lease, request.ttl.as_secs() as i64);
+                tracing::info!(
+                    "lease acquired: {} (public IP {:?}, etcd lease {:?})",
+                    lease.key,
+                    lease.attrs.public_ip,
+                    lease.etcd_lease
+                );
+                return lease;
+            }
+            Err(AcquireError::Etcd(e)) => {
+                metrics.etcd_error(&e);
+                tracing::warn!("acquiring a lease failed, retrying: {e}");
+                backoff.wait().await;
+            }
+            Err(e) => {
+                tracing::error!("acquiring a lease failed, retrying in 10 s: {e}");
+                tokio::time::sleep(Duration::from_secs(10)).await;
+            }
+        }
+    }
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default()
+}
+
+fn set_expiry(metrics: &Metrics, lease: &Lease, ttl_secs: i64) {
+    let expiry = if lease.is_reservation() {
+        0
+    } else {
+        unix_now() + ttl_secs
+    };
+    metrics.lease_expiry_seconds.store(expiry, Ordering::Relaxed);
+}
+
+/// Renews our lease before it expires and takes it again when it is lost.
+struct LeaseKeeper {
+    reg: Registry,
+    config: NetworkConfig,
+    request: AcquireRequest,
+    renew_after: Duration,
+    metrics: Arc<Metrics>,
+}
+
+impl LeaseKeeper {
+    async fn run(
+        self,
+        mut lease: Lease,
+        own_tx: watch::Sender<Lease>,
+        mut view_rx: watch::Receiver<LeaseView>,
+    ) {
+        let far = Duration::from_secs(365 * 24 * 3600);
+        let mut next_renew = Instant::now() + self.renew_after;
+        let mut retry = Backoff::new();
+        loop {
+            let lost = tokio::select! {
+                _ = tokio::time::sleep_until(next_renew) => {
+                    match acquire::renew(&self.reg, &lease).await {
+                        Ok(Renewal::Renewed { ttl_secs }) => {
+                            Metrics::inc(&self.metrics.renewals);
+                            self.metrics.set_etcd_up(true);
+                            set_expiry(&self.metrics, &lease, ttl_secs);
+                            tracing::info!("lease renewed: {} (TTL {ttl_secs} s)", lease.key);
+                            next_renew = Instant::now() + self.renew_after;
+                            retry.reset();
+                            false
+                        }
+                        Ok(Renewal::NotNeeded) => {
+                            next_renew = Instant::now() + far;
+                            false
+                        }
+                        Ok(Renewal::Expired) => {
+                            tracing::warn!("lease {} expired in etcd", lease.key);
+                            true
+                        }
+                        Err(e) => {
+                            self.metrics.etcd_error(&e);
+                            tracing::warn!("renewing lease {} failed, retrying: {e}", lease.key);
+                            retry.wait().await;
+                            next_renew = Instant::now();
+                            false
+                        }
+                    }
+                }
+                changed = view_rx.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let view = view_rx.borrow_and_update();
+                    let gone = view.synced
+                        && view.revision >= lease.revision
+                        && !view.leases.contains_key(&lease.key);
+                    if gone {
+                        tracing::warn!("lease {} was deleted from etcd", lease.key);
+                    }
+                    gone
+                }
+            };
+            if lost {
+                let request = AcquireRequest {
+                    prefer: Some(lease.key),
+                    ..self.request.clone()
+                };
+                lease = acquire_until_done(&self.reg, &self.config, &request, &self.metrics).await;
+                own_tx.send_replace(lease.clone());
+                next_renew = Instant::now() + self.renew_after;
+            }
+        }
+    }
+}
+
+/// Owns the backend: programs our lease and reconciles the peers, then writes the subnet file.
+struct DataPlane {
+    backend: Box<dyn Backend>,
+    config: NetworkConfig,
+    ext: ExternalInterface,
+    mtu: u32,
+    subnet_file: std::path::PathBuf,
+    ip_masq: bool,
+    metrics: Arc<Metrics>,
+}
+
+impl DataPlane {
+    async fn run(mut self, mut own_rx: watch::Receiver<Lease>, mut view_rx: watch::Receiver<LeaseView>) {
+        let mut own = own_rx.borrow_and_update().clone();
+        let mut own_programmed = false;
+        let mut notified = false;
+        let mut tick = tokio::time::interval(RECONCILE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if !own_programmed {
+                own_programmed = self.program_own(&own).await;
+                if own_programmed && !notified {
+                    health::notify_systemd_ready();
+                    notified = true;
+                }
+            }
+            let view = view_rx.borrow_and_update().clone();
+            if view.synced {
+                self.reconcile(&own, &view).await;
+            }
+            tokio::select! {
+                r = own_rx.changed() => {
+                    if r.is_err() { return; }
+                    own = own_rx.borrow_and_update().clone();
+                    own_programmed = false;
+                }
+                r = view_rx.changed() => { if r.is_err() { return; } }
+                _ = tick.tick() => {}
+            }
+        }
+    }
+
+    async fn program_own(&mut self, own: &Lease) -> bool {
+        if let Err(e) = self.backend.lease_acquired(own).await {
+            tracing::error!("programming our lease {} failed, retrying: {e}", own.key);
+            return false;
+        }
+        let env = SubnetEnv {
+            network: self.config.network,
+            subnet: own
+                .key
+                .ipv4
+                .and_then(|n| Ipv4Network::new(first_host_v4(n), n.prefix()).ok()),
+            ipv6_network: self.config.ipv6_network,
+            ipv6_subnet: own
+                .key
+                .ipv6
+                .and_then(|n| Ipv6Network::new(first_host_v6(n), n.prefix()).ok()),
+            mtu: self.mtu,
+            ipmasq: self.ip_masq,
+        };
+        match env.write_atomic(&self.subnet_file) {
+            Ok(()) => {
+                tracing::info!("wrote {}", self.subnet_file.display());
+                self.metrics.ready.store(true, Ordering::Relaxed);
+                true
+            }
+            Err(e) => {
+                tracing::error!("{e}");
+                false
+            }
+        }
+    }
+
+    async fn reconcile(&mut self, own: &Lease, view: &LeaseView) {
+        let peers = peers_of(own, &view.leases, &self.ext);
+        self.metrics.peers.store(peers.len() as u64, Ordering::Relaxed);
+        Metrics::inc(&self.metrics.reconciles);
+        match self.backend.reconcile(&peers).await {
+            Ok(report) => {
+                let m = &self.metrics;
+                m.dataplane_added.fetch_add(report.added as u64, Ordering::Relaxed);
+                m.dataplane_removed.fetch_add(report.removed as u64, Ordering::Relaxed);
+                m.dataplane_repaired.fetch_add(report.repaired as u64, Ordering::Relaxed);
+                if report != Default::default() {
+                    tracing::info!(
+                        "data plane: {} added, {} removed, {} repaired ({} peers)",
+                        report.added,
+                        report.removed,
+                        report.repaired,
+                        peers.len()
+                    );
+                }
+            }
+            Err(e) => {
+                Metrics::inc(&self.metrics.reconcile_errors);
+                tracing::error!("reconciling the data plane failed: {e}");
+            }
+        }
+    }
+}
+
+/// Every lease except ours and except stale ones carrying our own public IP (which would route
+/// our traffic to ourselves).
+pub fn peers_of(own: &Lease, all: &PeerSet, ext: &ExternalInterface) -> PeerSet {
+    all.iter()
+        .filter(|(k, l)| {
+            **k != own.key
+                && !(l.attrs.public_ip.is_some() && l.attrs.public_ip == ext.public_ip)
+        })
+        .map(|(k, l)| (*k, l.clone()))
+        .collect()
+}
+
+fn first_host_v4(n: Ipv4Network) -> std::net::Ipv4Addr {
+    let base = u32::from(n.network());
+    if n.prefix() >= 31 {
+        n.network()
+    } else {
+        (base + 1).into()
+    }
+}
+
+fn first_host_v6(n: Ipv6Network) -> std::net::Ipv6Addr {
+    let base = u128::from(n.network());
+    if n.prefix() >= 127 {
+        n.network()
+    } else {
+        (base + 1).into()
+    }
+}

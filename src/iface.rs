@@ -13,3 +13,282 @@ pub struct ExternalInterface {
     pub public_ipv6: Option<Ipv6Addr>,
     pub mtu: u32,
 }
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+
+#[derive(Debug, thiserror::Error)]
+pub enum IfaceError {
+    #[error("--iface {0}: no interface has this name or address (interfaces: {1})")]
+    NoSuchIface(String, String),
+    #[error("--iface-regex {0:?}: {1}")]
+    BadRegex(String, String),
+    #[error("--iface-regex: no interface name or address matches {0:?} (interfaces: {1})")]
+    NoRegexMatch(String, String),
+    #[error("--iface-can-reach {0}: the kernel has no route to it: {1}")]
+    Unreachable(IpAddr, String),
+    #[error("no default route: pass --iface, --iface-regex or --iface-can-reach (interfaces: {0})")]
+    NoDefaultRoute(String),
+    #[error("interface {0} has no IP address: give it one or choose another with --iface")]
+    NoAddress(String),
+    #[error("reading interfaces: {0}")]
+    Os(String),
+}
+
+/// How the operator asked for the interface (flags of the same names).
+#[derive(Debug, Clone, Default)]
+pub struct IfaceChoice {
+    pub iface: Vec<String>,
+    pub iface_regex: Vec<String>,
+    pub iface_can_reach: Option<IpAddr>,
+    pub public_ip: Option<Ipv4Addr>,
+    pub public_ipv6: Option<Ipv6Addr>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct IfaceAddrs {
+    v4: Vec<Ipv4Addr>,
+    v6: Vec<Ipv6Addr>,
+}
+
+/// Picks the external interface: `--iface` entries in order, then `--iface-regex`, then
+/// `--iface-can-reach`, else the interface of the default route.
+pub fn select(choice: &IfaceChoice) -> Result<ExternalInterface, IfaceError> {
+    let all = list_interfaces()?;
+    let names = || all.keys().cloned().collect::<Vec<_>>().join(", ");
+    let (name, preferred) = if !choice.iface.is_empty() {
+        choice
+            .iface
+            .iter()
+            .find_map(|want| find_by_name_or_ip(&all, want))
+            .ok_or_else(|| IfaceError::NoSuchIface(choice.iface.join(","), names()))?
+    } else if !choice.iface_regex.is_empty() {
+        find_by_regex(&all, &choice.iface_regex)?
+            .ok_or_else(|| IfaceError::NoRegexMatch(choice.iface_regex.join(","), names()))?
+    } else if let Some(target) = choice.iface_can_reach {
+        let local = local_addr_towards(target)?;
+        let name = all
+            .iter()
+            .find(|(_, a)| has_ip(a, local))
+            .map(|(n, _)| n.clone())
+            .ok_or_else(|| IfaceError::Unreachable(target, format!("{local} is on no interface")))?;
+        (name, Some(local))
+    } else {
+        let name = default_route_iface().ok_or_else(|| IfaceError::NoDefaultRoute(names()))?;
+        (name, None)
+    };
+    let addrs = all.get(&name).cloned().unwrap_or_default();
+    let iface_addr = match preferred {
+        Some(IpAddr::V4(ip)) => Some(ip),
+        _ => addrs.v4.first().copied(),
+    };
+    let iface_v6_addr = match preferred {
+        Some(IpAddr::V6(ip)) => Some(ip),
+        _ => addrs.v6.first().copied(),
+    };
+    if iface_addr.is_none() && iface_v6_addr.is_none() {
+        return Err(IfaceError::NoAddress(name));
+    }
+    let index = nix::net::if_::if_nametoindex(name.as_str())
+        .map_err(|e| IfaceError::Os(format!("index of {name}: {e}")))?;
+    let mtu = link_mtu(&name).map_err(|e| IfaceError::Os(format!("MTU of {name}: {e}")))?;
+    Ok(ExternalInterface {
+        public_ip: choice.public_ip.or(iface_addr),
+        public_ipv6: choice.public_ipv6.or(iface_v6_addr),
+        name,
+        index,
+        iface_addr,
+        iface_v6_addr,
+        mtu,
+    })
+}
+
+fn has_ip(a: &IfaceAddrs, ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => a.v4.contains(&v4),
+        IpAddr::V6(v6) => a.v6.contains(&v6),
+    }
+}
+
+fn find_by_name_or_ip(
+    all: &BTreeMap<String, IfaceAddrs>,
+    want: &str,
+) -> Option<(String, Option<IpAddr>)> {
+    if let Ok(ip) = want.parse::<IpAddr>() {
+        return all
+            .iter()
+            .find(|(_, a)| has_ip(a, ip))
+            .map(|(n, _)| (n.clone(), Some(ip)));
+    }
+    all.contains_key(want).then(|| (want.to_string(), None))
+}
+
+fn find_by_regex(
+    all: &BTreeMap<String, IfaceAddrs>,
+    patterns: &[String],
+) -> Result<Option<(String, Option<IpAddr>)>, IfaceError> {
+    for pattern in patterns {
+        let re = regex::Regex::new(pattern)
+            .map_err(|e| IfaceError::BadRegex(pattern.clone(), e.to_string()))?;
+        for (name, addrs) in all {
+            let ips = addrs
+                .v4
+                .iter()
+                .map(|ip| IpAddr::V4(*ip))
+                .chain(addrs.v6.iter().map(|ip| IpAddr::V6(*ip)));
+            if let Some(ip) = ips.clone().find(|ip| re.is_match(&ip.to_string())) {
+                return Ok(Some((name.clone(), Some(ip))));
+            }
+            if re.is_match(name) {
+                return Ok(Some((name.clone(), None)));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Addresses per interface, link-local ones left out. Loopback addresses are kept only for an
+/// interface that has nothing else: that is `lo`, usable when named explicitly (tests, alloc).
+fn list_interfaces() -> Result<BTreeMap<String, IfaceAddrs>, IfaceError> {
+    let mut out: BTreeMap<String, IfaceAddrs> = BTreeMap::new();
+    let addrs = nix::ifaddrs::getifaddrs().map_err(|e| IfaceError::Os(e.to_string()))?;
+    for ifa in addrs {
+        let entry = out.entry(ifa.interface_name.clone()).or_default();
+        let Some(addr) = ifa.address else { continue };
+        if let Some(sin) = addr.as_sockaddr_in() {
+            let ip = sin.ip();
+            if !ip.is_link_local() {
+                entry.v4.push(ip);
+            }
+        } else if let Some(sin6) = addr.as_sockaddr_in6() {
+            let ip = sin6.ip();
+            let link_local = (ip.segments()[0] & 0xffc0) == 0xfe80;
+            if !link_local {
+                entry.v6.push(ip);
+            }
+        }
+    }
+    for addrs in out.values_mut() {
+        if addrs.v4.iter().any(|ip| !ip.is_loopback()) {
+            addrs.v4.retain(|ip| !ip.is_loopback());
+        }
+        if addrs.v6.iter().any(|ip| !ip.is_loopback()) {
+            addrs.v6.retain(|ip| !ip.is_loopback());
+        }
+    }
+    Ok(out)
+}
+
+/// The source address the kernel would use towards `target`: connecting a UDP socket sends
+/// nothing, it only runs the route lookup.
+fn local_addr_towards(target: IpAddr) -> Result<IpAddr, IfaceError> {
+    let bind: SocketAddr = match target {
+        IpAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        IpAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let sock = UdpSocket::bind(bind).map_err(|e| IfaceError::Unreachable(target, e.to_string()))?;
+    sock.connect((target, 9))
+        .map_err(|e| IfaceError::Unreachable(target, e.to_string()))?;
+    sock.local_addr()
+        .map(|a| a.ip())
+        .map_err(|e| IfaceError::Unreachable(target, e.to_string()))
+}
+
+/// The interface of the IPv4 default route (lowest metric), else of the IPv6 one.
+fn default_route_iface() -> Option<String> {
+    let v4 = std::fs::read_to_string("/proc/net/route").unwrap_or_default();
+    let best = v4
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // Iface Destination Gateway Flags RefCnt Use Metric Mask ...
+            (f.len() > 7 && f[1] == "00000000" && f[7] == "00000000")
+                .then(|| (f[6].parse::<u32>().unwrap_or(u32::MAX), f[0].to_string()))
+        })
+        .min();
+    if let Some((_, name)) = best {
+        return Some(name);
+    }
+    let v6 = std::fs::read_to_string("/proc/net/ipv6_route").unwrap_or_default();
+    v6.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // dest destlen src srclen nexthop metric refcnt use flags iface
+            (f.len() > 9 && f[0].chars().all(|c| c == '0') && f[1] == "00" && f[9] != "lo")
+                .then(|| (u32::from_str_radix(f[5], 16).unwrap_or(u32::MAX), f[9].to_string()))
+        })
+        .min()
+        .map(|(_, n)| n)
+}
+
+fn link_mtu(name: &str) -> std::io::Result<u32> {
+    let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    // SAFETY: ifreq is plain old data; zeroed is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    let bytes = name.as_bytes();
+    if bytes.len() >= req.ifr_name.len() {
+        return Err(std::io::Error::other("interface name too long"));
+    }
+    for (dst, src) in req.ifr_name.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    use std::os::fd::AsRawFd;
+    // SAFETY: SIOCGIFMTU reads ifr_name and writes ifr_mtu inside the ifreq we own.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFMTU, &mut req) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: after a successful SIOCGIFMTU the union holds ifru_mtu.
+    let mtu = unsafe { req.ifr_ifru.ifru_mtu };
+    Ok(mtu as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_by_name_with_public_ip() {
+        let ext = select(&IfaceChoice {
+            iface: vec!["lo".into()],
+            public_ip: Some(Ipv4Addr::new(198, 18, 9, 1)),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(ext.name, "lo");
+        assert_eq!(ext.iface_addr, Some(Ipv4Addr::LOCALHOST));
+        assert_eq!(ext.public_ip, Some(Ipv4Addr::new(198, 18, 9, 1)));
+        let by_ip = select(&IfaceChoice {
+            iface: vec!["127.0.0.1".into()],
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(by_ip.name, "lo");
+    }
+
+    #[test]
+    fn unknown_iface_is_named() {
+        let err = select(&IfaceChoice {
+            iface: vec!["nosuch0".into()],
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("--iface nosuch0"), "{err}");
+    }
+
+    #[test]
+    fn bad_regex_is_named() {
+        let err = select(&IfaceChoice {
+            iface_regex: vec!["(".into()],
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("--iface-regex \"(\""), "{err}");
+    }
+
+    #[test]
+    fn mtu_of_loopback() {
+        assert!(link_mtu("lo").unwrap() >= 1500);
+    }
+}

@@ -10,4 +10,5 @@ pub mod daemon;
 pub mod health;
 pub mod iface;
 pub mod metrics;
+pub mod netlink;
 pub mod subnet;

@@ -1,1 +1,64 @@
-fn main() {}
+use std::process::ExitCode;
+
+use clap::Parser;
+use flannel::cli::{normalize_args, Opts};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let opts = Opts::parse_from(normalize_args(std::env::args()));
+    let default_level = match opts.verbosity {
+        0 => "info",
+        1..=4 => "debug",
+        _ => "trace",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    tracing::info!("flanneld {} starting", env!("CARGO_PKG_VERSION"));
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("flanneld: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        tokio::select! {
+            r = flannel::daemon::run(opts) => r.map_err(anyhow::Error::from),
+            s = shutdown_signal() => {
+                tracing::info!("{s}: exiting; the lease and the data plane stay in place");
+                Ok(())
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("flanneld: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}

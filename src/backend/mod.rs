@@ -9,6 +9,9 @@ use crate::iface::ExternalInterface;
 use crate::subnet::{Lease, PeerSet};
 
 mod alloc;
+mod common;
+mod hostgw;
+mod vxlan;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -57,7 +60,7 @@ pub trait Backend: Send {
 }
 
 /// Backend type names this build knows.
-pub const KNOWN: &[&str] = &["alloc"];
+pub const KNOWN: &[&str] = &["alloc", "host-gw", "vxlan"];
 
 /// Context every backend is built from.
 #[derive(Debug, Clone)]
@@ -79,6 +82,8 @@ impl BackendContext {
 pub fn create(ctx: BackendContext) -> Result<Box<dyn Backend>, BackendError> {
     match ctx.config.backend_type.as_str() {
         "alloc" => Ok(Box::new(alloc::AllocBackend::new(ctx))),
+        "host-gw" => Ok(Box::new(hostgw::HostGwBackend::new(ctx)?)),
+        "vxlan" => Ok(Box::new(vxlan::VxlanBackend::new(ctx)?)),
         other => Err(BackendError::UnknownType(other.to_string())),
     }
 }

@@ -1,1 +1,343 @@
-//! etcd
+//! The etcd v3 registry: connection (TLS, auth), the network config, and the lease operations
+//! flannel performs (create-if-absent, replace-if-unchanged, renew, list, watch).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, KeyValue,
+    PutOptions, TlsOptions, Txn, TxnOp, WatchOptions, WatchStream,
+};
+
+use super::lease::{Lease, LeaseAttrs, LeaseError, SubnetKey};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdError {
+    #[error("--etcd-endpoints: no endpoint given")]
+    NoEndpoints,
+    #[error("--etcd-endpoints {0:?}: must start with http:// or https://")]
+    BadScheme(String),
+    #[error(
+        "--etcd-endpoints {0:?}: plain http:// while --etcd-cafile/--etcd-certfile/--etcd-keyfile \
+         are given; use https:// so the credentials are not sent in the clear"
+    )]
+    PlainWithTls(String),
+    #[error("--etcd-certfile and --etcd-keyfile go together (only {0} was given)")]
+    HalfIdentity(&'static str),
+    #[error("--etcd-username and --etcd-password go together (only {0} was given)")]
+    HalfAuth(&'static str),
+    #[error("{flag} {path}: {err}")]
+    File {
+        flag: &'static str,
+        path: PathBuf,
+        err: std::io::Error,
+    },
+    #[error("etcd: {}", with_causes(.0))]
+    Client(#[from] etcd_client::Error),
+    #[error("etcd: {0}")]
+    Other(String),
+}
+
+impl EtcdError {
+    /// Errors that retrying cannot fix: the operator must change a flag or a file.
+    pub fn is_fatal(&self) -> bool {
+        match self {
+            EtcdError::Client(e) => {
+                let s = e.to_string();
+                s.contains("invalid") && s.contains("uri")
+                    || s.contains("authentication failed")
+                    || s.contains("permission denied")
+            }
+            EtcdError::Other(_) => false,
+            _ => true,
+        }
+    }
+}
+
+/// An error and its causes on one line: transport errors hide the useful part (an unknown
+/// certificate issuer, a refused connection) in their sources.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = cause.source();
+    }
+    out
+}
+
+/// How to reach etcd: flannel's `--etcd-*` flags.
+#[derive(Debug, Clone, Default)]
+pub struct EtcdOptions {
+    pub endpoints: Vec<String>,
+    pub prefix: String,
+    pub cafile: Option<PathBuf>,
+    pub certfile: Option<PathBuf>,
+    pub keyfile: Option<PathBuf>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+/// A connected registry under one network prefix. Cheap to clone.
+#[derive(Clone)]
+pub struct Registry {
+    client: Client,
+    prefix: String,
+}
+
+/// Every lease under `<prefix>/subnets/` at one revision, with the entries that did not parse.
+#[derive(Debug, Default)]
+pub struct Listing {
+    pub leases: Vec<Lease>,
+    pub malformed: Vec<(String, i64, LeaseError)>,
+    pub revision: i64,
+}
+
+fn read_file(flag: &'static str, path: &PathBuf) -> Result<Vec<u8>, EtcdError> {
+    std::fs::read(path).map_err(|err| EtcdError::File {
+        flag,
+        path: path.clone(),
+        err,
+    })
+}
+
+impl EtcdOptions {
+    fn uses_tls(&self) -> bool {
+        self.cafile.is_some() || self.certfile.is_some() || self.keyfile.is_some()
+    }
+
+    /// Checks the flags and builds the client options; reads the TLS files.
+    fn connect_options(&self) -> Result<ConnectOptions, EtcdError> {
+        if self.endpoints.is_empty() {
+            return Err(EtcdError::NoEndpoints);
+        }
+        for e in &self.endpoints {
+            let https = e.starts_with("https://");
+            if !https && !e.starts_with("http://") {
+                return Err(EtcdError::BadScheme(e.clone()));
+            }
+            if self.uses_tls() && !https {
+                return Err(EtcdError::PlainWithTls(e.clone()));
+            }
+        }
+        let mut opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(3))
+            .with_timeout(Duration::from_secs(5))
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
+            .with_keep_alive_while_idle(true);
+        match (&self.username, &self.password) {
+            (Some(u), Some(p)) => opts = opts.with_user(u.clone(), p.clone()),
+            (Some(_), None) => return Err(EtcdError::HalfAuth("--etcd-username")),
+            (None, Some(_)) => return Err(EtcdError::HalfAuth("--etcd-password")),
+            (None, None) => {}
+        }
+        if self.uses_tls() {
+            let mut tls = TlsOptions::new();
+            if let Some(ca) = &self.cafile {
+                tls = tls.ca_certificate(Certificate::from_pem(read_file("--etcd-cafile", ca)?));
+            }
+            match (&self.certfile, &self.keyfile) {
+                (Some(c), Some(k)) => {
+                    let cert = read_file("--etcd-certfile", c)?;
+                    let key = read_file("--etcd-keyfile", k)?;
+                    tls = tls.identity(Identity::from_pem(cert, key));
+                }
+                (Some(_), None) => return Err(EtcdError::HalfIdentity("--etcd-certfile")),
+                (None, Some(_)) => return Err(EtcdError::HalfIdentity("--etcd-keyfile")),
+                (None, None) => {}
+            }
+            opts = opts.with_tls(tls);
+        }
+        Ok(opts)
+    }
+}
+
+impl Registry {
+    /// Connects (lazily for plain connections: a down etcd is found by the first request).
+    pub async fn connect(opts: &EtcdOptions) -> Result<Self, EtcdError> {
+        let connect = opts.connect_options()?;
+        let client = Client::connect(&opts.endpoints, Some(connect)).await?;
+        Ok(Registry {
+            client,
+            prefix: opts.prefix.trim_end_matches('/').to_string(),
+        })
+    }
+
+    pub fn config_key(&self) -> String {
+        format!("{}/config", self.prefix)
+    }
+
+    pub fn subnets_prefix(&self) -> String {
+        format!("{}/subnets/", self.prefix)
+    }
+
+    pub fn lease_key(&self, key: &SubnetKey) -> String {
+        format!("{}{}", self.subnets_prefix(), key)
+    }
+
+    /// Checks that etcd answers (a status call that needs no key permissions).
+    pub async fn ping(&self) -> Result<(), EtcdError> {
+        let mut c = self.client.clone();
+        c.get(self.config_key(), Some(GetOptions::new().with_count_only()))
+            .await?;
+        Ok(())
+    }
+
+    /// The config value and the revision it was read at.
+    pub async fn get_config(&self) -> Result<(Option<Vec<u8>>, i64), EtcdError> {
+        let mut c = self.client.clone();
+        let resp = c.get(self.config_key(), None).await?;
+        let rev = resp.header().map(|h| h.revision()).unwrap_or_default();
+        Ok((resp.kvs().first().map(|kv| kv.value().to_vec()), rev))
+    }
+
+    pub async fn watch_config(&self, from_revision: i64) -> Result<WatchStream, EtcdError> {
+        let mut c = self.client.clone();
+        let opts = WatchOptions::new().with_start_revision(from_revision);
+        Ok(c.watch(self.config_key(), Some(opts)).await?)
+    }
+
+    /// Parses one key/value under the subnets prefix.
+    pub fn parse_kv(&self, kv: &KeyValue) -> Result<Lease, LeaseError> {
+        let key = String::from_utf8_lossy(kv.key()).into_owned();
+        let suffix = key
+            .strip_prefix(&self.subnets_prefix())
+            .ok_or_else(|| LeaseError::BadKey {
+                key: key.clone(),
+                why: "outside the subnets prefix".into(),
+            })?;
+        let subnet: SubnetKey = suffix.parse()?;
+        let attrs = LeaseAttrs::from_json(&key, kv.value())?;
+        Ok(Lease {
+            key: subnet,
+            attrs,
+            etcd_lease: (kv.lease() != 0).then_some(kv.lease()),
+            revision: kv.mod_revision(),
+        })
+    }
+
+    /// Parses the subnet key of a deleted entry.
+    pub fn parse_deleted_key(&self, kv: &KeyValue) -> Option<SubnetKey> {
+        let key = String::from_utf8_lossy(kv.key());
+        key.strip_prefix(&self.subnets_prefix())?.parse().ok()
+    }
+
+    pub async fn list_subnets(&self) -> Result<Listing, EtcdError> {
+        let mut c = self.client.clone();
+        let resp = c
+            .get(self.subnets_prefix(), Some(GetOptions::new().with_prefix()))
+            .await?;
+        let mut listing = Listing {
+            revision: resp.header().map(|h| h.revision()).unwrap_or_default(),
+            ..Default::default()
+        };
+        for kv in resp.kvs() {
+            match self.parse_kv(kv) {
+                Ok(lease) => listing.leases.push(lease),
+                Err(e) => listing.malformed.push((
+                    String::from_utf8_lossy(kv.key()).into_owned(),
+                    kv.mod_revision(),
+                    e,
+                )),
+            }
+        }
+        Ok(listing)
+    }
+
+    pub async fn watch_subnets(&self, from_revision: i64) -> Result<WatchStream, EtcdError> {
+        let mut c = self.client.clone();
+        let opts = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(from_revision)
+            .with_progress_notify();
+        Ok(c.watch(self.subnets_prefix(), Some(opts)).await?)
+    }
+
+    /// Grants an etcd lease of `ttl`; returns its id.
+    pub async fn grant(&self, ttl: Duration) -> Result<i64, EtcdError> {
+        let mut c = self.client.clone();
+        let secs = ttl.as_secs().max(1) as i64;
+        Ok(c.lease_grant(secs, None).await?.id())
+    }
+
+    /// Revokes an etcd lease, deleting the keys attached to it.
+    pub async fn revoke(&self, id: i64) -> Result<(), EtcdError> {
+        let mut c = self.client.clone();
+        c.lease_revoke(id).await?;
+        Ok(())
+    }
+
+    /// Refreshes an etcd lease to its full TTL; returns the TTL left (≤ 0: it had expired).
+    pub async fn keep_alive_once(&self, id: i64) -> Result<i64, EtcdError> {
+        let mut c = self.client.clone();
+        let (mut keeper, mut stream) = c.lease_keep_alive(id).await?;
+        keeper.keep_alive().await?;
+        let resp = tokio::time::timeout(Duration::from_secs(5), stream.message())
+            .await
+            .map_err(|_| EtcdError::Other("keep-alive of the subnet lease timed out".into()))??
+            .ok_or_else(|| EtcdError::Other("keep-alive stream closed".into()))?;
+        Ok(resp.ttl())
+    }
+
+    /// Writes `attrs` at `key` only if the key does not exist; returns the lease read back, or
+    /// `None` when someone else holds the key.
+    pub async fn create_if_absent(
+        &self,
+        key: SubnetKey,
+        attrs: &LeaseAttrs,
+        etcd_lease: Option<i64>,
+    ) -> Result<Option<Lease>, EtcdError> {
+        let k = self.lease_key(&key);
+        let cmp = Compare::create_revision(k.clone(), CompareOp::Equal, 0);
+        self.put_if(key, cmp, attrs, etcd_lease).await
+    }
+
+    /// Writes `attrs` at `key` only if the key is still at `mod_revision` (our re-use of a lease
+    /// we read); `None` when it changed under us.
+    pub async fn replace_if_unchanged(
+        &self,
+        key: SubnetKey,
+        mod_revision: i64,
+        attrs: &LeaseAttrs,
+        etcd_lease: Option<i64>,
+    ) -> Result<Option<Lease>, EtcdError> {
+        let k = self.lease_key(&key);
+        let cmp = Compare::mod_revision(k, CompareOp::Equal, mod_revision);
+        self.put_if(key, cmp, attrs, etcd_lease).await
+    }
+
+    async fn put_if(
+        &self,
+        key: SubnetKey,
+        cmp: Compare,
+        attrs: &LeaseAttrs,
+        etcd_lease: Option<i64>,
+    ) -> Result<Option<Lease>, EtcdError> {
+        let k = self.lease_key(&key);
+        let put_opts = etcd_lease.map(|id| PutOptions::new().with_lease(id));
+        let txn = Txn::new()
+            .when([cmp])
+            .and_then([TxnOp::put(k, attrs.to_json(), put_opts)]);
+        let mut c = self.client.clone();
+        let resp = c.txn(txn).await?;
+        if !resp.succeeded() {
+            return Ok(None);
+        }
+        let revision = resp.header().map(|h| h.revision()).unwrap_or_default();
+        Ok(Some(Lease {
+            key,
+            attrs: attrs.clone(),
+            etcd_lease,
+            revision,
+        }))
+    }
+
+    /// Direct client access for tools and tests (etcdctl-like operations).
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+}

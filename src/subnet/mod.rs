@@ -1,6 +1,7 @@
 //! Where leases live: the lease model, subnet arithmetic, the etcd registry, the watcher and the
 //! subnet file.
 
+pub mod acquire;
 pub mod alloc;
 pub mod env;
 pub mod etcd;

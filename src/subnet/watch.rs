@@ -1,1 +1,306 @@
-//! watch
+//! List-then-watch over `<prefix>/subnets/`: keeps a complete view of every lease in etcd.
+//!
+//! The view is level-triggered state, not an event log: after a compaction or a broken stream
+//! the watcher lists again and diffs, so no add or remove is lost even when events were.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::EventType;
+use tokio::sync::watch;
+
+use super::etcd::{EtcdError, Listing, Registry};
+use super::lease::{Lease, PeerSet, SubnetKey};
+use crate::metrics::Metrics;
+
+/// Every lease under the prefix (ours included) as of `revision`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LeaseView {
+    pub leases: PeerSet,
+    pub revision: i64,
+    /// False until the first listing arrived.
+    pub synced: bool,
+}
+
+/// What changed between two states of the view.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Changes {
+    pub added: Vec<SubnetKey>,
+    pub changed: Vec<SubnetKey>,
+    pub removed: Vec<SubnetKey>,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.changed.is_empty() && self.removed.is_empty()
+    }
+}
+
+impl LeaseView {
+    /// Replaces the view with a full listing; returns the difference to what was known.
+    pub fn replace_all(&mut self, leases: Vec<Lease>, revision: i64) -> Changes {
+        let new: PeerSet = leases.into_iter().map(|l| (l.key, l)).collect();
+        let mut changes = Changes::default();
+        for (key, lease) in &new {
+            match self.leases.get(key) {
+                None => changes.added.push(*key),
+                Some(old) if old.attrs != lease.attrs || old.etcd_lease != lease.etcd_lease => {
+                    changes.changed.push(*key)
+                }
+                Some(_) => {}
+            }
+        }
+        changes.removed = self
+            .leases
+            .keys()
+            .filter(|k| !new.contains_key(k))
+            .copied()
+            .collect();
+        self.leases = new;
+        self.revision = revision;
+        self.synced = true;
+        changes
+    }
+
+    pub fn apply_put(&mut self, lease: Lease) -> Changes {
+        self.revision = self.revision.max(lease.revision);
+        let key = lease.key;
+        match self.leases.insert(key, lease) {
+            None => Changes {
+                added: vec![key],
+                ..Default::default()
+            },
+            Some(old) if old != self.leases[&key] => Changes {
+                changed: vec![key],
+                ..Default::default()
+            },
+            Some(_) => Changes::default(),
+        }
+    }
+
+    pub fn apply_delete(&mut self, key: SubnetKey, revision: i64) -> Changes {
+        self.revision = self.revision.max(revision);
+        match self.leases.remove(&key) {
+            Some(_) => Changes {
+                removed: vec![key],
+                ..Default::default()
+            },
+            None => Changes::default(),
+        }
+    }
+}
+
+/// Runs list-then-watch forever, publishing the view after every change. Starts from `view`
+/// (normally empty; a saved view resumes watching at its revision).
+pub async fn run(
+    reg: Registry,
+    mut view: LeaseView,
+    tx: watch::Sender<LeaseView>,
+    metrics: Arc<Metrics>,
+) {
+    let mut seen_malformed: HashSet<(String, i64)> = HashSet::new();
+    let mut backoff = Backoff::new();
+    loop {
+        if !view.synced {
+            match reg.list_subnets().await {
+                Ok(listing) => {
+                    Metrics::inc(&metrics.watch_relists);
+                    metrics.set_etcd_up(true);
+                    count_malformed(&listing, &mut seen_malformed, &metrics);
+                    let changes = view.replace_all(listing.leases, listing.revision);
+                    log_changes("list", &changes);
+                    tx.send_replace(view.clone());
+                    backoff.reset();
+                }
+                Err(e) => {
+                    metrics.etcd_error(&e);
+                    tracing::warn!("listing subnets failed, retrying: {e}");
+                    backoff.wait().await;
+                    continue;
+                }
+            }
+        }
+        match watch_from(&reg, &mut view, &tx, &metrics, &mut seen_malformed).await {
+            WatchEnd::Compacted(rev) => {
+                tracing::info!("watch revision compacted (at {rev}): listing again");
+                view.synced = false;
+            }
+            WatchEnd::Failed(e) => {
+                metrics.etcd_error(&e);
+                tracing::warn!("watch of subnets broke, listing again: {e}");
+                view.synced = false;
+                backoff.wait().await;
+            }
+        }
+    }
+}
+
+enum WatchEnd {
+    Compacted(i64),
+    Failed(EtcdError),
+}
+
+async fn watch_from(
+    reg: &Registry,
+    view: &mut LeaseView,
+    tx: &watch::Sender<LeaseView>,
+    metrics: &Metrics,
+    seen_malformed: &mut HashSet<(String, i64)>,
+) -> WatchEnd {
+    let mut stream = match reg.watch_subnets(view.revision + 1).await {
+        Ok(s) => s,
+        Err(e) => return WatchEnd::Failed(e),
+    };
+    loop {
+        let resp = match stream.message().await {
+            Ok(Some(resp)) => resp,
+            Ok(None) => return WatchEnd::Failed(EtcdError::Other("watch stream ended".into())),
+            Err(e) => return WatchEnd::Failed(e.into()),
+        };
+        metrics.set_etcd_up(true);
+        if resp.compact_revision() > 0 {
+            return WatchEnd::Compacted(resp.compact_revision());
+        }
+        if resp.canceled() {
+            return WatchEnd::Failed(EtcdError::Other(format!(
+                "watch canceled: {}",
+                resp.cancel_reason()
+            )));
+        }
+        let mut changes = Changes::default();
+        for ev in resp.events() {
+            let Some(kv) = ev.kv() else { continue };
+            let c = match ev.event_type() {
+                EventType::Put => match reg.parse_kv(kv) {
+                    Ok(lease) => view.apply_put(lease),
+                    Err(e) => {
+                        let id = (String::from_utf8_lossy(kv.key()).into_owned(), kv.mod_revision());
+                        if seen_malformed.insert(id) {
+                            Metrics::inc(&metrics.malformed_leases);
+                            tracing::warn!("skipping malformed lease: {e}");
+                        }
+                        // A lease replaced by garbage is no longer a usable peer.
+                        match reg.parse_deleted_key(kv) {
+                            Some(key) => view.apply_delete(key, kv.mod_revision()),
+                            None => Changes::default(),
+                        }
+                    }
+                },
+                EventType::Delete => match reg.parse_deleted_key(kv) {
+                    Some(key) => view.apply_delete(key, kv.mod_revision()),
+                    None => Changes::default(),
+                },
+            };
+            changes.added.extend(c.added);
+            changes.changed.extend(c.changed);
+            changes.removed.extend(c.removed);
+        }
+        if let Some(h) = resp.header() {
+            view.revision = view.revision.max(h.revision());
+        }
+        if !changes.is_empty() {
+            log_changes("watch", &changes);
+            tx.send_replace(view.clone());
+        }
+    }
+}
+
+fn count_malformed(listing: &Listing, seen: &mut HashSet<(String, i64)>, metrics: &Metrics) {
+    for (key, rev, err) in &listing.malformed {
+        if seen.insert((key.clone(), *rev)) {
+            Metrics::inc(&metrics.malformed_leases);
+            tracing::warn!("skipping malformed lease: {err}");
+        }
+    }
+}
+
+fn log_changes(source: &str, c: &Changes) {
+    for k in &c.added {
+        tracing::info!(source, "lease added: {k}");
+    }
+    for k in &c.changed {
+        tracing::info!(source, "lease changed: {k}");
+    }
+    for k in &c.removed {
+        tracing::info!(source, "lease removed: {k}");
+    }
+}
+
+/// Exponential backoff from 200 ms to 10 s for etcd retries.
+#[derive(Debug)]
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Backoff {
+    const MIN: Duration = Duration::from_millis(200);
+    const MAX: Duration = Duration::from_secs(10);
+
+    pub fn new() -> Self {
+        Backoff { next: Self::MIN }
+    }
+
+    pub fn reset(&mut self) {
+        self.next = Self::MIN;
+    }
+
+    pub async fn wait(&mut self) {
+        tokio::time::sleep(self.next).await;
+        self.next = (self.next * 2).min(Self::MAX);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::subnet::LeaseAttrs;
+
+    fn lease(key: &str, ip: &str, rev: i64) -> Lease {
+        Lease {
+            key: key.parse().unwrap(),
+            attrs: LeaseAttrs::from_json(
+                "k",
+                format!(r#"{{"PublicIP":"{ip}","PublicIPv6":null}}"#).as_bytes(),
+            )
+            .unwrap(),
+            etcd_lease: Some(7),
+            revision: rev,
+        }
+    }
+
+    #[test]
+    fn relist_diffs_against_known_state() {
+        let mut v = LeaseView::default();
+        let c = v.replace_all(
+            vec![lease("10.5.1.0-24", "1.1.1.1", 2), lease("10.5.2.0-24", "1.1.1.2", 3)],
+            3,
+        );
+        assert_eq!(c.added.len(), 2);
+        let c = v.replace_all(
+            vec![lease("10.5.2.0-24", "9.9.9.9", 5), lease("10.5.3.0-24", "1.1.1.3", 4)],
+            5,
+        );
+        assert_eq!(c.added, vec!["10.5.3.0-24".parse().unwrap()]);
+        assert_eq!(c.changed, vec!["10.5.2.0-24".parse().unwrap()]);
+        assert_eq!(c.removed, vec!["10.5.1.0-24".parse().unwrap()]);
+        assert_eq!(v.revision, 5);
+    }
+
+    #[test]
+    fn put_and_delete_events() {
+        let mut v = LeaseView::default();
+        assert_eq!(v.apply_put(lease("10.5.1.0-24", "1.1.1.1", 2)).added.len(), 1);
+        assert!(v.apply_put(lease("10.5.1.0-24", "1.1.1.1", 2)).is_empty());
+        assert_eq!(v.apply_put(lease("10.5.1.0-24", "1.1.1.9", 3)).changed.len(), 1);
+        assert_eq!(v.apply_delete("10.5.1.0-24".parse().unwrap(), 4).removed.len(), 1);
+        assert!(v.apply_delete("10.5.1.0-24".parse().unwrap(), 5).is_empty());
+        assert_eq!(v.revision, 5);
+    }
+}

@@ -1,0 +1,197 @@
+//! Acquiring and renewing our own lease, in flannel's order: re-use the lease that already
+//! carries our public IP, else the subnet we had before, else a random free one.
+
+use std::collections::HashSet;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::time::Duration;
+
+use rand::seq::SliceRandom;
+
+use super::alloc;
+use super::etcd::{EtcdError, Registry};
+use super::lease::{Lease, LeaseAttrs, SubnetKey};
+use crate::config::NetworkConfig;
+
+/// Candidates tried per listing, as flannel does.
+const CANDIDATES: usize = 100;
+/// Listings before giving up when every candidate keeps being taken by racing hosts.
+const MAX_ROUNDS: usize = 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AcquireError {
+    #[error(
+        "no free subnet in network {network}: all {total} subnets of /{len} between \
+         {min} and {max} are leased or reserved"
+    )]
+    NoFreeSubnet {
+        network: String,
+        len: u8,
+        total: u128,
+        min: String,
+        max: String,
+    },
+    #[error("gave up after {0} rounds: other hosts took every candidate subnet first")]
+    Contended(usize),
+    #[error(transparent)]
+    Etcd(#[from] EtcdError),
+}
+
+impl AcquireError {
+    fn no_free(cfg: &NetworkConfig) -> Self {
+        if let Some(net) = cfg.network {
+            AcquireError::NoFreeSubnet {
+                network: net.to_string(),
+                len: cfg.subnet_len,
+                total: u128::from(cfg.v4_subnet_count()),
+                min: cfg.subnet_min.to_string(),
+                max: cfg.subnet_max.to_string(),
+            }
+        } else {
+            AcquireError::NoFreeSubnet {
+                network: cfg.ipv6_network.map(|n| n.to_string()).unwrap_or_default(),
+                len: cfg.ipv6_subnet_len,
+                total: cfg.v6_subnet_count(),
+                min: cfg.ipv6_subnet_min.to_string(),
+                max: cfg.ipv6_subnet_max.to_string(),
+            }
+        }
+    }
+}
+
+/// What we ask for.
+#[derive(Debug, Clone)]
+pub struct AcquireRequest {
+    pub attrs: LeaseAttrs,
+    /// A subnet to prefer when free (from the old subnet file, or the lease we just lost).
+    pub prefer: Option<SubnetKey>,
+    pub ttl: Duration,
+}
+
+impl AcquireRequest {
+    fn is_ours(&self, lease: &Lease) -> bool {
+        let same_v4 = |ip: Option<Ipv4Addr>| ip.is_some() && ip == self.attrs.public_ip;
+        let same_v6 = |ip: Option<Ipv6Addr>| ip.is_some() && ip == self.attrs.public_ipv6;
+        if self.attrs.public_ip.is_some() {
+            same_v4(lease.attrs.public_ip)
+        } else {
+            same_v6(lease.attrs.public_ipv6)
+        }
+    }
+}
+
+/// Whether `key` shares a subnet (of either family) with any key in `taken`.
+pub fn overlaps(taken: &HashSet<SubnetKey>, key: &SubnetKey) -> bool {
+    taken.iter().any(|t| {
+        (key.ipv4.is_some() && t.ipv4 == key.ipv4) || (key.ipv6.is_some() && t.ipv6 == key.ipv6)
+    })
+}
+
+/// Acquires a lease. On success the key holds `req.attrs` with a fresh etcd lease of `req.ttl`
+/// (or none, when we re-use a reservation made for our public IP).
+pub async fn acquire(
+    reg: &Registry,
+    cfg: &NetworkConfig,
+    req: &AcquireRequest,
+) -> Result<Lease, AcquireError> {
+    let etcd_lease = reg.grant(req.ttl).await?;
+    let result = acquire_with(reg, cfg, req, etcd_lease).await;
+    let used = matches!(&result, Ok(l) if l.etcd_lease == Some(etcd_lease));
+    if !used {
+        // Best effort: an unused grant would only expire on its own.
+        let _ = reg.revoke(etcd_lease).await;
+    }
+    result
+}
+
+async fn acquire_with(
+    reg: &Registry,
+    cfg: &NetworkConfig,
+    req: &AcquireRequest,
+    etcd_lease: i64,
+) -> Result<Lease, AcquireError> {
+    for _round in 0..MAX_ROUNDS {
+        let listing = reg.list_subnets().await?;
+
+        // 1. A lease already carrying our public IP: refresh it in place.
+        if let Some(existing) = listing
+            .leases
+            .iter()
+            .find(|l| req.is_ours(l) && cfg.fits(&l.key))
+        {
+            let new_lease = (!existing.is_reservation()).then_some(etcd_lease);
+            match reg
+                .replace_if_unchanged(existing.key, existing.revision, &req.attrs, new_lease)
+                .await?
+            {
+                Some(lease) => {
+                    if let Some(old) = existing.etcd_lease {
+                        // The key now hangs on the new etcd lease; the old one only holds
+                        // nothing, and revoking it keeps etcd's lease table small.
+                        let _ = reg.revoke(old).await;
+                    }
+                    return Ok(lease);
+                }
+                None => continue,
+            }
+        }
+
+        let taken: HashSet<SubnetKey> = listing
+            .leases
+            .iter()
+            .map(|l| l.key)
+            .chain(listing.malformed.iter().filter_map(|(k, _, _)| {
+                k.strip_prefix(&reg.subnets_prefix())
+                    .and_then(|s| s.parse().ok())
+            }))
+            .collect();
+
+        // 2. The subnet we had before, when it is still free and fits the config.
+        if let Some(prefer) = req.prefer.filter(|k| cfg.fits(k) && !overlaps(&taken, k)) {
+            if let Some(lease) = reg
+                .create_if_absent(prefer, &req.attrs, Some(etcd_lease))
+                .await?
+            {
+                return Ok(lease);
+            }
+        }
+
+        // 3. A random free subnet; a lost race moves on to the next candidate.
+        let mut candidates = alloc::random_free(cfg, &taken, CANDIDATES, &mut rand::rng());
+        if candidates.is_empty() {
+            return Err(AcquireError::no_free(cfg));
+        }
+        candidates.shuffle(&mut rand::rng());
+        for key in candidates {
+            if let Some(lease) = reg
+                .create_if_absent(key, &req.attrs, Some(etcd_lease))
+                .await?
+            {
+                return Ok(lease);
+            }
+        }
+    }
+    Err(AcquireError::Contended(MAX_ROUNDS))
+}
+
+/// Outcome of a renewal attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Renewal {
+    /// Refreshed to the full TTL.
+    Renewed { ttl_secs: i64 },
+    /// The etcd lease was gone: the key expired and must be acquired again.
+    Expired,
+    /// A reservation never expires.
+    NotNeeded,
+}
+
+pub async fn renew(reg: &Registry, lease: &Lease) -> Result<Renewal, EtcdError> {
+    let Some(id) = lease.etcd_lease else {
+        return Ok(Renewal::NotNeeded);
+    };
+    let ttl = reg.keep_alive_once(id).await?;
+    Ok(if ttl > 0 {
+        Renewal::Renewed { ttl_secs: ttl }
+    } else {
+        Renewal::Expired
+    })
+}
