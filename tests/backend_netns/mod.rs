@@ -1,0 +1,243 @@
+//! Shared helpers of the backend tests: throw-away network namespaces with a veth "external
+//! interface", a way to run async code inside one, and `ip`/`bridge` JSON readers.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use flannel::backend::BackendContext;
+use flannel::config::NetworkConfig;
+use flannel::iface::ExternalInterface;
+use flannel::subnet::{Lease, LeaseAttrs, PeerSet, SubnetKey};
+use nix::sched::CloneFlags;
+use serde_json::Value;
+
+/// Whether the test can run: root is needed for namespaces. Without root, a test fails when
+/// `CI` is set and is skipped (with a line saying so) otherwise.
+pub fn have_root(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("{test}: needs root to create network namespaces, and CI is set");
+    }
+    eprintln!("SKIP {test}: needs root to create network namespaces");
+    false
+}
+
+/// The name of a namespace, usable from any thread.
+#[derive(Debug, Clone)]
+pub struct Ns {
+    pub name: String,
+}
+
+/// Owns a namespace and deletes it when dropped, also when the test panics.
+#[derive(Debug)]
+pub struct NetnsGuard {
+    pub ns: Ns,
+}
+
+impl NetnsGuard {
+    pub fn new(tag: &str) -> Self {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let name = format!("flb-{tag}-{}-{n}", std::process::id());
+        run("ip", &["netns", "add", &name]);
+        NetnsGuard { ns: Ns { name } }
+    }
+}
+
+impl Drop for NetnsGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.ns.name])
+            .status();
+    }
+}
+
+fn run(prog: &str, args: &[&str]) -> String {
+    let out = Command::new(prog)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {prog}: {e}"));
+    assert!(
+        out.status.success(),
+        "{prog} {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
+impl Ns {
+    /// `ip -n NS ARGS`, panicking on failure.
+    pub fn ip(&self, args: &[&str]) -> String {
+        let mut all = vec!["-n", &self.name];
+        all.extend_from_slice(args);
+        run("ip", &all)
+    }
+
+    /// `ip -n NS -j ARGS`, parsed.
+    pub fn ip_json(&self, args: &[&str]) -> Value {
+        let mut all = vec!["-n", &self.name, "-j"];
+        all.extend_from_slice(args);
+        parse(&run("ip", &all))
+    }
+
+    /// `bridge -n NS -j ARGS`, parsed.
+    pub fn bridge_json(&self, args: &[&str]) -> Value {
+        let mut all = vec!["-n", &self.name, "-j"];
+        all.extend_from_slice(args);
+        parse(&run("bridge", &all))
+    }
+
+    /// `bridge -n NS ARGS`.
+    pub fn bridge(&self, args: &[&str]) -> String {
+        let mut all = vec!["-n", &self.name];
+        all.extend_from_slice(args);
+        run("bridge", &all)
+    }
+
+    /// `ip -d link show DEV`, or `None` when there is no such device.
+    pub fn link(&self, dev: &str) -> Option<Value> {
+        let out = Command::new("ip")
+            .args(["-n", &self.name, "-j", "-d", "link", "show", dev])
+            .output()
+            .expect("running ip");
+        if !out.status.success() {
+            return None;
+        }
+        parse(&String::from_utf8_lossy(&out.stdout))
+            .as_array()
+            .and_then(|a| a.first().cloned())
+    }
+
+    /// The IPv4 routes of the main table on `dev`.
+    pub fn routes(&self, dev: &str) -> Vec<Value> {
+        array(self.ip_json(&["-4", "route", "show", "dev", dev]))
+    }
+
+    /// The IPv4 neighbours on `dev`.
+    pub fn neighbours(&self, dev: &str) -> Vec<Value> {
+        array(self.ip_json(&["-4", "neigh", "show", "dev", dev]))
+    }
+
+    /// The FDB entries on `dev`.
+    pub fn fdb(&self, dev: &str) -> Vec<Value> {
+        array(self.bridge_json(&["fdb", "show", "dev", dev]))
+    }
+
+    /// Makes a veth pair `e0`/`e1`, gives `e0` `addr` (CIDR) and brings both up; returns
+    /// `e0` as the external interface, with `public_ip` as given or the interface address.
+    pub fn underlay(&self, addr: &str, public_ip: Option<Ipv4Addr>) -> ExternalInterface {
+        self.ip(&["link", "add", "e0", "type", "veth", "peer", "name", "e1"]);
+        self.ip(&["addr", "add", addr, "dev", "e0"]);
+        self.ip(&["link", "set", "e0", "up"]);
+        self.ip(&["link", "set", "e1", "up"]);
+        let link = self.link("e0").expect("e0 exists");
+        let iface_addr: Ipv4Addr = addr.split('/').next().unwrap().parse().unwrap();
+        ExternalInterface {
+            name: "e0".into(),
+            index: link["ifindex"].as_u64().unwrap() as u32,
+            iface_addr: Some(iface_addr),
+            iface_v6_addr: None,
+            public_ip: Some(public_ip.unwrap_or(iface_addr)),
+            public_ipv6: None,
+            mtu: link["mtu"].as_u64().unwrap() as u32,
+        }
+    }
+
+    /// Runs `f` on a thread that has entered this namespace, on a current-thread runtime, so
+    /// that netlink sockets opened by `f` live in the namespace. Panics propagate.
+    pub fn run<F, Fut, T>(&self, f: F) -> T
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = T>,
+        T: Send + 'static,
+    {
+        let path = format!("/var/run/netns/{}", self.name);
+        let thread = std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            nix::sched::setns(&file, CloneFlags::CLONE_NEWNET)
+                .unwrap_or_else(|e| panic!("setns {path}: {e}"));
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            rt.block_on(f())
+        });
+        thread
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    }
+}
+
+fn parse(s: &str) -> Value {
+    if s.trim().is_empty() {
+        return Value::Array(Vec::new());
+    }
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("bad JSON from ip/bridge ({e}): {s}"))
+}
+
+fn array(v: Value) -> Vec<Value> {
+    v.as_array().cloned().unwrap_or_default()
+}
+
+/// A validated-looking IPv4 network config, built directly (not parsed).
+pub fn config(network: &str, backend: Value) -> NetworkConfig {
+    let backend = backend.as_object().cloned().expect("Backend is an object");
+    let network: ipnetwork::Ipv4Network = network.parse().unwrap();
+    NetworkConfig {
+        enable_ipv4: true,
+        enable_ipv6: false,
+        network: Some(network),
+        subnet_len: 24,
+        subnet_min: Ipv4Addr::from(u32::from(network.network()) + 256),
+        subnet_max: Ipv4Addr::from(u32::from(network.broadcast()) - 255),
+        ipv6_network: None,
+        ipv6_subnet_len: 64,
+        ipv6_subnet_min: Ipv6Addr::UNSPECIFIED,
+        ipv6_subnet_max: Ipv6Addr::UNSPECIFIED,
+        enable_nftables: false,
+        backend_type: backend["Type"].as_str().unwrap().to_lowercase(),
+        backend,
+    }
+}
+
+pub fn context(config: NetworkConfig, ext: ExternalInterface) -> BackendContext {
+    BackendContext { config, ext }
+}
+
+/// A lease as read from etcd: `key` like `10.5.2.0-24`, `value` flannel's JSON.
+pub fn lease(key: &str, value: &str) -> Lease {
+    let subnet: SubnetKey = key.parse().unwrap();
+    Lease {
+        key: subnet,
+        attrs: LeaseAttrs::from_json(key, value.as_bytes()).unwrap(),
+        etcd_lease: Some(1),
+        revision: 1,
+    }
+}
+
+pub fn peer_set(leases: impl IntoIterator<Item = Lease>) -> PeerSet {
+    leases.into_iter().map(|l| (l.key, l)).collect()
+}
+
+/// A route of `routes` to `dst`.
+pub fn route_to<'a>(routes: &'a [Value], dst: &str) -> Option<&'a Value> {
+    routes.iter().find(|r| r["dst"] == dst)
+}
+
+/// Shows the backends' log lines in test output (`RUST_LOG` to change the level).
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_test_writer()
+        .try_init();
+}

@@ -1,0 +1,292 @@
+//! The vxlan backend against a real kernel, inside throw-away network namespaces.
+//! Needs root; skipped without it (fails when `CI` is set).
+
+mod backend_netns;
+
+use backend_netns::{config, context, have_root, lease, peer_set, route_to, NetnsGuard, Ns};
+use flannel::backend::{self, BackendContext, ReconcileReport};
+use serde_json::{json, Value};
+
+const NETWORK: &str = "10.5.0.0/16";
+const DEV: &str = "flannel.7";
+const MAC_A: &str = "02:aa:00:00:00:02";
+const MAC_B: &str = "02:bb:00:00:00:03";
+
+fn vxlan_lease(key: &str, public_ip: &str, mac: &str) -> flannel::subnet::Lease {
+    lease(
+        key,
+        &format!(
+            r#"{{"PublicIP":"{public_ip}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":7,"VtepMAC":"{mac}"}}}}"#
+        ),
+    )
+}
+
+fn report(added: usize, removed: usize, repaired: usize) -> ReconcileReport {
+    ReconcileReport {
+        added,
+        removed,
+        repaired,
+    }
+}
+
+fn setup(tag: &str, backend: Value) -> (NetnsGuard, BackendContext) {
+    backend_netns::init_logs();
+    let guard = NetnsGuard::new(tag);
+    let ext = guard.ns.underlay("198.18.0.1/24", None);
+    (guard, context(config(NETWORK, backend), ext))
+}
+
+fn device(ns: &Ns) -> Value {
+    ns.link(DEV)
+        .unwrap_or_else(|| panic!("device {DEV} missing"))
+}
+
+/// Asserts the three entries of a vxlan peer: neighbour, FDB, onlink route.
+fn assert_peer(ns: &Ns, subnet: &str, vtep: &str, mac: &str, public_ip: &str) {
+    let neigh = ns.neighbours(DEV);
+    let n = neigh
+        .iter()
+        .find(|n| n["dst"] == vtep)
+        .unwrap_or_else(|| panic!("no neighbour {vtep} on {DEV}: {neigh:?}"));
+    assert_eq!(n["lladdr"], mac, "{n}");
+    assert_eq!(n["state"], json!(["PERMANENT"]), "{n}");
+
+    let fdb = ns.fdb(DEV);
+    let f = fdb
+        .iter()
+        .find(|f| f["mac"] == mac)
+        .unwrap_or_else(|| panic!("no FDB entry {mac} on {DEV}: {fdb:?}"));
+    assert_eq!(f["dst"], public_ip, "{f}");
+    assert_eq!(f["state"], "permanent", "{f}");
+    assert!(f["flags"].as_array().unwrap().contains(&json!("self")), "{f}");
+
+    let routes = ns.routes(DEV);
+    let r = route_to(&routes, subnet).unwrap_or_else(|| panic!("no route {subnet}: {routes:?}"));
+    assert_eq!(r["gateway"], vtep, "{r}");
+    assert!(r["flags"].as_array().unwrap().contains(&json!("onlink")), "{r}");
+}
+
+fn assert_no_peer(ns: &Ns, subnet: &str, vtep: &str, mac: &str) {
+    assert!(
+        !ns.neighbours(DEV).iter().any(|n| n["dst"] == vtep),
+        "neighbour {vtep} still there"
+    );
+    assert!(
+        !ns.fdb(DEV).iter().any(|f| f["mac"] == mac),
+        "FDB entry {mac} still there"
+    );
+    assert!(
+        route_to(&ns.routes(DEV), subnet).is_none(),
+        "route {subnet} still there"
+    );
+}
+
+#[test]
+fn vxlan_programs_peers_repairs_and_survives_restart() {
+    if !have_root("vxlan_programs_peers_repairs_and_survives_restart") {
+        return;
+    }
+    let (guard, ctx) = setup("vx", json!({"Type": "vxlan", "VNI": 7}));
+    let ns = guard.ns.clone();
+    ns.clone().run(move || async move {
+        let own = lease(
+            "10.5.1.0-24",
+            r#"{"PublicIP":"198.18.0.1","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":7,"VtepMAC":"02:00:00:00:00:01"}}"#,
+        );
+        let mut be = backend::create(ctx.clone()).expect("vxlan backend");
+        let publish = be.prepare().await.expect("prepare");
+
+        // The device as a user sees it.
+        let dev = device(&ns);
+        let info = &dev["linkinfo"]["info_data"];
+        assert_eq!(dev["linkinfo"]["info_kind"], "vxlan");
+        assert_eq!(info["id"], 7);
+        assert_eq!(info["port"], 8472);
+        assert_eq!(info["local"], "198.18.0.1");
+        assert_eq!(info["link"], "e0");
+        assert_eq!(info["learning"], false);
+        assert_eq!(dev["mtu"], 1450);
+        assert!(dev["flags"].as_array().unwrap().contains(&json!("UP")), "{dev}");
+        let mac = dev["address"].as_str().unwrap().to_string();
+        assert_eq!(publish.backend_type, "vxlan");
+        assert_eq!(publish.backend_data, Some(json!({"VNI": 7, "VtepMAC": mac})));
+        assert_eq!(publish.mtu, 1450);
+
+        be.lease_acquired(&own).await.expect("lease_acquired");
+        let addrs = ns.ip_json(&["-4", "addr", "show", "dev", DEV]);
+        let addr = &addrs[0]["addr_info"][0];
+        assert_eq!((addr["local"].as_str(), addr["prefixlen"].as_u64()), (Some("10.5.1.0"), Some(32)));
+
+        // Two vxlan peers, one host-gw peer (ignored), one with broken BackendData (ignored).
+        let a = vxlan_lease("10.5.2.0-24", "198.18.0.2", MAC_A);
+        let b = vxlan_lease("10.5.3.0-24", "203.0.113.3", MAC_B);
+        let hostgw = lease(
+            "10.5.4.0-24",
+            r#"{"PublicIP":"198.18.0.4","PublicIPv6":null,"BackendType":"host-gw"}"#,
+        );
+        let broken = lease(
+            "10.5.5.0-24",
+            r#"{"PublicIP":"198.18.0.5","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":7}}"#,
+        );
+        let peers = peer_set([a.clone(), b.clone(), hostgw.clone(), broken.clone()]);
+        assert_eq!(be.reconcile(&peers).await.unwrap(), report(6, 0, 0));
+        assert_peer(&ns, "10.5.2.0/24", "10.5.2.0", MAC_A, "198.18.0.2");
+        assert_peer(&ns, "10.5.3.0/24", "10.5.3.0", MAC_B, "203.0.113.3");
+        assert_no_peer(&ns, "10.5.4.0/24", "10.5.4.0", "00:00:00:00:00:00");
+        assert!(route_to(&ns.routes("e0"), "10.5.4.0/24").is_none());
+        assert_no_peer(&ns, "10.5.5.0/24", "10.5.5.0", "00:00:00:00:00:00");
+
+        // Idempotent.
+        assert_eq!(be.reconcile(&peers).await.unwrap(), report(0, 0, 0));
+
+        // Entries added by hand inside the Network on our device are removed, others are not.
+        ns.ip(&["route", "add", "10.5.99.0/24", "via", "10.5.99.0", "dev", DEV, "onlink"]);
+        ns.ip(&["neigh", "add", "10.5.99.0", "lladdr", "02:99:00:00:00:99", "dev", DEV, "nud", "permanent"]);
+        ns.bridge(&["fdb", "add", "02:99:00:00:00:99", "dev", DEV, "dst", "198.18.0.99", "self", "permanent"]);
+        ns.ip(&["route", "add", "172.16.0.0/24", "via", "10.5.2.0", "dev", DEV, "onlink"]);
+        assert_eq!(be.reconcile(&peers).await.unwrap(), report(0, 3, 0));
+        assert_no_peer(&ns, "10.5.99.0/24", "10.5.99.0", "02:99:00:00:00:99");
+        assert!(route_to(&ns.routes(DEV), "172.16.0.0/24").is_some(), "foreign route kept");
+
+        // A wrong neighbour entry and a wrong FDB remote are corrected in place.
+        ns.ip(&["neigh", "replace", "10.5.2.0", "lladdr", "02:99:00:00:00:01", "dev", DEV, "nud", "permanent"]);
+        ns.bridge(&["fdb", "replace", MAC_B, "dev", DEV, "dst", "198.18.0.77", "self", "permanent"]);
+        assert_eq!(be.reconcile(&peers).await.unwrap(), report(0, 0, 2));
+        assert_peer(&ns, "10.5.2.0/24", "10.5.2.0", MAC_A, "198.18.0.2");
+        assert_peer(&ns, "10.5.3.0/24", "10.5.3.0", MAC_B, "203.0.113.3");
+
+        // A removed peer's entries go; the other's stay untouched.
+        let peers = peer_set([a.clone(), hostgw.clone()]);
+        assert_eq!(be.reconcile(&peers).await.unwrap(), report(0, 3, 0));
+        assert_no_peer(&ns, "10.5.3.0/24", "10.5.3.0", MAC_B);
+        assert_peer(&ns, "10.5.2.0/24", "10.5.2.0", MAC_A, "198.18.0.2");
+
+        // A deleted device comes back with the same MAC, address and entries.
+        ns.ip(&["link", "del", DEV]);
+        let r = be.reconcile(&peers).await.unwrap();
+        assert_eq!((r.added, r.removed), (3, 0), "{r:?}");
+        assert!(r.repaired >= 1, "{r:?}");
+        let dev = device(&ns);
+        assert_eq!(dev["address"], mac.as_str());
+        assert_eq!(dev["mtu"], 1450);
+        let addrs = ns.ip_json(&["-4", "addr", "show", "dev", DEV]);
+        assert_eq!(addrs[0]["addr_info"][0]["local"], "10.5.1.0");
+        assert_peer(&ns, "10.5.2.0/24", "10.5.2.0", MAC_A, "198.18.0.2");
+        assert_eq!(be.reconcile(&peers).await.unwrap(), report(0, 0, 0));
+
+        // A restart adopts: same MAC, same device, nothing changed.
+        let ifindex = device(&ns)["ifindex"].clone();
+        drop(be);
+        let mut be = backend::create(ctx.clone()).expect("vxlan backend");
+        let publish2 = be.prepare().await.expect("prepare after restart");
+        assert_eq!(publish2, publish);
+        be.lease_acquired(&own).await.unwrap();
+        assert_eq!(be.reconcile(&peers).await.unwrap(), report(0, 0, 0));
+        assert_eq!(device(&ns)["ifindex"], ifindex, "device was re-created");
+        assert_peer(&ns, "10.5.2.0/24", "10.5.2.0", MAC_A, "198.18.0.2");
+
+        // A restart after the device is gone (e.g. reboot) creates it with the same MAC.
+        drop(be);
+        ns.ip(&["link", "del", DEV]);
+        let mut be = backend::create(ctx).expect("vxlan backend");
+        assert_eq!(be.prepare().await.unwrap(), publish);
+        assert_eq!(device(&ns)["address"], mac.as_str());
+    });
+}
+
+#[test]
+fn vxlan_options_and_direct_routing() {
+    if !have_root("vxlan_options_and_direct_routing") {
+        return;
+    }
+    let (guard, ctx) = setup(
+        "vxo",
+        json!({"Type": "vxlan", "vni": 7, "port": 4789, "GBP": true, "learning": true,
+               "MTU": 1400, "DirectRouting": true}),
+    );
+    let ns = guard.ns.clone();
+    ns.clone().run(move || async move {
+        let mut be = backend::create(ctx).expect("vxlan backend");
+        let publish = be.prepare().await.expect("prepare");
+        assert_eq!(publish.mtu, 1350);
+        let dev = device(&ns);
+        let info = &dev["linkinfo"]["info_data"];
+        assert_eq!(info["port"], 4789);
+        assert_eq!(info["learning"], true);
+        assert_eq!(info["gbp"], true, "{info}");
+        assert_eq!(dev["mtu"], 1350);
+        be.lease_acquired(&lease("10.5.1.0-24", r#"{"PublicIP":"198.18.0.1"}"#))
+            .await
+            .unwrap();
+
+        // Same L2 subnet as e0: plain route via the public IP. Elsewhere: vxlan.
+        let near = vxlan_lease("10.5.2.0-24", "198.18.0.2", MAC_A);
+        let far = vxlan_lease("10.5.3.0-24", "203.0.113.3", MAC_B);
+        let peers = peer_set([near, far]);
+        assert_eq!(be.reconcile(&peers).await.unwrap(), report(4, 0, 0));
+        let ext_routes = ns.routes("e0");
+        let r = route_to(&ext_routes, "10.5.2.0/24").expect("direct route");
+        assert_eq!(r["gateway"], "198.18.0.2");
+        assert_no_peer(&ns, "10.5.2.0/24", "10.5.2.0", MAC_A);
+        assert_peer(&ns, "10.5.3.0/24", "10.5.3.0", MAC_B, "203.0.113.3");
+        assert_eq!(be.reconcile(&peers).await.unwrap(), report(0, 0, 0));
+
+        // Gone: the direct route goes too.
+        let peers = peer_set([vxlan_lease("10.5.3.0-24", "203.0.113.3", MAC_B)]);
+        assert_eq!(be.reconcile(&peers).await.unwrap(), report(0, 1, 0));
+        assert!(route_to(&ns.routes("e0"), "10.5.2.0/24").is_none());
+    });
+}
+
+#[test]
+fn vxlan_incompatible_device_is_recreated_keeping_its_mac() {
+    if !have_root("vxlan_incompatible_device_is_recreated_keeping_its_mac") {
+        return;
+    }
+    let (guard, ctx) = setup("vxi", json!({"Type": "vxlan", "VNI": 7}));
+    let ns = guard.ns.clone();
+    // Left by someone else: wrong port.
+    ns.ip(&[
+        "link", "add", DEV, "address", "02:12:34:56:78:9a", "type", "vxlan", "id", "7", "local",
+        "198.18.0.1", "dev", "e0", "dstport", "4789", "nolearning",
+    ]);
+    ns.clone().run(move || async move {
+        let mut be = backend::create(ctx).expect("vxlan backend");
+        let publish = be.prepare().await.expect("prepare");
+        let dev = device(&ns);
+        assert_eq!(dev["linkinfo"]["info_data"]["port"], 8472);
+        assert_eq!(dev["address"], "02:12:34:56:78:9a");
+        assert_eq!(
+            publish.backend_data,
+            Some(json!({"VNI": 7, "VtepMAC": "02:12:34:56:78:9a"}))
+        );
+    });
+}
+
+#[test]
+fn vxlan_bad_options_are_refused() {
+    // No kernel needed: options are checked when the backend is built.
+    let ext = flannel::iface::ExternalInterface {
+        name: "e0".into(),
+        index: 1,
+        iface_addr: Some("198.18.0.1".parse().unwrap()),
+        iface_v6_addr: None,
+        public_ip: Some("198.18.0.1".parse().unwrap()),
+        public_ipv6: None,
+        mtu: 1500,
+    };
+    let err = backend::create(context(
+        config(NETWORK, json!({"Type": "vxlan", "VNI": "seven"})),
+        ext.clone(),
+    ))
+    .err()
+    .expect("refused");
+    assert!(err.to_string().contains("VNI"), "{err}");
+    let err = backend::create(context(
+        config(NETWORK, json!({"Type": "vxlan", "MTU": 100})),
+        ext,
+    ))
+    .err()
+    .expect("refused");
+    assert!(err.to_string().contains("MTU 100"), "{err}");
+}

@@ -1,0 +1,280 @@
+//! flanneld against a real etcd: leases, peers, restarts, outages and bad input.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{etcd_available, key_of_subnet, poll, subnet_keys, Etcd, Flanneld};
+
+const CONFIG: &str = r#"{"Network":"10.5.0.0/16","SubnetLen":24,"Backend":{"Type":"alloc"}}"#;
+const WAIT: Duration = Duration::from_secs(20);
+
+#[test]
+fn two_daemons_get_distinct_subnets_see_each_other_and_keep_subnet_on_restart() {
+    if !etcd_available() {
+        return;
+    }
+    let etcd = Etcd::start();
+    etcd.config(CONFIG);
+    let a = Flanneld::start(&etcd.endpoint(), "198.18.7.1", &[]);
+    let mut b = Flanneld::start(&etcd.endpoint(), "198.18.7.2", &[]);
+    a.wait_ready(WAIT);
+    b.wait_ready(WAIT);
+    let (sa, sb) = (a.subnet().unwrap(), b.subnet().unwrap());
+    assert_ne!(sa, sb, "two hosts got the same subnet");
+    let mut keys = subnet_keys(&etcd);
+    keys.sort();
+    let mut expected = vec![key_of_subnet(&sa), key_of_subnet(&sb)];
+    expected.sort();
+    assert_eq!(keys, expected);
+
+    // The lease value is flannel's JSON.
+    let value = &etcd.get_prefix("/coreos.com/network/subnets/")[0].1;
+    let v: serde_json::Value = serde_json::from_str(value).unwrap();
+    assert!(v["PublicIP"].as_str().unwrap().starts_with("198.18.7."));
+    assert!(v["PublicIPv6"].is_null());
+    assert_eq!(v["BackendType"], "alloc");
+
+    for f in [&a, &b] {
+        poll("each daemon to see one peer", WAIT, || {
+            (f.metric("flannel_peers") == Some(1.0)).then_some(())
+        });
+    }
+
+    // A restarted daemon keeps its subnet (re-use by public IP).
+    let status = b.stop();
+    assert!(status.success(), "SIGTERM must be a clean exit: {status}");
+    assert_eq!(subnet_keys(&etcd).len(), 2, "stop must leave the lease in place");
+    std::fs::remove_file(b.subnet_file()).unwrap();
+    b.resume();
+    b.wait_ready(WAIT);
+    assert_eq!(b.subnet().unwrap(), sb);
+    assert_eq!(subnet_keys(&etcd).len(), 2);
+}
+
+#[test]
+fn old_subnet_file_is_preferred_when_its_subnet_is_free() {
+    if !etcd_available() {
+        return;
+    }
+    let etcd = Etcd::start();
+    etcd.config(CONFIG);
+    let mut a = Flanneld::start(&etcd.endpoint(), "198.18.7.5", &[]);
+    a.wait_ready(WAIT);
+    let first = a.subnet().unwrap();
+    a.stop();
+    // The lease is gone (e.g. expired while the host was down) but the subnet file remains.
+    etcd.etcdctl(&["del", "--prefix", "/coreos.com/network/subnets/"])
+        .unwrap();
+    a.resume();
+    a.wait_ready(WAIT);
+    assert_eq!(a.subnet().unwrap(), first);
+}
+
+#[test]
+fn reservation_is_never_taken_and_is_a_peer() {
+    if !etcd_available() {
+        return;
+    }
+    let etcd = Etcd::start();
+    // 10.5.0.0/26 in /28s: 4 subnets, 3 free by default (the first is never handed out).
+    etcd.config(r#"{"Network":"10.5.0.0/26","SubnetLen":28,"Backend":{"Type":"alloc"}}"#);
+    etcd.put(
+        "/coreos.com/network/subnets/10.5.0.16-28",
+        r#"{"PublicIP":"198.18.9.9","PublicIPv6":null,"BackendType":"alloc"}"#,
+    );
+    let hosts: Vec<Flanneld> = (1..=2)
+        .map(|i| Flanneld::start(&etcd.endpoint(), &format!("198.18.7.{i}"), &[]))
+        .collect();
+    for h in &hosts {
+        h.wait_ready(WAIT);
+        assert_ne!(h.subnet().unwrap(), "10.5.0.17/28", "reservation handed out");
+    }
+    poll("the reservation and the other host as peers", WAIT, || {
+        (hosts[0].metric("flannel_peers") == Some(2.0)).then_some(())
+    });
+    // The network is now full: a third host waits, saying why, and never takes the reservation.
+    let third = Flanneld::start(&etcd.endpoint(), "198.18.7.3", &[]);
+    poll("the out-of-subnets message", WAIT, || {
+        third.log().contains("no free subnet in network 10.5.0.0/26").then_some(())
+    });
+    assert_eq!(third.http_get("/readyz").map(|r| r.0), Some(503));
+    let reservation = etcd.get_prefix("/coreos.com/network/subnets/10.5.0.16-28");
+    assert!(reservation[0].1.contains("198.18.9.9"));
+}
+
+#[test]
+fn expired_peer_is_removed_after_its_ttl() {
+    if !etcd_available() {
+        return;
+    }
+    let etcd = Etcd::start();
+    etcd.config(CONFIG);
+    let ttl = ["--subnet-lease-ttl=4s"];
+    let a = Flanneld::start(&etcd.endpoint(), "198.18.7.1", &ttl);
+    let mut b = Flanneld::start(&etcd.endpoint(), "198.18.7.2", &ttl);
+    a.wait_ready(WAIT);
+    b.wait_ready(WAIT);
+    poll("a to see b", WAIT, || (a.metric("flannel_peers") == Some(1.0)).then_some(()));
+    // Running daemons renew short leases: after more than one TTL both keys are still there.
+    poll("a renewal", WAIT, || {
+        (a.metric("flannel_lease_renewals_total")? >= 2.0).then_some(())
+    });
+    assert_eq!(subnet_keys(&etcd).len(), 2);
+    b.stop();
+    poll("b's lease to expire and a to drop it", WAIT, || {
+        (a.metric("flannel_peers") == Some(0.0)).then_some(())
+    });
+    assert_eq!(subnet_keys(&etcd), vec![key_of_subnet(&a.subnet().unwrap())]);
+}
+
+#[test]
+fn own_lease_deleted_is_reacquired_with_the_same_subnet() {
+    if !etcd_available() {
+        return;
+    }
+    let etcd = Etcd::start();
+    etcd.config(CONFIG);
+    let a = Flanneld::start(&etcd.endpoint(), "198.18.7.1", &[]);
+    a.wait_ready(WAIT);
+    let key = key_of_subnet(&a.subnet().unwrap());
+    etcd.etcdctl(&["del", &format!("/coreos.com/network/subnets/{key}")])
+        .unwrap();
+    poll("the lease to be re-acquired", WAIT, || {
+        (a.metric("flannel_lease_acquisitions_total")? >= 2.0).then_some(())
+    });
+    assert_eq!(subnet_keys(&etcd), vec![key]);
+}
+
+#[test]
+fn etcd_outage_longer_than_a_renewal_period_is_survived() {
+    if !etcd_available() {
+        return;
+    }
+    let mut etcd = Etcd::start();
+    etcd.config(CONFIG);
+    // TTL 6 s: renewal every 2 s.
+    let mut a = Flanneld::start(&etcd.endpoint(), "198.18.7.1", &["--subnet-lease-ttl=6s"]);
+    a.wait_ready(WAIT);
+    let subnet = a.subnet().unwrap();
+    let renewals_before = a.metric("flannel_lease_renewals_total").unwrap();
+    etcd.kill();
+    poll("the outage to show in /metrics", WAIT, || {
+        (a.metric("flannel_etcd_up") == Some(0.0)).then_some(())
+    });
+    // Stay down for more than two renewal periods.
+    let down_since = std::time::Instant::now();
+    poll("renewal failures to pile up", WAIT, || {
+        (a.metric("flannel_etcd_errors_total")? >= 3.0
+            && down_since.elapsed() > Duration::from_secs(5))
+        .then_some(())
+    });
+    assert!(a.is_running(), "flanneld exited during the etcd outage");
+    assert_eq!(a.http_get("/readyz").map(|r| r.0), Some(200));
+    etcd.resume();
+    poll("a renewal after etcd returned", WAIT, || {
+        (a.metric("flannel_lease_renewals_total")? > renewals_before
+            && a.metric("flannel_etcd_up")? == 1.0)
+            .then_some(())
+    });
+    assert_eq!(a.http_get("/readyz").map(|r| r.0), Some(200));
+    assert_eq!(subnet_keys(&etcd), vec![key_of_subnet(&subnet)]);
+    assert_eq!(a.subnet().unwrap(), subnet);
+}
+
+#[test]
+fn daemon_waits_for_etcd_that_is_down_at_start() {
+    if !etcd_available() {
+        return;
+    }
+    let mut etcd = Etcd::start();
+    etcd.config(CONFIG);
+    etcd.kill();
+    let a = Flanneld::start(&etcd.endpoint(), "198.18.7.1", &[]);
+    poll("a retry message", WAIT, || a.log().contains("retrying").then_some(()));
+    etcd.resume();
+    a.wait_ready(WAIT);
+}
+
+#[test]
+fn bad_configs_are_named_and_fixing_them_needs_no_restart() {
+    if !etcd_available() {
+        return;
+    }
+    let etcd = Etcd::start();
+    let mut a = Flanneld::start(&etcd.endpoint(), "198.18.7.1", &[]);
+    poll("the wait for a config", WAIT, || {
+        a.log().contains("waiting for the network config at /coreos.com/network/config").then_some(())
+    });
+    let cases = [
+        ("{not json", "not valid JSON"),
+        (r#"{"Network":"10.5.0.0/16","SubnetLen":31,"Backend":{"Type":"alloc"}}"#, "SubnetLen 31"),
+        (r#"{"Network":"10.5.0.0/16","Backend":{"Type":"nosuch"}}"#, "\"nosuch\""),
+    ];
+    for (config, expected) in cases {
+        etcd.config(config);
+        poll(&format!("a message naming {expected}"), WAIT, || {
+            a.log().contains(expected).then_some(())
+        });
+        assert!(a.is_running());
+        assert_eq!(a.http_get("/readyz").map(|r| r.0), Some(503));
+        assert!(!a.subnet_file().exists(), "subnet file written for a bad config");
+        assert!(subnet_keys(&etcd).is_empty(), "lease taken for a bad config");
+    }
+    etcd.config(CONFIG);
+    a.wait_ready(WAIT);
+    assert!(a.subnet().unwrap().starts_with("10.5."));
+    assert!(a.stop().success());
+}
+
+#[test]
+fn garbage_peer_lease_is_skipped_and_counted() {
+    if !etcd_available() {
+        return;
+    }
+    let etcd = Etcd::start();
+    etcd.config(CONFIG);
+    etcd.put("/coreos.com/network/subnets/10.5.200.0-24", "{garbage");
+    let a = Flanneld::start(&etcd.endpoint(), "198.18.7.1", &[]);
+    a.wait_ready(WAIT);
+    assert_eq!(a.metric("flannel_malformed_leases_total"), Some(1.0));
+    assert_eq!(a.metric("flannel_peers"), Some(0.0));
+    assert_ne!(a.subnet().unwrap(), "10.5.200.1/24", "took a subnet someone holds");
+    // Also through the watch, and a good peer still counts.
+    etcd.put("/coreos.com/network/subnets/10.5.201.0-24", "[1,2");
+    etcd.put(
+        "/coreos.com/network/subnets/10.5.202.0-24",
+        r#"{"PublicIP":"198.18.7.9","PublicIPv6":null,"BackendType":"alloc"}"#,
+    );
+    poll("the second malformed lease counted and the good peer seen", WAIT, || {
+        (a.metric("flannel_malformed_leases_total")? == 2.0 && a.metric("flannel_peers")? == 1.0)
+            .then_some(())
+    });
+    assert!(a.log().contains("10.5.201.0-24"), "the log names the bad key");
+}
+
+#[test]
+fn bad_flags_exit_with_a_message_naming_the_flag() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_flanneld"))
+        .arg("--subnet-lease-renew-margin=5000")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--subnet-lease-renew-margin"), "{err}");
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_flanneld"))
+        .args(["--iface=nosuch0", "--etcd-endpoints=http://127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--iface nosuch0"), "{err}");
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_flanneld"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
+}

@@ -1,0 +1,172 @@
+//! The lease registry against a real etcd: racing acquirers and watching through compaction.
+
+mod common;
+
+use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{etcd_available, Etcd};
+use flannel::config::NetworkConfig;
+use flannel::metrics::Metrics;
+use flannel::subnet::acquire::{acquire, AcquireError, AcquireRequest};
+use flannel::subnet::etcd::{EtcdOptions, Registry};
+use flannel::subnet::watch::{self as lease_watch, LeaseView};
+use flannel::subnet::{LeaseAttrs, SubnetKey};
+
+async fn registry(etcd: &Etcd) -> Registry {
+    Registry::connect(&EtcdOptions {
+        endpoints: vec![etcd.endpoint()],
+        prefix: "/coreos.com/network".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
+fn attrs(ip: &str) -> LeaseAttrs {
+    LeaseAttrs::from_json(
+        "test",
+        format!(r#"{{"PublicIP":"{ip}","PublicIPv6":null,"BackendType":"alloc"}}"#).as_bytes(),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_acquirers_share_out_exactly_the_free_subnets() {
+    if !etcd_available() {
+        return;
+    }
+    let etcd = Etcd::start();
+    // A /24 in /28s: 16 subnets, the first never handed out → 15 free.
+    let config = NetworkConfig::parse(
+        br#"{"Network":"10.5.0.0/24","SubnetLen":28,"Backend":{"Type":"alloc"}}"#,
+    )
+    .unwrap();
+    let reg = registry(&etcd).await;
+    let tasks: Vec<_> = (0..24)
+        .map(|i| {
+            let (reg, config) = (reg.clone(), config.clone());
+            tokio::spawn(async move {
+                let req = AcquireRequest {
+                    attrs: attrs(&format!("198.18.8.{}", i + 1)),
+                    prefer: None,
+                    ttl: Duration::from_secs(600),
+                };
+                acquire(&reg, &config, &req).await
+            })
+        })
+        .collect();
+    let mut won = Vec::new();
+    let mut out_of_subnets = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(lease) => won.push(lease),
+            Err(e @ AcquireError::NoFreeSubnet { .. }) => {
+                let msg = e.to_string();
+                assert!(msg.contains("10.5.0.0/24") && msg.contains("15"), "{msg}");
+                out_of_subnets += 1;
+            }
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+    assert_eq!(won.len(), 15);
+    assert_eq!(out_of_subnets, 9);
+    let subnets: HashSet<SubnetKey> = won.iter().map(|l| l.key).collect();
+    assert_eq!(subnets.len(), 15, "a subnet was handed out twice");
+    assert!(!subnets.contains(&"10.5.0.0-28".parse().unwrap()));
+    // etcd agrees: 15 keys, each with the public IP of the acquirer that won it.
+    let stored = etcd.get_prefix("/coreos.com/network/subnets/");
+    assert_eq!(stored.len(), 15);
+    for lease in &won {
+        let key = format!("/coreos.com/network/subnets/{}", lease.key);
+        let value = &stored.iter().find(|(k, _)| *k == key).unwrap().1;
+        let ip = lease.attrs.public_ip.unwrap().to_string();
+        assert!(value.contains(&ip), "{key} holds {value}, expected {ip}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_resumed_behind_a_compaction_loses_no_change() {
+    if !etcd_available() {
+        return;
+    }
+    let etcd = Etcd::start();
+    let reg = registry(&etcd).await;
+    let put = |k: &str, ip: &str| {
+        etcd.put(
+            &format!("/coreos.com/network/subnets/{k}"),
+            &format!(r#"{{"PublicIP":"{ip}","PublicIPv6":null,"BackendType":"alloc"}}"#),
+        )
+    };
+    put("10.5.1.0-24", "198.18.0.1");
+    put("10.5.2.0-24", "198.18.0.2");
+    put("10.5.3.0-24", "198.18.0.3");
+    // A view as a watcher had it before it was cut off.
+    let listing = reg.list_subnets().await.unwrap();
+    let mut stale = LeaseView::default();
+    stale.replace_all(listing.leases, listing.revision);
+
+    // While it is away: a removal, a change, two additions — then etcd compacts them away.
+    etcd.etcdctl(&["del", "/coreos.com/network/subnets/10.5.1.0-24"]).unwrap();
+    put("10.5.2.0-24", "198.18.0.22");
+    put("10.5.4.0-24", "198.18.0.4");
+    put("10.5.5.0-24", "198.18.0.5");
+    let rev = reg.list_subnets().await.unwrap().revision;
+    etcd.etcdctl(&["compaction", &rev.to_string()]).unwrap();
+
+    let metrics = Arc::new(Metrics::default());
+    let (tx, mut rx) = tokio::sync::watch::channel(stale.clone());
+    let task = tokio::spawn(lease_watch::run(reg.clone(), stale, tx, metrics.clone()));
+    // The resumed watch starts behind the compaction: it must list again and converge.
+    let want: BTreeSet<String> = ["10.5.2.0-24", "10.5.3.0-24", "10.5.4.0-24", "10.5.5.0-24"]
+        .into_iter()
+        .map(String::from)
+        .collect();
+    let view = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let v = rx.borrow_and_update().clone();
+            let keys: BTreeSet<String> = v.leases.keys().map(|k| k.to_string()).collect();
+            if keys == want {
+                return v;
+            }
+            rx.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("the view never matched etcd after compaction");
+    let changed = &view.leases[&"10.5.2.0-24".parse().unwrap()];
+    assert_eq!(changed.attrs.public_ip, Some("198.18.0.22".parse().unwrap()));
+    assert!(metrics.watch_relists.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+
+    // And it keeps following live changes after the re-list.
+    put("10.5.6.0-24", "198.18.0.6");
+    etcd.etcdctl(&["del", "/coreos.com/network/subnets/10.5.3.0-24"]).unwrap();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let done = {
+                let v = rx.borrow_and_update();
+                v.leases.contains_key(&"10.5.6.0-24".parse().unwrap())
+                    && !v.leases.contains_key(&"10.5.3.0-24".parse().unwrap())
+            };
+            if done {
+                return;
+            }
+            rx.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("live changes after the re-list were missed");
+    let final_view = rx.borrow().clone();
+    let in_etcd: BTreeSet<String> = reg
+        .list_subnets()
+        .await
+        .unwrap()
+        .leases
+        .iter()
+        .map(|l| l.key.to_string())
+        .collect();
+    let in_view: BTreeSet<String> = final_view.leases.keys().map(|k| k.to_string()).collect();
+    assert_eq!(in_view, in_etcd);
+    task.abort();
+}
