@@ -197,12 +197,12 @@ fn lease_attrs(config: &NetworkConfig, ext: &ExternalInterface, publish: &Publis
 /// invalid config is reported once per distinct problem; fixing it in etcd is enough.
 async fn wait_for_config(reg: &Registry, metrics: &Metrics) -> NetworkConfig {
     let mut last_report = String::new();
-    let mut report = |msg: String, error: bool| {
+    let mut report = |msg: String, level: tracing::Level| {
         if msg != last_report {
-            if error {
-                tracing::error!("{msg}");
-            } else {
-                tracing::info!("{msg}");
+            match level {
+                tracing::Level::ERROR => tracing::error!("{msg}"),
+                tracing::Level::WARN => tracing::warn!("{msg}"),
+                _ => tracing::info!("{msg}"),
             }
             last_report = msg;
         }
@@ -213,7 +213,10 @@ async fn wait_for_config(reg: &Registry, metrics: &Metrics) -> NetworkConfig {
             Ok(r) => r,
             Err(e) => {
                 metrics.etcd_error(&e);
-                report(format!("reading network config failed, retrying: {e}"), false);
+                report(
+                    format!("reading network config failed, retrying: {e}"),
+                    tracing::Level::WARN,
+                );
                 backoff.wait().await;
                 continue;
             }
@@ -223,7 +226,7 @@ async fn wait_for_config(reg: &Registry, metrics: &Metrics) -> NetworkConfig {
         match value.map(|v| validate(&v)) {
             None => report(
                 format!("waiting for the network config at {}", reg.config_key()),
-                false,
+                tracing::Level::INFO,
             ),
             Some(Ok(config)) => return config,
             Some(Err(why)) => report(
@@ -231,7 +234,7 @@ async fn wait_for_config(reg: &Registry, metrics: &Metrics) -> NetworkConfig {
                     "invalid network config at {}: {why}; waiting for a valid one",
                     reg.config_key()
                 ),
-                true,
+                tracing::Level::ERROR,
             ),
         }
         wait_for_change(reg, revision).await;

@@ -1,0 +1,27 @@
+# Installs what building and running flanneld here needs, only when missing.
+# Sourced by scripts/demo.sh and scripts/test.sh.
+need_pkgs() {
+    local missing=()
+    command -v protoc >/dev/null || missing+=(protobuf-compiler)
+    command -v etcd >/dev/null || missing+=(etcd-server)
+    command -v etcdctl >/dev/null || missing+=(etcd-client)
+    command -v ip >/dev/null || missing+=(iproute2)
+    command -v bridge >/dev/null || missing+=(iproute2)
+    command -v iptables >/dev/null || missing+=(iptables)
+    command -v nft >/dev/null || missing+=(nftables)
+    command -v iperf3 >/dev/null || missing+=(iperf3)
+    command -v openssl >/dev/null || missing+=(openssl)
+    command -v ping >/dev/null || missing+=(iputils-ping)
+    [ -x /usr/lib/cni/bridge ] || missing+=(containernetworking-plugins)
+    command -v cc >/dev/null || missing+=(gcc)
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "installing: ${missing[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+    if ! command -v cargo >/dev/null; then
+        echo "cargo (Rust) is required and not installed" >&2
+        exit 1
+    fi
+}
