@@ -8,7 +8,7 @@ use clap::Parser;
 
 /// Overlay network daemon, compatible with flannel.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "flanneld", version, about, disable_version_flag = false)]
+#[command(name = "flanneld", version, about, args_override_self = true)]
 pub struct Opts {
     /// Comma-separated etcd v3 endpoints.
     #[arg(
@@ -19,7 +19,11 @@ pub struct Opts {
     pub etcd_endpoints: String,
 
     /// Key prefix of the network in etcd.
-    #[arg(long, env = "FLANNELD_ETCD_PREFIX", default_value = "/coreos.com/network")]
+    #[arg(
+        long,
+        env = "FLANNELD_ETCD_PREFIX",
+        default_value = "/coreos.com/network"
+    )]
     pub etcd_prefix: String,
 
     /// CA file used to verify the etcd server's certificate.
@@ -63,7 +67,11 @@ pub struct Opts {
     pub public_ipv6: Option<Ipv6Addr>,
 
     /// File written for the CNI plugin and other consumers.
-    #[arg(long, env = "FLANNELD_SUBNET_FILE", default_value = "/run/flannel/subnet.env")]
+    #[arg(
+        long,
+        env = "FLANNELD_SUBNET_FILE",
+        default_value = "/run/flannel/subnet.env"
+    )]
     pub subnet_file: PathBuf,
 
     /// Minutes before expiry to renew the lease (1..1439).
@@ -222,7 +230,10 @@ mod tests {
 
     #[test]
     fn renew_margin_out_of_range_names_the_flag() {
-        for bad in ["--subnet-lease-renew-margin=5000", "--subnet-lease-renew-margin=0"] {
+        for bad in [
+            "--subnet-lease-renew-margin=5000",
+            "--subnet-lease-renew-margin=0",
+        ] {
             let err = parse(&[bad]).unwrap_err().to_string();
             assert!(err.contains("--subnet-lease-renew-margin"), "{err}");
         }

@@ -46,6 +46,8 @@ pub struct NetworkConfig {
 }
 
 impl NetworkConfig {
+    /// Parses and validates the JSON, filling in flannel's defaults; the error names the first
+    /// offending field and its value.
     pub fn parse(json: &[u8]) -> Result<Self, ConfigError> {
         let entries: Entries =
             serde_json::from_slice(json).map_err(|e| ConfigError::Json(e.to_string()))?;
@@ -363,7 +365,36 @@ impl Family {
     }
 
     fn validate(&self, g: Given) -> Result<Ranged, ConfigError> {
-        let (network, prefix) = g.network.ok_or_else(|| {
+        let (network, prefix) = self.network(g.network)?;
+        let len = self.subnet_len(network, prefix, g.len)?;
+        let mut r = Ranged {
+            network,
+            prefix,
+            len,
+            min: 0,
+            max: 0,
+        };
+        let size = self.size(&r);
+        r.min = match g.min {
+            None => network + size,
+            Some(a) => self.check_bound(self.min_field, a, &r)?,
+        };
+        r.max = match g.max {
+            None => self.last(&r) - (size - 1),
+            Some(a) => self.check_bound(self.max_field, a, &r)?,
+        };
+        if r.min > r.max {
+            return Err(field_err(
+                self.min_field,
+                (self.show)(r.min),
+                format!("greater than {} {}", self.max_field, (self.show)(r.max)),
+            ));
+        }
+        Ok(r)
+    }
+
+    fn network(&self, given: Option<(u128, u8)>) -> Result<(u128, u8), ConfigError> {
+        let (network, prefix) = given.ok_or_else(|| {
             field_err(
                 self.network_field,
                 "missing".into(),
@@ -384,36 +415,16 @@ impl Family {
                 ),
             ));
         }
-        let len = self.subnet_len(network, prefix, g.len)?;
-        let size = 1u128 << (self.bits - len);
-        let last = network | host;
-        let in_net = |a: u128| a >= network && a <= last;
-        let min = match g.min {
-            None => network + size,
-            Some(a) => {
-                self.check_bound(self.min_field, a, in_net(a), size, len, network, prefix)?
-            }
-        };
-        let max = match g.max {
-            None => last - (size - 1),
-            Some(a) => {
-                self.check_bound(self.max_field, a, in_net(a), size, len, network, prefix)?
-            }
-        };
-        if min > max {
-            return Err(field_err(
-                self.min_field,
-                (self.show)(min),
-                format!("greater than {} {}", self.max_field, (self.show)(max)),
-            ));
-        }
-        Ok(Ranged {
-            network,
-            prefix,
-            len,
-            min,
-            max,
-        })
+        Ok((network, prefix))
+    }
+
+    fn size(&self, r: &Ranged) -> u128 {
+        1u128 << (self.bits - r.len)
+    }
+
+    /// The network's last address.
+    fn last(&self, r: &Ranged) -> u128 {
+        r.network | self.host_mask(r.prefix)
     }
 
     fn host_mask(&self, prefix: u8) -> u128 {
@@ -470,36 +481,34 @@ impl Family {
         })
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// An explicit SubnetMin or SubnetMax: inside the network and on a subnet boundary.
     fn check_bound(
         &self,
         field: &'static str,
         addr: u128,
-        inside: bool,
-        size: u128,
-        len: u8,
-        network: u128,
-        prefix: u8,
+        r: &Ranged,
     ) -> Result<u128, ConfigError> {
-        if !inside {
+        if addr < r.network || addr > self.last(r) {
             return Err(field_err(
                 field,
                 (self.show)(addr),
                 format!(
                     "outside {} {}",
                     self.network_field,
-                    self.show_net(network, prefix)
+                    self.show_net(r.network, r.prefix)
                 ),
             ));
         }
-        if addr & (size - 1) != 0 {
+        let offset = self.size(r) - 1;
+        if addr & offset != 0 {
             return Err(field_err(
                 field,
                 (self.show)(addr),
                 format!(
-                    "not aligned to {} {len} (e.g. {})",
+                    "not aligned to {} {} (e.g. {})",
                     self.len_field,
-                    (self.show)(addr & !(size - 1))
+                    r.len,
+                    (self.show)(addr & !offset)
                 ),
             ));
         }
@@ -516,9 +525,9 @@ fn backend(e: &Entries) -> Result<(String, Map<String, Value>), ConfigError> {
     };
     let ty = obj
         .iter()
-        .filter(|(k, v)| k.eq_ignore_ascii_case("Type") && !v.is_null())
-        .map(|(_, v)| v)
-        .last();
+        .rev()
+        .find(|(k, v)| k.eq_ignore_ascii_case("Type") && !v.is_null())
+        .map(|(_, v)| v);
     match ty {
         Some(Value::String(s)) if !s.is_empty() => Ok((s.to_lowercase(), obj.clone())),
         Some(v) => Err(field_err(

@@ -9,13 +9,14 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ipnetwork::{Ipv4Network, Ipv6Network};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::backend::{self, Backend, BackendContext, BackendError, Publish};
 use crate::cli::Opts;
 use crate::config::NetworkConfig;
+use crate::firewall::{self, Firewall, Rules};
+use crate::health;
 use crate::iface::{self, ExternalInterface, IfaceChoice, IfaceError};
 use crate::metrics::Metrics;
 use crate::subnet::acquire::{self, AcquireError, AcquireRequest, Renewal};
@@ -23,7 +24,6 @@ use crate::subnet::env::SubnetEnv;
 use crate::subnet::etcd::{EtcdError, EtcdOptions, Registry};
 use crate::subnet::watch::{self as lease_watch, Backoff, LeaseView};
 use crate::subnet::{Lease, LeaseAttrs, PeerSet};
-use crate::health;
 
 /// How often the data plane is compared with the peers even when nothing changed.
 const RECONCILE_EVERY: Duration = Duration::from_secs(10);
@@ -37,7 +37,10 @@ pub enum DaemonError {
     #[error(transparent)]
     Backend(#[from] BackendError),
     #[error("--healthz-ip/--healthz-port {addr}: {err}")]
-    Health { addr: SocketAddr, err: std::io::Error },
+    Health {
+        addr: SocketAddr,
+        err: std::io::Error,
+    },
     #[error("{0}")]
     Mismatch(String),
 }
@@ -118,7 +121,17 @@ pub async fn run(opts: Opts) -> Result<(), DaemonError> {
         ip_masq: opts.ip_masq,
         metrics: metrics.clone(),
     };
-    tokio::spawn(plane.run(own_rx, view_rx.clone()));
+    tokio::spawn(plane.run(own_rx.clone(), view_rx.clone()));
+    let rules = RuleKeeper {
+        firewall: firewall::create(config.enable_nftables),
+        config: config.clone(),
+        masquerade: opts.ip_masq,
+        forward: opts.iptables_forward_rules,
+        fully_random: !opts.ip_masq_fully_random_disable,
+        every: Duration::from_secs(u64::from(opts.iptables_resync)),
+        metrics: metrics.clone(),
+    };
+    tokio::spawn(rules.run(own_rx));
     let keeper = LeaseKeeper {
         reg,
         config,
@@ -142,7 +155,10 @@ async fn connect_until_done(
             Err(e) if e.is_fatal() => return Err(e.into()),
             Err(e) => {
                 metrics.etcd_error(&e);
-                tracing::warn!("connecting to etcd {:?} failed, retrying: {e}", opts.endpoints);
+                tracing::warn!(
+                    "connecting to etcd {:?} failed, retrying: {e}",
+                    opts.endpoints
+                );
                 backoff.wait().await;
             }
         }
@@ -318,7 +334,9 @@ fn set_expiry(metrics: &Metrics, lease: &Lease, ttl_secs: i64) {
     } else {
         unix_now() + ttl_secs
     };
-    metrics.lease_expiry_seconds.store(expiry, Ordering::Relaxed);
+    metrics
+        .lease_expiry_seconds
+        .store(expiry, Ordering::Relaxed);
 }
 
 /// Renews our lease before it expires and takes it again when it is lost.
@@ -409,7 +427,11 @@ struct DataPlane {
 }
 
 impl DataPlane {
-    async fn run(mut self, mut own_rx: watch::Receiver<Lease>, mut view_rx: watch::Receiver<LeaseView>) {
+    async fn run(
+        mut self,
+        mut own_rx: watch::Receiver<Lease>,
+        mut view_rx: watch::Receiver<LeaseView>,
+    ) {
         let mut own = own_rx.borrow_and_update().clone();
         let mut own_programmed = false;
         let mut notified = false;
@@ -444,20 +466,7 @@ impl DataPlane {
             tracing::error!("programming our lease {} failed, retrying: {e}", own.key);
             return false;
         }
-        let env = SubnetEnv {
-            network: self.config.network,
-            subnet: own
-                .key
-                .ipv4
-                .and_then(|n| Ipv4Network::new(first_host_v4(n), n.prefix()).ok()),
-            ipv6_network: self.config.ipv6_network,
-            ipv6_subnet: own
-                .key
-                .ipv6
-                .and_then(|n| Ipv6Network::new(first_host_v6(n), n.prefix()).ok()),
-            mtu: self.mtu,
-            ipmasq: self.ip_masq,
-        };
+        let env = SubnetEnv::from_lease(&self.config, &own.key, self.mtu, self.ip_masq);
         match env.write_atomic(&self.subnet_file) {
             Ok(()) => {
                 tracing::info!("wrote {}", self.subnet_file.display());
@@ -473,14 +482,19 @@ impl DataPlane {
 
     async fn reconcile(&mut self, own: &Lease, view: &LeaseView) {
         let peers = peers_of(own, &view.leases, &self.ext);
-        self.metrics.peers.store(peers.len() as u64, Ordering::Relaxed);
+        self.metrics
+            .peers
+            .store(peers.len() as u64, Ordering::Relaxed);
         Metrics::inc(&self.metrics.reconciles);
         match self.backend.reconcile(&peers).await {
             Ok(report) => {
                 let m = &self.metrics;
-                m.dataplane_added.fetch_add(report.added as u64, Ordering::Relaxed);
-                m.dataplane_removed.fetch_add(report.removed as u64, Ordering::Relaxed);
-                m.dataplane_repaired.fetch_add(report.repaired as u64, Ordering::Relaxed);
+                m.dataplane_added
+                    .fetch_add(report.added as u64, Ordering::Relaxed);
+                m.dataplane_removed
+                    .fetch_add(report.removed as u64, Ordering::Relaxed);
+                m.dataplane_repaired
+                    .fetch_add(report.repaired as u64, Ordering::Relaxed);
                 if report != Default::default() {
                     tracing::info!(
                         "data plane: {} added, {} removed, {} repaired ({} peers)",
@@ -504,27 +518,76 @@ impl DataPlane {
 pub fn peers_of(own: &Lease, all: &PeerSet, ext: &ExternalInterface) -> PeerSet {
     all.iter()
         .filter(|(k, l)| {
-            **k != own.key
-                && !(l.attrs.public_ip.is_some() && l.attrs.public_ip == ext.public_ip)
+            **k != own.key && !(l.attrs.public_ip.is_some() && l.attrs.public_ip == ext.public_ip)
         })
         .map(|(k, l)| (*k, l.clone()))
         .collect()
 }
 
-fn first_host_v4(n: Ipv4Network) -> std::net::Ipv4Addr {
-    let base = u32::from(n.network());
-    if n.prefix() >= 31 {
-        n.network()
-    } else {
-        (base + 1).into()
-    }
+/// Keeps the masquerade and forward rules in place: installed for our lease, replaced when the
+/// lease changes, checked every `--iptables-resync` seconds and restored when someone removed
+/// them. Left in place at exit, like the data plane.
+struct RuleKeeper {
+    firewall: Box<dyn Firewall>,
+    config: NetworkConfig,
+    masquerade: bool,
+    forward: bool,
+    fully_random: bool,
+    every: Duration,
+    metrics: Arc<Metrics>,
 }
 
-fn first_host_v6(n: Ipv6Network) -> std::net::Ipv6Addr {
-    let base = u128::from(n.network());
-    if n.prefix() >= 127 {
-        n.network()
-    } else {
-        (base + 1).into()
+impl RuleKeeper {
+    fn rules_for(&self, own: &Lease) -> Rules {
+        let v4 = self.config.network.zip(own.key.ipv4);
+        let v6 = self.config.ipv6_network.zip(own.key.ipv6);
+        Rules::new(v4, v6, self.masquerade, self.forward, self.fully_random)
+    }
+
+    async fn run(mut self, mut own_rx: watch::Receiver<Lease>) {
+        let mut rules = self.rules_for(&own_rx.borrow_and_update());
+        if rules.is_empty() {
+            return;
+        }
+        let mut tick = tokio::time::interval(self.every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut installed_once = false;
+        let mut last_error = String::new();
+        loop {
+            tokio::select! {
+                r = own_rx.changed() => {
+                    if r.is_err() { return; }
+                    rules = self.rules_for(&own_rx.borrow_and_update());
+                }
+                _ = tick.tick() => {}
+            }
+            let (fw, want) = (self.firewall, rules.clone());
+            let (fw, result) = tokio::task::spawn_blocking(move || {
+                let mut fw = fw;
+                let r = fw.ensure(&want);
+                (fw, r)
+            })
+            .await
+            .expect("firewall task does not panic");
+            self.firewall = fw;
+            match result {
+                Ok(true) if installed_once => {
+                    Metrics::inc(&self.metrics.firewall_restores);
+                    tracing::warn!("masquerade/forward rules were missing or changed: restored");
+                }
+                Ok(true) => {
+                    installed_once = true;
+                    tracing::info!("masquerade/forward rules installed");
+                }
+                Ok(false) => installed_once = true,
+                Err(e) => {
+                    let msg = e.to_string();
+                    if msg != last_error {
+                        tracing::error!("installing masquerade/forward rules: {msg}");
+                        last_error = msg;
+                    }
+                }
+            }
+        }
     }
 }

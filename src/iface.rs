@@ -27,7 +27,9 @@ pub enum IfaceError {
     NoRegexMatch(String, String),
     #[error("--iface-can-reach {0}: the kernel has no route to it: {1}")]
     Unreachable(IpAddr, String),
-    #[error("no default route: pass --iface, --iface-regex or --iface-can-reach (interfaces: {0})")]
+    #[error(
+        "no default route: pass --iface, --iface-regex or --iface-can-reach (interfaces: {0})"
+    )]
     NoDefaultRoute(String),
     #[error("interface {0} has no IP address: give it one or choose another with --iface")]
     NoAddress(String),
@@ -71,7 +73,9 @@ pub fn select(choice: &IfaceChoice) -> Result<ExternalInterface, IfaceError> {
             .iter()
             .find(|(_, a)| has_ip(a, local))
             .map(|(n, _)| n.clone())
-            .ok_or_else(|| IfaceError::Unreachable(target, format!("{local} is on no interface")))?;
+            .ok_or_else(|| {
+                IfaceError::Unreachable(target, format!("{local} is on no interface"))
+            })?;
         (name, Some(local))
     } else {
         let name = default_route_iface().ok_or_else(|| IfaceError::NoDefaultRoute(names()))?;
@@ -215,8 +219,14 @@ fn default_route_iface() -> Option<String> {
         .filter_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
             // dest destlen src srclen nexthop metric refcnt use flags iface
-            (f.len() > 9 && f[0].chars().all(|c| c == '0') && f[1] == "00" && f[9] != "lo")
-                .then(|| (u32::from_str_radix(f[5], 16).unwrap_or(u32::MAX), f[9].to_string()))
+            (f.len() > 9 && f[0].chars().all(|c| c == '0') && f[1] == "00" && f[9] != "lo").then(
+                || {
+                    (
+                        u32::from_str_radix(f[5], 16).unwrap_or(u32::MAX),
+                        f[9].to_string(),
+                    )
+                },
+            )
         })
         .min()
         .map(|(_, n)| n)

@@ -20,6 +20,7 @@ pub struct Metrics {
     pub dataplane_added: AtomicU64,
     pub dataplane_removed: AtomicU64,
     pub dataplane_repaired: AtomicU64,
+    pub firewall_restores: AtomicU64,
 }
 
 struct Line {
@@ -52,7 +53,10 @@ impl Metrics {
                 name: "flannel_lease_expiry_timestamp_seconds",
                 kind: "gauge",
                 help: "Unix time at which the own subnet lease expires unless renewed.",
-                value: self.lease_expiry_seconds.load(Ordering::Relaxed).to_string(),
+                value: self
+                    .lease_expiry_seconds
+                    .load(Ordering::Relaxed)
+                    .to_string(),
             },
             Line {
                 name: "flannel_peers",
@@ -126,6 +130,12 @@ impl Metrics {
                 help: "Devices or entries re-created after they were changed or deleted.",
                 value: get(&self.dataplane_repaired),
             },
+            Line {
+                name: "flannel_firewall_restores_total",
+                kind: "counter",
+                help: "Times the masquerade/forward rules were found missing and restored.",
+                value: get(&self.firewall_restores),
+            },
         ];
         let mut out = String::new();
         for l in lines {
@@ -134,6 +144,17 @@ impl Metrics {
             let _ = writeln!(out, "{} {}", l.name, l.value);
         }
         out
+    }
+}
+
+impl Metrics {
+    pub fn set_etcd_up(&self, up: bool) {
+        self.etcd_up.store(up, Ordering::Relaxed);
+    }
+
+    pub fn etcd_error(&self, _err: &dyn std::fmt::Display) {
+        Self::inc(&self.etcd_errors);
+        self.set_etcd_up(false);
     }
 }
 
@@ -147,7 +168,10 @@ mod tests {
         Metrics::inc(&m.malformed_leases);
         m.peers.store(3, Ordering::Relaxed);
         let text = m.render();
-        assert!(text.contains("\nflannel_malformed_leases_total 1\n"), "{text}");
+        assert!(
+            text.contains("\nflannel_malformed_leases_total 1\n"),
+            "{text}"
+        );
         assert!(text.contains("\nflannel_peers 3\n"));
         assert!(text.contains("# TYPE flannel_watch_relists_total counter\n"));
         for line in text.lines().filter(|l| !l.starts_with('#')) {
@@ -155,16 +179,5 @@ mod tests {
             assert!(name.starts_with("flannel_"));
             value.parse::<f64>().unwrap();
         }
-    }
-}
-
-impl Metrics {
-    pub fn set_etcd_up(&self, up: bool) {
-        self.etcd_up.store(up, Ordering::Relaxed);
-    }
-
-    pub fn etcd_error(&self, _err: &dyn std::fmt::Display) {
-        Self::inc(&self.etcd_errors);
-        self.set_etcd_up(false);
     }
 }

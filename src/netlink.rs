@@ -18,8 +18,8 @@ use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
 use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol,
-    RouteScope, RouteType,
+    RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
+    RouteType,
 };
 use netlink_packet_route::AddressFamily;
 use rtnetlink::{Handle, LinkUnspec, LinkVxlan, RouteMessageBuilder};
@@ -52,6 +52,11 @@ pub fn parse_mac(s: &str) -> Option<Mac> {
     parts.next().is_none().then_some(mac)
 }
 
+/// `NUD_PERMANENT` is a bit: tools add entries as `PERMANENT|NOARP` too.
+fn is_permanent(state: NeighbourState) -> bool {
+    u16::from(state) & u16::from(NeighbourState::Permanent) != 0
+}
+
 fn mac_from_bytes(bytes: &[u8]) -> Option<Mac> {
     bytes.try_into().ok()
 }
@@ -71,7 +76,10 @@ impl NetlinkError {
         let (errno, detail) = match &err {
             rtnetlink::Error::NetlinkError(msg) => {
                 let code = -msg.raw_code();
-                (Some(code), std::io::Error::from_raw_os_error(code).to_string())
+                (
+                    Some(code),
+                    std::io::Error::from_raw_os_error(code).to_string(),
+                )
             }
             other => (None, other.to_string()),
         };
@@ -262,24 +270,20 @@ pub async fn add_vxlan(h: &Handle, spec: &VxlanSpec) -> Result<(), NetlinkError>
     if spec.gbp {
         builder = builder.gbp();
     }
-    h.link()
-        .add(builder.build())
-        .execute()
-        .await
-        .map_err(|e| {
-            NetlinkError::new(
-                format!(
-                    "add vxlan device {} (vni {} local {} dev ifindex {} dstport {} mac {})",
-                    spec.name,
-                    spec.vni,
-                    spec.local,
-                    spec.link,
-                    spec.port,
-                    format_mac(&spec.mac)
-                ),
-                e,
-            )
-        })
+    h.link().add(builder.build()).execute().await.map_err(|e| {
+        NetlinkError::new(
+            format!(
+                "add vxlan device {} (vni {} local {} dev ifindex {} dstport {} mac {})",
+                spec.name,
+                spec.vni,
+                spec.local,
+                spec.link,
+                spec.port,
+                format_mac(&spec.mac)
+            ),
+            e,
+        )
+    })
 }
 
 /// Deletes a device.
@@ -461,8 +465,7 @@ impl fmt::Display for Route4 {
 }
 
 fn route_from_message(msg: &RouteMessage) -> Option<Route4> {
-    if msg.header.address_family != AddressFamily::Inet || msg.header.kind != RouteType::Unicast
-    {
+    if msg.header.address_family != AddressFamily::Inet || msg.header.kind != RouteType::Unicast {
         return None;
     }
     let mut dst_ip = Ipv4Addr::UNSPECIFIED;
@@ -550,10 +553,7 @@ pub struct Neigh4 {
 
 /// The IPv4 neighbour entries of device `ifindex` (filtered by the kernel via `NDA_IFINDEX`).
 pub async fn neighbours_v4(h: &Handle, ifindex: u32) -> Result<Vec<Neigh4>, NetlinkError> {
-    let mut req = h
-        .neighbours()
-        .get()
-        .set_address_family(AddressFamily::Inet);
+    let mut req = h.neighbours().get().set_address_family(AddressFamily::Inet);
     req.message_mut()
         .attributes
         .push(NeighbourAttribute::IfIndex(ifindex));
@@ -581,7 +581,7 @@ pub async fn neighbours_v4(h: &Handle, ifindex: u32) -> Result<Vec<Neigh4>, Netl
                 ifindex,
                 dst,
                 mac,
-                permanent: msg.header.state == NeighbourState::Permanent,
+                permanent: is_permanent(msg.header.state),
             });
         }
     }
@@ -673,6 +673,14 @@ pub async fn fdb_entries(h: &Handle, ifindex: u32) -> Result<Vec<FdbEntry>, Netl
                 NeighbourAttribute::Destination(NeighbourAddress::Inet6(ip)) => {
                     dst = Some(IpAddr::V6(*ip))
                 }
+                // In AF_BRIDGE messages the remote is not typed by the family; go by length.
+                NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => {
+                    dst = match b.len() {
+                        4 => <[u8; 4]>::try_from(b.as_slice()).ok().map(IpAddr::from),
+                        16 => <[u8; 16]>::try_from(b.as_slice()).ok().map(IpAddr::from),
+                        _ => None,
+                    }
+                }
                 _ => {}
             }
         }
@@ -681,7 +689,7 @@ pub async fn fdb_entries(h: &Handle, ifindex: u32) -> Result<Vec<FdbEntry>, Netl
                 ifindex,
                 mac,
                 dst,
-                permanent: msg.header.state == NeighbourState::Permanent,
+                permanent: is_permanent(msg.header.state),
                 own: msg.header.flags.contains(NeighbourFlags::Own),
             });
         }
@@ -730,10 +738,11 @@ pub async fn delete_fdb(
     msg.attributes
         .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
     if let Some(dst) = dst {
-        msg.attributes.push(NeighbourAttribute::Destination(match dst {
-            IpAddr::V4(ip) => NeighbourAddress::Inet(ip),
-            IpAddr::V6(ip) => NeighbourAddress::Inet6(ip),
-        }));
+        msg.attributes
+            .push(NeighbourAttribute::Destination(match dst {
+                IpAddr::V4(ip) => NeighbourAddress::Inet(ip),
+                IpAddr::V6(ip) => NeighbourAddress::Inet6(ip),
+            }));
     }
     h.neighbours().del(msg).execute().await.map_err(|e| {
         let dst = dst.map(|d| format!(" dst {d}")).unwrap_or_default();
@@ -760,7 +769,13 @@ mod tests {
 
     #[test]
     fn bad_macs_are_rejected() {
-        for s in ["", "c6:d2:aa:01:02", "c6:d2:aa:01:02:03:04", "c6:d2:aa:01:02:0", "zz:d2:aa:01:02:03"] {
+        for s in [
+            "",
+            "c6:d2:aa:01:02",
+            "c6:d2:aa:01:02:03:04",
+            "c6:d2:aa:01:02:0",
+            "zz:d2:aa:01:02:03",
+        ] {
             assert!(parse_mac(s).is_none(), "{s} parsed");
         }
     }

@@ -58,12 +58,18 @@ fn assert_peer(ns: &Ns, subnet: &str, vtep: &str, mac: &str, public_ip: &str) {
         .unwrap_or_else(|| panic!("no FDB entry {mac} on {DEV}: {fdb:?}"));
     assert_eq!(f["dst"], public_ip, "{f}");
     assert_eq!(f["state"], "permanent", "{f}");
-    assert!(f["flags"].as_array().unwrap().contains(&json!("self")), "{f}");
+    assert!(
+        f["flags"].as_array().unwrap().contains(&json!("self")),
+        "{f}"
+    );
 
     let routes = ns.routes(DEV);
     let r = route_to(&routes, subnet).unwrap_or_else(|| panic!("no route {subnet}: {routes:?}"));
     assert_eq!(r["gateway"], vtep, "{r}");
-    assert!(r["flags"].as_array().unwrap().contains(&json!("onlink")), "{r}");
+    assert!(
+        r["flags"].as_array().unwrap().contains(&json!("onlink")),
+        "{r}"
+    );
 }
 
 fn assert_no_peer(ns: &Ns, subnet: &str, vtep: &str, mac: &str) {
@@ -154,6 +160,13 @@ fn vxlan_programs_peers_repairs_and_survives_restart() {
         assert_eq!(be.reconcile(&peers).await.unwrap(), report(0, 0, 2));
         assert_peer(&ns, "10.5.2.0/24", "10.5.2.0", MAC_A, "198.18.0.2");
         assert_peer(&ns, "10.5.3.0/24", "10.5.3.0", MAC_B, "203.0.113.3");
+
+        // A default (all-zero MAC) remote someone appended floods traffic: it goes.
+        ns.bridge(&["fdb", "append", "00:00:00:00:00:00", "dev", DEV, "dst", "198.18.0.55", "self", "permanent"]);
+        ns.bridge(&["fdb", "append", "00:00:00:00:00:00", "dev", DEV, "dst", "198.18.0.56", "self", "permanent"]);
+        assert_eq!(be.reconcile(&peers).await.unwrap(), report(0, 1, 0));
+        assert!(!ns.fdb(DEV).iter().any(|f| f["mac"] == "00:00:00:00:00:00"));
+        assert_peer(&ns, "10.5.2.0/24", "10.5.2.0", MAC_A, "198.18.0.2");
 
         // A removed peer's entries go; the other's stay untouched.
         let peers = peer_set([a.clone(), hostgw.clone()]);
@@ -247,8 +260,22 @@ fn vxlan_incompatible_device_is_recreated_keeping_its_mac() {
     let ns = guard.ns.clone();
     // Left by someone else: wrong port.
     ns.ip(&[
-        "link", "add", DEV, "address", "02:12:34:56:78:9a", "type", "vxlan", "id", "7", "local",
-        "198.18.0.1", "dev", "e0", "dstport", "4789", "nolearning",
+        "link",
+        "add",
+        DEV,
+        "address",
+        "02:12:34:56:78:9a",
+        "type",
+        "vxlan",
+        "id",
+        "7",
+        "local",
+        "198.18.0.1",
+        "dev",
+        "e0",
+        "dstport",
+        "4789",
+        "nolearning",
     ]);
     ns.clone().run(move || async move {
         let mut be = backend::create(ctx).expect("vxlan backend");

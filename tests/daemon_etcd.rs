@@ -44,7 +44,11 @@ fn two_daemons_get_distinct_subnets_see_each_other_and_keep_subnet_on_restart() 
     // A restarted daemon keeps its subnet (re-use by public IP).
     let status = b.stop();
     assert!(status.success(), "SIGTERM must be a clean exit: {status}");
-    assert_eq!(subnet_keys(&etcd).len(), 2, "stop must leave the lease in place");
+    assert_eq!(
+        subnet_keys(&etcd).len(),
+        2,
+        "stop must leave the lease in place"
+    );
     std::fs::remove_file(b.subnet_file()).unwrap();
     b.resume();
     b.wait_ready(WAIT);
@@ -88,7 +92,11 @@ fn reservation_is_never_taken_and_is_a_peer() {
         .collect();
     for h in &hosts {
         h.wait_ready(WAIT);
-        assert_ne!(h.subnet().unwrap(), "10.5.0.17/28", "reservation handed out");
+        assert_ne!(
+            h.subnet().unwrap(),
+            "10.5.0.17/28",
+            "reservation handed out"
+        );
     }
     poll("the reservation and the other host as peers", WAIT, || {
         (hosts[0].metric("flannel_peers") == Some(2.0)).then_some(())
@@ -96,7 +104,10 @@ fn reservation_is_never_taken_and_is_a_peer() {
     // The network is now full: a third host waits, saying why, and never takes the reservation.
     let third = Flanneld::start(&etcd.endpoint(), "198.18.7.3", &[]);
     poll("the out-of-subnets message", WAIT, || {
-        third.log().contains("no free subnet in network 10.5.0.0/26").then_some(())
+        third
+            .log()
+            .contains("no free subnet in network 10.5.0.0/26")
+            .then_some(())
     });
     assert_eq!(third.http_get("/readyz").map(|r| r.0), Some(503));
     let reservation = etcd.get_prefix("/coreos.com/network/subnets/10.5.0.16-28");
@@ -115,7 +126,9 @@ fn expired_peer_is_removed_after_its_ttl() {
     let mut b = Flanneld::start(&etcd.endpoint(), "198.18.7.2", &ttl);
     a.wait_ready(WAIT);
     b.wait_ready(WAIT);
-    poll("a to see b", WAIT, || (a.metric("flannel_peers") == Some(1.0)).then_some(()));
+    poll("a to see b", WAIT, || {
+        (a.metric("flannel_peers") == Some(1.0)).then_some(())
+    });
     // Running daemons renew short leases: after more than one TTL both keys are still there.
     poll("a renewal", WAIT, || {
         (a.metric("flannel_lease_renewals_total")? >= 2.0).then_some(())
@@ -125,7 +138,10 @@ fn expired_peer_is_removed_after_its_ttl() {
     poll("b's lease to expire and a to drop it", WAIT, || {
         (a.metric("flannel_peers") == Some(0.0)).then_some(())
     });
-    assert_eq!(subnet_keys(&etcd), vec![key_of_subnet(&a.subnet().unwrap())]);
+    assert_eq!(
+        subnet_keys(&etcd),
+        vec![key_of_subnet(&a.subnet().unwrap())]
+    );
 }
 
 #[test]
@@ -191,7 +207,9 @@ fn daemon_waits_for_etcd_that_is_down_at_start() {
     etcd.config(CONFIG);
     etcd.kill();
     let a = Flanneld::start(&etcd.endpoint(), "198.18.7.1", &[]);
-    poll("a retry message", WAIT, || a.log().contains("retrying").then_some(()));
+    poll("a retry message", WAIT, || {
+        a.log().contains("retrying").then_some(())
+    });
     etcd.resume();
     a.wait_ready(WAIT);
 }
@@ -204,12 +222,20 @@ fn bad_configs_are_named_and_fixing_them_needs_no_restart() {
     let etcd = Etcd::start();
     let mut a = Flanneld::start(&etcd.endpoint(), "198.18.7.1", &[]);
     poll("the wait for a config", WAIT, || {
-        a.log().contains("waiting for the network config at /coreos.com/network/config").then_some(())
+        a.log()
+            .contains("waiting for the network config at /coreos.com/network/config")
+            .then_some(())
     });
     let cases = [
         ("{not json", "not valid JSON"),
-        (r#"{"Network":"10.5.0.0/16","SubnetLen":31,"Backend":{"Type":"alloc"}}"#, "SubnetLen 31"),
-        (r#"{"Network":"10.5.0.0/16","Backend":{"Type":"nosuch"}}"#, "\"nosuch\""),
+        (
+            r#"{"Network":"10.5.0.0/16","SubnetLen":31,"Backend":{"Type":"alloc"}}"#,
+            "SubnetLen 31",
+        ),
+        (
+            r#"{"Network":"10.5.0.0/16","Backend":{"Type":"nosuch"}}"#,
+            "\"nosuch\"",
+        ),
     ];
     for (config, expected) in cases {
         etcd.config(config);
@@ -218,8 +244,14 @@ fn bad_configs_are_named_and_fixing_them_needs_no_restart() {
         });
         assert!(a.is_running());
         assert_eq!(a.http_get("/readyz").map(|r| r.0), Some(503));
-        assert!(!a.subnet_file().exists(), "subnet file written for a bad config");
-        assert!(subnet_keys(&etcd).is_empty(), "lease taken for a bad config");
+        assert!(
+            !a.subnet_file().exists(),
+            "subnet file written for a bad config"
+        );
+        assert!(
+            subnet_keys(&etcd).is_empty(),
+            "lease taken for a bad config"
+        );
     }
     etcd.config(CONFIG);
     a.wait_ready(WAIT);
@@ -239,18 +271,30 @@ fn garbage_peer_lease_is_skipped_and_counted() {
     a.wait_ready(WAIT);
     assert_eq!(a.metric("flannel_malformed_leases_total"), Some(1.0));
     assert_eq!(a.metric("flannel_peers"), Some(0.0));
-    assert_ne!(a.subnet().unwrap(), "10.5.200.1/24", "took a subnet someone holds");
+    assert_ne!(
+        a.subnet().unwrap(),
+        "10.5.200.1/24",
+        "took a subnet someone holds"
+    );
     // Also through the watch, and a good peer still counts.
     etcd.put("/coreos.com/network/subnets/10.5.201.0-24", "[1,2");
     etcd.put(
         "/coreos.com/network/subnets/10.5.202.0-24",
         r#"{"PublicIP":"198.18.7.9","PublicIPv6":null,"BackendType":"alloc"}"#,
     );
-    poll("the second malformed lease counted and the good peer seen", WAIT, || {
-        (a.metric("flannel_malformed_leases_total")? == 2.0 && a.metric("flannel_peers")? == 1.0)
-            .then_some(())
-    });
-    assert!(a.log().contains("10.5.201.0-24"), "the log names the bad key");
+    poll(
+        "the second malformed lease counted and the good peer seen",
+        WAIT,
+        || {
+            (a.metric("flannel_malformed_leases_total")? == 2.0
+                && a.metric("flannel_peers")? == 1.0)
+                .then_some(())
+        },
+    );
+    assert!(
+        a.log().contains("10.5.201.0-24"),
+        "the log names the bad key"
+    );
 }
 
 #[test]

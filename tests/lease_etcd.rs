@@ -108,7 +108,8 @@ async fn watch_resumed_behind_a_compaction_loses_no_change() {
     stale.replace_all(listing.leases, listing.revision);
 
     // While it is away: a removal, a change, two additions — then etcd compacts them away.
-    etcd.etcdctl(&["del", "/coreos.com/network/subnets/10.5.1.0-24"]).unwrap();
+    etcd.etcdctl(&["del", "/coreos.com/network/subnets/10.5.1.0-24"])
+        .unwrap();
     put("10.5.2.0-24", "198.18.0.22");
     put("10.5.4.0-24", "198.18.0.4");
     put("10.5.5.0-24", "198.18.0.5");
@@ -136,12 +137,21 @@ async fn watch_resumed_behind_a_compaction_loses_no_change() {
     .await
     .expect("the view never matched etcd after compaction");
     let changed = &view.leases[&"10.5.2.0-24".parse().unwrap()];
-    assert_eq!(changed.attrs.public_ip, Some("198.18.0.22".parse().unwrap()));
-    assert!(metrics.watch_relists.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+    assert_eq!(
+        changed.attrs.public_ip,
+        Some("198.18.0.22".parse().unwrap())
+    );
+    assert!(
+        metrics
+            .watch_relists
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
 
     // And it keeps following live changes after the re-list.
     put("10.5.6.0-24", "198.18.0.6");
-    etcd.etcdctl(&["del", "/coreos.com/network/subnets/10.5.3.0-24"]).unwrap();
+    etcd.etcdctl(&["del", "/coreos.com/network/subnets/10.5.3.0-24"])
+        .unwrap();
     tokio::time::timeout(Duration::from_secs(20), async {
         loop {
             let done = {

@@ -218,10 +218,14 @@ mod tests {
     #[test]
     fn bad_option_names_option_and_value() {
         let m = obj(json!({"Port": "x"}));
-        let e = uint_option("vxlan", &m, "Port", 65535).unwrap_err().to_string();
+        let e = uint_option("vxlan", &m, "Port", 65535)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("Port") && e.contains("\"x\""), "{e}");
         let m = obj(json!({"Port": 70000}));
-        let e = uint_option("vxlan", &m, "Port", 65535).unwrap_err().to_string();
+        let e = uint_option("vxlan", &m, "Port", 65535)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("70000") && e.contains("65535"), "{e}");
     }
 
@@ -230,7 +234,12 @@ mod tests {
         let net: Ipv4Network = "10.5.0.0/16".parse().unwrap();
         let own: Ipv4Network = "10.5.1.0/24".parse().unwrap();
         let r = |dst: &str, gw: Option<&str>, oif| {
-            Route4::new(dst.parse().unwrap(), gw.map(|g| g.parse().unwrap()), oif, false)
+            Route4::new(
+                dst.parse().unwrap(),
+                gw.map(|g| g.parse().unwrap()),
+                oif,
+                false,
+            )
         };
         let owned = |route: &Route4| owned_route(route, &net, Some(&own), Some(7), 2);
         assert!(owned(&r("10.5.2.0/24", Some("10.5.2.0"), 7)));

@@ -84,10 +84,11 @@ pub fn stable_vtep_mac(public_ip: Ipv4Addr, vni: u32) -> Mac {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     let input = b"flannel-vtep"
         .iter()
-        .chain(public_ip.octets().iter())
-        .chain(vni.to_be_bytes().iter());
+        .copied()
+        .chain(public_ip.octets())
+        .chain(vni.to_be_bytes());
     for b in input {
-        hash ^= u64::from(*b);
+        hash ^= u64::from(b);
         hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
     }
     let bytes = hash.to_be_bytes();
@@ -161,11 +162,6 @@ impl VxlanBackend {
         })
     }
 
-    /// `flannel.<VNI>`.
-    pub fn device_name(&self) -> &str {
-        &self.name
-    }
-
     fn device_mtu(&self) -> u32 {
         self.opts.mtu.unwrap_or(self.ctx.ext.mtu) - ENCAP_OVERHEAD
     }
@@ -205,7 +201,10 @@ impl VxlanBackend {
             why.push(format!("gbp {} ≠ {}", v.gbp, self.opts.gbp));
         }
         if v.learning.is_some_and(|l| l != self.opts.learning) {
-            why.push(format!("learning {:?} ≠ {}", v.learning, self.opts.learning));
+            why.push(format!(
+                "learning {:?} ≠ {}",
+                v.learning, self.opts.learning
+            ));
         }
         if let (Some(published), Some(mac)) = (self.mac, link.mac) {
             if published != mac {
@@ -350,6 +349,29 @@ impl VxlanBackend {
             }
         }
         Ok(changed)
+    }
+
+    /// Deletes one remote of an FDB entry, or (with `dst` `None`) the whole entry.
+    async fn delete_fdb(
+        &self,
+        h: &Handle,
+        index: u32,
+        mac: Mac,
+        dst: Option<IpAddr>,
+        tally: &mut Tally,
+    ) {
+        let what = match dst {
+            Some(d) => format!("FDB entry {} dst {d}", format_mac(&mac)),
+            None => format!("FDB entry {}", format_mac(&mac)),
+        };
+        match netlink::delete_fdb(h, index, mac, dst).await {
+            Ok(()) => {
+                tracing::info!("{BACKEND}: stale {what} dev {} removed", self.name);
+                tally.report.removed += 1;
+            }
+            Err(e) if e.is_not_found() => {}
+            Err(e) => tally.failed(&format!("stale {what}"), e),
+        }
     }
 
     fn log_skipped(&mut self, skipped: BTreeMap<SubnetKey, String>) {
@@ -517,19 +539,39 @@ impl Backend for VxlanBackend {
                 Err(e) => tally.failed(&format!("peer VTEP {ip}"), e),
             }
         }
+        // The kernel keeps a list of remotes per MAC; ours have exactly one.
+        let mut remotes: BTreeMap<Mac, Vec<Option<IpAddr>>> = BTreeMap::new();
+        for e in &fdb_have {
+            remotes.entry(e.mac).or_default().push(e.dst);
+        }
         for (mac, (ip, key)) in &want.fdb {
-            let same_mac: Vec<_> = fdb_have.iter().filter(|e| e.mac == *mac).collect();
-            if same_mac.iter().any(|e| e.dst == Some(IpAddr::V4(*ip))) {
+            let want_dst = Some(IpAddr::V4(*ip));
+            let have = remotes.get(mac).map(Vec::as_slice).unwrap_or_default();
+            if have.contains(&want_dst) {
+                // Right remote; drop extra ones (deleting an absent remote "succeeds", so
+                // only ever delete what the dump showed).
+                for extra in have.iter().filter(|d| **d != want_dst) {
+                    self.delete_fdb(&h, dev.index, *mac, *extra, &mut tally)
+                        .await;
+                }
                 continue;
+            }
+            if have.len() > 1 {
+                // Several wrong remotes: replace only rewrites the first one.
+                self.delete_fdb(&h, dev.index, *mac, None, &mut tally).await;
             }
             match netlink::replace_fdb(&h, dev.index, *mac, *ip).await {
                 Ok(()) => {
+                    let what = if have.is_empty() {
+                        "added"
+                    } else {
+                        "corrected"
+                    };
                     tracing::info!(
-                        "{BACKEND}: FDB entry {} dst {ip} dev {name} {}",
-                        format_mac(mac),
-                        if same_mac.is_empty() { "added" } else { "corrected" }
+                        "{BACKEND}: FDB entry {} dst {ip} dev {name} {what}",
+                        format_mac(mac)
                     );
-                    if same_mac.is_empty() {
+                    if have.is_empty() {
                         tally.report.added += 1;
                     } else {
                         tally.report.repaired += 1;
@@ -564,25 +606,9 @@ impl Backend for VxlanBackend {
                 Err(e) => tally.failed(&format!("stale neighbour {}", n.dst), e),
             }
         }
-        for e in &fdb_have {
-            let wanted = want
-                .fdb
-                .get(&e.mac)
-                .is_some_and(|(ip, _)| e.dst == Some(IpAddr::V4(*ip)));
-            if wanted {
-                continue;
-            }
-            let dst = e.dst.map(|d| format!(" dst {d}")).unwrap_or_default();
-            match netlink::delete_fdb(&h, dev.index, e.mac, e.dst).await {
-                Ok(()) => {
-                    tracing::info!(
-                        "{BACKEND}: stale FDB entry {}{dst} dev {name} removed",
-                        format_mac(&e.mac)
-                    );
-                    tally.report.removed += 1;
-                }
-                Err(err) if err.is_not_found() => {}
-                Err(err) => tally.failed(&format!("stale FDB entry {}", format_mac(&e.mac)), err),
+        for mac in remotes.keys() {
+            if !want.fdb.contains_key(mac) {
+                self.delete_fdb(&h, dev.index, *mac, None, &mut tally).await;
             }
         }
 
@@ -617,8 +643,10 @@ mod tests {
 
     #[test]
     fn options_are_read_case_insensitively() {
-        let o = opts(json!({"type": "vxlan", "vni": 42, "port": 4789, "gbp": true,
-            "learning": true, "mtu": 9000, "directrouting": true}))
+        let o = opts(
+            json!({"type": "vxlan", "vni": 42, "port": 4789, "gbp": true,
+            "learning": true, "mtu": 9000, "directrouting": true}),
+        )
         .unwrap();
         assert_eq!(
             o,
@@ -637,7 +665,9 @@ mod tests {
     fn bad_options_are_errors_naming_them() {
         let e = opts(json!({"VNI": 1 << 24})).unwrap_err().to_string();
         assert!(e.contains("VNI") && e.contains("16777216"), "{e}");
-        let e = opts(json!({"DirectRouting": "yes"})).unwrap_err().to_string();
+        let e = opts(json!({"DirectRouting": "yes"}))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("DirectRouting"), "{e}");
     }
 
@@ -648,6 +678,11 @@ mod tests {
         assert_ne!(a, stable_vtep_mac(Ipv4Addr::new(192, 0, 2, 4), 1));
         assert_ne!(a, stable_vtep_mac(Ipv4Addr::new(192, 0, 2, 3), 2));
         assert_eq!(a[0] & 0x01, 0, "unicast");
+        // Pinned: changing the derivation would change every host's MAC on upgrade.
+        assert_eq!(
+            format_mac(&stable_vtep_mac(Ipv4Addr::new(198, 18, 0, 1), 7)),
+            "ba:03:b4:ed:08:3c"
+        );
         assert_eq!(a[0] & 0x02, 0x02, "locally administered");
     }
 }

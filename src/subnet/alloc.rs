@@ -183,8 +183,9 @@ impl Pool {
     /// Only called with `want` under half of `total`, so each draw is new with odds above one
     /// half; the bound on attempts is never reached in practice but keeps the loop finite.
     fn draw_distinct(&self, want: usize, rng: &mut impl rand::Rng) -> Vec<u128> {
-        let mut seen = HashSet::with_capacity(want);
-        let mut out = Vec::with_capacity(want);
+        // `want` comes from the caller's `n`; don't trust it as an allocation size.
+        let mut seen = HashSet::with_capacity(want.min(1024));
+        let mut out = Vec::with_capacity(want.min(1024));
         let attempts = want.saturating_mul(4).saturating_add(64);
         for _ in 0..attempts {
             if out.len() == want {

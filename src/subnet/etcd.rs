@@ -204,12 +204,12 @@ impl Registry {
     /// Parses one key/value under the subnets prefix.
     pub fn parse_kv(&self, kv: &KeyValue) -> Result<Lease, LeaseError> {
         let key = String::from_utf8_lossy(kv.key()).into_owned();
-        let suffix = key
-            .strip_prefix(&self.subnets_prefix())
-            .ok_or_else(|| LeaseError::BadKey {
-                key: key.clone(),
-                why: "outside the subnets prefix".into(),
-            })?;
+        let suffix =
+            key.strip_prefix(&self.subnets_prefix())
+                .ok_or_else(|| LeaseError::BadKey {
+                    key: key.clone(),
+                    why: "outside the subnets prefix".into(),
+                })?;
         let subnet: SubnetKey = suffix.parse()?;
         let attrs = LeaseAttrs::from_json(&key, kv.value())?;
         Ok(Lease {

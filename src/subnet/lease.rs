@@ -90,8 +90,7 @@ impl FromStr for SubnetKey {
                 if key.ipv6.is_some() {
                     return Err(bad("two IPv6 subnets"));
                 }
-                let net =
-                    Ipv6Network::new(ip, len).map_err(|_| bad("IPv6 prefix length > 128"))?;
+                let net = Ipv6Network::new(ip, len).map_err(|_| bad("IPv6 prefix length > 128"))?;
                 if net.network() != ip {
                     return Err(bad("IPv6 address is not the subnet's network address"));
                 }
@@ -114,7 +113,11 @@ pub struct LeaseAttrs {
     pub public_ip: Option<Ipv4Addr>,
     #[serde(rename = "PublicIPv6", default)]
     pub public_ipv6: Option<Ipv6Addr>,
-    #[serde(rename = "BackendType", default, skip_serializing_if = "String::is_empty")]
+    #[serde(
+        rename = "BackendType",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
     pub backend_type: String,
     #[serde(
         rename = "BackendData",
@@ -224,7 +227,14 @@ mod tests {
 
     #[test]
     fn key_codec_rejects_garbage() {
-        for s in ["", "10.5.52.0", "10.5.52.1-24", "10.5.52.0-33", "x-24", "a-1&b-2&c-3"] {
+        for s in [
+            "",
+            "10.5.52.0",
+            "10.5.52.1-24",
+            "10.5.52.0-33",
+            "x-24",
+            "a-1&b-2&c-3",
+        ] {
             assert!(s.parse::<SubnetKey>().is_err(), "{s} parsed");
         }
     }
@@ -258,8 +268,8 @@ mod tests {
 
     #[test]
     fn garbage_lease_value_is_an_error_naming_the_key() {
-        let err = LeaseAttrs::from_json("/coreos.com/network/subnets/10.5.1.0-24", b"{nope")
-            .unwrap_err();
+        let err =
+            LeaseAttrs::from_json("/coreos.com/network/subnets/10.5.1.0-24", b"{nope").unwrap_err();
         assert!(err.to_string().contains("10.5.1.0-24"), "{err}");
     }
 }

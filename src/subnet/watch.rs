@@ -175,7 +175,10 @@ async fn watch_from(
                 EventType::Put => match reg.parse_kv(kv) {
                     Ok(lease) => view.apply_put(lease),
                     Err(e) => {
-                        let id = (String::from_utf8_lossy(kv.key()).into_owned(), kv.mod_revision());
+                        let id = (
+                            String::from_utf8_lossy(kv.key()).into_owned(),
+                            kv.mod_revision(),
+                        );
                         if seen_malformed.insert(id) {
                             Metrics::inc(&metrics.malformed_leases);
                             tracing::warn!("skipping malformed lease: {e}");
@@ -279,12 +282,18 @@ mod tests {
     fn relist_diffs_against_known_state() {
         let mut v = LeaseView::default();
         let c = v.replace_all(
-            vec![lease("10.5.1.0-24", "1.1.1.1", 2), lease("10.5.2.0-24", "1.1.1.2", 3)],
+            vec![
+                lease("10.5.1.0-24", "1.1.1.1", 2),
+                lease("10.5.2.0-24", "1.1.1.2", 3),
+            ],
             3,
         );
         assert_eq!(c.added.len(), 2);
         let c = v.replace_all(
-            vec![lease("10.5.2.0-24", "9.9.9.9", 5), lease("10.5.3.0-24", "1.1.1.3", 4)],
+            vec![
+                lease("10.5.2.0-24", "9.9.9.9", 5),
+                lease("10.5.3.0-24", "1.1.1.3", 4),
+            ],
             5,
         );
         assert_eq!(c.added, vec!["10.5.3.0-24".parse().unwrap()]);
@@ -296,10 +305,23 @@ mod tests {
     #[test]
     fn put_and_delete_events() {
         let mut v = LeaseView::default();
-        assert_eq!(v.apply_put(lease("10.5.1.0-24", "1.1.1.1", 2)).added.len(), 1);
+        assert_eq!(
+            v.apply_put(lease("10.5.1.0-24", "1.1.1.1", 2)).added.len(),
+            1
+        );
         assert!(v.apply_put(lease("10.5.1.0-24", "1.1.1.1", 2)).is_empty());
-        assert_eq!(v.apply_put(lease("10.5.1.0-24", "1.1.1.9", 3)).changed.len(), 1);
-        assert_eq!(v.apply_delete("10.5.1.0-24".parse().unwrap(), 4).removed.len(), 1);
+        assert_eq!(
+            v.apply_put(lease("10.5.1.0-24", "1.1.1.9", 3))
+                .changed
+                .len(),
+            1
+        );
+        assert_eq!(
+            v.apply_delete("10.5.1.0-24".parse().unwrap(), 4)
+                .removed
+                .len(),
+            1
+        );
         assert!(v.apply_delete("10.5.1.0-24".parse().unwrap(), 5).is_empty());
         assert_eq!(v.revision, 5);
     }

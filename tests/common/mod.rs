@@ -48,20 +48,126 @@ pub fn poll<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) 
     }
 }
 
-/// TLS material for etcd: which flags the server gets.
-#[derive(Debug, Clone, Default)]
-pub struct ServerTls {
+/// A certificate and its key.
+#[derive(Debug, Clone)]
+pub struct CertKey {
     pub cert: PathBuf,
     pub key: PathBuf,
-    pub client_ca: Option<PathBuf>,
+}
+
+/// TLS material for etcd: the CA, the server's certificate, and a client certificate that the
+/// server requires when present.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    pub ca: PathBuf,
+    pub server: CertKey,
+    pub client: Option<CertKey>,
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Makes a CA in `dir` named `name`: returns (cert, key).
+pub fn make_ca(dir: &Path, name: &str) -> CertKey {
+    let (crt, key) = (format!("{name}.crt"), format!("{name}.key"));
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={name}"),
+            "-keyout",
+            &key,
+            "-out",
+            &crt,
+        ],
+    );
+    CertKey {
+        cert: dir.join(crt),
+        key: dir.join(key),
+    }
+}
+
+/// Issues a certificate signed by `ca`, valid for 127.0.0.1, for server and client use.
+pub fn issue(dir: &Path, ca: &CertKey, name: &str) -> CertKey {
+    let (crt, key, csr, ext) = (
+        format!("{name}.crt"),
+        format!("{name}.key"),
+        format!("{name}.csr"),
+        format!("{name}.ext"),
+    );
+    std::fs::write(
+        dir.join(&ext),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n",
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            &format!("/CN={name}"),
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            ca.cert.to_str().unwrap(),
+            "-CAkey",
+            ca.key.to_str().unwrap(),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+            "-out",
+            &crt,
+        ],
+    );
+    CertKey {
+        cert: dir.join(crt),
+        key: dir.join(key),
+    }
 }
 
 pub struct Etcd {
     pub dir: tempfile::TempDir,
+    /// Network namespace etcd runs in (None: the test's own).
+    pub netns: Option<String>,
     pub client_port: u16,
     peer_port: u16,
     tls: Option<ServerTls>,
     child: Option<Child>,
+    /// Extra etcdctl flags: TLS client files, `--user`.
+    pub ctl_flags: Vec<String>,
 }
 
 impl Etcd {
@@ -70,10 +176,27 @@ impl Etcd {
     }
 
     pub fn start_with(tls: Option<ServerTls>) -> Etcd {
+        Self::start_in(None, tls)
+    }
+
+    /// Starts etcd inside network namespace `netns` (on its loopback).
+    pub fn start_in(netns: Option<&str>, tls: Option<ServerTls>) -> Etcd {
         let mut etcd = Etcd {
+            netns: netns.map(String::from),
             dir: tempfile::tempdir().unwrap(),
             client_port: free_port(),
             peer_port: free_port(),
+            ctl_flags: tls
+                .iter()
+                .flat_map(|t| {
+                    let mut f = vec![format!("--cacert={}", t.ca.display())];
+                    if let Some(c) = &t.client {
+                        f.push(format!("--cert={}", c.cert.display()));
+                        f.push(format!("--key={}", c.key.display()));
+                    }
+                    f
+                })
+                .collect(),
             tls,
             child: None,
         };
@@ -102,9 +225,12 @@ impl Etcd {
             .append(true)
             .open(self.dir.path().join("etcd.log"))
             .unwrap();
-        let mut cmd = Command::new("etcd");
+        let mut cmd = in_netns(self.netns.as_deref(), "etcd");
         cmd.arg("--name=t")
-            .arg(format!("--data-dir={}", self.dir.path().join("data").display()))
+            .arg(format!(
+                "--data-dir={}",
+                self.dir.path().join("data").display()
+            ))
             .arg(format!("--listen-client-urls={}", self.endpoint()))
             .arg(format!("--advertise-client-urls={}", self.endpoint()))
             .arg(format!("--listen-peer-urls={peer}"))
@@ -116,23 +242,17 @@ impl Etcd {
             .stderr(log)
             .stdin(Stdio::null());
         if let Some(tls) = &self.tls {
-            cmd.arg(format!("--cert-file={}", tls.cert.display()))
-                .arg(format!("--key-file={}", tls.key.display()));
-            if let Some(ca) = &tls.client_ca {
+            cmd.arg(format!("--cert-file={}", tls.server.cert.display()))
+                .arg(format!("--key-file={}", tls.server.key.display()));
+            if tls.client.is_some() {
                 cmd.arg("--client-cert-auth")
-                    .arg(format!("--trusted-ca-file={}", ca.display()));
+                    .arg(format!("--trusted-ca-file={}", tls.ca.display()));
             }
         }
         self.child = Some(cmd.spawn().expect("start etcd"));
-        let port = self.client_port;
-        poll("etcd to listen", Duration::from_secs(20), || {
-            TcpStream::connect(("127.0.0.1", port)).ok()
+        poll("etcd to answer", Duration::from_secs(20), || {
+            self.etcdctl(&["endpoint", "health"]).ok()
         });
-        if self.tls.is_none() {
-            poll("etcd to answer", Duration::from_secs(20), || {
-                self.etcdctl(&["endpoint", "health"]).ok()
-            });
-        }
     }
 
     /// Kills etcd hard, keeping its data directory for `resume`.
@@ -145,10 +265,11 @@ impl Etcd {
 
     /// Runs etcdctl (v3 API) against this etcd; Ok(stdout) on success.
     pub fn etcdctl(&self, args: &[&str]) -> Result<String, String> {
-        let out = Command::new("etcdctl")
+        let out = in_netns(self.netns.as_deref(), "etcdctl")
             .env("ETCDCTL_API", "3")
             .arg(format!("--endpoints={}", self.endpoint()))
             .arg("--command-timeout=3s")
+            .args(&self.ctl_flags)
             .args(args)
             .output()
             .map_err(|e| e.to_string())?;
@@ -165,7 +286,9 @@ impl Etcd {
 
     /// Keys under a prefix with their values.
     pub fn get_prefix(&self, prefix: &str) -> Vec<(String, String)> {
-        let out = self.etcdctl(&["get", "--prefix", prefix]).expect("etcdctl get");
+        let out = self
+            .etcdctl(&["get", "--prefix", prefix])
+            .expect("etcdctl get");
         let lines: Vec<&str> = out.lines().collect();
         lines
             .chunks(2)
@@ -192,6 +315,7 @@ impl Drop for Etcd {
 /// A `flanneld` process with its own subnet file, health port and log.
 pub struct Flanneld {
     pub dir: tempfile::TempDir,
+    pub netns: Option<String>,
     pub health_port: u16,
     args: Vec<String>,
     child: Option<Child>,
@@ -200,13 +324,26 @@ pub struct Flanneld {
 impl Flanneld {
     /// Starts flanneld on `lo` advertising `public_ip`, with extra flags.
     pub fn start(endpoint: &str, public_ip: &str, extra: &[&str]) -> Flanneld {
+        Self::start_in(None, endpoint, public_ip, extra)
+    }
+
+    /// Starts flanneld inside network namespace `netns`.
+    pub fn start_in(
+        netns: Option<&str>,
+        endpoint: &str,
+        public_ip: &str,
+        extra: &[&str],
+    ) -> Flanneld {
         let mut args = vec![
             format!("--etcd-endpoints={endpoint}"),
             "--iface=lo".to_string(),
+            // The root namespace is the machine's own: leave its FORWARD chain alone.
+            "--iptables-forward-rules=false".to_string(),
             format!("--public-ip={public_ip}"),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut f = Flanneld {
+            netns: netns.map(String::from),
             dir: tempfile::tempdir().unwrap(),
             health_port: free_port(),
             args,
@@ -227,7 +364,7 @@ impl Flanneld {
             .append(true)
             .open(self.dir.path().join("flanneld.log"))
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_flanneld"))
+        let child = in_netns(self.netns.as_deref(), env!("CARGO_BIN_EXE_flanneld"))
             .args(&self.args)
             .arg(format!("--subnet-file={}", self.subnet_file().display()))
             .arg("--healthz-ip=127.0.0.1")
@@ -274,7 +411,10 @@ impl Flanneld {
 
     /// GET a path on the health server: (status code, body), or None when not listening.
     pub fn http_get(&self, path: &str) -> Option<(u16, String)> {
-        http_get(SocketAddr::from((Ipv4Addr::LOCALHOST, self.health_port)), path)
+        http_get(
+            SocketAddr::from((Ipv4Addr::LOCALHOST, self.health_port)),
+            path,
+        )
     }
 
     pub fn metric(&self, name: &str) -> Option<f64> {
@@ -309,6 +449,84 @@ impl Drop for Flanneld {
                 eprintln!("{l}");
             }
         }
+    }
+}
+
+/// A command run in `netns` through `ip netns exec`, or directly.
+pub fn in_netns(netns: Option<&str>, program: &str) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, program]);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
+/// Whether tests that need root (namespaces) can run; with `CI` set, not being root fails.
+pub fn root_available() -> bool {
+    let root = nix::unistd::Uid::effective().is_root();
+    if !root {
+        if std::env::var_os("CI").is_some() {
+            panic!("this test needs root (network namespaces), and CI is set");
+        }
+        eprintln!("SKIP: not root");
+    }
+    root
+}
+
+/// A network namespace with its loopback up, deleted (with its processes) on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Netns {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let name = format!(
+            "ft{tag}{}x{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "ip netns add {name}");
+        let ns = Netns { name };
+        ns.run(&["ip", "link", "set", "lo", "up"]).unwrap();
+        ns
+    }
+
+    /// Runs a command in the namespace: Ok(stdout) or Err(stderr).
+    pub fn run(&self, argv: &[&str]) -> Result<String, String> {
+        let out = in_netns(Some(&self.name), argv[0])
+            .args(&argv[1..])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Ok(out) = Command::new("ip")
+            .args(["netns", "pids", &self.name])
+            .output()
+        {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let _ = Command::new("kill").args(["-9", pid]).status();
+            }
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 

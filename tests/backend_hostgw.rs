@@ -1,0 +1,114 @@
+//! The host-gw backend against a real kernel, inside throw-away network namespaces.
+//! Needs root; skipped without it (fails when `CI` is set). The NAT refusal needs no kernel.
+
+mod backend_netns;
+
+use backend_netns::{config, context, have_root, init_logs, lease, peer_set, route_to, NetnsGuard};
+use flannel::backend::{self, ReconcileReport};
+use flannel::iface::ExternalInterface;
+use serde_json::json;
+
+const NETWORK: &str = "10.5.0.0/16";
+
+fn hostgw_lease(key: &str, public_ip: &str) -> flannel::subnet::Lease {
+    lease(
+        key,
+        &format!(r#"{{"PublicIP":"{public_ip}","PublicIPv6":null,"BackendType":"host-gw"}}"#),
+    )
+}
+
+fn report(added: usize, removed: usize, repaired: usize) -> ReconcileReport {
+    ReconcileReport {
+        added,
+        removed,
+        repaired,
+    }
+}
+
+#[test]
+fn hostgw_routes_peers_via_public_ip_and_converges() {
+    if !have_root("hostgw_routes_peers_via_public_ip_and_converges") {
+        return;
+    }
+    init_logs();
+    let guard = NetnsGuard::new("hg");
+    let ns = guard.ns.clone();
+    let ext = ns.underlay("198.18.0.1/24", None);
+    let ctx = context(config(NETWORK, json!({"Type": "host-gw"})), ext);
+    ns.clone().run(move || async move {
+        let own = hostgw_lease("10.5.1.0-24", "198.18.0.1");
+        let mut be = backend::create(ctx.clone()).expect("host-gw backend");
+        let publish = be.prepare().await.expect("prepare");
+        assert_eq!(publish.backend_type, "host-gw");
+        assert_eq!(publish.backend_data, None);
+        assert_eq!(publish.mtu, 1500);
+        be.lease_acquired(&own).await.unwrap();
+
+        let a = hostgw_lease("10.5.2.0-24", "198.18.0.2");
+        let b = hostgw_lease("10.5.3.0-24", "198.18.0.3");
+        let vx = lease(
+            "10.5.4.0-24",
+            r#"{"PublicIP":"198.18.0.4","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:00:00:00:00:04"}}"#,
+        );
+        let peers = peer_set([a.clone(), b.clone(), vx, own.clone()]);
+        assert_eq!(be.reconcile(&peers).await.unwrap(), report(2, 0, 0));
+        let routes = ns.routes("e0");
+        assert_eq!(route_to(&routes, "10.5.2.0/24").unwrap()["gateway"], "198.18.0.2");
+        assert_eq!(route_to(&routes, "10.5.3.0/24").unwrap()["gateway"], "198.18.0.3");
+        assert!(route_to(&routes, "10.5.4.0/24").is_none(), "vxlan peer ignored");
+        assert!(route_to(&routes, "10.5.1.0/24").is_none(), "own lease not routed");
+        assert_eq!(be.reconcile(&peers).await.unwrap(), report(0, 0, 0));
+
+        // A stale route in the Network via e0 goes, a wrong one is corrected, others stay.
+        ns.ip(&["route", "add", "10.5.99.0/24", "via", "198.18.0.99", "dev", "e0"]);
+        ns.ip(&["route", "replace", "10.5.2.0/24", "via", "198.18.0.22", "dev", "e0"]);
+        ns.ip(&["route", "add", "172.16.9.0/24", "via", "198.18.0.99", "dev", "e0"]);
+        assert_eq!(be.reconcile(&peers).await.unwrap(), report(0, 1, 1));
+        let routes = ns.routes("e0");
+        assert!(route_to(&routes, "10.5.99.0/24").is_none());
+        assert_eq!(route_to(&routes, "10.5.2.0/24").unwrap()["gateway"], "198.18.0.2");
+        assert!(route_to(&routes, "172.16.9.0/24").is_some(), "foreign route kept");
+        assert!(route_to(&routes, "198.18.0.0/24").is_some(), "connected route kept");
+
+        // A removed peer's route goes.
+        let peers = peer_set([a.clone()]);
+        assert_eq!(be.reconcile(&peers).await.unwrap(), report(0, 1, 0));
+        assert!(route_to(&ns.routes("e0"), "10.5.3.0/24").is_none());
+
+        // A restart adopts without touching anything.
+        drop(be);
+        let mut be = backend::create(ctx).expect("host-gw backend");
+        assert_eq!(be.prepare().await.unwrap(), publish);
+        be.lease_acquired(&own).await.unwrap();
+        assert_eq!(be.reconcile(&peers).await.unwrap(), report(0, 0, 0));
+        assert_eq!(
+            route_to(&ns.routes("e0"), "10.5.2.0/24").unwrap()["gateway"],
+            "198.18.0.2"
+        );
+    });
+}
+
+#[test]
+fn hostgw_refuses_nat() {
+    let ext = ExternalInterface {
+        name: "e0".into(),
+        index: 1,
+        iface_addr: Some("198.18.0.1".parse().unwrap()),
+        iface_v6_addr: None,
+        public_ip: Some("203.0.113.9".parse().unwrap()),
+        public_ipv6: None,
+        mtu: 1500,
+    };
+    let ctx = context(config(NETWORK, json!({"Type": "host-gw"})), ext);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let err = rt
+        .block_on(async move { backend::create(ctx).unwrap().prepare().await })
+        .expect_err("host-gw behind NAT must be refused");
+    let msg = err.to_string();
+    for part in ["host-gw", "203.0.113.9", "198.18.0.1", "e0", "NAT"] {
+        assert!(msg.contains(part), "{part:?} missing from: {msg}");
+    }
+}
