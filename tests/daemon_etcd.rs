@@ -322,3 +322,31 @@ fn bad_flags_exit_with_a_message_naming_the_flag() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
 }
+
+#[test]
+fn systemd_is_told_ready_once_the_subnet_file_is_written() {
+    if !etcd_available() {
+        return;
+    }
+    let etcd = Etcd::start();
+    etcd.config(CONFIG);
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(WAIT)).unwrap();
+    let a = Flanneld::start_with_env(
+        None,
+        &etcd.endpoint(),
+        "198.18.7.1",
+        &[],
+        &[("NOTIFY_SOCKET", sock_path.to_str().unwrap())],
+    );
+    let mut buf = [0u8; 64];
+    let n = sock.recv(&mut buf).expect("no READY=1 from flanneld");
+    assert_eq!(&buf[..n], b"READY=1");
+    assert!(
+        a.subnet().is_some(),
+        "READY=1 before the subnet file was written"
+    );
+    assert_eq!(a.http_get("/readyz").map(|r| r.0), Some(200));
+}

@@ -40,7 +40,7 @@ fn iptables_rules_are_installed_and_restored() {
         ns.run(&["iptables", "-t", "nat", "-S", "FLANNEL-POSTRTG"])
             .unwrap_or_default()
     };
-    let masq = format!("-A FLANNEL-POSTRTG -s 10.5.0.0/16 ! -d 224.0.0.0/4 -m comment --comment \"flanneld masq\" -j MASQUERADE --random-fully");
+    let masq = "-A FLANNEL-POSTRTG -s 10.5.0.0/16 ! -d 224.0.0.0/4 -m comment --comment \"flanneld masq\" -j MASQUERADE --random-fully".to_string();
     let own = format!("-A FLANNEL-POSTRTG -s {subnet} -d 10.5.0.0/16 -m comment --comment \"flanneld masq\" -j RETURN");
     poll("the masquerade rules", WAIT, || {
         let r = nat_rules();

@@ -318,6 +318,7 @@ pub struct Flanneld {
     pub netns: Option<String>,
     pub health_port: u16,
     args: Vec<String>,
+    envs: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -334,6 +335,16 @@ impl Flanneld {
         public_ip: &str,
         extra: &[&str],
     ) -> Flanneld {
+        Self::start_with_env(netns, endpoint, public_ip, extra, &[])
+    }
+
+    pub fn start_with_env(
+        netns: Option<&str>,
+        endpoint: &str,
+        public_ip: &str,
+        extra: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Flanneld {
         let mut args = vec![
             format!("--etcd-endpoints={endpoint}"),
             "--iface=lo".to_string(),
@@ -347,6 +358,10 @@ impl Flanneld {
             dir: tempfile::tempdir().unwrap(),
             health_port: free_port(),
             args,
+            envs: envs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             child: None,
         };
         f.resume();
@@ -371,6 +386,7 @@ impl Flanneld {
             .arg(format!("--healthz-port={}", self.health_port))
             .env_remove("NOTIFY_SOCKET")
             .env("RUST_LOG", "info")
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .stdin(Stdio::null())
