@@ -56,6 +56,8 @@ struct IfaceAddrs {
 /// Picks the external interface: `--iface` entries in order, then `--iface-regex`, then
 /// `--iface-can-reach`, else the interface of the default route.
 pub fn select(choice: &IfaceChoice) -> Result<ExternalInterface, IfaceError> {
+    // A bad pattern is an operator error even when --iface makes it unused.
+    let patterns = compile_patterns(&choice.iface_regex)?;
     let all = list_interfaces()?;
     let names = || all.keys().cloned().collect::<Vec<_>>().join(", ");
     let (name, preferred) = if !choice.iface.is_empty() {
@@ -65,7 +67,7 @@ pub fn select(choice: &IfaceChoice) -> Result<ExternalInterface, IfaceError> {
             .find_map(|want| find_by_name_or_ip(&all, want))
             .ok_or_else(|| IfaceError::NoSuchIface(choice.iface.join(","), names()))?
     } else if !choice.iface_regex.is_empty() {
-        find_by_regex(&all, &choice.iface_regex)?
+        find_by_regex(&all, &patterns)
             .ok_or_else(|| IfaceError::NoRegexMatch(choice.iface_regex.join(","), names()))?
     } else if let Some(target) = choice.iface_can_reach {
         let local = local_addr_towards(target)?;
@@ -127,13 +129,18 @@ fn find_by_name_or_ip(
     all.contains_key(want).then(|| (want.to_string(), None))
 }
 
+fn compile_patterns(patterns: &[String]) -> Result<Vec<regex::Regex>, IfaceError> {
+    patterns
+        .iter()
+        .map(|p| regex::Regex::new(p).map_err(|e| IfaceError::BadRegex(p.clone(), e.to_string())))
+        .collect()
+}
+
 fn find_by_regex(
     all: &BTreeMap<String, IfaceAddrs>,
-    patterns: &[String],
-) -> Result<Option<(String, Option<IpAddr>)>, IfaceError> {
-    for pattern in patterns {
-        let re = regex::Regex::new(pattern)
-            .map_err(|e| IfaceError::BadRegex(pattern.clone(), e.to_string()))?;
+    patterns: &[regex::Regex],
+) -> Option<(String, Option<IpAddr>)> {
+    for re in patterns {
         for (name, addrs) in all {
             let ips = addrs
                 .v4
@@ -141,14 +148,14 @@ fn find_by_regex(
                 .map(|ip| IpAddr::V4(*ip))
                 .chain(addrs.v6.iter().map(|ip| IpAddr::V6(*ip)));
             if let Some(ip) = ips.clone().find(|ip| re.is_match(&ip.to_string())) {
-                return Ok(Some((name.clone(), Some(ip))));
+                return Some((name.clone(), Some(ip)));
             }
             if re.is_match(name) {
-                return Ok(Some((name.clone(), None)));
+                return Some((name.clone(), None));
             }
         }
     }
-    Ok(None)
+    None
 }
 
 /// Addresses per interface, link-local ones left out. Loopback addresses are kept only for an

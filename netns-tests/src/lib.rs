@@ -1,1 +1,171 @@
+//! A reusable test bed that builds whole flannel clusters out of network namespaces.
+//!
+//! ```text
+//!   <p>-br   bridge namespace: br0 ── h0, h1, ... , etcd  (198.18.0.0/24 underlay)
+//!   <p>-etcd etcd on 198.18.0.2:2379
+//!   <p>-h0   "host" 0: eth0 198.18.0.10, flanneld, cni0 bridge ── pods
+//!   <p>-h0p0 "pod" 0 on host 0: eth0 with an address from host 0's subnet
+//! ```
+//!
+//! Every object is owned by a guard ([`Netns`], [`Etcd`], [`Host`], [`Pod`], [`Cluster`]) whose
+//! `Drop` kills the processes inside and deletes the namespace, also when a test panics. Names
+//! carry the test process's pid and a counter, so tests run in parallel; namespaces left behind
+//! by a process that died (SIGKILL, Ctrl-C) are swept at the next start ([`sweep_stale`]).
+//!
+//! The flanneld binary comes from [`flanneld_bin`]: `$FLANNELD_BIN` when set, otherwise the
+//! workspace's release build, which is (re)built once per test process with
+//! `cargo build --release -p flannel --bin flanneld` (a no-op when up to date). Pods are made by
+//! the `flannel` CNI plugin ([`cni_plugin_bin`], `$FLANNEL_CNI_BIN`, same rule) unless
+//! `NETNS_TESTS_CNI=0`, which makes them by hand (see [`PodMode`]).
+//!
+//! Everything needs root. Tests call [`require_root`] first: without root it prints a skip note
+//! and returns `false`, unless `CI` is set, where it panics.
 
+pub mod bins;
+pub mod cluster;
+pub mod cmd;
+pub mod etcd;
+pub mod host;
+pub mod netns;
+pub mod pod;
+pub mod traffic;
+pub mod underlay;
+
+use std::time::{Duration, Instant};
+
+pub use bins::{cni_plugin_bin, flanneld_bin};
+pub use cluster::{Backend, Cluster, ClusterBuilder, LeaseInfo};
+pub use etcd::Etcd;
+pub use host::{Host, HostOptions};
+pub use netns::{sweep_stale, unique_prefix, Netns};
+pub use pod::{Pod, PodMode};
+pub use traffic::{http_get, tcp_transfer, PingRun, PingStats, Transfer};
+pub use underlay::Underlay;
+
+/// Errors of the test bed. Messages say what was being done and what was seen. `Debug` prints
+/// the message too, so `.expect()` in a test shows logs with their line breaks.
+#[derive(thiserror::Error)]
+pub enum Error {
+    /// A command exited non-zero.
+    #[error("`{cmd}` failed ({status}): {stderr}")]
+    Command {
+        cmd: String,
+        status: String,
+        stderr: String,
+    },
+    /// An I/O error while doing `what`.
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A condition did not become true in time.
+    #[error("timed out after {waited:?} waiting for {what}; last observation: {last}")]
+    Timeout {
+        what: String,
+        waited: Duration,
+        last: String,
+    },
+    /// Anything else, with a sentence that explains it.
+    #[error("{0}")]
+    Other(String),
+}
+
+impl std::fmt::Debug for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+impl Error {
+    pub(crate) fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            what: what.into(),
+            source,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Why a poll did not succeed (see [`wait_for`]).
+#[derive(Debug)]
+pub enum Wait {
+    /// Not yet; poll again (the reason ends up in the timeout error).
+    NotYet(String),
+    /// It will never happen (e.g. the process died): stop polling now.
+    Fatal(Error),
+}
+
+impl From<String> for Wait {
+    fn from(s: String) -> Wait {
+        Wait::NotYet(s)
+    }
+}
+
+/// Polls `probe` every 100 ms until it returns `Ok(value)` or `timeout` passes. The probe returns
+/// `Err(reason)` for "not yet"; the last reason ends up in the timeout error.
+pub fn wait_until<T>(
+    timeout: Duration,
+    what: &str,
+    mut probe: impl FnMut() -> Result<T, String>,
+) -> Result<T> {
+    wait_for(timeout, Duration::from_millis(100), what, || {
+        probe().map_err(Wait::NotYet)
+    })
+}
+
+/// Polls `probe` every `every` until it returns `Ok`, returns [`Wait::Fatal`], or `timeout`
+/// passes.
+pub fn wait_for<T>(
+    timeout: Duration,
+    every: Duration,
+    what: &str,
+    mut probe: impl FnMut() -> Result<T, Wait>,
+) -> Result<T> {
+    let start = Instant::now();
+    loop {
+        match probe() {
+            Ok(v) => return Ok(v),
+            Err(Wait::Fatal(e)) => return Err(e),
+            Err(Wait::NotYet(last)) => {
+                if start.elapsed() >= timeout {
+                    return Err(Error::Timeout {
+                        what: what.to_string(),
+                        waited: start.elapsed(),
+                        last,
+                    });
+                }
+            }
+        }
+        std::thread::sleep(every);
+    }
+}
+
+/// Whether privileged tests can run here. Not root: panics when `CI` is set (a test that cannot
+/// run in CI must fail), otherwise prints a skip note and returns `false`. Also checks that the
+/// tools the test bed runs exist (same rule).
+pub fn require_root(test: &str) -> bool {
+    let mut missing = Vec::new();
+    if !nix::unistd::geteuid().is_root() {
+        missing.push("root".to_string());
+    }
+    for tool in ["ip", "bridge", "etcd", "etcdctl", "ping", "iptables"] {
+        if !cmd::on_path(tool) {
+            missing.push(format!("`{tool}` on PATH"));
+        }
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    let msg = format!(
+        "{test}: needs {} (run as root with etcd-server, etcd-client, iproute2, iptables, iputils-ping)",
+        missing.join(", ")
+    );
+    if std::env::var_os("CI").is_some() {
+        panic!("{msg}; CI is set, so this is a failure, not a skip");
+    }
+    eprintln!("SKIPPED {msg}");
+    false
+}

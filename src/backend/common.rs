@@ -1,15 +1,20 @@
-//! Pieces the kernel backends share: option lookup in the `Backend` object, the tally of one
-//! reconciliation pass, and the route diff.
+//! Pieces the kernel backends share: option lookup in the `Backend` object, what one IP family
+//! means for a lease and the config ([`Family`]), the plan of one reconciliation pass and its
+//! tally, and the route diff.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 use netlink_packet_route::route::RouteProtocol;
 use rtnetlink::Handle;
 use serde_json::{Map, Value};
 
 use super::{BackendError, ReconcileReport};
-use crate::netlink::{self, NetlinkError, Route4, RT_TABLE_MAIN};
+use crate::config::NetworkConfig;
+use crate::iface::ExternalInterface;
+use crate::netlink::{self, Batch, Net, Netlink, NetlinkError, Op, Route, RT_TABLE_MAIN};
+use crate::subnet::{LeaseAttrs, SubnetKey};
 
 /// Looks `key` up the way flannel (Go's `encoding/json`) does: an exact match first, then
 /// case-insensitively.
@@ -67,9 +72,134 @@ pub(super) fn bool_option(
 }
 
 /// Whether `inner` lies inside `outer` (same or longer prefix).
-pub(super) fn within(inner: &Ipv4Network, outer: &Ipv4Network) -> bool {
-    inner.prefix() >= outer.prefix() && outer.contains(inner.network())
+pub(super) fn within<N: Net>(inner: &N, outer: &N) -> bool {
+    inner.within(outer)
 }
+
+/// What an IP family means for leases, the config and the external interface.
+pub(super) trait Family: Net {
+    /// The subnet of this family in a lease key.
+    fn subnet(key: &SubnetKey) -> Option<Self>;
+    /// The overlay network of this family, when the config enables it.
+    fn of_config(cfg: &NetworkConfig) -> Option<Self>;
+    /// `PublicIP` / `PublicIPv6` of a lease.
+    fn public_ip(attrs: &LeaseAttrs) -> Option<Self::Addr>;
+    /// `BackendData` / `BackendV6Data` of a lease (`Null` when absent).
+    fn backend_data(attrs: &LeaseAttrs) -> Value;
+    /// The public address of this host in this family.
+    fn ext_public(ext: &ExternalInterface) -> Option<Self::Addr>;
+    /// The external interface's own address in this family.
+    fn ext_iface(ext: &ExternalInterface) -> Option<Self::Addr>;
+    /// The lease field naming the public address, for messages.
+    const PUBLIC_FIELD: &'static str;
+    /// The lease field holding the backend data, for messages.
+    const DATA_FIELD: &'static str;
+}
+
+impl Family for Ipv4Network {
+    fn subnet(key: &SubnetKey) -> Option<Self> {
+        key.ipv4
+    }
+    fn of_config(cfg: &NetworkConfig) -> Option<Self> {
+        cfg.network.filter(|_| cfg.enable_ipv4)
+    }
+    fn public_ip(attrs: &LeaseAttrs) -> Option<Self::Addr> {
+        attrs.public_ip
+    }
+    fn backend_data(attrs: &LeaseAttrs) -> Value {
+        attrs.backend_data_value()
+    }
+    fn ext_public(ext: &ExternalInterface) -> Option<Self::Addr> {
+        ext.public_ip
+    }
+    fn ext_iface(ext: &ExternalInterface) -> Option<Self::Addr> {
+        ext.iface_addr
+    }
+    const PUBLIC_FIELD: &'static str = "PublicIP";
+    const DATA_FIELD: &'static str = "BackendData";
+}
+
+impl Family for Ipv6Network {
+    fn subnet(key: &SubnetKey) -> Option<Self> {
+        key.ipv6
+    }
+    fn of_config(cfg: &NetworkConfig) -> Option<Self> {
+        cfg.ipv6_network.filter(|_| cfg.enable_ipv6)
+    }
+    fn public_ip(attrs: &LeaseAttrs) -> Option<Self::Addr> {
+        attrs.public_ipv6
+    }
+    fn backend_data(attrs: &LeaseAttrs) -> Value {
+        attrs
+            .backend_v6_data
+            .as_deref()
+            .and_then(|raw| serde_json::from_str(raw.get()).ok())
+            .unwrap_or(Value::Null)
+    }
+    fn ext_public(ext: &ExternalInterface) -> Option<Self::Addr> {
+        ext.public_ipv6
+    }
+    fn ext_iface(ext: &ExternalInterface) -> Option<Self::Addr> {
+        ext.iface_v6_addr
+    }
+    const PUBLIC_FIELD: &'static str = "PublicIPv6";
+    const DATA_FIELD: &'static str = "BackendV6Data";
+}
+
+/// What a planned change does when it succeeds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Effect {
+    Added,
+    Repaired,
+    Removed,
+}
+
+impl fmt::Display for Effect {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Effect::Added => "added",
+            Effect::Repaired => "corrected",
+            Effect::Removed => "stale, removed",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Planned {
+    effect: Effect,
+    /// The peer the change is for (`None` for stale entries).
+    peer: Option<SubnetKey>,
+}
+
+/// The kernel changes of one reconciliation pass, in the order the kernel must apply them,
+/// sent in one go by [`Tally::apply`].
+#[derive(Default)]
+pub(super) struct Plan {
+    batch: Batch,
+    planned: Vec<Planned>,
+}
+
+impl Plan {
+    /// Plans a change: `f` adds exactly one message to the batch.
+    pub fn change(
+        &mut self,
+        effect: Effect,
+        peer: Option<SubnetKey>,
+        f: impl FnOnce(&mut Batch) -> usize,
+    ) {
+        f(&mut self.batch);
+        debug_assert_eq!(self.batch.len(), self.planned.len() + 1);
+        self.planned.push(Planned { effect, peer });
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.planned.is_empty()
+    }
+}
+
+/// Changes in one pass up to which each is logged on its own line at info level; beyond (a
+/// start with thousands of peers), one summary line, and the details at debug level.
+const LOG_EACH: usize = 32;
 
 /// What one reconciliation pass did, and which changes failed.
 #[derive(Debug)]
@@ -94,18 +224,72 @@ impl Tally {
         self.errors.push(format!("{context}: {err}"));
     }
 
+    /// Sends the plan's changes and counts what they did. Deleting something that is already
+    /// gone counts as nothing, not as a failure.
+    pub async fn apply(&mut self, nl: &Netlink, plan: Plan) {
+        if plan.is_empty() {
+            return;
+        }
+        let Plan { batch, planned } = plan;
+        let ops: Vec<Op> = batch.ops().to_vec();
+        let results = nl.apply(batch).await;
+        let each = planned.len() <= LOG_EACH;
+        let before = self.report.clone();
+        for ((op, p), result) in ops.iter().zip(&planned).zip(results) {
+            match result {
+                Ok(()) => {
+                    match p.effect {
+                        Effect::Added => self.report.added += 1,
+                        Effect::Repaired => self.report.repaired += 1,
+                        Effect::Removed => self.report.removed += 1,
+                    }
+                    let peer = p.peer.map(|k| format!("peer {k}: ")).unwrap_or_default();
+                    if each {
+                        tracing::info!("{}: {peer}{}: {op}", self.backend, p.effect);
+                    } else {
+                        tracing::debug!("{}: {peer}{}: {op}", self.backend, p.effect);
+                    }
+                }
+                Err(e) if p.effect == Effect::Removed && e.is_not_found() => {}
+                Err(e) => {
+                    let context = match p.peer {
+                        Some(k) => format!("peer {k}"),
+                        None => "stale entry".to_string(),
+                    };
+                    self.failed(&context, e);
+                }
+            }
+        }
+        if !each {
+            tracing::info!(
+                "{}: {} kernel changes: {} added, {} corrected, {} stale removed",
+                self.backend,
+                planned.len(),
+                self.report.added - before.added,
+                self.report.repaired - before.repaired,
+                self.report.removed - before.removed,
+            );
+        }
+    }
+
     /// The report, or an error listing every change that failed.
     pub fn finish(self) -> Result<ReconcileReport, BackendError> {
         if self.errors.is_empty() {
             Ok(self.report)
         } else {
+            const SHOWN: usize = 10;
+            let more = self.errors.len().saturating_sub(SHOWN);
+            let mut why = format!(
+                "{} change(s) failed (the others were applied): {}",
+                self.errors.len(),
+                self.errors[..self.errors.len().min(SHOWN)].join("; ")
+            );
+            if more > 0 {
+                why.push_str(&format!("; and {more} more"));
+            }
             Err(BackendError::Netlink {
                 backend: self.backend,
-                why: format!(
-                    "{} change(s) failed (the others were applied): {}",
-                    self.errors.len(),
-                    self.errors.join("; ")
-                ),
+                why,
             })
         }
     }
@@ -120,13 +304,24 @@ pub(super) fn fatal(backend: &'static str, context: &str) -> impl Fn(NetlinkErro
     }
 }
 
+/// Opens the backend's netlink sockets once.
+pub(super) fn connect(
+    backend: &'static str,
+    nl: &mut Option<Netlink>,
+) -> Result<Netlink, BackendError> {
+    if nl.is_none() {
+        *nl = Some(netlink::open().map_err(fatal(backend, "netlink"))?);
+    }
+    Ok(nl.clone().expect("set above"))
+}
+
 /// The routes a backend owns: in the main table, inside `network` but not inside our own
 /// subnet, not the kernel's connected routes, and either on `device` or — with a gateway and
 /// for a part of the network — on the external interface.
-pub(super) fn owned_route(
-    route: &Route4,
-    network: &Ipv4Network,
-    own: Option<&Ipv4Network>,
+pub(super) fn owned_route<N: Net>(
+    route: &Route<N>,
+    network: &N,
+    own: Option<&N>,
     device: Option<u32>,
     ext_index: u32,
 ) -> bool {
@@ -140,60 +335,57 @@ pub(super) fn owned_route(
     match route.oif {
         Some(oif) if Some(oif) == device => true,
         Some(oif) if oif == ext_index => {
-            route.gateway.is_some() && route.dst.prefix() > network.prefix()
+            route.gateway.is_some() && route.dst.prefix_len() > network.prefix_len()
         }
         _ => false,
     }
 }
 
-/// Makes the owned routes equal `desired` (keyed by destination, all metric 0): replaces
-/// missing or wrong ones, deletes the rest, leaves correct ones untouched.
-pub(super) async fn sync_routes(
+/// Plans the changes that make the owned routes equal `desired` (keyed by destination, all
+/// with the family's default metric): replaces missing or wrong ones, deletes the rest, leaves correct ones untouched.
+/// Only routes through `oifs` are read (the kernel filters the dump by device).
+pub(super) async fn plan_routes<N: Net>(
     h: &Handle,
-    desired: &BTreeMap<Ipv4Network, Route4>,
-    owned: impl Fn(&Route4) -> bool,
-    tally: &mut Tally,
+    backend: &'static str,
+    desired: &BTreeMap<N, (Route<N>, SubnetKey)>,
+    oifs: &[u32],
+    owned: impl Fn(&Route<N>) -> bool,
+    plan: &mut Plan,
 ) -> Result<(), BackendError> {
-    let backend = tally.backend;
-    let actual: Vec<Route4> = netlink::routes_v4(h, RT_TABLE_MAIN)
-        .await
-        .map_err(fatal(backend, "reading routes"))?
-        .into_iter()
-        .filter(|r| owned(r))
-        .collect();
+    let mut actual: Vec<Route<N>> = Vec::new();
+    let mut seen = Vec::new();
+    for &oif in oifs {
+        if seen.contains(&oif) {
+            continue;
+        }
+        seen.push(oif);
+        let routes = netlink::routes::<N>(h, RT_TABLE_MAIN, Some(oif))
+            .await
+            .map_err(fatal(backend, &format!("reading {} routes", N::NAME)))?;
+        actual.extend(routes.into_iter().filter(|r| owned(r)));
+    }
+    let mut by_dst: HashMap<N, &Route<N>> = HashMap::with_capacity(actual.len());
+    for r in actual.iter().filter(|r| r.priority == N::DEFAULT_METRIC) {
+        by_dst.insert(r.dst, r);
+    }
 
-    for (dst, want) in desired {
-        let have = actual.iter().find(|r| r.dst == *dst && r.priority == 0);
+    for (dst, (want, key)) in desired {
+        let have = by_dst.get(dst);
         if have.is_some_and(|have| have.same_path(want)) {
             continue;
         }
-        match netlink::replace_route_v4(h, want).await {
-            Ok(()) => match have {
-                Some(have) => {
-                    tracing::info!("{backend}: route {have} corrected to {want}");
-                    tally.report.repaired += 1;
-                }
-                None => {
-                    tracing::info!("{backend}: route {want} added");
-                    tally.report.added += 1;
-                }
-            },
-            Err(e) => tally.failed(&format!("peer {dst}"), e),
-        }
+        let effect = if have.is_some() {
+            Effect::Repaired
+        } else {
+            Effect::Added
+        };
+        plan.change(effect, Some(*key), |b| b.replace_route(want));
     }
-
     for have in &actual {
-        if have.priority == 0 && desired.contains_key(&have.dst) {
+        if have.priority == N::DEFAULT_METRIC && desired.contains_key(&have.dst) {
             continue;
         }
-        match netlink::delete_route_v4(h, have).await {
-            Ok(()) => {
-                tracing::info!("{backend}: stale route {have} removed");
-                tally.report.removed += 1;
-            }
-            Err(e) if e.is_not_found() => {}
-            Err(e) => tally.failed(&format!("stale route {}", have.dst), e),
-        }
+        plan.change(Effect::Removed, None, |b| b.delete_route(have));
     }
     Ok(())
 }
@@ -201,6 +393,7 @@ pub(super) async fn sync_routes(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::netlink::Route4;
     use serde_json::json;
 
     fn obj(v: Value) -> Map<String, Value> {
@@ -250,5 +443,51 @@ mod tests {
         assert!(!owned(&r("10.5.1.0/24", None, 7)));
         assert!(!owned(&r("10.6.2.0/24", Some("10.6.2.0"), 7)));
         assert!(!owned(&r("10.5.2.0/24", Some("10.5.2.0"), 9)));
+    }
+
+    #[test]
+    fn ownership_of_ipv6_routes() {
+        let net: Ipv6Network = "fc00::/48".parse().unwrap();
+        let own: Ipv6Network = "fc00:0:0:1::/64".parse().unwrap();
+        let r = |dst: &str, gw: Option<&str>, oif| {
+            netlink::Route6::new(
+                dst.parse().unwrap(),
+                gw.map(|g| g.parse().unwrap()),
+                oif,
+                false,
+            )
+        };
+        let owned = |route: &netlink::Route6| owned_route(route, &net, Some(&own), Some(7), 2);
+        assert!(owned(&r("fc00:0:0:2::/64", Some("fc00:0:0:2::"), 7)));
+        assert!(owned(&r("fc00:0:0:2::/64", Some("2001:db8::2"), 2)));
+        assert!(!owned(&r("fc00:0:0:1::/64", None, 7)));
+        assert!(!owned(&r("fd00::/64", Some("fd00::"), 7)));
+        assert!(!owned(&r("fc00:0:0:2::/64", None, 2)));
+    }
+
+    #[test]
+    fn families_read_their_lease_fields() {
+        let attrs = LeaseAttrs::from_json(
+            "k",
+            br#"{"PublicIP":"192.0.2.3","PublicIPv6":"2001:db8::3","BackendType":"vxlan","BackendData":{"VtepMAC":"02:00:00:00:00:04"},"BackendV6Data":{"VtepMAC":"02:00:00:00:00:06"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            Ipv4Network::public_ip(&attrs),
+            Some("192.0.2.3".parse().unwrap())
+        );
+        assert_eq!(
+            Ipv6Network::public_ip(&attrs),
+            Some("2001:db8::3".parse().unwrap())
+        );
+        assert_eq!(
+            Ipv6Network::backend_data(&attrs)["VtepMAC"],
+            "02:00:00:00:00:06"
+        );
+        let key: SubnetKey = "10.5.2.0-24&fc00:0:0:2::-64".parse().unwrap();
+        assert_eq!(
+            Ipv6Network::subnet(&key),
+            Some("fc00:0:0:2::/64".parse().unwrap())
+        );
     }
 }

@@ -1,116 +1,84 @@
 //! `host-gw`: no encapsulation; each peer subnet is routed via the peer's public IP on the
-//! external interface. Needs every host on one L2 segment and no NAT.
+//! external interface (IPv4 subnets via `PublicIP`, IPv6 subnets via `PublicIPv6`). Needs every
+//! host on one L2 segment and no NAT.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
 
 use async_trait::async_trait;
-use ipnetwork::Ipv4Network;
-use rtnetlink::Handle;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 
-use super::common::{self, fatal, Tally};
+use super::common::{self, Family, Plan, Tally};
 use super::{Backend, BackendContext, BackendError, Publish, ReconcileReport};
-use crate::netlink::{self, Route4};
+use crate::iface::ExternalInterface;
+use crate::netlink::{Netlink, Route};
 use crate::subnet::{Lease, PeerSet, SubnetKey};
 
 const BACKEND: &str = "host-gw";
 
-pub struct HostGwBackend {
-    ctx: BackendContext,
-    network: Ipv4Network,
-    nl: Option<Handle>,
-    own: Option<Ipv4Network>,
+/// The routes of one IP family.
+struct Routes<N: Family> {
+    network: N,
+    own: Option<N>,
     /// Peers not programmed, with the reason; logged when it changes.
     skipped: BTreeMap<SubnetKey, String>,
 }
 
-impl HostGwBackend {
-    pub fn new(ctx: BackendContext) -> Result<Self, BackendError> {
-        let network = ctx.config.network.ok_or_else(|| BackendError::Setup {
-            backend: BACKEND,
-            why: "needs an IPv4 Network (IPv6-only networks are not supported yet)".into(),
-        })?;
-        Ok(HostGwBackend {
-            ctx,
+impl<N: Family> Routes<N> {
+    fn new(network: N) -> Self {
+        Routes {
             network,
-            nl: None,
             own: None,
             skipped: BTreeMap::new(),
-        })
-    }
-
-    fn handle(&mut self) -> Result<Handle, BackendError> {
-        if self.nl.is_none() {
-            self.nl = Some(netlink::connect().map_err(fatal(BACKEND, "netlink"))?);
         }
-        Ok(self.nl.clone().expect("set above"))
     }
 
     /// Peers route to our public IP directly, so it must be the interface's own address.
-    fn check_no_nat(&self) -> Result<Ipv4Addr, BackendError> {
-        let ext = &self.ctx.ext;
-        match (ext.public_ip, ext.iface_addr) {
+    fn check_no_nat(ext: &ExternalInterface) -> Result<N::Addr, BackendError> {
+        match (N::ext_public(ext), N::ext_iface(ext)) {
             (Some(public), Some(iface)) if public == iface => Ok(public),
             (Some(public), Some(iface)) => Err(BackendError::Setup {
                 backend: BACKEND,
                 why: format!(
                     "the public IP {public} differs from {iface}, the address of interface {}: \
                      this host is behind NAT, and host-gw needs peers to reach it directly on the \
-                     same L2 network; use the vxlan backend, or set --public-ip to {iface}",
-                    ext.name
+                     same L2 network; use the vxlan backend, or set --public-ip{} to {iface}",
+                    ext.name,
+                    if N::HOST_PREFIX == 128 { "v6" } else { "" }
                 ),
             }),
             (None, _) => Err(BackendError::Setup {
                 backend: BACKEND,
-                why: format!("interface {} has no IPv4 public IP", ext.name),
+                why: format!("interface {} has no {} public IP", ext.name, N::NAME),
             }),
             (_, None) => Err(BackendError::Setup {
                 backend: BACKEND,
-                why: format!("interface {} has no IPv4 address", ext.name),
+                why: format!("interface {} has no {} address", ext.name, N::NAME),
             }),
         }
     }
-}
 
-#[async_trait]
-impl Backend for HostGwBackend {
-    async fn prepare(&mut self) -> Result<Publish, BackendError> {
-        self.check_no_nat()?;
-        self.handle()?;
-        Ok(Publish {
-            backend_type: BACKEND.into(),
-            backend_data: None,
-            backend_v6_data: None,
-            mtu: self.ctx.ext.mtu,
-        })
-    }
-
-    async fn lease_acquired(&mut self, own: &Lease) -> Result<(), BackendError> {
-        let subnet = own.key.ipv4.ok_or_else(|| BackendError::Setup {
-            backend: BACKEND,
-            why: format!("our lease {} has no IPv4 subnet", own.key),
-        })?;
-        self.own = Some(subnet);
-        Ok(())
-    }
-
-    async fn reconcile(&mut self, peers: &PeerSet) -> Result<ReconcileReport, BackendError> {
-        let h = self.handle()?;
-        let public_ip = self.check_no_nat()?;
-        let ext_index = self.ctx.ext.index;
-        let mut tally = Tally::new(BACKEND);
-
+    async fn plan(
+        &mut self,
+        nl: &Netlink,
+        ext: &ExternalInterface,
+        peers: &PeerSet,
+        plan: &mut Plan,
+    ) -> Result<(), BackendError> {
+        let public_ip = Self::check_no_nat(ext)?;
         let mut want = BTreeMap::new();
         let mut skipped = BTreeMap::new();
         for (key, lease) in peers {
-            let Some(subnet) = key.ipv4 else {
-                continue;
+            let Some(subnet) = N::subnet(key) else {
+                continue; // A peer without a subnet of this family.
             };
             if self.own == Some(subnet) {
                 continue;
             }
-            if !common::within(&subnet, &self.network) {
-                skipped.insert(*key, format!("subnet outside Network {}", self.network));
+            if !subnet.within(&self.network) {
+                skipped.insert(
+                    *key,
+                    format!("{} subnet outside the network {}", N::NAME, self.network),
+                );
                 continue;
             }
             let kind = lease.attrs.effective_backend_type();
@@ -118,15 +86,18 @@ impl Backend for HostGwBackend {
                 skipped.insert(*key, format!("backend type {kind:?} is not host-gw"));
                 continue;
             }
-            match lease.attrs.public_ip {
+            match N::public_ip(&lease.attrs) {
                 None => {
-                    skipped.insert(*key, "lease has no IPv4 PublicIP".into());
+                    skipped.insert(*key, format!("lease has no {}", N::PUBLIC_FIELD));
                 }
                 Some(ip) if ip == public_ip => {
-                    skipped.insert(*key, format!("lease has our own PublicIP {ip}"));
+                    skipped.insert(*key, format!("lease has our own {} {ip}", N::PUBLIC_FIELD));
                 }
                 Some(ip) => {
-                    want.insert(subnet, Route4::new(subnet, Some(ip), ext_index, false));
+                    want.insert(
+                        subnet,
+                        (Route::new(subnet, Some(ip), ext.index, false), *key),
+                    );
                 }
             }
         }
@@ -137,14 +108,98 @@ impl Backend for HostGwBackend {
         }
         self.skipped = skipped;
 
-        let (network, own) = (self.network, self.own);
-        common::sync_routes(
-            &h,
+        let (network, own, ext_index) = (self.network, self.own, ext.index);
+        common::plan_routes(
+            &nl.h,
+            BACKEND,
             &want,
+            &[ext_index],
             |r| common::owned_route(r, &network, own.as_ref(), None, ext_index),
-            &mut tally,
+            plan,
         )
-        .await?;
+        .await
+    }
+}
+
+pub struct HostGwBackend {
+    ctx: BackendContext,
+    nl: Option<Netlink>,
+    v4: Option<Routes<Ipv4Network>>,
+    v6: Option<Routes<Ipv6Network>>,
+}
+
+impl HostGwBackend {
+    pub fn new(ctx: BackendContext) -> Result<Self, BackendError> {
+        let v4 = Ipv4Network::of_config(&ctx.config).map(Routes::new);
+        let v6 = Ipv6Network::of_config(&ctx.config).map(Routes::new);
+        if v4.is_none() && v6.is_none() {
+            return Err(BackendError::Setup {
+                backend: BACKEND,
+                why: "the network config enables neither an IPv4 Network nor an IPv6Network".into(),
+            });
+        }
+        Ok(HostGwBackend {
+            ctx,
+            nl: None,
+            v4,
+            v6,
+        })
+    }
+
+    fn check_no_nat(&self) -> Result<(), BackendError> {
+        if self.v4.is_some() {
+            Routes::<Ipv4Network>::check_no_nat(&self.ctx.ext)?;
+        }
+        if self.v6.is_some() {
+            Routes::<Ipv6Network>::check_no_nat(&self.ctx.ext)?;
+        }
+        Ok(())
+    }
+}
+
+fn own_subnet<N: Family>(routes: &mut Option<Routes<N>>, own: &Lease) -> Result<(), BackendError> {
+    if let Some(r) = routes {
+        let subnet = N::subnet(&own.key).ok_or_else(|| BackendError::Setup {
+            backend: BACKEND,
+            why: format!("our lease {} has no {} subnet", own.key, N::NAME),
+        })?;
+        r.own = Some(subnet);
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Backend for HostGwBackend {
+    async fn prepare(&mut self) -> Result<Publish, BackendError> {
+        self.check_no_nat()?;
+        common::connect(BACKEND, &mut self.nl)?;
+        Ok(Publish {
+            backend_type: BACKEND.into(),
+            backend_data: None,
+            backend_v6_data: None,
+            mtu: self.ctx.ext.mtu,
+        })
+    }
+
+    async fn lease_acquired(&mut self, own: &Lease) -> Result<(), BackendError> {
+        own_subnet(&mut self.v4, own)?;
+        own_subnet(&mut self.v6, own)?;
+        Ok(())
+    }
+
+    async fn reconcile(&mut self, peers: &PeerSet) -> Result<ReconcileReport, BackendError> {
+        let nl = common::connect(BACKEND, &mut self.nl)?;
+        self.check_no_nat()?;
+        let mut tally = Tally::new(BACKEND);
+        let mut plan = Plan::default();
+        let ext = &self.ctx.ext;
+        if let Some(v4) = &mut self.v4 {
+            v4.plan(&nl, ext, peers, &mut plan).await?;
+        }
+        if let Some(v6) = &mut self.v6 {
+            v6.plan(&nl, ext, peers, &mut plan).await?;
+        }
+        tally.apply(&nl, plan).await;
         tally.finish()
     }
 }

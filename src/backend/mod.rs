@@ -11,6 +11,7 @@ use crate::subnet::{Lease, PeerSet};
 mod alloc;
 mod common;
 mod hostgw;
+pub mod udp;
 mod vxlan;
 
 #[derive(Debug, thiserror::Error)]
@@ -60,7 +61,7 @@ pub trait Backend: Send {
 }
 
 /// Backend type names this build knows.
-pub const KNOWN: &[&str] = &["alloc", "host-gw", "vxlan"];
+pub const KNOWN: &[&str] = &["alloc", "host-gw", "udp", "vxlan"];
 
 /// Context every backend is built from.
 #[derive(Debug, Clone)]
@@ -83,6 +84,7 @@ pub fn create(ctx: BackendContext) -> Result<Box<dyn Backend>, BackendError> {
     match ctx.config.backend_type.as_str() {
         "alloc" => Ok(Box::new(alloc::AllocBackend::new(ctx))),
         "host-gw" => Ok(Box::new(hostgw::HostGwBackend::new(ctx)?)),
+        "udp" => Ok(Box::new(udp::UdpBackend::new(ctx)?)),
         "vxlan" => Ok(Box::new(vxlan::VxlanBackend::new(ctx)?)),
         other => Err(BackendError::UnknownType(other.to_string())),
     }

@@ -1,29 +1,34 @@
-//! `vxlan`: the kernel's VXLAN device, programmed over rtnetlink.
+//! `vxlan`: the kernel's VXLAN devices, programmed over rtnetlink.
 //!
-//! One device `flannel.<VNI>` carries the overlay. For each peer lease of type `vxlan` the
-//! kernel gets three entries, as flannel programs them:
-//! 1. a permanent neighbour entry on the device: peer subnet's network address → peer VtepMAC;
-//! 2. a permanent FDB entry (`self`): peer VtepMAC → peer PublicIP;
-//! 3. a route: peer subnet via the peer subnet's network address, dev `flannel.<VNI>`, onlink.
+//! One device per IP family carries the overlay: `flannel.<VNI>` for IPv4 (underlay and
+//! overlay IPv4) and `flannel-v6.<VNI>` for IPv6 (underlay and overlay IPv6); a dual-stack
+//! network has both, an IPv6-only one (`EnableIPv4: false`) only the second. For each peer
+//! lease of type `vxlan` and each family it has, the kernel gets three entries, as flannel
+//! programs them:
+//! 1. a permanent neighbour entry on the device: peer subnet's network address → peer VtepMAC
+//!    (`BackendData` / `BackendV6Data`);
+//! 2. a permanent FDB entry (`self`): peer VtepMAC → peer `PublicIP` / `PublicIPv6`;
+//! 3. a route: peer subnet via the peer subnet's network address, dev the device, onlink.
 //!
-//! With `DirectRouting`, a peer whose PublicIP is on the external interface's own L2 subnet
-//! gets a plain route via its PublicIP on the external interface instead.
+//! With `DirectRouting`, a peer whose public IP is on the external interface's own L2 subnet
+//! gets a plain route via its public IP on the external interface instead.
 //!
-//! Reconciliation is level-triggered: every pass reads the device, its neighbours and FDB
-//! entries and the routes we own, and changes only what differs from the PeerSet. A restart
-//! adopts what the last run left; a deleted device is re-created with the same MAC.
+//! Reconciliation is level-triggered: every pass reads each device, its neighbours and FDB
+//! entries and the routes we own (dumps filtered by device), and changes only what differs
+//! from the PeerSet — all changes of a pass in one netlink batch. A restart adopts what the
+//! last run left; a deleted device is re-created with the same MAC.
 
-use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 
 use async_trait::async_trait;
-use ipnetwork::Ipv4Network;
-use rtnetlink::Handle;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 use serde_json::json;
 
-use super::common::{self, fatal, Tally};
+use super::common::{self, fatal, Effect, Family, Plan, Tally};
 use super::{Backend, BackendContext, BackendError, Publish, ReconcileReport};
-use crate::netlink::{self, format_mac, parse_mac, Link, Mac, Route4, VxlanSpec};
+use crate::iface::ExternalInterface;
+use crate::netlink::{self, format_mac, parse_mac, Link, Mac, Netlink, Route, VxlanSpec};
 use crate::subnet::{Lease, PeerSet, SubnetKey};
 
 const BACKEND: &str = "vxlan";
@@ -31,6 +36,8 @@ const BACKEND: &str = "vxlan";
 pub const DEFAULT_PORT: u16 = 8472;
 /// Outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14) headers.
 pub const ENCAP_OVERHEAD: u32 = 50;
+/// Outer IPv6 (40) + UDP (8) + VXLAN (8) + inner Ethernet (14) headers.
+pub const ENCAP_OVERHEAD_V6: u32 = 70;
 const MAX_VNI: u64 = (1 << 24) - 1;
 
 /// The vxlan options of the `Backend` object, with flannel's defaults.
@@ -71,8 +78,9 @@ impl VxlanOptions {
     }
 }
 
-/// The VTEP MAC of this host for `vni`: derived from the public IP and the VNI, so it is the
-/// same after a restart, a reboot or a re-created device.
+/// The VTEP MAC of this host for `vni`: derived from the public IP (IPv4 for `flannel.<VNI>`,
+/// IPv6 for `flannel-v6.<VNI>`) and the VNI, so it is the same after a restart, a reboot or a
+/// re-created device.
 ///
 /// Why: flannel lets the kernel pick a random MAC whenever the device is created. Peers keep
 /// the old MAC in their neighbour and FDB entries until they see the new lease, so traffic to
@@ -80,12 +88,16 @@ impl VxlanOptions {
 /// re-creation invisible to peers. The hash is FNV-1a (stable across Rust versions, unlike
 /// `DefaultHasher`); the first octet gets the locally-administered bit set and the multicast
 /// bit cleared.
-pub fn stable_vtep_mac(public_ip: Ipv4Addr, vni: u32) -> Mac {
+pub fn stable_vtep_mac(public_ip: impl Into<IpAddr>, vni: u32) -> Mac {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let ip = match public_ip.into() {
+        IpAddr::V4(ip) => ip.octets().to_vec(),
+        IpAddr::V6(ip) => ip.octets().to_vec(),
+    };
     let input = b"flannel-vtep"
         .iter()
         .copied()
-        .chain(public_ip.octets())
+        .chain(ip)
         .chain(vni.to_be_bytes());
     for b in input {
         hash ^= u64::from(b);
@@ -107,74 +119,85 @@ enum DeviceChange {
     Recreated,
 }
 
-pub struct VxlanBackend {
-    ctx: BackendContext,
-    opts: VxlanOptions,
+/// What every family's device shares: options, the external interface, the sockets.
+struct Shared<'a> {
+    opts: &'a VxlanOptions,
+    ext: &'a ExternalInterface,
+    nl: &'a Netlink,
+}
+
+/// The VXLAN device of one IP family and the peers programmed on it.
+struct Vtep<N: Family> {
     name: String,
-    network: Ipv4Network,
-    /// The address advertised to peers (lease `PublicIP`).
-    public_ip: Ipv4Addr,
+    network: N,
+    /// The address advertised to peers (lease `PublicIP` / `PublicIPv6`).
+    public_ip: N::Addr,
     /// The VXLAN `local` address: the interface address (what packets can leave with), which
     /// equals the public IP unless the host is behind NAT.
-    local: Ipv4Addr,
-    nl: Option<Handle>,
-    /// The MAC of our device, as published; kept when the device is re-created.
+    local: N::Addr,
+    /// The device MTU.
+    mtu: u32,
+    /// The MAC of the device, as published; kept when the device is re-created.
     mac: Option<Mac>,
-    own: Option<Ipv4Network>,
+    own: Option<N>,
     /// Peers not programmed, with the reason; logged when it changes.
     skipped: BTreeMap<SubnetKey, String>,
 }
 
-impl VxlanBackend {
-    pub fn new(ctx: BackendContext) -> Result<Self, BackendError> {
-        let opts = VxlanOptions::from_backend(&ctx.config.backend)?;
-        let network = ctx.config.network.ok_or_else(|| BackendError::Setup {
+/// The kernel state wanted for the peers of one family.
+struct Desired<N: Family> {
+    /// Neighbour entries on the device: VTEP address → MAC, with the peer.
+    neigh: BTreeMap<N::Addr, (Mac, SubnetKey)>,
+    /// FDB entries on the device: MAC → remote (peer public IP), with the peer.
+    fdb: BTreeMap<Mac, (N::Addr, SubnetKey)>,
+    routes: BTreeMap<N, (Route<N>, SubnetKey)>,
+}
+
+impl<N: Family> Vtep<N> {
+    fn new(
+        name: String,
+        network: N,
+        opts: &VxlanOptions,
+        ext: &ExternalInterface,
+        overhead: u32,
+    ) -> Result<Self, BackendError> {
+        let public_ip = N::ext_public(ext).ok_or_else(|| BackendError::Setup {
             backend: BACKEND,
-            why: "needs an IPv4 Network (IPv6-only networks are not supported yet)".into(),
+            why: format!(
+                "interface {} has no {} public IP (the network config enables {})",
+                ext.name,
+                N::NAME,
+                N::NAME
+            ),
         })?;
-        let public_ip = ctx.ext.public_ip.ok_or_else(|| BackendError::Setup {
-            backend: BACKEND,
-            why: format!("interface {} has no IPv4 public IP", ctx.ext.name),
-        })?;
-        let local = ctx.ext.iface_addr.unwrap_or(public_ip);
-        let mtu = opts.mtu.unwrap_or(ctx.ext.mtu);
-        if mtu < 68 + ENCAP_OVERHEAD {
+        let local = N::ext_iface(ext).unwrap_or(public_ip);
+        let underlay = opts.mtu.unwrap_or(ext.mtu);
+        if underlay < 68 + overhead {
             return Err(BackendError::BadOption {
                 backend: BACKEND,
                 option: "MTU",
-                value: mtu.to_string(),
+                value: underlay.to_string(),
                 why: format!(
-                    "leaves less than 68 bytes after the {ENCAP_OVERHEAD} bytes of VXLAN overhead"
+                    "leaves less than 68 bytes after the {overhead} bytes of VXLAN overhead \
+                     over {}",
+                    N::NAME
                 ),
             });
         }
-        Ok(VxlanBackend {
-            name: format!("flannel.{}", opts.vni),
-            opts,
+        Ok(Vtep {
+            name,
             network,
             public_ip,
             local,
-            nl: None,
+            mtu: underlay - overhead,
             mac: None,
             own: None,
             skipped: BTreeMap::new(),
-            ctx,
         })
     }
 
-    fn device_mtu(&self) -> u32 {
-        self.opts.mtu.unwrap_or(self.ctx.ext.mtu) - ENCAP_OVERHEAD
-    }
-
-    fn handle(&mut self) -> Result<Handle, BackendError> {
-        if self.nl.is_none() {
-            self.nl = Some(netlink::connect().map_err(fatal(BACKEND, "netlink"))?);
-        }
-        Ok(self.nl.clone().expect("set above"))
-    }
-
     /// Why an existing device cannot be adopted, or `None` when it can.
-    fn incompatible(&self, link: &Link) -> Option<String> {
+    fn incompatible(&self, link: &Link, s: &Shared<'_>) -> Option<String> {
         let Some(v) = &link.vxlan else {
             return Some(format!(
                 "it is a {} device, not vxlan",
@@ -182,29 +205,27 @@ impl VxlanBackend {
             ));
         };
         let mut why = Vec::new();
-        if v.vni != Some(self.opts.vni) {
-            why.push(format!("vni {:?} ≠ {}", v.vni, self.opts.vni));
+        if v.vni != Some(s.opts.vni) {
+            why.push(format!("vni {:?} ≠ {}", v.vni, s.opts.vni));
         }
-        if v.local != Some(self.local) {
-            why.push(format!("local {:?} ≠ {}", v.local, self.local));
+        let local: IpAddr = self.local.into();
+        if v.local != Some(local) {
+            why.push(format!("local {:?} ≠ {local}", v.local));
         }
-        if v.port != Some(self.opts.port) {
-            why.push(format!("dstport {:?} ≠ {}", v.port, self.opts.port));
+        if v.port != Some(s.opts.port) {
+            why.push(format!("dstport {:?} ≠ {}", v.port, s.opts.port));
         }
-        if v.link.is_some_and(|l| l != self.ctx.ext.index) {
+        if v.link.is_some_and(|l| l != s.ext.index) {
             why.push(format!(
                 "dev ifindex {:?} ≠ {} ({})",
-                v.link, self.ctx.ext.index, self.ctx.ext.name
+                v.link, s.ext.index, s.ext.name
             ));
         }
-        if v.gbp != self.opts.gbp {
-            why.push(format!("gbp {} ≠ {}", v.gbp, self.opts.gbp));
+        if v.gbp != s.opts.gbp {
+            why.push(format!("gbp {} ≠ {}", v.gbp, s.opts.gbp));
         }
-        if v.learning.is_some_and(|l| l != self.opts.learning) {
-            why.push(format!(
-                "learning {:?} ≠ {}",
-                v.learning, self.opts.learning
-            ));
+        if v.learning.is_some_and(|l| l != s.opts.learning) {
+            why.push(format!("learning {:?} ≠ {}", v.learning, s.opts.learning));
         }
         if let (Some(published), Some(mac)) = (self.mac, link.mac) {
             if published != mac {
@@ -220,27 +241,29 @@ impl VxlanBackend {
 
     /// Adopts the device when it is compatible, fixes its MTU and up state, and otherwise
     /// (re-)creates it.
-    async fn ensure_device(&mut self) -> Result<(Link, DeviceChange), BackendError> {
-        let h = self.handle()?;
+    async fn ensure_device(
+        &mut self,
+        s: &Shared<'_>,
+    ) -> Result<(Link, DeviceChange), BackendError> {
+        let h = &s.nl.h;
         let name = self.name.clone();
-        let existing = netlink::link_by_name(&h, &name)
+        let existing = netlink::link_by_name(h, &name)
             .await
             .map_err(fatal(BACKEND, &format!("looking up device {name}")))?;
         let mut old_mac = None;
         let mut change = DeviceChange::Created;
-        if let Some(link) = existing {
-            match self.incompatible(&link) {
+        if let Some(mut link) = existing {
+            match self.incompatible(&link, s) {
                 None => {
-                    let want_mtu = self.device_mtu();
+                    let want_mtu = self.mtu;
                     let mut change = DeviceChange::Unchanged;
-                    let mut link = link;
                     if link.mtu != Some(want_mtu) || !link.up {
                         tracing::info!(
                             "{BACKEND}: device {name}: setting mtu {want_mtu} (was {:?}) and up (was {})",
                             link.mtu,
                             if link.up { "up" } else { "down" }
                         );
-                        netlink::set_link_up(&h, link.index, Some(want_mtu))
+                        netlink::set_link_up(h, link.index, Some(want_mtu))
                             .await
                             .map_err(fatal(BACKEND, &format!("device {name}")))?;
                         link.mtu = Some(want_mtu);
@@ -266,7 +289,7 @@ impl VxlanBackend {
                     if link.vxlan.is_some() {
                         old_mac = link.mac;
                     }
-                    netlink::delete_link(&h, link.index)
+                    netlink::delete_link(h, link.index)
                         .await
                         .map_err(fatal(BACKEND, &format!("deleting device {name}")))?;
                     change = DeviceChange::Recreated;
@@ -279,22 +302,22 @@ impl VxlanBackend {
         let mac = self
             .mac
             .or(old_mac)
-            .unwrap_or_else(|| stable_vtep_mac(self.public_ip, self.opts.vni));
+            .unwrap_or_else(|| stable_vtep_mac(self.public_ip, s.opts.vni));
         let spec = VxlanSpec {
             name: name.clone(),
-            vni: self.opts.vni,
-            local: self.local,
-            link: self.ctx.ext.index,
-            port: self.opts.port,
-            learning: self.opts.learning,
-            gbp: self.opts.gbp,
-            mtu: self.device_mtu(),
+            vni: s.opts.vni,
+            local: self.local.into(),
+            link: s.ext.index,
+            port: s.opts.port,
+            learning: s.opts.learning,
+            gbp: s.opts.gbp,
+            mtu: self.mtu,
             mac,
         };
-        netlink::add_vxlan(&h, &spec)
+        netlink::add_vxlan(h, &spec)
             .await
             .map_err(fatal(BACKEND, &format!("creating device {name}")))?;
-        let link = netlink::link_by_name(&h, &name)
+        let link = netlink::link_by_name(h, &name)
             .await
             .map_err(fatal(BACKEND, &format!("looking up device {name}")))?
             .ok_or_else(|| BackendError::Setup {
@@ -307,7 +330,7 @@ impl VxlanBackend {
             link.index,
             spec.vni,
             spec.local,
-            self.ctx.ext.name,
+            s.ext.name,
             spec.port,
             spec.mtu,
             format_mac(&self.mac.expect("set above"))
@@ -315,28 +338,31 @@ impl VxlanBackend {
         Ok((link, change))
     }
 
-    /// Gives the device exactly the address `<own subnet network>/32`. Returns whether
-    /// anything changed.
-    async fn ensure_address(&mut self, dev: &Link) -> Result<bool, BackendError> {
+    /// Gives the device exactly the address `<own subnet network>/32` (`/128`), besides
+    /// link-local ones. Returns whether anything changed.
+    async fn ensure_address(&mut self, s: &Shared<'_>, dev: &Link) -> Result<bool, BackendError> {
         let Some(own) = self.own else {
             return Ok(false);
         };
-        let h = self.handle()?;
-        let want = Ipv4Network::new(own.network(), 32).expect("/32 is valid");
+        let h = &s.nl.h;
+        let want = N::host(own.net_addr());
         let ctx = format!("address {want} on device {}", self.name);
-        let have = netlink::addresses_v4(&h, dev.index)
+        let have = netlink::addresses::<N>(h, dev.index)
             .await
             .map_err(fatal(BACKEND, &ctx))?;
         let mut changed = false;
         if !have.contains(&want) {
-            netlink::replace_address_v4(&h, dev.index, want)
+            netlink::replace_address(h, dev.index, want)
                 .await
                 .map_err(fatal(BACKEND, &ctx))?;
             tracing::info!("{BACKEND}: {ctx} set");
             changed = true;
         }
-        for other in have.into_iter().filter(|a| *a != want) {
-            match netlink::delete_address_v4(&h, dev.index, other).await {
+        for other in have
+            .into_iter()
+            .filter(|a| *a != want && !N::is_link_local(a.ip_addr()))
+        {
+            match netlink::delete_address(h, dev.index, other).await {
                 Ok(()) => {
                     tracing::info!(
                         "{BACKEND}: removed old address {other} from device {}",
@@ -351,109 +377,41 @@ impl VxlanBackend {
         Ok(changed)
     }
 
-    /// Deletes one remote of an FDB entry, or (with `dst` `None`) the whole entry.
-    async fn delete_fdb(
-        &self,
-        h: &Handle,
-        index: u32,
-        mac: Mac,
-        dst: Option<IpAddr>,
-        tally: &mut Tally,
-    ) {
-        let what = match dst {
-            Some(d) => format!("FDB entry {} dst {d}", format_mac(&mac)),
-            None => format!("FDB entry {}", format_mac(&mac)),
-        };
-        match netlink::delete_fdb(h, index, mac, dst).await {
-            Ok(()) => {
-                tracing::info!("{BACKEND}: stale {what} dev {} removed", self.name);
-                tally.report.removed += 1;
-            }
-            Err(e) if e.is_not_found() => {}
-            Err(e) => tally.failed(&format!("stale {what}"), e),
-        }
-    }
-
     fn log_skipped(&mut self, skipped: BTreeMap<SubnetKey, String>) {
         for (key, why) in &skipped {
             if self.skipped.get(key) != Some(why) {
-                tracing::info!("{BACKEND}: ignoring peer {key}: {why}");
+                tracing::info!("{BACKEND}: ignoring peer {key} on {}: {why}", self.name);
             }
         }
         self.skipped = skipped;
     }
-}
 
-/// The kernel state wanted for the peers.
-#[derive(Default)]
-struct Desired {
-    /// Neighbour entries on the device: VTEP address → MAC.
-    neigh: BTreeMap<Ipv4Addr, Mac>,
-    /// FDB entries on the device: MAC → remote (peer PublicIP), with the peer for messages.
-    fdb: BTreeMap<Mac, (Ipv4Addr, SubnetKey)>,
-    routes: BTreeMap<Ipv4Network, Route4>,
-}
-
-#[async_trait]
-impl Backend for VxlanBackend {
-    async fn prepare(&mut self) -> Result<Publish, BackendError> {
-        let (link, _) = self.ensure_device().await?;
-        let mac = self.mac.ok_or_else(|| BackendError::Setup {
-            backend: BACKEND,
-            why: format!("device {} has no MAC address", self.name),
-        })?;
-        Ok(Publish {
-            backend_type: BACKEND.into(),
-            backend_data: Some(json!({"VNI": self.opts.vni, "VtepMAC": format_mac(&mac)})),
-            backend_v6_data: None,
-            mtu: link.mtu.unwrap_or_else(|| self.device_mtu()),
-        })
-    }
-
-    async fn lease_acquired(&mut self, own: &Lease) -> Result<(), BackendError> {
-        let subnet = own.key.ipv4.ok_or_else(|| BackendError::Setup {
-            backend: BACKEND,
-            why: format!("our lease {} has no IPv4 subnet", own.key),
-        })?;
-        self.own = Some(subnet);
-        let (link, _) = self.ensure_device().await?;
-        self.ensure_address(&link).await?;
-        Ok(())
-    }
-
-    async fn reconcile(&mut self, peers: &PeerSet) -> Result<ReconcileReport, BackendError> {
-        let h = self.handle()?;
-        let mut tally = Tally::new(BACKEND);
-
-        let (dev, change) = self.ensure_device().await?;
-        if change != DeviceChange::Unchanged {
-            tally.report.repaired += 1;
-        }
-        if self.ensure_address(&dev).await? {
-            tally.report.repaired += 1;
-        }
-
-        let ext = self.ctx.ext.clone();
-        let ext_nets = if self.opts.direct_routing {
-            netlink::addresses_v4(&h, ext.index)
-                .await
-                .map_err(fatal(BACKEND, &format!("addresses of {}", ext.name)))?
-        } else {
-            Vec::new()
+    /// What the peers want on this device.
+    fn desired(
+        &mut self,
+        peers: &PeerSet,
+        dev: &Link,
+        ext: &ExternalInterface,
+        ext_nets: &[N],
+    ) -> Desired<N> {
+        let mut want = Desired {
+            neigh: BTreeMap::new(),
+            fdb: BTreeMap::new(),
+            routes: BTreeMap::new(),
         };
-
-        // What the peers want.
-        let mut want = Desired::default();
         let mut skipped = BTreeMap::new();
         for (key, lease) in peers {
-            let Some(subnet) = key.ipv4 else {
-                continue; // IPv6-only peer: nothing to program over IPv4.
+            let Some(subnet) = N::subnet(key) else {
+                continue; // No subnet of this family: nothing to program here.
             };
             if self.own == Some(subnet) {
                 continue;
             }
-            if !common::within(&subnet, &self.network) {
-                skipped.insert(*key, format!("subnet outside Network {}", self.network));
+            if !subnet.within(&self.network) {
+                skipped.insert(
+                    *key,
+                    format!("{} subnet outside the network {}", N::NAME, self.network),
+                );
                 continue;
             }
             let kind = lease.attrs.effective_backend_type();
@@ -461,29 +419,35 @@ impl Backend for VxlanBackend {
                 skipped.insert(*key, format!("backend type {kind:?} is not vxlan"));
                 continue;
             }
-            let Some(public_ip) = lease.attrs.public_ip else {
-                skipped.insert(*key, "lease has no IPv4 PublicIP".into());
+            let Some(public_ip) = N::public_ip(&lease.attrs) else {
+                skipped.insert(*key, format!("lease has no {}", N::PUBLIC_FIELD));
                 continue;
             };
             if public_ip == self.public_ip {
-                skipped.insert(*key, format!("lease has our own PublicIP {public_ip}"));
-                continue;
-            }
-            if ext_nets.iter().any(|n| n.contains(public_ip)) {
-                want.routes.insert(
-                    subnet,
-                    Route4::new(subnet, Some(public_ip), ext.index, false),
+                skipped.insert(
+                    *key,
+                    format!("lease has our own {} {public_ip}", N::PUBLIC_FIELD),
                 );
                 continue;
             }
-            let data = lease.attrs.backend_data_value();
+            if ext_nets.iter().any(|n| n.has(public_ip)) {
+                want.routes.insert(
+                    subnet,
+                    (Route::new(subnet, Some(public_ip), ext.index, false), *key),
+                );
+                continue;
+            }
+            let data = N::backend_data(&lease.attrs);
             let mac = data
                 .as_object()
                 .and_then(|m| common::lookup(m, "VtepMAC"))
                 .and_then(|v| v.as_str())
                 .and_then(parse_mac);
             let Some(mac) = mac else {
-                skipped.insert(*key, format!("BackendData {data} has no valid VtepMAC"));
+                skipped.insert(
+                    *key,
+                    format!("{} {data} has no valid VtepMAC", N::DATA_FIELD),
+                );
                 continue;
             };
             if let Some((_, other)) = want.fdb.get(&mac) {
@@ -493,125 +457,283 @@ impl Backend for VxlanBackend {
                 );
                 continue;
             }
-            want.neigh.insert(subnet.network(), mac);
+            let vtep = subnet.net_addr();
+            want.neigh.insert(vtep, (mac, *key));
             want.fdb.insert(mac, (public_ip, *key));
             want.routes.insert(
                 subnet,
-                Route4::new(subnet, Some(subnet.network()), dev.index, true),
+                (Route::new(subnet, Some(vtep), dev.index, true), *key),
             );
         }
         self.log_skipped(skipped);
+        want
+    }
+
+    /// Reads the device's state and plans the changes that make it match the peers: neighbour
+    /// and FDB entries first (so new routes work at once), then routes, then stale entries.
+    async fn plan(
+        &mut self,
+        s: &Shared<'_>,
+        dev: &Link,
+        peers: &PeerSet,
+        plan: &mut Plan,
+    ) -> Result<(), BackendError> {
+        let h = &s.nl.h;
+        let ext = s.ext;
+        let ext_nets = if s.opts.direct_routing {
+            netlink::addresses::<N>(h, ext.index)
+                .await
+                .map_err(fatal(BACKEND, &format!("addresses of {}", ext.name)))?
+        } else {
+            Vec::new()
+        };
+        let want = self.desired(peers, dev, ext, &ext_nets);
 
         // What the kernel has.
-        let name = self.name.clone();
-        let neigh_have: Vec<_> = netlink::neighbours_v4(&h, dev.index)
-            .await
-            .map_err(fatal(BACKEND, &format!("neighbours of {name}")))?
+        let name = &self.name;
+        let (neigh_have, fdb_have) = futures::try_join!(
+            netlink::neighbours::<N>(h, dev.index),
+            netlink::fdb_entries(h, dev.index)
+        )
+        .map_err(fatal(BACKEND, &format!("neighbours and FDB of {name}")))?;
+        let neigh_have: HashMap<N::Addr, Option<Mac>> = neigh_have
             .into_iter()
             .filter(|n| n.permanent)
+            .map(|n| (n.dst, n.mac))
             .collect();
-        let fdb_have: Vec<_> = netlink::fdb_entries(&h, dev.index)
-            .await
-            .map_err(fatal(BACKEND, &format!("FDB of {name}")))?
-            .into_iter()
-            .filter(|e| e.permanent)
-            .collect();
-
-        // 1. Neighbour and FDB entries first, so that new routes work at once.
-        for (ip, mac) in &want.neigh {
-            let have = neigh_have.iter().find(|n| n.dst == *ip);
-            if have.is_some_and(|n| n.mac == Some(*mac)) {
-                continue;
-            }
-            match netlink::replace_neighbour_v4(&h, dev.index, *ip, *mac).await {
-                Ok(()) => {
-                    tracing::info!(
-                        "{BACKEND}: neighbour {ip} lladdr {} dev {name} {}",
-                        format_mac(mac),
-                        if have.is_some() { "corrected" } else { "added" }
-                    );
-                    if have.is_some() {
-                        tally.report.repaired += 1;
-                    } else {
-                        tally.report.added += 1;
-                    }
-                }
-                Err(e) => tally.failed(&format!("peer VTEP {ip}"), e),
-            }
-        }
         // The kernel keeps a list of remotes per MAC; ours have exactly one.
         let mut remotes: BTreeMap<Mac, Vec<Option<IpAddr>>> = BTreeMap::new();
-        for e in &fdb_have {
+        for e in fdb_have.into_iter().filter(|e| e.permanent) {
             remotes.entry(e.mac).or_default().push(e.dst);
         }
+
+        // 1. Neighbour and FDB entries.
+        for (ip, (mac, key)) in &want.neigh {
+            let have = neigh_have.get(ip);
+            if have.is_some_and(|m| *m == Some(*mac)) {
+                continue;
+            }
+            let effect = if have.is_some() {
+                Effect::Repaired
+            } else {
+                Effect::Added
+            };
+            let ip: IpAddr = (*ip).into();
+            plan.change(effect, Some(*key), |b| {
+                b.replace_neighbour(dev.index, ip, *mac)
+            });
+        }
         for (mac, (ip, key)) in &want.fdb {
-            let want_dst = Some(IpAddr::V4(*ip));
+            let want_dst = Some((*ip).into());
             let have = remotes.get(mac).map(Vec::as_slice).unwrap_or_default();
             if have.contains(&want_dst) {
                 // Right remote; drop extra ones (deleting an absent remote "succeeds", so
                 // only ever delete what the dump showed).
                 for extra in have.iter().filter(|d| **d != want_dst) {
-                    self.delete_fdb(&h, dev.index, *mac, *extra, &mut tally)
-                        .await;
+                    plan.change(Effect::Removed, None, |b| {
+                        b.delete_fdb(dev.index, *mac, *extra)
+                    });
                 }
                 continue;
             }
             if have.len() > 1 {
                 // Several wrong remotes: replace only rewrites the first one.
-                self.delete_fdb(&h, dev.index, *mac, None, &mut tally).await;
+                plan.change(Effect::Removed, None, |b| {
+                    b.delete_fdb(dev.index, *mac, None)
+                });
             }
-            match netlink::replace_fdb(&h, dev.index, *mac, *ip).await {
-                Ok(()) => {
-                    let what = if have.is_empty() {
-                        "added"
-                    } else {
-                        "corrected"
-                    };
-                    tracing::info!(
-                        "{BACKEND}: FDB entry {} dst {ip} dev {name} {what}",
-                        format_mac(mac)
-                    );
-                    if have.is_empty() {
-                        tally.report.added += 1;
-                    } else {
-                        tally.report.repaired += 1;
-                    }
-                }
-                Err(e) => tally.failed(&format!("peer {key}"), e),
-            }
+            let effect = if have.is_empty() {
+                Effect::Added
+            } else {
+                Effect::Repaired
+            };
+            plan.change(effect, Some(*key), |b| {
+                b.replace_fdb(dev.index, *mac, (*ip).into())
+            });
         }
 
         // 2. Routes.
-        let own = self.own;
-        let network = self.network;
-        common::sync_routes(
-            &h,
+        let (own, network) = (self.own, self.network);
+        common::plan_routes(
+            h,
+            BACKEND,
             &want.routes,
+            &[dev.index, ext.index],
             |r| common::owned_route(r, &network, own.as_ref(), Some(dev.index), ext.index),
-            &mut tally,
+            plan,
         )
         .await?;
 
         // 3. Stale neighbour and FDB entries.
-        for n in &neigh_have {
-            if want.neigh.contains_key(&n.dst) {
-                continue;
-            }
-            match netlink::delete_neighbour_v4(&h, dev.index, n.dst).await {
-                Ok(()) => {
-                    tracing::info!("{BACKEND}: stale neighbour {} dev {name} removed", n.dst);
-                    tally.report.removed += 1;
-                }
-                Err(e) if e.is_not_found() => {}
-                Err(e) => tally.failed(&format!("stale neighbour {}", n.dst), e),
+        for ip in neigh_have.keys() {
+            if !want.neigh.contains_key(ip) {
+                let ip: IpAddr = (*ip).into();
+                plan.change(Effect::Removed, None, |b| b.delete_neighbour(dev.index, ip));
             }
         }
         for mac in remotes.keys() {
             if !want.fdb.contains_key(mac) {
-                self.delete_fdb(&h, dev.index, *mac, None, &mut tally).await;
+                plan.change(Effect::Removed, None, |b| {
+                    b.delete_fdb(dev.index, *mac, None)
+                });
             }
         }
+        Ok(())
+    }
 
+    fn set_own(&mut self, own: &Lease) -> Result<(), BackendError> {
+        let subnet = N::subnet(&own.key).ok_or_else(|| BackendError::Setup {
+            backend: BACKEND,
+            why: format!("our lease {} has no {} subnet", own.key, N::NAME),
+        })?;
+        self.own = Some(subnet);
+        Ok(())
+    }
+
+    /// The published `BackendData` / `BackendV6Data`.
+    fn backend_data(&self, vni: u32) -> Result<serde_json::Value, BackendError> {
+        let mac = self.mac.ok_or_else(|| BackendError::Setup {
+            backend: BACKEND,
+            why: format!("device {} has no MAC address", self.name),
+        })?;
+        Ok(json!({"VNI": vni, "VtepMAC": format_mac(&mac)}))
+    }
+
+    /// One pass over this device: device, address, then the plan for the peers.
+    async fn reconcile(
+        &mut self,
+        s: &Shared<'_>,
+        peers: &PeerSet,
+        plan: &mut Plan,
+        tally: &mut Tally,
+    ) -> Result<(), BackendError> {
+        let (dev, change) = self.ensure_device(s).await?;
+        if change != DeviceChange::Unchanged {
+            tally.report.repaired += 1;
+        }
+        if self.ensure_address(s, &dev).await? {
+            tally.report.repaired += 1;
+        }
+        self.plan(s, &dev, peers, plan).await
+    }
+}
+
+pub struct VxlanBackend {
+    opts: VxlanOptions,
+    ext: ExternalInterface,
+    nl: Option<Netlink>,
+    v4: Option<Vtep<Ipv4Network>>,
+    v6: Option<Vtep<Ipv6Network>>,
+}
+
+impl VxlanBackend {
+    pub fn new(ctx: BackendContext) -> Result<Self, BackendError> {
+        let opts = VxlanOptions::from_backend(&ctx.config.backend)?;
+        let ext = ctx.ext;
+        let v4 = Ipv4Network::of_config(&ctx.config)
+            .map(|net| {
+                Vtep::new(
+                    format!("flannel.{}", opts.vni),
+                    net,
+                    &opts,
+                    &ext,
+                    ENCAP_OVERHEAD,
+                )
+            })
+            .transpose()?;
+        let v6 = Ipv6Network::of_config(&ctx.config)
+            .map(|net| {
+                Vtep::new(
+                    format!("flannel-v6.{}", opts.vni),
+                    net,
+                    &opts,
+                    &ext,
+                    ENCAP_OVERHEAD_V6,
+                )
+            })
+            .transpose()?;
+        if v4.is_none() && v6.is_none() {
+            return Err(BackendError::Setup {
+                backend: BACKEND,
+                why: "the network config enables neither an IPv4 Network nor an IPv6Network".into(),
+            });
+        }
+        Ok(VxlanBackend {
+            opts,
+            ext,
+            nl: None,
+            v4,
+            v6,
+        })
+    }
+}
+
+#[async_trait]
+impl Backend for VxlanBackend {
+    async fn prepare(&mut self) -> Result<Publish, BackendError> {
+        let nl = common::connect(BACKEND, &mut self.nl)?;
+        let s = Shared {
+            opts: &self.opts,
+            ext: &self.ext,
+            nl: &nl,
+        };
+        let mut publish = Publish {
+            backend_type: BACKEND.into(),
+            backend_data: None,
+            backend_v6_data: None,
+            mtu: u32::MAX,
+        };
+        // Pods get the smaller MTU of the two devices, so both families fit without
+        // fragmentation.
+        if let Some(v4) = &mut self.v4 {
+            let (link, _) = v4.ensure_device(&s).await?;
+            publish.backend_data = Some(v4.backend_data(self.opts.vni)?);
+            publish.mtu = publish.mtu.min(link.mtu.unwrap_or(v4.mtu));
+        }
+        if let Some(v6) = &mut self.v6 {
+            let (link, _) = v6.ensure_device(&s).await?;
+            publish.backend_v6_data = Some(v6.backend_data(self.opts.vni)?);
+            publish.mtu = publish.mtu.min(link.mtu.unwrap_or(v6.mtu));
+        }
+        Ok(publish)
+    }
+
+    async fn lease_acquired(&mut self, own: &Lease) -> Result<(), BackendError> {
+        let nl = common::connect(BACKEND, &mut self.nl)?;
+        let s = Shared {
+            opts: &self.opts,
+            ext: &self.ext,
+            nl: &nl,
+        };
+        if let Some(v4) = &mut self.v4 {
+            v4.set_own(own)?;
+            let (link, _) = v4.ensure_device(&s).await?;
+            v4.ensure_address(&s, &link).await?;
+        }
+        if let Some(v6) = &mut self.v6 {
+            v6.set_own(own)?;
+            let (link, _) = v6.ensure_device(&s).await?;
+            v6.ensure_address(&s, &link).await?;
+        }
+        Ok(())
+    }
+
+    async fn reconcile(&mut self, peers: &PeerSet) -> Result<ReconcileReport, BackendError> {
+        let nl = common::connect(BACKEND, &mut self.nl)?;
+        let s = Shared {
+            opts: &self.opts,
+            ext: &self.ext,
+            nl: &nl,
+        };
+        let mut tally = Tally::new(BACKEND);
+        let mut plan = Plan::default();
+        if let Some(v4) = &mut self.v4 {
+            v4.reconcile(&s, peers, &mut plan, &mut tally).await?;
+        }
+        if let Some(v6) = &mut self.v6 {
+            v6.reconcile(&s, peers, &mut plan, &mut tally).await?;
+        }
+        tally.apply(&nl, plan).await;
         tally.finish()
     }
 }
@@ -620,6 +742,7 @@ impl Backend for VxlanBackend {
 mod tests {
     use super::*;
     use serde_json::{json, Value};
+    use std::net::Ipv4Addr;
 
     fn opts(v: Value) -> Result<VxlanOptions, BackendError> {
         VxlanOptions::from_backend(v.as_object().unwrap())
@@ -684,5 +807,15 @@ mod tests {
             "ba:03:b4:ed:08:3c"
         );
         assert_eq!(a[0] & 0x02, 0x02, "locally administered");
+    }
+
+    #[test]
+    fn ipv6_vtep_mac_is_stable_and_differs_from_ipv4() {
+        let v6: std::net::Ipv6Addr = "fd00:18::1".parse().unwrap();
+        let a = stable_vtep_mac(v6, 1);
+        assert_eq!(a, stable_vtep_mac(v6, 1));
+        assert_ne!(a, stable_vtep_mac(v6, 2));
+        assert_ne!(a, stable_vtep_mac(Ipv4Addr::new(198, 18, 0, 1), 1));
+        assert_eq!(a[0] & 0x03, 0x02, "unicast, locally administered");
     }
 }

@@ -125,6 +125,16 @@ impl Ns {
         array(self.ip_json(&["-4", "neigh", "show", "dev", dev]))
     }
 
+    /// The IPv6 routes of the main table on `dev`.
+    pub fn routes6(&self, dev: &str) -> Vec<Value> {
+        array(self.ip_json(&["-6", "route", "show", "dev", dev]))
+    }
+
+    /// The IPv6 neighbours on `dev`.
+    pub fn neighbours6(&self, dev: &str) -> Vec<Value> {
+        array(self.ip_json(&["-6", "neigh", "show", "dev", dev]))
+    }
+
     /// The FDB entries on `dev`.
     pub fn fdb(&self, dev: &str) -> Vec<Value> {
         array(self.bridge_json(&["fdb", "show", "dev", dev]))
@@ -146,6 +156,31 @@ impl Ns {
             iface_v6_addr: None,
             public_ip: Some(public_ip.unwrap_or(iface_addr)),
             public_ipv6: None,
+            mtu: link["mtu"].as_u64().unwrap() as u32,
+        }
+    }
+
+    /// Like [`Ns::underlay`], with an IPv6 address `addr6` (CIDR, added without DAD) as well;
+    /// `addr4` `None` makes an IPv6-only interface.
+    pub fn underlay_dual(&self, addr4: Option<&str>, addr6: &str) -> ExternalInterface {
+        self.ip(&["link", "add", "e0", "type", "veth", "peer", "name", "e1"]);
+        if let Some(a) = addr4 {
+            self.ip(&["addr", "add", a, "dev", "e0"]);
+        }
+        self.ip(&["addr", "add", addr6, "dev", "e0", "nodad"]);
+        self.ip(&["link", "set", "e0", "up"]);
+        self.ip(&["link", "set", "e1", "up"]);
+        let link = self.link("e0").expect("e0 exists");
+        let ip = |a: &str| a.split('/').next().unwrap().to_string();
+        let v4: Option<Ipv4Addr> = addr4.map(|a| ip(a).parse().unwrap());
+        let v6: Ipv6Addr = ip(addr6).parse().unwrap();
+        ExternalInterface {
+            name: "e0".into(),
+            index: link["ifindex"].as_u64().unwrap() as u32,
+            iface_addr: v4,
+            iface_v6_addr: Some(v6),
+            public_ip: v4,
+            public_ipv6: Some(v6),
             mtu: link["mtu"].as_u64().unwrap() as u32,
         }
     }
@@ -205,6 +240,25 @@ pub fn config(network: &str, backend: Value) -> NetworkConfig {
         backend_type: backend["Type"].as_str().unwrap().to_lowercase(),
         backend,
     }
+}
+
+/// A dual-stack config (`network4` `None`: IPv6 only, `EnableIPv4: false`) with /24 and /64
+/// subnets.
+pub fn config_v6(network4: Option<&str>, network6: &str, backend: Value) -> NetworkConfig {
+    let mut cfg = config(network4.unwrap_or("10.255.0.0/16"), backend);
+    if network4.is_none() {
+        cfg.enable_ipv4 = false;
+        cfg.network = None;
+    }
+    let net6: ipnetwork::Ipv6Network = network6.parse().unwrap();
+    cfg.enable_ipv6 = true;
+    cfg.ipv6_network = Some(net6);
+    cfg.ipv6_subnet_len = 64;
+    let base = u128::from(net6.network());
+    let size = 1u128 << (64 - net6.prefix());
+    cfg.ipv6_subnet_min = Ipv6Addr::from(base + (1u128 << 64));
+    cfg.ipv6_subnet_max = Ipv6Addr::from(base + ((size - 1) << 64));
+    cfg
 }
 
 pub fn context(config: NetworkConfig, ext: ExternalInterface) -> BackendContext {

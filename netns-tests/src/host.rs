@@ -1,0 +1,380 @@
+//! A "host": a namespace on the underlay running flanneld.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ExitStatus, Stdio};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use ipnetwork::Ipv4Network;
+
+use crate::etcd::stop_child;
+use crate::{cmd, http_get, wait_for, Error, Netns, Pod, PodMode, Result, Underlay, Wait};
+
+/// How flanneld is run on a host.
+#[derive(Debug, Clone)]
+pub struct HostOptions {
+    /// `--iface` value; `None` leaves it out (flanneld then uses the default-route interface,
+    /// which is `eth0` here too).
+    pub iface: Option<String>,
+    /// Port of the health server (`--healthz-port`); it listens on 0.0.0.0 in the host namespace.
+    pub healthz_port: u16,
+    /// More flags, e.g. `--ip-masq`, `--subnet-lease-ttl=30s`.
+    pub extra_args: Vec<String>,
+    /// `RUST_LOG` for flanneld (default: `$NETNS_TESTS_RUST_LOG`, else `$RUST_LOG`, else `info`).
+    pub rust_log: Option<String>,
+}
+
+impl Default for HostOptions {
+    fn default() -> Self {
+        HostOptions {
+            iface: Some("eth0".to_string()),
+            healthz_port: 10260,
+            extra_args: Vec::new(),
+            rust_log: None,
+        }
+    }
+}
+
+/// Host `index`: namespace `<prefix>-h<index>`, `eth0` = `198.18.0.(10+index)/24` on the
+/// underlay, IPv4 forwarding on, flanneld with its subnet file and log in the host's directory.
+/// Dropping it stops flanneld (SIGKILL) and deletes the namespace (and the pods' veths with it);
+/// when the thread is panicking it prints the tail of flanneld's log first.
+#[derive(Debug)]
+pub struct Host {
+    child: Mutex<Option<Child>>,
+    pods: Mutex<usize>,
+    index: usize,
+    public_ip: Ipv4Addr,
+    bin: PathBuf,
+    dir: PathBuf,
+    etcd_endpoint: String,
+    etcd_prefix: String,
+    opts: HostOptions,
+    pod_mode: PodMode,
+    ns: Netns,
+}
+
+impl Host {
+    /// Makes the host (namespace, underlay port `h<index>`, directory `dir`); does not start
+    /// flanneld.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        index: usize,
+        underlay: &Underlay,
+        prefix: &str,
+        dir: &Path,
+        etcd_endpoint: &str,
+        etcd_prefix: &str,
+        bin: &Path,
+        opts: HostOptions,
+        pod_mode: PodMode,
+    ) -> Result<Host> {
+        let ns = Netns::create(&format!("{prefix}-h{index}"))?;
+        let public_ip = Underlay::host_ip(index);
+        underlay.attach(&ns, &format!("h{index}"), public_ip)?;
+        ns.sysctl("net.ipv4.ip_forward", "1")?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::io(format!("mkdir {}", dir.display()), e))?;
+        Ok(Host {
+            child: Mutex::new(None),
+            pods: Mutex::new(0),
+            index,
+            public_ip,
+            bin: bin.to_path_buf(),
+            dir: dir.to_path_buf(),
+            etcd_endpoint: etcd_endpoint.to_string(),
+            etcd_prefix: etcd_prefix.to_string(),
+            opts,
+            pod_mode,
+            ns,
+        })
+    }
+
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    pub fn netns(&self) -> &Netns {
+        &self.ns
+    }
+
+    pub fn name(&self) -> &str {
+        self.ns.name()
+    }
+
+    /// The underlay address (`eth0`), which flanneld publishes as `PublicIP`.
+    pub fn public_ip(&self) -> Ipv4Addr {
+        self.public_ip
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn subnet_file(&self) -> PathBuf {
+        self.dir.join("subnet.env")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("flanneld.log")
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        cmd::tail(&self.log_path(), lines)
+    }
+
+    pub(crate) fn pod_mode(&self) -> &PodMode {
+        &self.pod_mode
+    }
+
+    /// The flags flanneld is started with.
+    pub fn args(&self) -> Vec<String> {
+        let mut a = vec![
+            format!("--etcd-endpoints={}", self.etcd_endpoint),
+            format!("--etcd-prefix={}", self.etcd_prefix),
+            format!("--subnet-file={}", self.subnet_file().display()),
+            "--healthz-ip=0.0.0.0".to_string(),
+            format!("--healthz-port={}", self.opts.healthz_port),
+        ];
+        if let Some(iface) = &self.opts.iface {
+            a.push(format!("--iface={iface}"));
+        }
+        a.extend(self.opts.extra_args.iter().cloned());
+        a
+    }
+
+    /// The command line, for people who want to run it by hand.
+    pub fn command_line(&self) -> String {
+        format!(
+            "ip netns exec {} {} {}",
+            self.name(),
+            self.bin.display(),
+            self.args().join(" ")
+        )
+    }
+
+    /// Starts flanneld (no-op when it runs). Output goes to [`Host::log_path`] (appended).
+    pub fn start(&self) -> Result<()> {
+        let mut child = self.child.lock().unwrap();
+        if let Some(c) = child.as_mut() {
+            if c.try_wait().ok().flatten().is_none() {
+                return Ok(());
+            }
+        }
+        let log_path = self.log_path();
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| Error::io(format!("opening {}", log_path.display()), e))?;
+        let log2 = log.try_clone().map_err(|e| Error::io("dup log fd", e))?;
+        let mut c = self.ns.command(&self.bin);
+        c.args(self.args())
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .process_group(0);
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("FLANNELD_") {
+                c.env_remove(k);
+            }
+        }
+        let rust_log = self
+            .opts
+            .rust_log
+            .clone()
+            .or_else(|| std::env::var("NETNS_TESTS_RUST_LOG").ok())
+            .or_else(|| std::env::var("RUST_LOG").ok())
+            .unwrap_or_else(|| "info".to_string());
+        c.env("RUST_LOG", rust_log);
+        let spawned = c
+            .spawn()
+            .map_err(|e| Error::io(format!("starting `{}`", cmd::show(&c)), e))?;
+        *child = Some(spawned);
+        Ok(())
+    }
+
+    /// SIGTERM and wait (SIGKILL after 10 s). Returns the exit status if it was running.
+    pub fn stop(&self) -> Option<ExitStatus> {
+        let mut c = self.child.lock().unwrap().take()?;
+        stop_child(&mut c, Duration::from_secs(10));
+        c.try_wait().ok().flatten()
+    }
+
+    /// `kill -9` flanneld and reap it.
+    pub fn kill9(&self) {
+        if let Some(mut c) = self.child.lock().unwrap().take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Whether flanneld runs; an exit is noted in the error of [`Host::check_alive`].
+    pub fn is_running(&self) -> bool {
+        self.check_alive().is_ok()
+    }
+
+    /// `Ok` while flanneld runs; otherwise why not (exit status and log tail).
+    pub fn check_alive(&self) -> Result<(), String> {
+        match self.child.lock().unwrap().as_mut() {
+            None => Err(format!("flanneld on {} is not started", self.name())),
+            Some(c) => match c.try_wait() {
+                Ok(None) => Ok(()),
+                Ok(Some(st)) => Err(format!(
+                    "flanneld on {} exited ({st}); log tail:\n{}",
+                    self.name(),
+                    self.log_tail(25)
+                )),
+                Err(e) => Err(format!("waiting on flanneld: {e}")),
+            },
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.lock().unwrap().as_ref().map(Child::id)
+    }
+
+    /// GET `path` on the health server, from inside the host namespace: (status, body).
+    pub fn http_get(&self, path: &str) -> Result<(u16, String)> {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.opts.healthz_port));
+        self.ns
+            .run_in(|| http_get(addr, path, Duration::from_secs(2)))?
+    }
+
+    /// The health server's address as seen from inside the host namespace.
+    pub fn healthz_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.opts.healthz_port)
+    }
+
+    /// Polls until `/readyz` says 200 and the subnet file can be read; fails at once when
+    /// flanneld exits (with its log tail in the error).
+    pub fn wait_ready(&self, timeout: Duration) -> Result<()> {
+        let what = format!("flanneld on {} to be ready", self.name());
+        wait_for(timeout, Duration::from_millis(100), &what, || {
+            self.check_alive()
+                .map_err(|e| Wait::Fatal(Error::Other(e)))?;
+            match self.http_get("/readyz") {
+                Ok((200, _)) => {}
+                Ok((code, body)) => return Err(format!("/readyz: {code} {body}").into()),
+                Err(e) => return Err(format!("/readyz: {e}").into()),
+            }
+            self.subnet()
+                .map(drop)
+                .map_err(|e| Wait::NotYet(e.to_string()))
+        })
+        .map_err(|e| match e {
+            Error::Timeout { what, waited, last } => Error::Timeout {
+                what,
+                waited,
+                last: format!("{last}\nflanneld log tail:\n{}", self.log_tail(25)),
+            },
+            e => e,
+        })
+    }
+
+    /// The subnet file as `KEY -> VALUE`.
+    pub fn subnet_env(&self) -> Result<BTreeMap<String, String>> {
+        let path = self.subnet_file();
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+        Ok(text
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            .collect())
+    }
+
+    /// The lease subnet (network address form, e.g. `10.5.3.0/24`) from `FLANNEL_SUBNET`.
+    pub fn subnet(&self) -> Result<Ipv4Network> {
+        let env = self.subnet_env()?;
+        let s = env.get("FLANNEL_SUBNET").ok_or_else(|| {
+            Error::Other(format!(
+                "{}: no FLANNEL_SUBNET",
+                self.subnet_file().display()
+            ))
+        })?;
+        let n: Ipv4Network = s
+            .parse()
+            .map_err(|e| Error::Other(format!("FLANNEL_SUBNET={s}: {e}")))?;
+        Ipv4Network::new(n.network(), n.prefix()).map_err(|e| Error::Other(e.to_string()))
+    }
+
+    /// `FLANNEL_MTU` from the subnet file.
+    pub fn mtu(&self) -> Result<u32> {
+        let env = self.subnet_env()?;
+        env.get("FLANNEL_MTU")
+            .and_then(|m| m.parse().ok())
+            .ok_or_else(|| {
+                Error::Other(format!("{}: no FLANNEL_MTU", self.subnet_file().display()))
+            })
+    }
+
+    /// MAC address of link `dev` in the host namespace, if the link exists.
+    pub fn link_mac(&self, dev: &str) -> Result<Option<String>> {
+        match self.ns.ip_json(&["link", "show", "dev", dev]) {
+            Ok(v) => Ok(v[0]["address"].as_str().map(str::to_lowercase)),
+            Err(Error::Command { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `ip -j route show` (main table).
+    pub fn routes(&self) -> Result<Vec<serde_json::Value>> {
+        as_vec(self.ns.ip_json(&["route", "show"])?)
+    }
+
+    /// `ip -j neigh show dev <dev>` (empty when the link does not exist).
+    pub fn neighbours(&self, dev: &str) -> Result<Vec<serde_json::Value>> {
+        match self.ns.ip_json(&["neigh", "show", "dev", dev]) {
+            Ok(v) => as_vec(v),
+            Err(Error::Command { .. }) => Ok(Vec::new()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `bridge -j fdb show dev <dev>` (empty when the link does not exist).
+    pub fn fdb(&self, dev: &str) -> Result<Vec<serde_json::Value>> {
+        match self.ns.bridge_json(&["fdb", "show", "dev", dev]) {
+            Ok(v) => as_vec(v),
+            Err(Error::Command { .. }) => Ok(Vec::new()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Makes pod number `n` on this host (see [`Pod`]): needs the subnet file.
+    pub fn add_pod(&self) -> Result<Pod> {
+        let mut n = self.pods.lock().unwrap();
+        let pod = Pod::create(self, *n)?;
+        *n += 1;
+        Ok(pod)
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "---- flanneld log tail, {} ({}) ----\n{}",
+                self.name(),
+                self.log_path().display(),
+                self.log_tail(40)
+            );
+        }
+        self.kill9();
+        if matches!(self.pod_mode, PodMode::Cni { .. }) {
+            // host-local's store for the network named after this host.
+            let _ = std::fs::remove_dir_all(Path::new("/var/lib/cni/networks").join(self.name()));
+        }
+    }
+}
+
+fn as_vec(v: serde_json::Value) -> Result<Vec<serde_json::Value>> {
+    match v {
+        serde_json::Value::Array(a) => Ok(a),
+        other => Err(Error::Other(format!("expected a JSON array, got {other}"))),
+    }
+}

@@ -1,0 +1,333 @@
+//! Traffic between namespaces: ping runs, TCP transfers with a checksum, tiny HTTP GET.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::{cmd, Error, Pod, Result};
+
+/// What a ping run counted.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PingStats {
+    pub transmitted: u32,
+    pub received: u32,
+    /// Average round trip in milliseconds, when any reply came back.
+    pub avg_rtt_ms: Option<f64>,
+}
+
+impl PingStats {
+    pub fn lost(&self) -> u32 {
+        self.transmitted.saturating_sub(self.received)
+    }
+
+    /// Lost share in percent (100 when nothing was sent).
+    pub fn loss_percent(&self) -> f64 {
+        if self.transmitted == 0 {
+            100.0
+        } else {
+            100.0 * f64::from(self.lost()) / f64::from(self.transmitted)
+        }
+    }
+
+    pub fn all_received(&self) -> bool {
+        self.transmitted > 0 && self.received == self.transmitted
+    }
+}
+
+impl std::fmt::Display for PingStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} sent, {} received, {} lost ({:.2}%)",
+            self.transmitted,
+            self.received,
+            self.lost(),
+            self.loss_percent()
+        )
+    }
+}
+
+/// Parses iputils ping's summary line `N packets transmitted, M received, ...`.
+pub fn parse_ping(out: &str) -> Option<PingStats> {
+    let line = out.lines().find(|l| l.contains("packets transmitted"))?;
+    let mut nums = line
+        .split(',')
+        .map(|part| part.split_whitespace().next().and_then(|n| n.parse().ok()));
+    let avg_rtt_ms = out
+        .lines()
+        .find(|l| l.starts_with("rtt ") || l.starts_with("round-trip"))
+        .and_then(|l| l.split('=').nth(1))
+        .and_then(|v| v.trim().split('/').nth(1))
+        .and_then(|v| v.parse().ok());
+    Some(PingStats {
+        transmitted: nums.next()??,
+        received: nums.next()??,
+        avg_rtt_ms,
+    })
+}
+
+/// A `ping` running in the background (`-q`, so only the summary is printed).
+#[derive(Debug)]
+pub struct PingRun {
+    child: Option<Child>,
+    started: Instant,
+    what: String,
+}
+
+impl PingRun {
+    /// `base` is a command that runs `ping` (e.g. inside a namespace).
+    pub fn start(mut base: Command, dst: Ipv4Addr, interval: Duration) -> Result<PingRun> {
+        let interval = format!("{:.3}", interval.as_secs_f64());
+        base.args(["-n", "-q", "-i", &interval, "-W", "1", &dst.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let what = cmd::show(&base);
+        let child = base.spawn().map_err(|e| Error::io(what.clone(), e))?;
+        Ok(PingRun {
+            child: Some(child),
+            started: Instant::now(),
+            what,
+        })
+    }
+
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// SIGINT, then the summary.
+    pub fn stop(mut self) -> Result<PingStats> {
+        let child = self.child.take().expect("running");
+        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGINT);
+        let out = child
+            .wait_with_output()
+            .map_err(|e| Error::io(self.what.clone(), e))?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        parse_ping(&stdout).ok_or_else(|| Error::Command {
+            cmd: self.what.clone(),
+            status: out.status.to_string(),
+            stderr: format!("{stdout}{}", String::from_utf8_lossy(&out.stderr)),
+        })
+    }
+}
+
+impl Drop for PingRun {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Result of [`tcp_transfer`].
+#[derive(Debug, Clone, Copy)]
+pub struct Transfer {
+    pub bytes: u64,
+    pub checksum: u64,
+    pub elapsed: Duration,
+}
+
+impl Transfer {
+    pub fn mbit_per_s(&self) -> f64 {
+        self.bytes as f64 * 8.0 / self.elapsed.as_secs_f64().max(1e-9) / 1e6
+    }
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0100_0000_01b3;
+
+fn fnv(mut h: u64, data: &[u8]) -> u64 {
+    for &b in data {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(FNV_PRIME);
+    }
+    h
+}
+
+/// Sends `bytes` pseudo-random bytes over TCP from pod `from` to a listener in pod `to` (both on
+/// threads that entered the pods' namespaces). The receiver counts and hashes what it got and
+/// sends both back; they must match what was sent.
+pub fn tcp_transfer(from: &Pod, to: &Pod, bytes: u64) -> Result<Transfer> {
+    let io_timeout = Duration::from_secs(15);
+    let dst_ip = to.ip();
+    std::thread::scope(|s| {
+        let (tx, rx) = mpsc::channel::<u16>();
+        let server = s.spawn(move || -> Result<()> {
+            to.netns().enter_current_thread()?;
+            let l = TcpListener::bind((dst_ip, 0))
+                .map_err(|e| Error::io(format!("listen on {dst_ip}"), e))?;
+            let port = l
+                .local_addr()
+                .map_err(|e| Error::io("local_addr", e))?
+                .port();
+            let _ = tx.send(port);
+            l.set_nonblocking(true)
+                .map_err(|e| Error::io("nonblocking", e))?;
+            let deadline = Instant::now() + io_timeout;
+            let mut stream = loop {
+                match l.accept() {
+                    Ok((st, _)) => break st,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        if Instant::now() > deadline {
+                            return Err(Error::Other(format!(
+                                "no connection to {dst_ip}:{port} within {io_timeout:?}"
+                            )));
+                        }
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    Err(e) => return Err(Error::io("accept", e)),
+                }
+            };
+            stream
+                .set_nonblocking(false)
+                .and_then(|()| stream.set_read_timeout(Some(io_timeout)))
+                .map_err(|e| Error::io("socket options", e))?;
+            let mut buf = vec![0u8; 64 * 1024];
+            let (mut n, mut h) = (0u64, FNV_OFFSET);
+            loop {
+                let r = stream
+                    .read(&mut buf)
+                    .map_err(|e| Error::io(format!("receiving at {dst_ip} after {n} bytes"), e))?;
+                if r == 0 {
+                    break;
+                }
+                n += r as u64;
+                h = fnv(h, &buf[..r]);
+            }
+            let mut reply = [0u8; 16];
+            reply[..8].copy_from_slice(&n.to_be_bytes());
+            reply[8..].copy_from_slice(&h.to_be_bytes());
+            stream
+                .write_all(&reply)
+                .map_err(|e| Error::io("sending the receipt", e))
+        });
+        let port = match rx.recv_timeout(io_timeout) {
+            Ok(p) => p,
+            Err(_) => {
+                return Err(match server.join() {
+                    Ok(Err(e)) => e,
+                    _ => Error::Other("receiver thread did not start".into()),
+                })
+            }
+        };
+        let started = Instant::now();
+        let client = s.spawn(move || -> Result<(u64, u64)> {
+            from.netns().enter_current_thread()?;
+            let addr = SocketAddr::from((dst_ip, port));
+            let mut st = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+                .map_err(|e| Error::io(format!("connect {addr} from {}", from.ip()), e))?;
+            st.set_write_timeout(Some(io_timeout))
+                .and_then(|()| st.set_read_timeout(Some(io_timeout)))
+                .map_err(|e| Error::io("socket options", e))?;
+            let mut h = FNV_OFFSET;
+            let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ bytes;
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut left = bytes;
+            while left > 0 {
+                let k = (buf.len() as u64).min(left) as usize;
+                for chunk in buf[..k].chunks_mut(8) {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let w = x.to_le_bytes();
+                    chunk.copy_from_slice(&w[..chunk.len()]);
+                }
+                st.write_all(&buf[..k]).map_err(|e| {
+                    Error::io(format!("sending to {addr}, {} bytes sent", bytes - left), e)
+                })?;
+                h = fnv(h, &buf[..k]);
+                left -= k as u64;
+            }
+            st.shutdown(Shutdown::Write)
+                .map_err(|e| Error::io("shutdown", e))?;
+            let mut reply = [0u8; 16];
+            st.read_exact(&mut reply)
+                .map_err(|e| Error::io(format!("reading the receipt from {addr}"), e))?;
+            let n = u64::from_be_bytes(reply[..8].try_into().expect("8 bytes"));
+            let rh = u64::from_be_bytes(reply[8..].try_into().expect("8 bytes"));
+            if n != bytes || rh != h {
+                return Err(Error::Other(format!(
+                    "{addr} received {n} bytes (hash {rh:016x}); sent {bytes} (hash {h:016x})"
+                )));
+            }
+            Ok((n, h))
+        });
+        let sent = client
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        let received = server
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        let (n, h) = sent?;
+        received?;
+        Ok(Transfer {
+            bytes: n,
+            checksum: h,
+            elapsed: started.elapsed(),
+        })
+    })
+}
+
+/// A minimal HTTP/1.0 GET: (status code, body). Call it from a thread in the right namespace.
+pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(u16, String)> {
+    let mut st = TcpStream::connect_timeout(&addr, timeout)
+        .map_err(|e| Error::io(format!("connect {addr}"), e))?;
+    st.set_read_timeout(Some(timeout))
+        .and_then(|()| st.set_write_timeout(Some(timeout)))
+        .map_err(|e| Error::io("socket options", e))?;
+    // One write: a server that answers after the request line and closes must not make a
+    // second write fail with EPIPE before the answer is read.
+    let req = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let wrote = st.write_all(req.as_bytes());
+    let mut resp = Vec::new();
+    let read = st.read_to_end(&mut resp);
+    if resp.is_empty() {
+        wrote.map_err(|e| Error::io(format!("GET {path}"), e))?;
+        read.map_err(|e| Error::io(format!("GET {path}: reading"), e))?;
+    }
+    let resp = String::from_utf8_lossy(&resp);
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| Error::Other(format!("GET {path}: not an HTTP response: {head:?}")))?;
+    Ok((code, body.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_ping_summary() {
+        let out =
+            "PING 10.5.1.2 (10.5.1.2) 56(84) bytes of data.\n\n--- 10.5.1.2 ping statistics ---\n\
+                   612 packets transmitted, 610 received, 0.326797% packet loss, time 6107ms\n\
+                   rtt min/avg/max/mdev = 0.041/0.085/0.210/0.020 ms\n";
+        assert_eq!(
+            parse_ping(out),
+            Some(PingStats {
+                transmitted: 612,
+                received: 610,
+                avg_rtt_ms: Some(0.085),
+            })
+        );
+        let errs = "3 packets transmitted, 0 received, +3 errors, 100% packet loss, time 2030ms";
+        assert_eq!(
+            parse_ping(errs),
+            Some(PingStats {
+                transmitted: 3,
+                received: 0,
+                avg_rtt_ms: None,
+            })
+        );
+        assert_eq!(parse_ping("ping: sendmsg: Message too long"), None);
+    }
+}

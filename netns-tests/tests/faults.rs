@@ -1,0 +1,260 @@
+//! Faults: hosts leaving, flanneld killed, kernel state removed by hand, etcd down (root only).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use netns_tests::{require_root, Backend, Cluster, PingStats};
+
+use common::CONVERGE;
+
+/// At most 1 % lost.
+fn assert_loss_at_most_1pc(st: &PingStats, what: &str) {
+    assert!(
+        st.transmitted >= 100,
+        "{what}: too few pings to judge: {st}"
+    );
+    assert!(st.lost() * 100 <= st.transmitted, "{what}: {st}");
+}
+
+fn host_leaves(backend: Backend) {
+    let c = Cluster::new(3, backend).expect("cluster");
+    c.wait_converged(CONVERGE).expect("converged");
+    let a = c.add_pod(0).unwrap();
+    let b = c.add_pod(1).unwrap();
+    let gone = c.lease_of(2).unwrap().expect("host 2 has a lease");
+
+    // The host goes away: flanneld stops (leaving its lease, as flannel does) and the lease is
+    // deleted, as an operator or the TTL would.
+    c.host(2).stop();
+    assert_eq!(c.etcd().del(&gone.key).unwrap(), 1);
+    let took = c
+        .wait_peer_gone(&gone, Duration::from_secs(10))
+        .expect("peers drop the host that left");
+    eprintln!(
+        "{backend:?}: hosts 0 and 1 dropped {} in {took:?}",
+        gone.subnet
+    );
+
+    // The others still talk, and their own state is intact.
+    c.wait_converged(Duration::from_secs(5)).unwrap();
+    assert!(a.ping(b.ip(), 3).unwrap().all_received());
+    assert!(b.ping(a.ip(), 3).unwrap().all_received());
+}
+
+#[test]
+fn vxlan_host_leaves_peers_drop_neighbour_fdb_route() {
+    if !require_root("vxlan_host_leaves_peers_drop_neighbour_fdb_route") {
+        return;
+    }
+    host_leaves(Backend::Vxlan);
+}
+
+#[test]
+fn hostgw_host_leaves_peers_drop_route() {
+    if !require_root("hostgw_host_leaves_peers_drop_route") {
+        return;
+    }
+    host_leaves(Backend::HostGw);
+}
+
+#[test]
+fn kill9_and_restart_keeps_subnet_mac_and_traffic() {
+    if !require_root("kill9_and_restart_keeps_subnet_mac_and_traffic") {
+        return;
+    }
+    let c = Cluster::new(3, Backend::Vxlan).expect("cluster");
+    c.wait_converged(CONVERGE).expect("converged");
+    let a = c.add_pod(0).unwrap();
+    let b = c.add_pod(1).unwrap();
+    a.wait_reaches(b.ip(), Duration::from_secs(5)).unwrap();
+    let h = c.host(1);
+    let subnet = h.subnet().unwrap();
+    let lease = c.lease_of(1).unwrap().unwrap();
+    let mac = h.link_mac("flannel.1").unwrap().expect("flannel.1");
+    assert_eq!(lease.vtep_mac.as_deref(), Some(mac.as_str()));
+
+    let ping = a.start_ping(b.ip(), Duration::from_millis(10)).unwrap();
+    std::thread::sleep(Duration::from_secs(1)); // traffic flows before the kill
+    let old_pid = h.pid().unwrap();
+    h.kill9();
+    let t0 = Instant::now();
+    h.start().unwrap();
+    h.wait_ready(Duration::from_secs(30)).expect("ready again");
+    let ready = t0.elapsed();
+    c.wait_converged(CONVERGE).expect("converged again");
+    std::thread::sleep(Duration::from_secs(3)); // and keeps flowing after the restart
+    let st = ping.stop().unwrap();
+    eprintln!(
+        "flanneld pid {old_pid} killed, pid {} ready after {ready:?}; ping every 10 ms: {st}",
+        h.pid().unwrap()
+    );
+
+    assert_eq!(h.subnet().unwrap(), subnet, "same subnet after restart");
+    assert_eq!(
+        h.link_mac("flannel.1").unwrap().as_deref(),
+        Some(mac.as_str()),
+        "same VTEP MAC on flannel.1"
+    );
+    let after = c.lease_of(1).unwrap().expect("lease after restart");
+    assert_eq!(after.subnet, subnet);
+    assert_eq!(
+        after.vtep_mac.as_deref(),
+        Some(mac.as_str()),
+        "same VtepMAC in the lease"
+    );
+    assert_eq!(
+        c.leases().unwrap().len(),
+        3,
+        "no second lease for the restarted host"
+    );
+    assert_loss_at_most_1pc(&st, "pings across a kill -9 and restart");
+}
+
+#[test]
+fn vxlan_device_deleted_by_hand_is_recreated() {
+    if !require_root("vxlan_device_deleted_by_hand_is_recreated") {
+        return;
+    }
+    let c = Cluster::new(3, Backend::Vxlan).expect("cluster");
+    c.wait_converged(CONVERGE).expect("converged");
+    let pods: Vec<_> = (0..3).map(|i| c.add_pod(i).unwrap()).collect();
+    for p in &pods[1..] {
+        pods[0]
+            .wait_reaches(p.ip(), Duration::from_secs(5))
+            .unwrap();
+    }
+
+    c.host(0)
+        .netns()
+        .ip(&["link", "del", "flannel.1"])
+        .expect("delete flannel.1");
+    let t0 = Instant::now();
+    let limit = Duration::from_secs(10);
+    c.wait_converged(limit)
+        .expect("flannel.1 and its peers back");
+    for p in &pods[1..] {
+        let left = limit
+            .saturating_sub(t0.elapsed())
+            .max(Duration::from_millis(500));
+        pods[0].wait_reaches(p.ip(), left).unwrap();
+        p.wait_reaches(pods[0].ip(), left).unwrap();
+    }
+    let took = t0.elapsed();
+    eprintln!("flannel.1 re-created and all peers reachable after {took:?}");
+    assert!(took <= limit, "took {took:?}");
+    let mac = c.host(0).link_mac("flannel.1").unwrap().expect("flannel.1");
+    let lease = c.lease_of(0).unwrap().unwrap();
+    assert_eq!(
+        lease.vtep_mac.as_deref(),
+        Some(mac.as_str()),
+        "lease names the device's MAC"
+    );
+    assert!(c.host(0).is_running());
+}
+
+fn deleted_route_is_restored(backend: Backend) {
+    let c = Cluster::new(3, backend).expect("cluster");
+    c.wait_converged(CONVERGE).expect("converged");
+    let a = c.add_pod(0).unwrap();
+    let b = c.add_pod(1).unwrap();
+    a.wait_reaches(b.ip(), Duration::from_secs(5)).unwrap();
+
+    let subnet = c.host(1).subnet().unwrap().to_string();
+    c.host(0)
+        .netns()
+        .ip(&["route", "del", &subnet])
+        .expect("delete the route");
+    assert!(
+        c.check_converged().is_err(),
+        "the route was deleted, the check must see it"
+    );
+    let took = c
+        .wait_converged(Duration::from_secs(15))
+        .expect("route restored");
+    eprintln!("{backend:?}: route to {subnet} restored after {took:?}");
+    a.wait_reaches(b.ip(), Duration::from_secs(5)).unwrap();
+}
+
+#[test]
+fn vxlan_route_deleted_by_hand_is_restored() {
+    if !require_root("vxlan_route_deleted_by_hand_is_restored") {
+        return;
+    }
+    deleted_route_is_restored(Backend::Vxlan);
+}
+
+#[test]
+fn hostgw_route_deleted_by_hand_is_restored() {
+    if !require_root("hostgw_route_deleted_by_hand_is_restored") {
+        return;
+    }
+    deleted_route_is_restored(Backend::HostGw);
+}
+
+/// How long etcd stays down (default 30 s; `NETNS_TESTS_ETCD_OUTAGE_SECS` to change).
+fn outage() -> Duration {
+    let secs = std::env::var("NETNS_TESTS_ETCD_OUTAGE_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
+    Duration::from_secs(secs)
+}
+
+#[test]
+fn etcd_down_traffic_flows_then_new_host_joins() {
+    if !require_root("etcd_down_traffic_flows_then_new_host_joins") {
+        return;
+    }
+    let mut c = Cluster::new(3, Backend::Vxlan).expect("cluster");
+    c.wait_converged(CONVERGE).expect("converged");
+    let a = c.add_pod(0).unwrap();
+    let b = c.add_pod(1).unwrap();
+    let d = c.add_pod(2).unwrap();
+    a.wait_reaches(b.ip(), Duration::from_secs(5)).unwrap();
+    let leases = c.leases().unwrap();
+
+    let ping = a.start_ping(b.ip(), Duration::from_millis(10)).unwrap();
+    c.etcd().stop().unwrap();
+    let t0 = Instant::now();
+    let outage = outage();
+    // Watch the data plane all through the outage (from the leases known before it).
+    while t0.elapsed() < outage {
+        for h in c.hosts() {
+            h.check_alive()
+                .unwrap_or_else(|e| panic!("during the etcd outage: {e}"));
+            for l in leases.iter().filter(|l| l.public_ip != h.public_ip()) {
+                c.check_peer(h, l)
+                    .unwrap_or_else(|e| panic!("during the etcd outage: {e}"));
+            }
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    assert!(
+        d.ping(a.ip(), 3).unwrap().all_received(),
+        "host 2 → host 0 during the outage"
+    );
+    let st = ping.stop().unwrap();
+    eprintln!(
+        "etcd down for {:?}; ping every 10 ms meanwhile: {st}",
+        t0.elapsed()
+    );
+    assert_loss_at_most_1pc(&st, "pings while etcd is down");
+
+    c.etcd().start().expect("etcd back");
+    let t1 = Instant::now();
+    let new = c.add_host().expect("a new host joins after etcd returns");
+    c.wait_converged(CONVERGE)
+        .expect("converged with the new host");
+    let e = c.add_pod(new).unwrap();
+    for p in [&a, &b, &d] {
+        e.wait_reaches(p.ip(), Duration::from_secs(5)).unwrap();
+        p.wait_reaches(e.ip(), Duration::from_secs(5)).unwrap();
+    }
+    eprintln!(
+        "host {new} joined and is reachable {:?} after etcd returned\n{}",
+        t1.elapsed(),
+        c.table().unwrap()
+    );
+    assert_eq!(c.leases().unwrap().len(), 4);
+}
