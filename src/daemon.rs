@@ -27,6 +27,9 @@ use crate::subnet::{Lease, LeaseAttrs, PeerSet};
 
 /// How often the data plane is compared with the peers even when nothing changed.
 const RECONCILE_EVERY: Duration = Duration::from_secs(10);
+/// After the kernel reports a deletion, wait this long for the rest of a burst (a deleted
+/// device takes its routes and neighbours with it) before repairing once.
+const KERNEL_EVENT_SETTLE: Duration = Duration::from_millis(100);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -432,6 +435,12 @@ impl DataPlane {
         mut own_rx: watch::Receiver<Lease>,
         mut view_rx: watch::Receiver<LeaseView>,
     ) {
+        let kernel_changed = Arc::new(tokio::sync::Notify::new());
+        if self.config.backend_type != "alloc" {
+            if let Err(e) = crate::kernel_events::watch(kernel_changed.clone()) {
+                tracing::warn!("no kernel change notifications ({e}); repairs wait for the timer");
+            }
+        }
         let mut own = own_rx.borrow_and_update().clone();
         let mut own_programmed = false;
         let mut notified = false;
@@ -457,6 +466,9 @@ impl DataPlane {
                 }
                 r = view_rx.changed() => { if r.is_err() { return; } }
                 _ = tick.tick() => {}
+                _ = kernel_changed.notified() => {
+                    tokio::time::sleep(KERNEL_EVENT_SETTLE).await;
+                }
             }
         }
     }

@@ -30,18 +30,16 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
 }
 
 async fn answer(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
-    let mut buf = [0u8; 2048];
+    let mut buf = [0u8; 4096];
     let mut len = 0;
-    // Only the request line matters; stop at its end or when the buffer is full.
-    while len < buf.len() {
+    // Read the whole head (to the blank line) before answering: closing with unread request
+    // bytes makes the kernel reset the connection under a client that wrote in pieces.
+    while len < buf.len() && !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
         let n = stream.read(&mut buf[len..]).await?;
         if n == 0 {
             break;
         }
         len += n;
-        if buf[..len].windows(2).any(|w| w == b"\r\n") || buf[..len].contains(&b'\n') {
-            break;
-        }
     }
     let request = String::from_utf8_lossy(&buf[..len]);
     let mut parts = request.split_whitespace();

@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod firewall;
 pub mod health;
 pub mod iface;
+pub mod kernel_events;
 pub mod metrics;
 pub mod netlink;
 pub mod subnet;
