@@ -149,11 +149,19 @@ pub fn add(conf: &NetConf, env: &Env, senv: &SubnetEnv, plugin: &str) -> CniResu
         .create(&conf.data_dir)
         .map_err(|e| io_error("create data dir", &conf.data_dir, e))?;
     let bytes = serde_json::to_vec(&d).expect("serializable");
+    // A symlink planted at the path is replaced, never written through.
+    match fs::symlink_metadata(&path) {
+        Ok(m) if m.file_type().is_symlink() => {
+            fs::remove_file(&path).map_err(|e| io_error("remove planted symlink", &path, e))?
+        }
+        _ => {}
+    }
     fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(&path)
         .and_then(|mut f| f.write_all(&bytes))
         .map_err(|e| io_error("save delegate conf", &path, e))?;

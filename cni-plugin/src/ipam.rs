@@ -51,6 +51,18 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> IpamError + '_ {
     }
 }
 
+/// The store directory must be a directory of its own: a symlink planted in its place would send
+/// our writes wherever it points.
+fn refuse_symlink(dir: &Path) -> Result<()> {
+    let meta = fs::symlink_metadata(dir).map_err(io_err(dir))?;
+    if meta.file_type().is_symlink() {
+        return Err(io_err(dir)(io::Error::other(
+            "is a symbolic link; refusing to use it as the address store",
+        )));
+    }
+    Ok(())
+}
+
 /// One range of a subnet: every address between `start` and `end` except the gateway.
 #[derive(Debug, Clone)]
 pub struct Range {
@@ -154,6 +166,7 @@ impl Store {
             .mode(0o755)
             .create(&dir)
             .map_err(io_err(&dir))?;
+        refuse_symlink(&dir)?;
         let lock_path = dir.join("lock");
         // host-local opens it O_RDONLY|O_CREAT, 0750; the same file, so the same flock.
         let lock = OpenOptions::new()
@@ -161,6 +174,7 @@ impl Store {
             .append(true)
             .create(true)
             .mode(0o750)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&lock_path)
             .map_err(io_err(&lock_path))?;
         loop {
@@ -263,6 +277,7 @@ impl Store {
             .create(true)
             .truncate(false)
             .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
             .map_err(io_err(&path))?;
         f.write_all(text.as_bytes()).map_err(io_err(&path))?;
@@ -352,6 +367,47 @@ mod tests {
         assert_eq!(c[0].to_string(), "fd00::2");
         assert_eq!(c.last().unwrap().to_string(), "fd00::ff");
         assert!(Range::for_subnet("10.0.0.0/31".parse().unwrap()).is_err());
+    }
+
+    #[test]
+    fn planted_symlinks_are_never_followed() {
+        use std::os::unix::fs::symlink;
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("target");
+        fs::write(&target, "precious").unwrap();
+        let r = range("10.1.2.0/29");
+
+        // In place of last_reserved_ip.0: the write fails, the target is untouched.
+        fs::create_dir(tmp.path().join("a")).unwrap();
+        symlink(&target, tmp.path().join("a/last_reserved_ip.0")).unwrap();
+        let store = Store::lock(tmp.path(), "a").unwrap();
+        assert!(store.allocate(&r, 0, "c1", "eth0").is_err());
+        drop(store);
+
+        // In place of an address file: that address counts as taken, the next one is used.
+        fs::create_dir(tmp.path().join("b")).unwrap();
+        symlink(&target, tmp.path().join("b/10.1.2.2")).unwrap();
+        let store = Store::lock(tmp.path(), "b").unwrap();
+        assert_eq!(
+            store.allocate(&r, 0, "c1", "eth0").unwrap().to_string(),
+            "10.1.2.3"
+        );
+        drop(store);
+
+        // In place of the lock file, or of the network directory itself: refused.
+        fs::create_dir(tmp.path().join("c")).unwrap();
+        symlink(&target, tmp.path().join("c/lock")).unwrap();
+        assert!(Store::lock(tmp.path(), "c").is_err());
+        let elsewhere = tmp.path().join("elsewhere");
+        fs::create_dir(&elsewhere).unwrap();
+        symlink(&elsewhere, tmp.path().join("d")).unwrap();
+        let err = Store::lock(tmp.path(), "d")
+            .err()
+            .expect("symlinked store refused");
+        assert!(err.to_string().contains("symbolic link"), "{err}");
+        assert_eq!(fs::read_dir(&elsewhere).unwrap().count(), 0);
+
+        assert_eq!(fs::read_to_string(&target).unwrap(), "precious");
     }
 
     #[test]
