@@ -17,3 +17,6 @@ export FLANNEL_CNI_BIN="$PWD/target/release/flannel"
 
 echo "== tests"
 cargo test --workspace -- --test-threads="${TEST_THREADS:-4}"
+
+echo "== fuzz (short runs of every target; seed corpora in fuzz/corpus)"
+bash scripts/fuzz.sh "${FUZZ_SECONDS:-15}"

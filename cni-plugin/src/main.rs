@@ -12,15 +12,7 @@
 // Unit-test builds use the test harness's main, which leaves the plugin's entry point unused.
 #![cfg_attr(test, allow(dead_code))]
 
-mod bridge;
-mod conf;
-mod delegate;
-mod ipam;
-mod masq;
-mod netlink;
-mod netns;
-mod spec;
-mod subnet_env;
+use flannel_cni::{bridge, conf, delegate, ipam, masq, spec, subnet_env};
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
