@@ -16,7 +16,13 @@ export FLANNELD_BIN="$PWD/target/release/flanneld"
 export FLANNEL_CNI_BIN="$PWD/target/release/flannel"
 
 echo "== tests"
-cargo test --workspace -- --test-threads="${TEST_THREADS:-4}"
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+cargo test --workspace -- --test-threads="${TEST_THREADS:-4}" 2>&1 | tee "$log"
 
 echo "== fuzz (short runs of every target; seed corpora in fuzz/corpus)"
 bash scripts/fuzz.sh "${FUZZ_SECONDS:-15}"
+
+# One closing line for the whole suite: the sum of every cargo test binary's result line.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
