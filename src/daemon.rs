@@ -360,7 +360,9 @@ impl LeaseKeeper {
     ) {
         let far = Duration::from_secs(365 * 24 * 3600);
         let mut next_renew = Instant::now() + self.renew_after;
-        let mut retry = Backoff::new();
+        // A failed renewal is retried well within what is left of the TTL (which is at least
+        // the TTL minus `renew_after`), never at the 10 s cap when the TTL is short.
+        let mut retry = Backoff::with_max(self.request.ttl.saturating_sub(self.renew_after) / 4);
         loop {
             let lost = tokio::select! {
                 _ = tokio::time::sleep_until(next_renew) => {

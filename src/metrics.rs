@@ -146,52 +146,61 @@ impl Metrics {
         // The udp backend's data path, per direction: tx = TUN → peers, rx = peers → TUN.
         if let Some(udp) = crate::backend::udp::current_counters() {
             let dirs = [("tx", udp.tx.snapshot()), ("rx", udp.rx.snapshot())];
-            let families: [(&str, &str, &dyn Fn(&crate::backend::udp::counters::DirStats) -> Vec<(&'static str, u64)>); 3] = [
-                (
-                    "flannel_udp_packets_total",
-                    "Inner packets forwarded by the udp backend, by direction (tx: TUN to peers, rx: peers to TUN).",
-                    &|d| vec![("", d.packets)],
-                ),
-                (
-                    "flannel_udp_bytes_total",
-                    "Inner IP bytes forwarded by the udp backend, by direction.",
-                    &|d| vec![("", d.bytes)],
-                ),
-                (
-                    "flannel_udp_drops_total",
-                    "Inner packets the udp backend dropped, by direction and reason.",
-                    &|d| {
-                        vec![
-                            ("no_route", d.no_route),
-                            ("unknown_source", d.unknown_source),
-                            ("malformed", d.malformed),
-                            ("ttl_expired", d.ttl_expired),
-                            ("io_error", d.io_errors),
-                        ]
-                    },
-                ),
-            ];
-            for (name, help, values) in families {
+            let header = |out: &mut String, name: &str, help: &str| {
                 let _ = writeln!(out, "# HELP {name} {help}");
                 let _ = writeln!(out, "# TYPE {name} counter");
-                for (dir, d) in &dirs {
-                    for (reason, v) in values(d) {
-                        if reason.is_empty() {
-                            let _ = writeln!(out, "{name}{{direction=\"{dir}\"}} {v}");
-                        } else {
-                            let _ = writeln!(
-                                out,
-                                "{name}{{direction=\"{dir}\",reason=\"{reason}\"}} {v}"
-                            );
-                        }
-                    }
+            };
+            header(
+                &mut out,
+                "flannel_udp_packets_total",
+                "Inner packets the udp backend forwarded, by direction (tx: TUN to peers, rx: peers to TUN).",
+            );
+            for (dir, d) in &dirs {
+                let _ = writeln!(
+                    out,
+                    "flannel_udp_packets_total{{direction=\"{dir}\"}} {}",
+                    d.packets
+                );
+            }
+            header(
+                &mut out,
+                "flannel_udp_bytes_total",
+                "Inner IP bytes the udp backend forwarded, by direction.",
+            );
+            for (dir, d) in &dirs {
+                let _ = writeln!(
+                    out,
+                    "flannel_udp_bytes_total{{direction=\"{dir}\"}} {}",
+                    d.bytes
+                );
+            }
+            header(
+                &mut out,
+                "flannel_udp_drops_total",
+                "Inner packets the udp backend dropped, by direction and reason.",
+            );
+            for (dir, d) in &dirs {
+                for (reason, v) in [
+                    ("no_route", d.no_route),
+                    ("unknown_source", d.unknown_source),
+                    ("malformed", d.malformed),
+                    ("ttl_expired", d.ttl_expired),
+                    ("io_error", d.io_errors),
+                ] {
+                    let _ = writeln!(
+                        out,
+                        "flannel_udp_drops_total{{direction=\"{dir}\",reason=\"{reason}\"}} {v}"
+                    );
                 }
             }
+            header(
+                &mut out,
+                "flannel_udp_icmp_unreachable_total",
+                "ICMP net unreachable replies sent for packets with no peer.",
+            );
             let _ = writeln!(
                 out,
-                "# HELP flannel_udp_icmp_unreachable_total ICMP net unreachable replies sent for packets with no peer.\n\
-                 # TYPE flannel_udp_icmp_unreachable_total counter\n\
-                 flannel_udp_icmp_unreachable_total {}",
+                "flannel_udp_icmp_unreachable_total {}",
                 udp.icmp_unreachable.load(Ordering::Relaxed)
             );
         }

@@ -74,7 +74,8 @@ fn in_ns<R: Send + 'static>(ns: &str, f: impl FnOnce() -> R + Send + 'static) ->
 
 fn enter(ns: &str) {
     let f = std::fs::File::open(format!("/run/netns/{ns}")).unwrap_or_else(|e| panic!("{ns}: {e}"));
-    nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("setns {ns}: {e}"));
+    nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
+        .unwrap_or_else(|e| panic!("setns {ns}: {e}"));
 }
 
 /// The namespaces of one test; deleted on drop (also when the test panics).
@@ -108,12 +109,22 @@ impl Bed {
         let u = bed.add_ns("u");
         ns_sh(&u, &["ip", "link", "add", "br0", "type", "bridge"]);
         ns_sh(&u, &["ip", "link", "set", "br0", "up"]);
-        for (h, ip) in [("a", "198.18.0.1"), ("b", "198.18.0.2"), ("r", "198.18.0.3")] {
+        for (h, ip) in [
+            ("a", "198.18.0.1"),
+            ("b", "198.18.0.2"),
+            ("r", "198.18.0.3"),
+        ] {
             let hn = bed.add_ns(h);
             let port = format!("to-{h}");
-            sh(&["ip", "-n", &u, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &hn]);
+            sh(&[
+                "ip", "-n", &u, "link", "add", &port, "type", "veth", "peer", "name", "eth0",
+                "netns", &hn,
+            ]);
             ns_sh(&u, &["ip", "link", "set", &port, "master", "br0", "up"]);
-            ns_sh(&hn, &["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+            ns_sh(
+                &hn,
+                &["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"],
+            );
             ns_sh(&hn, &["ip", "link", "set", "eth0", "up"]);
             ns_sh(&hn, &["ip", "link", "set", "lo", "up"]);
         }
@@ -121,13 +132,46 @@ impl Bed {
             let hn = bed.ns(h);
             let pn = bed.add_ns(&format!("p{h}"));
             ns_sh(&hn, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-            sh(&["ip", "-n", &hn, "link", "add", "vpod", "type", "veth", "peer", "name", "eth0", "netns", &pn]);
-            ns_sh(&hn, &["ip", "addr", "add", &format!("10.5.{n}.1/24"), "dev", "vpod"]);
+            sh(&[
+                "ip", "-n", &hn, "link", "add", "vpod", "type", "veth", "peer", "name", "eth0",
+                "netns", &pn,
+            ]);
+            ns_sh(
+                &hn,
+                &[
+                    "ip",
+                    "addr",
+                    "add",
+                    &format!("10.5.{n}.1/24"),
+                    "dev",
+                    "vpod",
+                ],
+            );
             ns_sh(&hn, &["ip", "link", "set", "vpod", "up"]);
-            ns_sh(&pn, &["ip", "addr", "add", &format!("10.5.{n}.2/24"), "dev", "eth0"]);
+            ns_sh(
+                &pn,
+                &[
+                    "ip",
+                    "addr",
+                    "add",
+                    &format!("10.5.{n}.2/24"),
+                    "dev",
+                    "eth0",
+                ],
+            );
             ns_sh(&pn, &["ip", "link", "set", "eth0", "up"]);
             ns_sh(&pn, &["ip", "link", "set", "lo", "up"]);
-            ns_sh(&pn, &["ip", "route", "add", "default", "via", &format!("10.5.{n}.1")]);
+            ns_sh(
+                &pn,
+                &[
+                    "ip",
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &format!("10.5.{n}.1"),
+                ],
+            );
         }
         bed
     }
@@ -218,7 +262,9 @@ impl Node {
                 b.lease_acquired(&own).await?;
                 b.reconcile(&PeerSet::new()).await
             });
-            ready_tx.send(r.map(|_| ()).map_err(|e| e.to_string())).unwrap();
+            ready_tx
+                .send(r.map(|_| ()).map_err(|e| e.to_string()))
+                .unwrap();
             while let Ok(job) = jobs_rx.recv() {
                 job(&mut b, &rt);
             }
@@ -249,7 +295,13 @@ impl Node {
         self.call(move |b, rt| rt.block_on(b.reconcile(&p)).expect("reconcile"))
     }
 
-    fn stats(&self) -> (flannel::backend::udp::counters::DirStats, flannel::backend::udp::counters::DirStats, u64) {
+    fn stats(
+        &self,
+    ) -> (
+        flannel::backend::udp::counters::DirStats,
+        flannel::backend::udp::counters::DirStats,
+        u64,
+    ) {
         self.call(|b, _| {
             let c = b.counters();
             (
@@ -288,7 +340,9 @@ fn two_hosts(bed: &Bed, plain: bool) -> (Node, Node) {
 
 fn ping(ns: &str, dst: &str) -> (bool, String) {
     let out = Command::new("ip")
-        .args(["netns", "exec", ns, "ping", "-n", "-c", "2", "-i", "0.2", "-W", "2", dst])
+        .args([
+            "netns", "exec", ns, "ping", "-n", "-c", "2", "-i", "0.2", "-W", "2", dst,
+        ])
         .output()
         .unwrap();
     (
@@ -305,7 +359,10 @@ fn assert_ping(ns: &str, dst: &str) {
         if ok {
             return;
         }
-        assert!(Instant::now() < deadline, "ping {dst} from {ns} fails:\n{out}");
+        assert!(
+            Instant::now() < deadline,
+            "ping {dst} from {ns} fails:\n{out}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -349,8 +406,9 @@ fn tcp_transfer(from: &str, to_ns: &str, to: Ipv4Addr, len: usize) -> ((usize, u
     });
     ready_rx.recv().unwrap();
     let client = in_ns(from, move || {
-        let mut s = TcpStream::connect_timeout(&SocketAddr::from((to, 5001)), Duration::from_secs(10))
-            .expect("connecting");
+        let mut s =
+            TcpStream::connect_timeout(&SocketAddr::from((to, 5001)), Duration::from_secs(10))
+                .expect("connecting");
         s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
         let mut h = Fnv::new();
         let mut x: u64 = 0x1234_5678_9abc_def1;
@@ -447,21 +505,36 @@ fn pods_reach_each_other(plain: bool) {
     let (a, b) = two_hosts(&bed, plain);
     if !plain {
         let f = a.call(|b, _| b.features().unwrap());
-        assert!(f.vnet && f.tso && f.udp_gso && f.udp_gro, "fast path expected: {f:?}");
+        assert!(
+            f.vnet && f.tso && f.udp_gso && f.udp_gro,
+            "fast path expected: {f:?}"
+        );
     }
     assert_ping(&bed.ns("pa"), "10.5.2.2");
     assert_ping(&bed.ns("pb"), "10.5.1.2");
     // The hosts themselves reach the other pods too (source: their flannel0 address).
     assert_ping(&bed.ns("a"), "10.5.2.2");
     for (from, to_ns, to) in [("pa", "pb", "10.5.2.2"), ("pb", "pa", "10.5.1.2")] {
-        let (sent, got) = tcp_transfer(&bed.ns(from), &bed.ns(to_ns), to.parse().unwrap(), 64 << 20);
+        let (sent, got) =
+            tcp_transfer(&bed.ns(from), &bed.ns(to_ns), to.parse().unwrap(), 64 << 20);
         assert_eq!(sent, got, "{from} → {to}: bytes and checksum must match");
     }
     let (tx, rx, _) = a.stats();
-    assert!(tx.packets > 1000 && rx.packets > 1000, "A counted tx {tx:?} rx {rx:?}");
-    assert_eq!(tx.malformed + rx.malformed + rx.unknown_source, 0, "{tx:?} {rx:?}");
+    assert!(
+        tx.packets > 1000 && rx.packets > 1000,
+        "A counted tx {tx:?} rx {rx:?}"
+    );
+    assert_eq!(
+        tx.malformed + rx.malformed + rx.unknown_source,
+        0,
+        "{tx:?} {rx:?}"
+    );
     let (tx, rx, _) = b.stats();
-    assert_eq!(tx.malformed + rx.malformed + rx.unknown_source, 0, "{tx:?} {rx:?}");
+    assert_eq!(
+        tx.malformed + rx.malformed + rx.unknown_source,
+        0,
+        "{tx:?} {rx:?}"
+    );
 }
 
 #[test]
@@ -485,7 +558,8 @@ fn unknown_sources_are_dropped(plain: bool) {
     let (ready_tx, ready_rx) = mpsc::channel();
     let receiver = in_ns(&bed.ns("pb"), move || {
         let s = UdpSocket::bind("10.5.2.2:9999").unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(1500))).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(1500)))
+            .unwrap();
         ready_tx.send(()).unwrap();
         let mut got = Vec::new();
         let mut buf = [0u8; 2048];
@@ -495,7 +569,14 @@ fn unknown_sources_are_dropped(plain: bool) {
         got
     });
     ready_rx.recv().unwrap();
-    let pkt = |text: &[u8]| ipv4_udp("10.5.1.2".parse().unwrap(), "10.5.2.2".parse().unwrap(), 9999, text);
+    let pkt = |text: &[u8]| {
+        ipv4_udp(
+            "10.5.1.2".parse().unwrap(),
+            "10.5.2.2".parse().unwrap(),
+            9999,
+            text,
+        )
+    };
     // From a namespace that holds no lease: dropped.
     let rogue = pkt(b"rogue");
     in_ns(&bed.ns("r"), move || {
@@ -579,11 +660,14 @@ fn wire_format(plain: bool) {
     let stop2 = stop.clone();
     let relay = in_ns(&bed.ns("r"), move || {
         let s = UdpSocket::bind((R_IP, 8285)).unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
         let (mut good, mut bad, mut max) = (0u64, 0u64, 0usize);
         let mut buf = vec![0u8; 65536];
         while !stop2.load(Ordering::Relaxed) {
-            let Ok((n, from)) = s.recv_from(&mut buf) else { continue };
+            let Ok((n, from)) = s.recv_from(&mut buf) else {
+                continue;
+            };
             let p = &buf[..n];
             if one_complete_packet(p) && n <= 1472 && from.port() == 8285 {
                 good += 1;
@@ -597,11 +681,19 @@ fn wire_format(plain: bool) {
         (good, bad, max)
     });
     assert_ping(&bed.ns("pa"), "10.5.2.2");
-    let (sent, got) = tcp_transfer(&bed.ns("pa"), &bed.ns("pb"), "10.5.2.2".parse().unwrap(), 16 << 20);
+    let (sent, got) = tcp_transfer(
+        &bed.ns("pa"),
+        &bed.ns("pb"),
+        "10.5.2.2".parse().unwrap(),
+        16 << 20,
+    );
     assert_eq!(sent, got);
     stop.store(true, Ordering::Relaxed);
     let (good, bad, max) = relay.join().unwrap();
-    assert_eq!(bad, 0, "{bad} datagrams were not one complete IPv4 packet ({good} were)");
+    assert_eq!(
+        bad, 0,
+        "{bad} datagrams were not one complete IPv4 packet ({good} were)"
+    );
     assert!(good > 10_000, "only {good} datagrams");
     assert_eq!(max, 1472, "full-sized segments expected");
 }
@@ -636,7 +728,10 @@ fn device_address_route_and_repair() {
     assert_eq!(routes.lines().count(), 1, "{routes}");
     assert!(routes.starts_with("10.5.0.0/16 "), "{routes}");
     // A deleted route and a device set down come back.
-    ns_sh(&an, &["ip", "route", "del", "10.5.0.0/16", "dev", "flannel0"]);
+    ns_sh(
+        &an,
+        &["ip", "route", "del", "10.5.0.0/16", "dev", "flannel0"],
+    );
     ns_sh(&an, &["ip", "link", "set", "flannel0", "down"]);
     let r = a.set_peers(peers(&[("10.5.2.0/24", B_IP)]));
     assert!(r.added >= 1 && r.repaired >= 1, "{r:?}");
@@ -648,7 +743,10 @@ fn device_address_route_and_repair() {
     assert!(r.repaired >= 1, "{r:?}");
     assert_ping(&bed.ns("pa"), "10.5.2.2");
     // A stale address is removed.
-    ns_sh(&an, &["ip", "addr", "add", "10.5.9.0/32", "dev", "flannel0"]);
+    ns_sh(
+        &an,
+        &["ip", "addr", "add", "10.5.9.0/32", "dev", "flannel0"],
+    );
     let r = a.set_peers(peers(&[("10.5.2.0/24", B_IP)]));
     assert_eq!(r.removed, 1, "{r:?}");
 }

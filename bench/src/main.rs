@@ -4,9 +4,15 @@
 //!   latency of the native `flannel` plugin versus the reference chain (`bridge` + `host-local`).
 //! - `flannel-bench scale [--peers N] [--joins N] [--hosts N] [--rounds R] [--json FILE]`:
 //!   flanneld start-up with thousands of peers vs `ip -batch`, its RSS, and join latency.
+//! - `flannel-bench udp [--json FILE] [--secs N] [--repeat N] [--modes ...]`: the udp
+//!   backend (fast and plain path) against kernel VXLAN and a raw veth, iperf3 pod to pod.
+//! - `flannel-bench mesh50 [--hosts N] [--rounds R] [--json FILE]`: N hosts started at once
+//!   against a 3-member etcd: time until the whole mesh is programmed, flanneld RSS and CPU.
 
 mod cni;
+mod mesh50;
 mod scale;
+mod udp;
 
 fn usage() -> ! {
     eprintln!(
@@ -15,7 +21,11 @@ fn usage() -> ! {
          cni [--json FILE] [--plugin PATH] [-n N] [--rounds R]\n      \
          ADD/DEL latency: native flannel CNI plugin vs bridge + host-local\n  \
          scale [--peers N] [--joins N] [--hosts N] [--rounds R] [--json FILE] [--flanneld PATH]\n      \
-         start-up with N peers vs ip -batch, RSS, join latency on watching hosts"
+         start-up with N peers vs ip -batch, RSS, join latency on watching hosts\n  \
+         udp [--json FILE] [--secs N] [--repeat N] [--flanneld PATH] [--modes veth,vxlan,udp,udp-plain]\n      \
+         udp backend vs kernel VXLAN vs raw veth: 1 and 4 TCP streams, 64-byte UDP pps, CPU\n  \
+         mesh50 [--hosts N] [--rounds R] [--backend vxlan|host-gw] [--json FILE] [--flanneld PATH]\n      \
+         N hosts at once on a 3-member etcd: time to the full mesh, flanneld RSS and CPU"
     );
     std::process::exit(2)
 }
@@ -27,6 +37,8 @@ fn main() {
     let code = match sub.as_str() {
         "cni" => cni::main(&rest),
         "scale" => scale::main(&rest),
+        "udp" => udp::main(&rest),
+        "mesh50" => mesh50::main(&rest),
         "-h" | "--help" | "help" => usage(),
         other => {
             eprintln!("unknown subcommand {other:?}");

@@ -145,6 +145,7 @@ pub struct ClusterBuilder {
     pod_mode: Option<PodMode>,
     ready_timeout: Duration,
     start: bool,
+    etcd_members: usize,
 }
 
 impl Default for ClusterBuilder {
@@ -162,6 +163,7 @@ impl Default for ClusterBuilder {
             pod_mode: None,
             ready_timeout: Duration::from_secs(30),
             start: true,
+            etcd_members: 1,
         }
     }
 }
@@ -233,6 +235,13 @@ impl ClusterBuilder {
         self
     }
 
+    /// An etcd cluster of `n` members (1..=8) instead of a single etcd; every flanneld gets all
+    /// client URLs in `--etcd-endpoints`. See [`Etcd::start_cluster`].
+    pub fn etcd_members(mut self, n: usize) -> Self {
+        self.etcd_members = n;
+        self
+    }
+
     /// Build the hosts but do not start flanneld (start them with [`Host::start`]).
     pub fn no_start(mut self) -> Self {
         self.start = false;
@@ -278,7 +287,20 @@ impl ClusterBuilder {
             .to_ascii_lowercase();
         let vni = cfg["Backend"]["VNI"].as_u64().unwrap_or(1);
         let underlay = Underlay::new(&prefix)?;
-        let etcd = Etcd::start_on(&underlay, &prefix, &dir.path().join("etcd"))?;
+        let etcd = if self.etcd_members <= 1 {
+            vec![Etcd::start_on(
+                &underlay,
+                &prefix,
+                &dir.path().join("etcd"),
+            )?]
+        } else {
+            Etcd::start_cluster(
+                &underlay,
+                &prefix,
+                &dir.path().join("etcd"),
+                self.etcd_members,
+            )?
+        };
         let mut cluster = Cluster {
             hosts: Vec::new(),
             etcd,
@@ -313,7 +335,7 @@ impl ClusterBuilder {
 #[derive(Debug)]
 pub struct Cluster {
     hosts: Vec<Host>,
-    etcd: Etcd,
+    etcd: Vec<Etcd>,
     underlay: Underlay,
     dir: WorkDir,
     prefix: String,
@@ -345,8 +367,32 @@ impl Cluster {
         &self.hosts
     }
 
+    /// The etcd member the test bed talks to: the first one that runs (member 0 when none
+    /// does, so that a single etcd can be stopped and started again through it).
     pub fn etcd(&self) -> &Etcd {
+        self.etcd
+            .iter()
+            .find(|e| e.is_running())
+            .unwrap_or(&self.etcd[0])
+    }
+
+    /// Member `i` of the etcd cluster.
+    pub fn etcd_member(&self, i: usize) -> &Etcd {
+        &self.etcd[i]
+    }
+
+    /// Every etcd member (one unless [`ClusterBuilder::etcd_members`] asked for more).
+    pub fn etcd_members(&self) -> &[Etcd] {
         &self.etcd
+    }
+
+    /// The client URLs of all members, comma-separated (flanneld's `--etcd-endpoints`).
+    pub fn etcd_endpoints(&self) -> String {
+        self.etcd
+            .iter()
+            .map(Etcd::endpoint)
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     pub fn underlay(&self) -> &Underlay {
@@ -385,36 +431,65 @@ impl Cluster {
     }
 
     fn bring_up(&mut self, hosts: usize, start: bool) -> Result<()> {
-        self.etcd.put(&self.config_key(), &self.config)?;
-        for _ in 0..hosts {
-            self.new_host()?;
-        }
+        self.etcd().put(&self.config_key(), &self.config)?;
+        self.new_hosts(hosts)?;
         if start {
             for h in &self.hosts {
                 h.start()?;
             }
-            for h in &self.hosts {
-                h.wait_ready(self.ready_timeout)?;
-            }
+            self.wait_all_ready(0..self.hosts.len())?;
         }
         Ok(())
     }
 
-    fn new_host(&mut self) -> Result<usize> {
-        let i = self.hosts.len();
-        let h = Host::new(
+    /// Waits until the hosts in `range` are ready, polling them concurrently.
+    pub fn wait_all_ready(&self, range: std::ops::Range<usize>) -> Result<()> {
+        let hosts = &self.hosts[range];
+        let results = par_map(hosts, PAR, |h| h.wait_ready(self.ready_timeout));
+        results.into_iter().collect()
+    }
+
+    fn make_host(&self, i: usize) -> Result<Host> {
+        Host::new(
             i,
             &self.underlay,
             &self.prefix,
             &self.dir.path().join(format!("h{i}")),
-            &self.etcd.endpoint(),
+            &self.etcd_endpoints(),
             &self.etcd_prefix,
             &self.bin,
             self.host_opts.clone(),
             self.pod_mode.clone(),
-        )?;
+        )
+    }
+
+    fn new_host(&mut self) -> Result<usize> {
+        let i = self.hosts.len();
+        let h = self.make_host(i)?;
         self.hosts.push(h);
         Ok(i)
+    }
+
+    /// Makes `n` more hosts (namespaces, underlay ports; flanneld not started) concurrently;
+    /// returns their indices.
+    fn new_hosts(&mut self, n: usize) -> Result<std::ops::Range<usize>> {
+        let first = self.hosts.len();
+        let indices: Vec<usize> = (first..first + n).collect();
+        let made = par_map(&indices, PAR, |&i| self.make_host(i));
+        // Keep every host that was made (its guard cleans up) even when another failed.
+        let mut err = None;
+        for h in made {
+            match h {
+                Ok(h) => self.hosts.push(h),
+                Err(e) => {
+                    err.get_or_insert(e);
+                }
+            }
+        }
+        match err {
+            Some(e) => Err(e),
+            None => Ok(first..first + n),
+        }
     }
 
     /// Adds a host, starts flanneld on it and waits until it is ready; returns its index.
@@ -425,6 +500,41 @@ impl Cluster {
         Ok(i)
     }
 
+    /// Adds `n` hosts at once: made concurrently, every flanneld started before any is waited
+    /// for, then all waited for until ready. Returns their indices.
+    pub fn add_hosts(&mut self, n: usize) -> Result<std::ops::Range<usize>> {
+        let range = self.new_hosts(n)?;
+        for h in &self.hosts[range.clone()] {
+            h.start()?;
+        }
+        self.wait_all_ready(range.clone())?;
+        Ok(range)
+    }
+
+    /// Makes host `i` (not started) without starting flanneld; returns its index. Start it with
+    /// [`Host::start`].
+    pub fn add_host_stopped(&mut self) -> Result<usize> {
+        self.new_host()
+    }
+
+    /// Cuts host `i` off the underlay (its bridge port drops everything; see
+    /// [`Underlay::cut`]). Its namespace, links, routes and flanneld stay as they are.
+    pub fn partition(&self, i: usize) -> Result<()> {
+        self.underlay.cut(&format!("h{i}"))
+    }
+
+    /// Plugs host `i` back in after [`Cluster::partition`].
+    pub fn heal(&self, i: usize) -> Result<()> {
+        self.underlay.heal(&format!("h{i}"))
+    }
+
+    /// Pods on the given hosts, made concurrently (one each, in the order given).
+    pub fn add_pods(&self, hosts: &[usize]) -> Result<Vec<Pod>> {
+        par_map(hosts, PAR, |&i| self.hosts[i].add_pod())
+            .into_iter()
+            .collect()
+    }
+
     /// A pod on host `i`.
     pub fn add_pod(&self, i: usize) -> Result<Pod> {
         self.hosts[i].add_pod()
@@ -432,7 +542,7 @@ impl Cluster {
 
     /// All leases in etcd, sorted by key.
     pub fn leases(&self) -> Result<Vec<LeaseInfo>> {
-        self.etcd
+        self.etcd()
             .get_prefix(&self.subnets_prefix())?
             .iter()
             .map(|(k, v)| LeaseInfo::parse(k, v))
@@ -445,11 +555,49 @@ impl Cluster {
         Ok(self.leases()?.into_iter().find(|l| l.public_ip == ip))
     }
 
+    /// What the backend programs on host `h`, read with one command per table (routes, and
+    /// for vxlan the neighbours and FDB of the vxlan device).
+    pub fn kernel_state(&self, h: &Host) -> Result<KernelState, String> {
+        let routes = h.routes().map_err(|e| e.to_string())?;
+        let (neighbours, fdb) = if self.backend == Some(Backend::Vxlan) {
+            let dev = self.vxlan_dev();
+            (
+                h.neighbours(&dev).map_err(|e| e.to_string())?,
+                h.fdb(&dev).map_err(|e| e.to_string())?,
+            )
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        Ok(KernelState {
+            host: h.name().to_string(),
+            routes,
+            neighbours,
+            fdb,
+        })
+    }
+
     /// What host `h` must have in its kernel for the peer `lease` ("" when all is there).
     pub fn check_peer(&self, h: &Host, lease: &LeaseInfo) -> Result<(), String> {
+        if self.backend == Some(Backend::Udp) {
+            return h
+                .link_mac("flannel0")
+                .map_err(|e| e.to_string())
+                .and_then(|d| match d {
+                    Some(_) => Ok(()),
+                    None => Err(format!("{}: no flannel0", h.name())),
+                });
+        }
+        let state = self.kernel_state(h)?;
+        self.check_peer_in(&state, lease)
+    }
+
+    /// [`Cluster::check_peer`] against a [`KernelState`] read before (no commands run, except
+    /// for the udp backend).
+    pub fn check_peer_in(&self, state: &KernelState, lease: &LeaseInfo) -> Result<(), String> {
         let subnet = lease.subnet.to_string();
-        let routes = h.routes().map_err(|e| e.to_string())?;
+        let routes = &state.routes;
         let route = routes.iter().find(|r| r["dst"].as_str() == Some(&subnet));
+        let h = state;
         match self.backend {
             Some(Backend::Vxlan) => {
                 let dev = self.vxlan_dev();
@@ -467,7 +615,7 @@ impl Cluster {
                         ))
                     }
                 }
-                let neighs = h.neighbours(&dev).map_err(|e| e.to_string())?;
+                let neighs = &state.neighbours;
                 if !neighs.iter().any(|n| {
                     n["dst"] == gw.as_str()
                         && n["lladdr"].as_str().map(str::to_lowercase).as_deref()
@@ -478,7 +626,7 @@ impl Cluster {
                         h.name()
                     ));
                 }
-                let fdb = h.fdb(&dev).map_err(|e| e.to_string())?;
+                let fdb = &state.fdb;
                 let ip = lease.public_ip.to_string();
                 if !fdb.iter().any(|f| {
                     f["mac"].as_str().map(str::to_lowercase).as_deref() == Some(mac.as_str())
@@ -501,14 +649,7 @@ impl Cluster {
                     )),
                 }
             }
-            Some(Backend::Udp) => h
-                .link_mac("flannel0")
-                .map_err(|e| e.to_string())
-                .and_then(|d| match d {
-                    Some(_) => Ok(()),
-                    None => Err(format!("{}: no flannel0", h.name())),
-                }),
-            Some(Backend::Alloc) | None => Ok(()),
+            Some(Backend::Udp) | Some(Backend::Alloc) | None => Ok(()),
         }
     }
 
@@ -541,18 +682,31 @@ impl Cluster {
 
     /// One look at the whole cluster: every running host has a lease, and has in its kernel
     /// what the backend needs for every other lease in etcd.
+    /// Each host's kernel is read once per look (hosts in parallel), so a look at 50 hosts
+    /// runs about 150 commands, not one per host and peer.
     pub fn check_converged(&self) -> Result<(), String> {
         let leases = self.leases().map_err(|e| e.to_string())?;
-        for h in self.hosts.iter().filter(|h| h.pid().is_some()) {
+        let running: Vec<&Host> = self.hosts.iter().filter(|h| h.pid().is_some()).collect();
+        for h in &running {
             h.check_alive()?;
             if !leases.iter().any(|l| l.public_ip == h.public_ip()) {
                 return Err(format!("{} has no lease in etcd", h.name()));
             }
-            for l in leases.iter().filter(|l| l.public_ip != h.public_ip()) {
-                self.check_peer(h, l)?;
-            }
         }
-        Ok(())
+        let results = par_map(&running, PAR, |h| -> Result<(), String> {
+            if self.backend == Some(Backend::Udp) {
+                for l in leases.iter().filter(|l| l.public_ip != h.public_ip()) {
+                    self.check_peer(h, l)?;
+                }
+                return Ok(());
+            }
+            let state = self.kernel_state(h)?;
+            for l in leases.iter().filter(|l| l.public_ip != h.public_ip()) {
+                self.check_peer_in(&state, l)?;
+            }
+            Ok(())
+        });
+        results.into_iter().collect()
     }
 
     /// Polls [`Cluster::check_converged`] until it holds; returns how long it took.
@@ -567,6 +721,67 @@ impl Cluster {
                     h.check_alive().map_err(|e| Wait::Fatal(Error::Other(e)))?;
                 }
                 self.check_converged().map_err(Wait::NotYet)
+            },
+        )?;
+        Ok(start.elapsed())
+    }
+
+    /// For each of `hosts` (indices): how many of the other leases' subnets it has no route to
+    /// (routes only, one `ip -j route` per host, hosts read in parallel).
+    pub fn routes_missing(
+        &self,
+        leases: &[LeaseInfo],
+        hosts: &[usize],
+    ) -> Result<Vec<(usize, usize)>, String> {
+        par_map(hosts, PAR, |&i| -> Result<(usize, usize), String> {
+            let h = &self.hosts[i];
+            let routes = h.routes().map_err(|e| e.to_string())?;
+            let have: std::collections::HashSet<&str> =
+                routes.iter().filter_map(|r| r["dst"].as_str()).collect();
+            let missing = leases
+                .iter()
+                .filter(|l| l.public_ip != h.public_ip())
+                .filter(|l| !have.contains(l.subnet.to_string().as_str()))
+                .count();
+            Ok((i, missing))
+        })
+        .into_iter()
+        .collect()
+    }
+
+    /// Polls until every running host has a route to every other lease's subnet and there are
+    /// `leases` leases; returns how long it took. Cheaper than [`Cluster::wait_converged`]
+    /// (routes only), for large clusters.
+    pub fn wait_routes(&self, leases: usize, timeout: Duration) -> Result<Duration> {
+        let start = Instant::now();
+        let running: Vec<usize> = (0..self.hosts.len())
+            .filter(|&i| self.hosts[i].pid().is_some())
+            .collect();
+        wait_for(
+            timeout,
+            Duration::from_millis(200),
+            "every host to have a route to every other subnet",
+            || {
+                for &i in &running {
+                    self.hosts[i]
+                        .check_alive()
+                        .map_err(|e| Wait::Fatal(Error::Other(e)))?;
+                }
+                let all = self.leases().map_err(|e| Wait::NotYet(e.to_string()))?;
+                if all.len() < leases {
+                    return Err(Wait::NotYet(format!("{} of {leases} leases", all.len())));
+                }
+                let missing = self.routes_missing(&all, &running).map_err(Wait::NotYet)?;
+                let short: Vec<String> = missing
+                    .iter()
+                    .filter(|(_, m)| *m > 0)
+                    .map(|(i, m)| format!("h{i} lacks {m}"))
+                    .collect();
+                if short.is_empty() {
+                    Ok(())
+                } else {
+                    Err(Wait::NotYet(short.join(", ")))
+                }
             },
         )?;
         Ok(start.elapsed())
@@ -654,6 +869,74 @@ impl Cluster {
     pub fn leak(self) {
         std::mem::forget(self);
     }
+}
+
+/// How many threads the test bed uses for per-host work (creating hosts, reading kernels).
+const PAR: usize = 8;
+
+/// `f` over `items` on up to `threads` scoped threads; results in the order of `items`.
+pub fn par_map<T: Sync, R: Send>(
+    items: &[T],
+    threads: usize,
+    f: impl Fn(&T) -> R + Sync,
+) -> Vec<R> {
+    if items.len() <= 1 || threads <= 1 {
+        return items.iter().map(f).collect();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let out: Vec<std::sync::Mutex<Option<R>>> =
+        items.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    std::thread::scope(|s| {
+        for _ in 0..threads.min(items.len()) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(item) = items.get(i) else { break };
+                let r = f(item);
+                *out[i].lock().unwrap() = Some(r);
+            });
+        }
+    });
+    out.into_iter()
+        .map(|m| m.into_inner().unwrap().expect("every item was mapped"))
+        .collect()
+}
+
+/// One reading of what the backend programmed on a host (see [`Cluster::kernel_state`]).
+#[derive(Debug, Clone)]
+pub struct KernelState {
+    pub host: String,
+    /// `ip -j route show` (main table).
+    pub routes: Vec<Value>,
+    /// `ip -j neigh show dev flannel.<VNI>` (vxlan only).
+    pub neighbours: Vec<Value>,
+    /// `bridge -j fdb show dev flannel.<VNI>` (vxlan only).
+    pub fdb: Vec<Value>,
+}
+
+impl KernelState {
+    /// The host's namespace name.
+    pub fn name(&self) -> &str {
+        &self.host
+    }
+}
+
+/// Pings over every pair `(from, to)` (`count` each), `threads` pairs at a time; the pairs that
+/// lost anything, with the statistics.
+pub fn ping_pairs(pairs: &[(&Pod, &Pod)], count: u32, threads: usize) -> Vec<String> {
+    par_map(pairs, threads, |(a, b)| match a.ping(b.ip(), count) {
+        Ok(st) if st.all_received() => None,
+        Ok(st) => Some(format!(
+            "{} ({}) → {} ({}): {st}",
+            a.name(),
+            a.ip(),
+            b.name(),
+            b.ip()
+        )),
+        Err(e) => Some(format!("{} → {}: {e}", a.name(), b.name())),
+    })
+    .into_iter()
+    .flatten()
+    .collect()
 }
 
 #[cfg(test)]

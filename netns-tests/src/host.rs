@@ -345,6 +345,58 @@ impl Host {
         }
     }
 
+    /// `/metrics` parsed: sample name (with labels, as written) → value.
+    pub fn metrics(&self) -> Result<BTreeMap<String, f64>> {
+        let (code, body) = self.http_get("/metrics")?;
+        if code != 200 {
+            return Err(Error::Other(format!(
+                "{}: /metrics answered {code}: {body}",
+                self.name()
+            )));
+        }
+        Ok(body
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (k, v) = l.rsplit_once(' ')?;
+                Some((k.to_string(), v.parse().ok()?))
+            })
+            .collect())
+    }
+
+    /// One sample of `/metrics` (e.g. `flannel_etcd_up`); an error when it is missing.
+    pub fn metric(&self, name: &str) -> Result<f64> {
+        self.metrics()?
+            .get(name)
+            .copied()
+            .ok_or_else(|| Error::Other(format!("{}: /metrics has no sample {name}", self.name())))
+    }
+
+    /// The remote addresses of the established TCP connections from this host's namespace to
+    /// etcd's client port (only flanneld talks to etcd from here), from `ss`.
+    pub fn etcd_connections(&self) -> Result<Vec<Ipv4Addr>> {
+        let out = self.ns.exec(
+            "ss",
+            &["-Htn", "state", "established", "dport", "=", ":2379"],
+        )?;
+        let mut peers: Vec<Ipv4Addr> = out
+            .lines()
+            .filter_map(|l| l.split_whitespace().last())
+            .filter_map(|peer| peer.rsplit_once(':'))
+            .filter_map(|(ip, _)| ip.parse().ok())
+            .collect();
+        peers.sort();
+        Ok(peers)
+    }
+
+    /// flanneld's memory and CPU time from `/proc/<pid>/{status,stat}`.
+    pub fn proc_stats(&self) -> Result<ProcStats> {
+        let pid = self
+            .pid()
+            .ok_or_else(|| Error::Other(format!("flanneld on {} is not running", self.name())))?;
+        ProcStats::read(pid)
+    }
+
     /// Makes pod number `n` on this host (see [`Pod`]): needs the subnet file.
     pub fn add_pod(&self) -> Result<Pod> {
         let mut n = self.pods.lock().unwrap();
@@ -376,5 +428,72 @@ fn as_vec(v: serde_json::Value) -> Result<Vec<serde_json::Value>> {
     match v {
         serde_json::Value::Array(a) => Ok(a),
         other => Err(Error::Other(format!("expected a JSON array, got {other}"))),
+    }
+}
+
+/// Resource use of one process.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ProcStats {
+    /// Resident set now (`VmRSS`), KiB.
+    pub rss_kb: u64,
+    /// Peak resident set (`VmHWM`), KiB.
+    pub hwm_kb: u64,
+    /// User + system CPU time so far, seconds (`/proc/<pid>/stat`: every thread, also exited
+    /// ones, in clock ticks of usually 10 ms).
+    pub cpu_secs: f64,
+    /// Time on a CPU of the live threads, seconds, from `/proc/<pid>/task/*/schedstat`
+    /// (nanoseconds; threads that exited are not counted). `None` without schedstats.
+    pub cpu_run_secs: Option<f64>,
+}
+
+impl ProcStats {
+    /// Reads `/proc/<pid>/status` and `/proc/<pid>/stat`.
+    pub fn read(pid: u32) -> Result<ProcStats> {
+        let status_path = format!("/proc/{pid}/status");
+        let status = std::fs::read_to_string(&status_path)
+            .map_err(|e| Error::io(format!("reading {status_path}"), e))?;
+        let kb = |field: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+                .ok_or_else(|| Error::Other(format!("{status_path}: no {field}")))
+        };
+        let stat_path = format!("/proc/{pid}/stat");
+        let stat = std::fs::read_to_string(&stat_path)
+            .map_err(|e| Error::io(format!("reading {stat_path}"), e))?;
+        // Fields after the command name (which may hold spaces) start at field 3 (state);
+        // utime and stime are fields 14 and 15.
+        let after = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest)
+            .ok_or_else(|| Error::Other(format!("{stat_path}: unexpected format")))?;
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let ticks = |i: usize| -> Result<u64> {
+            fields
+                .get(i - 3)
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| Error::Other(format!("{stat_path}: no field {i}")))
+        };
+        // SAFETY: sysconf has no preconditions; it only reads a system constant.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let cpu_run_secs = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .ok()
+            .map(|tasks| {
+                tasks
+                    .filter_map(|t| {
+                        let path = t.ok()?.path().join("schedstat");
+                        let text = std::fs::read_to_string(path).ok()?;
+                        text.split_whitespace().next()?.parse::<u64>().ok()
+                    })
+                    .sum::<u64>() as f64
+                    / 1e9
+            });
+        Ok(ProcStats {
+            rss_kb: kb("VmRSS:")?,
+            hwm_kb: kb("VmHWM:")?,
+            cpu_secs: (ticks(14)? + ticks(15)?) as f64 / hz,
+            cpu_run_secs,
+        })
     }
 }

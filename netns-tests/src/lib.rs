@@ -34,13 +34,55 @@ pub mod underlay;
 use std::time::{Duration, Instant};
 
 pub use bins::{cni_plugin_bin, flanneld_bin};
-pub use cluster::{Backend, Cluster, ClusterBuilder, LeaseInfo};
-pub use etcd::Etcd;
-pub use host::{Host, HostOptions};
+pub use cluster::{par_map, ping_pairs, Backend, Cluster, ClusterBuilder, KernelState, LeaseInfo};
+pub use etcd::{Etcd, WatchEvent, WatchLog};
+pub use host::{Host, HostOptions, ProcStats};
 pub use netns::{sweep_stale, unique_prefix, Netns};
 pub use pod::{Pod, PodMode};
-pub use traffic::{http_get, tcp_transfer, PingRun, PingStats, Transfer};
+pub use traffic::{
+    http_get, tcp_transfer, PacedReport, PacedTransfer, PingRun, PingStats, Transfer,
+};
 pub use underlay::Underlay;
+
+/// Held while a heavy or timing-sensitive test runs (see [`heavy_lock`]).
+#[derive(Debug)]
+pub struct HeavyLock {
+    _file: std::fs::File,
+}
+
+/// Serializes heavy tests (many hosts, or loss measured at 10 ms resolution) across threads
+/// and test processes: an exclusive `flock` on `$TMPDIR/netns-tests-heavy.lock`, released when
+/// the guard is dropped (or the process dies). Each call opens the file anew, so two threads of
+/// one process exclude each other too.
+pub fn heavy_lock() -> HeavyLock {
+    use std::os::fd::AsRawFd;
+    let path = std::env::temp_dir().join("netns-tests-heavy.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+    let start = Instant::now();
+    loop {
+        // SAFETY: flock on a descriptor we own; no memory is passed.
+        let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        if r == 0 {
+            break;
+        }
+        let err = std::io::Error::last_os_error();
+        if err.kind() != std::io::ErrorKind::Interrupted {
+            panic!("flock {}: {err}", path.display());
+        }
+    }
+    if start.elapsed() > Duration::from_secs(1) {
+        eprintln!(
+            "netns-tests: waited {:?} for the heavy-test lock",
+            start.elapsed()
+        );
+    }
+    HeavyLock { _file: file }
+}
 
 /// Errors of the test bed. Messages say what was being done and what was seen. `Debug` prints
 /// the message too, so `.expect()` in a test shows logs with their line breaks.

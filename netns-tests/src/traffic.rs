@@ -274,6 +274,197 @@ pub fn tcp_transfer(from: &Pod, to: &Pod, bytes: u64) -> Result<Transfer> {
     })
 }
 
+/// What a [`PacedTransfer`] moved.
+#[derive(Debug, Clone, Copy)]
+pub struct PacedReport {
+    pub bytes: u64,
+    pub checksum: u64,
+    pub elapsed: Duration,
+    /// The longest time the receiver waited between two reads.
+    pub longest_stall: Duration,
+}
+
+/// One TCP connection from one pod to another carrying `chunk` bytes every `every` in the
+/// background, for as long as it runs: a connection that spans an event. [`PacedTransfer::stop`]
+/// closes it and checks that the receiver got every byte (count and FNV hash). Any error of
+/// the connection (reset, a write or read stalled beyond 30 s) fails the stop.
+#[derive(Debug)]
+pub struct PacedTransfer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    client: Option<std::thread::JoinHandle<Result<(u64, u64)>>>,
+    server: Option<std::thread::JoinHandle<Result<(u64, u64, Duration)>>>,
+    started: Instant,
+    what: String,
+}
+
+fn open_netns(ns: &crate::Netns) -> Result<std::fs::File> {
+    std::fs::File::open(ns.path())
+        .map_err(|e| Error::io(format!("opening {}", ns.path().display()), e))
+}
+
+fn enter(file: &std::fs::File, what: &str) -> Result<()> {
+    nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
+        .map_err(|e| Error::Other(format!("setns into {what}: {e}")))
+}
+
+impl PacedTransfer {
+    pub fn start(from: &Pod, to: &Pod, chunk: usize, every: Duration) -> Result<PacedTransfer> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let io_timeout = Duration::from_secs(30);
+        let (from_ns, to_ns) = (open_netns(from.netns())?, open_netns(to.netns())?);
+        let (from_name, to_name) = (from.name().to_string(), to.name().to_string());
+        let dst_ip = to.ip();
+        let what = format!("TCP {} → {}", from.ip(), to.ip());
+        let (tx, rx) = mpsc::channel::<Result<u16>>();
+        let server = std::thread::spawn(move || -> Result<(u64, u64, Duration)> {
+            let listen = || -> Result<TcpListener> {
+                enter(&to_ns, &to_name)?;
+                TcpListener::bind((dst_ip, 0))
+                    .map_err(|e| Error::io(format!("listen on {dst_ip}"), e))
+            };
+            let l = match listen() {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = tx.send(Err(Error::Other(e.to_string())));
+                    return Err(e);
+                }
+            };
+            let port = l
+                .local_addr()
+                .map_err(|e| Error::io("local_addr", e))?
+                .port();
+            let _ = tx.send(Ok(port));
+            l.set_nonblocking(true)
+                .map_err(|e| Error::io("nonblocking", e))?;
+            let deadline = Instant::now() + Duration::from_secs(15);
+            let mut st = loop {
+                match l.accept() {
+                    Ok((st, _)) => break st,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        if Instant::now() > deadline {
+                            return Err(Error::Other(format!(
+                                "no connection to {dst_ip}:{port} within 15 s"
+                            )));
+                        }
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    Err(e) => return Err(Error::io("accept", e)),
+                }
+            };
+            st.set_nonblocking(false)
+                .and_then(|()| st.set_read_timeout(Some(io_timeout)))
+                .map_err(|e| Error::io("socket options", e))?;
+            let mut buf = vec![0u8; 64 * 1024];
+            let (mut n, mut h) = (0u64, FNV_OFFSET);
+            let mut last = Instant::now();
+            let mut stall = Duration::ZERO;
+            loop {
+                let r = st
+                    .read(&mut buf)
+                    .map_err(|e| Error::io(format!("receiving at {dst_ip} after {n} bytes"), e))?;
+                stall = stall.max(last.elapsed());
+                last = Instant::now();
+                if r == 0 {
+                    break;
+                }
+                n += r as u64;
+                h = fnv(h, &buf[..r]);
+            }
+            let mut reply = [0u8; 16];
+            reply[..8].copy_from_slice(&n.to_be_bytes());
+            reply[8..].copy_from_slice(&h.to_be_bytes());
+            st.write_all(&reply)
+                .map_err(|e| Error::io("sending the receipt", e))?;
+            Ok((n, h, stall))
+        });
+        let port = rx
+            .recv_timeout(Duration::from_secs(10))
+            .map_err(|_| Error::Other(format!("{what}: the receiver did not start")))??;
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let client = std::thread::spawn(move || -> Result<(u64, u64)> {
+            enter(&from_ns, &from_name)?;
+            let addr = SocketAddr::from((dst_ip, port));
+            let mut st = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+                .map_err(|e| Error::io(format!("connect {addr}"), e))?;
+            st.set_write_timeout(Some(io_timeout))
+                .and_then(|()| st.set_read_timeout(Some(io_timeout)))
+                .map_err(|e| Error::io("socket options", e))?;
+            let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+            let mut buf = vec![0u8; chunk.max(8)];
+            let (mut sent, mut h) = (0u64, FNV_OFFSET);
+            while !stop2.load(Ordering::Relaxed) {
+                for c in buf.chunks_mut(8) {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
+                }
+                st.write_all(&buf)
+                    .map_err(|e| Error::io(format!("sending to {addr} after {sent} bytes"), e))?;
+                sent += buf.len() as u64;
+                h = fnv(h, &buf);
+                std::thread::sleep(every);
+            }
+            st.shutdown(Shutdown::Write)
+                .map_err(|e| Error::io("shutdown", e))?;
+            let mut reply = [0u8; 16];
+            st.read_exact(&mut reply)
+                .map_err(|e| Error::io(format!("reading the receipt from {addr}"), e))?;
+            let n = u64::from_be_bytes(reply[..8].try_into().expect("8 bytes"));
+            let rh = u64::from_be_bytes(reply[8..].try_into().expect("8 bytes"));
+            if n != sent || rh != h {
+                return Err(Error::Other(format!(
+                    "{addr} received {n} bytes (hash {rh:016x}); sent {sent} (hash {h:016x})"
+                )));
+            }
+            Ok((n, h))
+        });
+        Ok(PacedTransfer {
+            stop,
+            client: Some(client),
+            server: Some(server),
+            started: Instant::now(),
+            what,
+        })
+    }
+
+    /// Closes the connection and checks the receipt.
+    pub fn stop(mut self) -> Result<PacedReport> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let sent = self
+            .client
+            .take()
+            .expect("running")
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        let elapsed = self.started.elapsed();
+        let received = self
+            .server
+            .take()
+            .expect("running")
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        let what = &self.what;
+        let (bytes, checksum) = sent.map_err(|e| Error::Other(format!("{what}: {e}")))?;
+        let (_, _, longest_stall) = received.map_err(|e| Error::Other(format!("{what}: {e}")))?;
+        Ok(PacedReport {
+            bytes,
+            checksum,
+            elapsed,
+            longest_stall,
+        })
+    }
+}
+
+impl Drop for PacedTransfer {
+    fn drop(&mut self) {
+        // Stopped without `stop`: let the threads end on their own (the client sees the flag;
+        // the receiver sees the close, or its read timeout when the pods are gone).
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// A minimal HTTP/1.0 GET: (status code, body). Call it from a thread in the right namespace.
 pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(u16, String)> {
     let mut st = TcpStream::connect_timeout(&addr, timeout)

@@ -2,7 +2,7 @@
 
 use std::net::Ipv4Addr;
 
-use crate::{Netns, Result};
+use crate::{cmd, Netns, Result};
 
 /// The underlay network `198.18.0.0/24` (RFC 2544 benchmarking range; exists only inside the
 /// namespaces of one cluster). etcd is `.2`, host `i` is `.10 + i`.
@@ -21,6 +21,12 @@ impl Underlay {
         ns.ip(&["link", "add", "br0", "type", "bridge"])?;
         ns.ip(&["link", "set", "br0", "up"])?;
         Ok(Underlay { ns })
+    }
+
+    /// The underlay address of etcd member `i` (`1..8` members): `198.18.0.(2 + i)`.
+    pub fn etcd_ip(i: usize) -> Ipv4Addr {
+        assert!(i < 8, "the underlay holds at most 8 etcd members");
+        Ipv4Addr::new(198, 18, 0, 2 + i as u8)
     }
 
     /// The underlay address of host `i`: `198.18.0.(10 + i)`.
@@ -65,5 +71,53 @@ impl Underlay {
     /// Unplugs the veth `port` (the peer in the host namespace goes with it).
     pub fn detach(&self, port: &str) -> Result<()> {
         self.ns.ip(&["link", "del", port]).map(drop)
+    }
+
+    /// Cuts `port` off the underlay without touching either end's links, addresses or routes:
+    /// the bridge drops every frame from or to it (an nftables `bridge` table `cut_<port>` in the
+    /// bridge namespace), like a switch that lost the host. Without `nft` on the PATH the
+    /// bridge-side veth is set down instead (the host's `eth0` then loses carrier).
+    pub fn cut(&self, port: &str) -> Result<()> {
+        if cmd::on_path("nft") {
+            let table = format!("cut_{port}");
+            let rules = format!(
+                "table bridge {table} {{\n\
+                 \tchain forward_cut {{\n\
+                 \t\ttype filter hook forward priority -200; policy accept;\n\
+                 \t\tiifname \"{port}\" drop\n\
+                 \t\toifname \"{port}\" drop\n\
+                 \t}}\n\
+                 \tchain input_cut {{\n\
+                 \t\ttype filter hook input priority -200; policy accept;\n\
+                 \t\tiifname \"{port}\" drop\n\
+                 \t}}\n\
+                 }}\n"
+            );
+            let path = std::env::temp_dir().join(format!("{}-{table}.nft", self.ns.name()));
+            std::fs::write(&path, rules)
+                .map_err(|e| crate::Error::io(format!("writing {}", path.display()), e))?;
+            let r = self
+                .ns
+                .exec("nft", &["-f", &path.to_string_lossy()])
+                .map(drop);
+            let _ = std::fs::remove_file(&path);
+            r
+        } else {
+            self.ns.ip(&["link", "set", port, "down"]).map(drop)
+        }
+    }
+
+    /// Undoes [`Underlay::cut`].
+    pub fn heal(&self, port: &str) -> Result<()> {
+        if cmd::on_path("nft") {
+            self.ns
+                .exec(
+                    "nft",
+                    &["delete", "table", "bridge", &format!("cut_{port}")],
+                )
+                .map(drop)
+        } else {
+            self.ns.ip(&["link", "set", port, "up"]).map(drop)
+        }
     }
 }

@@ -89,6 +89,87 @@ pub struct Registry {
     prefix: String,
 }
 
+/// How often the members behind `--etcd-endpoints` are probed.
+const PROBE_EVERY: Duration = Duration::from_secs(2);
+/// How long a member may take to answer a probe.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Keeps the client's balanced channel to the members that answer: each member is probed on
+/// its own connection (a `Status` call that must name a leader, so a member cut off from its
+/// quorum counts as down too); down members are taken out of the balancer and put back when
+/// they answer again. When none answers, all stay in, so the client keeps trying every one.
+struct EndpointKeeper {
+    client: Client,
+    probes: Vec<(String, Option<Client>)>,
+    options: ConnectOptions,
+    in_use: std::collections::BTreeSet<String>,
+}
+
+impl EndpointKeeper {
+    fn new(client: Client, endpoints: &[String], options: ConnectOptions) -> Self {
+        EndpointKeeper {
+            client,
+            probes: endpoints.iter().map(|e| (e.clone(), None)).collect(),
+            options,
+            in_use: endpoints.iter().cloned().collect(),
+        }
+    }
+
+    async fn healthy(endpoint: &str, probe: &mut Option<Client>, options: &ConnectOptions) -> bool {
+        let answer = tokio::time::timeout(PROBE_TIMEOUT, async {
+            if probe.is_none() {
+                *probe = Some(Client::connect([endpoint], Some(options.clone())).await?);
+            }
+            let c = probe.as_mut().expect("just set");
+            c.status().await
+        })
+        .await;
+        match answer {
+            Ok(Ok(status)) => status.leader() != 0,
+            Ok(Err(_)) | Err(_) => {
+                *probe = None;
+                false
+            }
+        }
+    }
+
+    async fn probe_once(&mut self) {
+        let options = &self.options;
+        let checks = self.probes.iter_mut().map(|(ep, probe)| async move {
+            (ep.clone(), Self::healthy(ep, probe, options).await)
+        });
+        let results = futures::future::join_all(checks).await;
+        let healthy: std::collections::BTreeSet<String> = results
+            .iter()
+            .filter(|(_, ok)| *ok)
+            .map(|(ep, _)| ep.clone())
+            .collect();
+        let want = if healthy.is_empty() {
+            self.probes.iter().map(|(ep, _)| ep.clone()).collect()
+        } else {
+            healthy
+        };
+        for ep in want.difference(&self.in_use) {
+            if self.client.add_endpoint(ep).await.is_ok() {
+                tracing::info!("etcd member {ep} answers again: back in use");
+            }
+        }
+        for ep in self.in_use.difference(&want) {
+            if self.client.remove_endpoint(ep).await.is_ok() {
+                tracing::warn!("etcd member {ep} does not answer: not used until it does");
+            }
+        }
+        self.in_use = want;
+    }
+
+    async fn run(mut self) {
+        loop {
+            tokio::time::sleep(PROBE_EVERY).await;
+            self.probe_once().await;
+        }
+    }
+}
+
 /// Every lease under `<prefix>/subnets/` at one revision, with the entries that did not parse.
 #[derive(Debug, Default)]
 pub struct Listing {
@@ -160,7 +241,16 @@ impl Registry {
     /// Connects (lazily for plain connections: a down etcd is found by the first request).
     pub async fn connect(opts: &EtcdOptions) -> Result<Self, EtcdError> {
         let connect = opts.connect_options()?;
-        let client = Client::connect(&opts.endpoints, Some(connect)).await?;
+        let client = Client::connect(&opts.endpoints, Some(connect.clone())).await?;
+        if opts.endpoints.len() > 1 {
+            // The balanced channel keeps dispatching to a member that is down (a refused
+            // connection makes it "ready" at once, with no load), so without this a request
+            // fails about as often as it meets the dead member, and a client that starts while
+            // one is down may fail every time. Only members that answer stay in the balancer.
+            let mut keeper = EndpointKeeper::new(client.clone(), &opts.endpoints, connect);
+            keeper.probe_once().await;
+            tokio::spawn(keeper.run());
+        }
         Ok(Registry {
             client,
             prefix: opts.prefix.trim_end_matches('/').to_string(),
@@ -274,7 +364,15 @@ impl Registry {
     /// Refreshes an etcd lease to its full TTL; returns the TTL left (≤ 0: it had expired).
     pub async fn keep_alive_once(&self, id: i64) -> Result<i64, EtcdError> {
         let mut c = self.client.clone();
-        let (mut keeper, mut stream) = c.lease_keep_alive(id).await?;
+        // The client sends a first keep-alive itself and turns a TTL of 0 (the lease expired
+        // or was revoked) into this error; that is an answer, not a failure.
+        let (mut keeper, mut stream) = match c.lease_keep_alive(id).await {
+            Ok(pair) => pair,
+            Err(etcd_client::Error::LeaseKeepAliveError(msg)) if msg == "lease not found" => {
+                return Ok(0)
+            }
+            Err(e) => return Err(e.into()),
+        };
         keeper.keep_alive().await?;
         let resp = tokio::time::timeout(Duration::from_secs(5), stream.message())
             .await

@@ -100,7 +100,9 @@ pub async fn run(
     metrics: Arc<Metrics>,
 ) {
     let mut seen_malformed: HashSet<(String, i64)> = HashSet::new();
-    let mut backoff = Backoff::new();
+    // Re-listing is one range request: retry it often, so that peers that joined while etcd
+    // was unreachable are programmed within seconds of etcd's return, not up to 10 s later.
+    let mut backoff = Backoff::with_max(Duration::from_secs(2));
     loop {
         if !view.synced {
             match reg.list_subnets().await {
@@ -234,6 +236,7 @@ fn log_changes(source: &str, c: &Changes) {
 #[derive(Debug)]
 pub struct Backoff {
     next: Duration,
+    max: Duration,
 }
 
 impl Default for Backoff {
@@ -247,7 +250,18 @@ impl Backoff {
     const MAX: Duration = Duration::from_secs(10);
 
     pub fn new() -> Self {
-        Backoff { next: Self::MIN }
+        Backoff {
+            next: Self::MIN,
+            max: Self::MAX,
+        }
+    }
+
+    /// A backoff that never waits longer than `max` (at least the 200 ms minimum).
+    pub fn with_max(max: Duration) -> Self {
+        Backoff {
+            next: Self::MIN,
+            max: max.clamp(Self::MIN, Self::MAX),
+        }
     }
 
     pub fn reset(&mut self) {
@@ -256,7 +270,7 @@ impl Backoff {
 
     pub async fn wait(&mut self) {
         tokio::time::sleep(self.next).await;
-        self.next = (self.next * 2).min(Self::MAX);
+        self.next = (self.next * 2).min(self.max);
     }
 }
 

@@ -195,7 +195,14 @@ fn tx_loop(tun: &Tun, sock: &UdpSock, shared: &Shared, f: Features) {
         last: None,
     };
     let mut gso = f.udp_gso;
+    // The last read found the queue empty: wait before reading again. (After a batch, the
+    // next read is tried at once: under load it usually finds more, saving a sleep.)
+    let mut drained = false;
     while !shared.stop.load(Ordering::Relaxed) {
+        if drained {
+            let _ = tun.wait_readable(POLL_MS);
+            drained = false;
+        }
         let mut n = 0;
         let mut failure = None;
         while n < n_frames {
@@ -205,7 +212,10 @@ fn tx_loop(tun: &Tun, sock: &UdpSock, shared: &Shared, f: Features) {
                     lens[n] = len;
                     n += 1;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    drained = true;
+                    break;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     failure = Some(e);
@@ -215,15 +225,19 @@ fn tx_loop(tun: &Tun, sock: &UdpSock, shared: &Shared, f: Features) {
         }
         if let Some(e) = failure {
             if device_gone(&e) {
-                tracing::warn!("udp: {}: device gone ({e}); TUN → UDP thread stops", tun.name);
+                tracing::warn!(
+                    "udp: {}: device gone ({e}); TUN → UDP thread stops",
+                    tun.name
+                );
                 return;
             }
             log.report(&e);
+            drained = true;
         }
         if n == 0 {
-            let _ = tun.wait_readable(POLL_MS);
             continue;
         }
+        drained = false;
         let peers = shared.peers.load();
         for i in 0..n {
             outs[i] = None;
@@ -232,9 +246,14 @@ fn tx_loop(tun: &Tun, sock: &UdpSock, shared: &Shared, f: Features) {
                 TxOut::Send(to, pkt) => outs[i] = Some((to, pkt)),
                 TxOut::NoRoute(start) => {
                     if bucket.take() {
-                        if let Some(len) = pipeline::unreachable_frame(frame, start, f.vnet, &mut icmp) {
+                        if let Some(len) =
+                            pipeline::unreachable_frame(frame, start, f.vnet, &mut icmp)
+                        {
                             if tun.writev(&[IoSlice::new(&icmp[..len])]).is_ok() {
-                                shared.counters.icmp_unreachable.fetch_add(1, Ordering::Relaxed);
+                                shared
+                                    .counters
+                                    .icmp_unreachable
+                                    .fetch_add(1, Ordering::Relaxed);
                             }
                         }
                     }
@@ -290,11 +309,17 @@ fn rx_loop(tun: &Tun, sock: &UdpSock, shared: &Shared, f: Features) {
         what: "writing to the TUN device",
         last: None,
     };
+    // The last receive found the queue empty: wait before receiving again.
+    let mut drained = false;
     while !shared.stop.load(Ordering::Relaxed) {
+        if drained {
+            let _ = sock.wait(libc::POLLIN, POLL_MS);
+            drained = false;
+        }
         let n = match sock.recv_batch(&mut rb) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                let _ = sock.wait(libc::POLLIN, POLL_MS);
+                drained = true;
                 continue;
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,

@@ -26,7 +26,10 @@ fn table() -> PeerTable {
 fn check_tun_frame(iov: &[IoSlice<'_>], vnet: bool) {
     let frame: Vec<u8> = iov.iter().flat_map(|s| s.iter().copied()).collect();
     let (vh, pkt) = if vnet {
-        (VnetHdr::decode(&frame).expect("virtio-net header"), &frame[VNET_HDR_LEN..])
+        (
+            VnetHdr::decode(&frame).expect("virtio-net header"),
+            &frame[VNET_HDR_LEN..],
+        )
     } else {
         (VnetHdr::default(), &frame[..])
     };
@@ -59,7 +62,9 @@ pub fn from_socket(data: &[u8]) {
     let peers = table();
     let mut co = Coalescer::new(64, vnet && flags & 2 != 0, vnet && flags & 4 != 0);
     let mut stats = DirStats::default();
-    pipeline::rx_datagram(&mut bufs, 0, len, seg_size, from, &peers, &mut co, &mut stats);
+    pipeline::rx_datagram(
+        &mut bufs, 0, len, seg_size, from, &peers, &mut co, &mut stats,
+    );
     let queued = co.len() as u64;
     let fs = co.flush(&bufs, vnet, |iov| {
         check_tun_frame(iov, vnet);
@@ -138,11 +143,29 @@ mod tests {
 
     fn seeds() -> Vec<Vec<u8>> {
         let mut rng = Rng(99);
-        let mut tcp = ipv4_packet([10, 5, 1, 2], [10, 5, 2, 3], wire::PROTO_TCP, 64, &rng.bytes(3000));
+        let mut tcp = ipv4_packet(
+            [10, 5, 1, 2],
+            [10, 5, 2, 3],
+            wire::PROTO_TCP,
+            64,
+            &rng.bytes(3000),
+        );
         tcp[32] = 0x50;
         tcp[33] = 0x10;
-        let udp = ipv4_packet([10, 5, 1, 2], [10, 5, 2, 3], wire::PROTO_UDP, 64, &rng.bytes(200));
-        let icmp = ipv4_packet([10, 5, 1, 2], [10, 6, 2, 3], wire::PROTO_ICMP, 64, &[8, 0, 0, 0, 1, 2]);
+        let udp = ipv4_packet(
+            [10, 5, 1, 2],
+            [10, 5, 2, 3],
+            wire::PROTO_UDP,
+            64,
+            &rng.bytes(200),
+        );
+        let icmp = ipv4_packet(
+            [10, 5, 1, 2],
+            [10, 6, 2, 3],
+            wire::PROTO_ICMP,
+            64,
+            &[8, 0, 0, 0, 1, 2],
+        );
         vec![tcp, udp, icmp]
     }
 
@@ -178,7 +201,11 @@ mod tests {
             from_tun(&tun);
             // Socket side: one datagram, or several back to back as GRO returns them.
             let mut sock = vec![flags];
-            let seg = if rng.next() % 2 == 0 { 0 } else { pkt.len() as u16 };
+            let seg = if rng.next() % 2 == 0 {
+                0
+            } else {
+                pkt.len() as u16
+            };
             sock.extend_from_slice(&seg.to_be_bytes());
             for _ in 0..(1 + rng.next() % 3) {
                 sock.extend_from_slice(&pkt);

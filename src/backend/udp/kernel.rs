@@ -27,7 +27,10 @@ impl KernelError {
         let (errno, detail) = match &e {
             rtnetlink::Error::NetlinkError(msg) => {
                 let code = -msg.raw_code();
-                (Some(code), std::io::Error::from_raw_os_error(code).to_string())
+                (
+                    Some(code),
+                    std::io::Error::from_raw_os_error(code).to_string(),
+                )
             }
             other => (None, other.to_string()),
         };
@@ -106,7 +109,11 @@ pub async fn set_up(h: &Handle, name: &str, index: u32, mtu: u32) -> Result<(), 
 }
 
 /// The IPv4 addresses of device `index`.
-pub async fn addresses(h: &Handle, name: &str, index: u32) -> Result<Vec<Ipv4Network>, KernelError> {
+pub async fn addresses(
+    h: &Handle,
+    name: &str,
+    index: u32,
+) -> Result<Vec<Ipv4Network>, KernelError> {
     let mut req = h.address().get().set_link_index_filter(index);
     req.message_mut().header.family = AddressFamily::Inet;
     let msgs: Vec<AddressMessage> = req
@@ -127,7 +134,12 @@ pub async fn addresses(h: &Handle, name: &str, index: u32) -> Result<Vec<Ipv4Net
         .collect())
 }
 
-pub async fn add_address(h: &Handle, name: &str, index: u32, a: Ipv4Network) -> Result<(), KernelError> {
+pub async fn add_address(
+    h: &Handle,
+    name: &str,
+    index: u32,
+    a: Ipv4Network,
+) -> Result<(), KernelError> {
     h.address()
         .add(index, IpAddr::V4(a.ip()), a.prefix())
         .replace()
@@ -136,12 +148,18 @@ pub async fn add_address(h: &Handle, name: &str, index: u32, a: Ipv4Network) -> 
         .map_err(|e| KernelError::new(format!("add address {a} to {name}"), e))
 }
 
-pub async fn delete_address(h: &Handle, name: &str, index: u32, a: Ipv4Network) -> Result<(), KernelError> {
+pub async fn delete_address(
+    h: &Handle,
+    name: &str,
+    index: u32,
+    a: Ipv4Network,
+) -> Result<(), KernelError> {
     let mut msg = AddressMessage::default();
     msg.header.family = AddressFamily::Inet;
     msg.header.prefix_len = a.prefix();
     msg.header.index = index;
-    msg.attributes.push(AddressAttribute::Local(IpAddr::V4(a.ip())));
+    msg.attributes
+        .push(AddressAttribute::Local(IpAddr::V4(a.ip())));
     h.address()
         .del(msg)
         .execute()
@@ -151,7 +169,11 @@ pub async fn delete_address(h: &Handle, name: &str, index: u32, a: Ipv4Network) 
 
 /// Destinations of the main table's IPv4 unicast routes through device `index` that were not
 /// made by the kernel (connected routes), with their metric.
-pub async fn routes_via(h: &Handle, name: &str, index: u32) -> Result<Vec<(Ipv4Network, u32)>, KernelError> {
+pub async fn routes_via(
+    h: &Handle,
+    name: &str,
+    index: u32,
+) -> Result<Vec<(Ipv4Network, u32)>, KernelError> {
     let msg = RouteMessageBuilder::<Ipv4Addr>::new().build();
     let msgs: Vec<RouteMessage> = h
         .route()
@@ -205,7 +227,12 @@ fn route_message(dst: Ipv4Network, index: u32, metric: u32) -> RouteMessage {
 }
 
 /// `ip route replace <dst> dev <name>`.
-pub async fn replace_route(h: &Handle, name: &str, index: u32, dst: Ipv4Network) -> Result<(), KernelError> {
+pub async fn replace_route(
+    h: &Handle,
+    name: &str,
+    index: u32,
+    dst: Ipv4Network,
+) -> Result<(), KernelError> {
     h.route()
         .add(route_message(dst, index, 0))
         .replace()

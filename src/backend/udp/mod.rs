@@ -36,10 +36,10 @@ use rtnetlink::Handle;
 use super::common;
 use super::{Backend, BackendContext, BackendError, Publish, ReconcileReport};
 use crate::subnet::{Lease, PeerSet};
-use kernel::KernelError;
 use counters::Counters;
 use device::Tun;
 use fastpath::{Features, Shared};
+use kernel::KernelError;
 use peers::PeerTable;
 use socket::UdpSock;
 
@@ -228,7 +228,10 @@ impl UdpBackend {
             .map_err(|e| setup(format!("index of {DEVICE}: {e}")))?;
         // The device carries IPv4 only: no IPv6 link-local address, router or multicast
         // listener messages for the data path to count as malformed.
-        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{DEVICE}/disable_ipv6"), "1");
+        let _ = std::fs::write(
+            format!("/proc/sys/net/ipv6/conf/{DEVICE}/disable_ipv6"),
+            "1",
+        );
         let h = self.handle()?;
         kernel::set_up(&h, DEVICE, index, self.mtu)
             .await
@@ -296,7 +299,9 @@ impl UdpBackend {
             }
         }
         let network = self.network;
-        let routes = kernel::routes_via(&h, DEVICE, index).await.map_err(nl_err)?;
+        let routes = kernel::routes_via(&h, DEVICE, index)
+            .await
+            .map_err(nl_err)?;
         if !routes.contains(&(network, 0)) {
             match kernel::replace_route(&h, DEVICE, index, network).await {
                 Ok(()) => {
@@ -327,9 +332,10 @@ impl UdpBackend {
     async fn repair_device(&mut self, tally: &mut Tally) -> Result<(), BackendError> {
         let h = self.handle()?;
         let link = kernel::link(&h, DEVICE).await.map_err(nl_err)?;
-        let healthy = self.run.as_ref().is_some_and(|r| {
-            r.alive() && link.as_ref().is_some_and(|l| l.index == r.index)
-        });
+        let healthy = self
+            .run
+            .as_ref()
+            .is_some_and(|r| r.alive() && link.as_ref().is_some_and(|l| l.index == r.index));
         if !healthy {
             tracing::warn!("udp: {DEVICE} or its data-path threads are gone; starting again");
             self.start().await?;

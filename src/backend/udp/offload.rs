@@ -212,7 +212,12 @@ pub fn prepare_from_tun(
 
 /// Completes a checksum the kernel left partial: the field at `start + offset` holds the
 /// pseudo-header sum, the sum runs from `start` to the end of the packet.
-pub fn complete_checksum(pkt: &mut [u8], start: usize, offset: usize, proto: u8) -> Result<(), Drop> {
+pub fn complete_checksum(
+    pkt: &mut [u8],
+    start: usize,
+    offset: usize,
+    proto: u8,
+) -> Result<(), Drop> {
     let field = start
         .checked_add(offset)
         .filter(|f| f.checked_add(2).is_some_and(|end| end <= pkt.len()))
@@ -694,7 +699,11 @@ fn build_super_header(it: &Item, first: &[u8], head: &mut [u8]) {
     wire::set_ipv4_checksum(&mut h[..20]);
     let src = Ipv4Addr::new(h[12], h[13], h[14], h[15]);
     let dst = Ipv4Addr::new(h[16], h[17], h[18], h[19]);
-    let (proto, field) = if tcp { (PROTO_TCP, 36) } else { (PROTO_UDP, 26) };
+    let (proto, field) = if tcp {
+        (PROTO_TCP, 36)
+    } else {
+        (PROTO_UDP, 26)
+    };
     if tcp {
         if it.psh {
             h[33] |= TCP_PSH;
@@ -823,7 +832,10 @@ mod tests {
         let out = &frame[start..start + len];
         assert!(checksums_ok(out));
         assert_eq!(out[8], 63);
-        assert!(out[20..] == full[20..], "TCP segment differs from a fully checksummed one");
+        assert!(
+            out[20..] == full[20..],
+            "TCP segment differs from a fully checksummed one"
+        );
     }
 
     #[test]
@@ -884,13 +896,22 @@ mod tests {
         let mut frame = vh.encode().to_vec();
         frame.extend_from_slice(&p);
         let mut segs = Segments::new();
-        assert_eq!(prepare_from_tun(&mut frame, true, &mut segs).unwrap().1, TxPacket::Split);
+        assert_eq!(
+            prepare_from_tun(&mut frame, true, &mut segs).unwrap().1,
+            TxPacket::Split
+        );
         let out = segs.materialize(&frame);
-        assert_eq!(out.iter().map(Vec::len).collect::<Vec<_>>(), [1228, 1228, 628]);
+        assert_eq!(
+            out.iter().map(Vec::len).collect::<Vec<_>>(),
+            [1228, 1228, 628]
+        );
         let mut joined = Vec::new();
         for (i, p) in out.iter().enumerate() {
             assert!(checksums_ok(p));
-            assert_eq!(usize::from(u16::from_be_bytes([p[24], p[25]])), p.len() - 20);
+            assert_eq!(
+                usize::from(u16::from_be_bytes([p[24], p[25]])),
+                p.len() - 20
+            );
             assert_eq!(u16::from_be_bytes([p[4], p[5]]), 9 + i as u16);
             joined.extend_from_slice(&p[28..]);
         }
@@ -909,21 +930,36 @@ mod tests {
         .encode()
         .to_vec();
         f.extend_from_slice(&udp_packet(1, &[0; 300]));
-        assert_eq!(prepare_from_tun(&mut f, true, &mut segs), Err(Drop::Malformed));
+        assert_eq!(
+            prepare_from_tun(&mut f, true, &mut segs),
+            Err(Drop::Malformed)
+        );
         // gso_size 0.
         let mut f = tso_frame(&[0; 3000], 0, TCP_ACK, &[]);
-        assert_eq!(prepare_from_tun(&mut f, true, &mut segs), Err(Drop::Malformed));
+        assert_eq!(
+            prepare_from_tun(&mut f, true, &mut segs),
+            Err(Drop::Malformed)
+        );
         // Checksum offset past the end.
         let mut f = tso_frame(&[0; 30], 1000, TCP_ACK, &[]);
         f[1] = GSO_NONE;
         f[8..10].copy_from_slice(&5000u16.to_ne_bytes());
-        assert_eq!(prepare_from_tun(&mut f, true, &mut segs), Err(Drop::Malformed));
+        assert_eq!(
+            prepare_from_tun(&mut f, true, &mut segs),
+            Err(Drop::Malformed)
+        );
         // Unknown GSO type.
         let mut f = tso_frame(&[0; 3000], 1000, TCP_ACK, &[]);
         f[1] = 3;
-        assert_eq!(prepare_from_tun(&mut f, true, &mut segs), Err(Drop::Malformed));
+        assert_eq!(
+            prepare_from_tun(&mut f, true, &mut segs),
+            Err(Drop::Malformed)
+        );
         // Truncated virtio-net header.
-        assert_eq!(prepare_from_tun(&mut [0u8; 5], true, &mut segs), Err(Drop::Malformed));
+        assert_eq!(
+            prepare_from_tun(&mut [0u8; 5], true, &mut segs),
+            Err(Drop::Malformed)
+        );
     }
 
     /// Coalesces `pkts` and returns the frames written.
@@ -970,7 +1006,14 @@ mod tests {
         assert_eq!(out.len(), 1);
         let vh = VnetHdr::decode(&out[0]).unwrap();
         assert_eq!(
-            (vh.flags, vh.gso_type, vh.gso_size, vh.hdr_len, vh.csum_start, vh.csum_offset),
+            (
+                vh.flags,
+                vh.gso_type,
+                vh.gso_size,
+                vh.hdr_len,
+                vh.csum_start,
+                vh.csum_offset
+            ),
             (VNET_F_NEEDS_CSUM, GSO_TCPV4, 1420, 52, 20, 16)
         );
         // Splitting the super-packet again (TTL aside) yields exactly the original segments.
@@ -978,13 +1021,17 @@ mod tests {
         frame[VNET_HDR_LEN + 8] += 1;
         wire::set_ipv4_checksum(&mut frame[VNET_HDR_LEN..VNET_HDR_LEN + 20]);
         let mut scratch = Segments::new();
-        assert_eq!(prepare_from_tun(&mut frame, true, &mut scratch).unwrap().1, TxPacket::Split);
+        assert_eq!(
+            prepare_from_tun(&mut frame, true, &mut scratch).unwrap().1,
+            TxPacket::Split
+        );
         assert_eq!(scratch.materialize(&frame), segs);
     }
 
     #[test]
     fn gro_respects_flow_boundaries_and_order() {
-        let a = |seq: u32, id: u16, flags: u8, n: usize| tcp_packet(seq, id, flags, &vec![7; n], &[]);
+        let a =
+            |seq: u32, id: u16, flags: u8, n: usize| tcp_packet(seq, id, flags, &vec![7; n], &[]);
         let mut other = a(0, 1, TCP_ACK, 100);
         other[22..24].copy_from_slice(&5202u16.to_be_bytes());
         wire::set_ipv4_checksum(&mut other[..20]);
@@ -1000,10 +1047,7 @@ mod tests {
             a(1199, 8, TCP_ACK, 100), // after PSH: new group
         ];
         let out = coalesce(&pkts, true, false);
-        let sizes: Vec<(u8, usize)> = out
-            .iter()
-            .map(|f| (f[1], f.len() - VNET_HDR_LEN))
-            .collect();
+        let sizes: Vec<(u8, usize)> = out.iter().map(|f| (f[1], f.len() - VNET_HDR_LEN)).collect();
         assert_eq!(
             sizes,
             vec![
@@ -1042,7 +1086,10 @@ mod tests {
         let out = coalesce(&pkts, true, true);
         assert_eq!(out.len(), 2);
         let vh = VnetHdr::decode(&out[0]).unwrap();
-        assert_eq!((vh.gso_type, vh.gso_size, vh.hdr_len, vh.csum_offset), (GSO_UDP_L4, 64, 28, 6));
+        assert_eq!(
+            (vh.gso_type, vh.gso_size, vh.hdr_len, vh.csum_offset),
+            (GSO_UDP_L4, 64, 28, 6)
+        );
         assert_eq!(out[0].len(), VNET_HDR_LEN + 28 + 64 * 10 + 30);
         // Split back: the same datagrams.
         let mut frame = out[0].clone();

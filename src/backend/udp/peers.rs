@@ -48,7 +48,11 @@ impl PeerTable {
                 continue;
             };
             let mask = u32::from(subnet.mask());
-            routes.push((u32::from(subnet.network()), mask, SocketAddrV4::new(ip, port)));
+            routes.push((
+                u32::from(subnet.network()),
+                mask,
+                SocketAddrV4::new(ip, port),
+            ));
         }
         (Self::from_routes(routes), skipped)
     }
@@ -128,7 +132,10 @@ mod tests {
     #[test]
     fn udp_and_untyped_leases_are_peers_others_are_not() {
         let peers: PeerSet = [
-            lease("10.5.2.0-24", r#"{"PublicIP":"198.18.0.2","PublicIPv6":null}"#),
+            lease(
+                "10.5.2.0-24",
+                r#"{"PublicIP":"198.18.0.2","PublicIPv6":null}"#,
+            ),
             lease(
                 "10.5.3.0-24",
                 r#"{"PublicIP":"198.18.0.3","PublicIPv6":null,"BackendType":"udp"}"#,
@@ -138,7 +145,10 @@ mod tests {
                 r#"{"PublicIP":"198.18.0.4","PublicIPv6":null,"BackendType":"vxlan"}"#,
             ),
             lease("10.5.5.0-24", r#"{"PublicIP":null,"PublicIPv6":null}"#),
-            lease("10.5.1.0-24", r#"{"PublicIP":"198.18.0.1","PublicIPv6":null}"#),
+            lease(
+                "10.5.1.0-24",
+                r#"{"PublicIP":"198.18.0.1","PublicIPv6":null}"#,
+            ),
         ]
         .into_iter()
         .collect();
@@ -147,8 +157,14 @@ mod tests {
         assert_eq!(t.len(), 2);
         assert_eq!(skipped.len(), 2, "{skipped:?}");
         let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
-        assert_eq!(t.lookup(ip("10.5.2.77")), Some("198.18.0.2:8285".parse().unwrap()));
-        assert_eq!(t.lookup(ip("10.5.3.1")), Some("198.18.0.3:8285".parse().unwrap()));
+        assert_eq!(
+            t.lookup(ip("10.5.2.77")),
+            Some("198.18.0.2:8285".parse().unwrap())
+        );
+        assert_eq!(
+            t.lookup(ip("10.5.3.1")),
+            Some("198.18.0.3:8285".parse().unwrap())
+        );
         assert_eq!(t.lookup(ip("10.5.4.1")), None);
         assert_eq!(t.lookup(ip("10.5.1.1")), None);
         assert!(t.is_peer(ip("198.18.0.2")) && t.is_peer(ip("198.18.0.3")));
@@ -159,13 +175,11 @@ mod tests {
     fn longest_prefix_wins_across_lengths() {
         let p = |s: &str| s.parse::<SocketAddrV4>().unwrap();
         let n = |s: &str| u32::from(s.parse::<Ipv4Addr>().unwrap());
-        let t = PeerTable::from_routes(
-            vec![
-                (n("10.5.0.0"), n("255.255.0.0"), p("1.1.1.1:1")),
-                (n("10.5.8.0"), n("255.255.255.0"), p("2.2.2.2:1")),
-                (n("10.5.9.128"), n("255.255.255.128"), p("3.3.3.3:1")),
-            ],
-        );
+        let t = PeerTable::from_routes(vec![
+            (n("10.5.0.0"), n("255.255.0.0"), p("1.1.1.1:1")),
+            (n("10.5.8.0"), n("255.255.255.0"), p("2.2.2.2:1")),
+            (n("10.5.9.128"), n("255.255.255.128"), p("3.3.3.3:1")),
+        ]);
         let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
         assert_eq!(t.lookup(ip("10.5.8.9")), Some(p("2.2.2.2:1")));
         assert_eq!(t.lookup(ip("10.5.9.200")), Some(p("3.3.3.3:1")));

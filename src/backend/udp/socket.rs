@@ -31,7 +31,12 @@ pub struct UdpSock {
     pub local: SocketAddrV4,
 }
 
-fn setsockopt_int(sock: &Socket, level: libc::c_int, opt: libc::c_int, val: libc::c_int) -> io::Result<()> {
+fn setsockopt_int(
+    sock: &Socket,
+    level: libc::c_int,
+    opt: libc::c_int,
+    val: libc::c_int,
+) -> io::Result<()> {
     // SAFETY: the option value is one int, passed with its size.
     let r = unsafe {
         libc::setsockopt(
@@ -59,10 +64,24 @@ impl UdpSock {
         )?;
         sock.bind(&addr.into())?;
         // Forced sizes (root) go past net.core.[rw]mem_max; fall back to the capped ones.
-        if setsockopt_int(&sock, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, SOCK_BUF as i32).is_err() {
+        if setsockopt_int(
+            &sock,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            SOCK_BUF as i32,
+        )
+        .is_err()
+        {
             let _ = sock.set_recv_buffer_size(SOCK_BUF);
         }
-        if setsockopt_int(&sock, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, SOCK_BUF as i32).is_err() {
+        if setsockopt_int(
+            &sock,
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUFFORCE,
+            SOCK_BUF as i32,
+        )
+        .is_err()
+        {
             let _ = sock.set_send_buffer_size(SOCK_BUF);
         }
         let (gso, gro) = if offload {
@@ -392,7 +411,8 @@ impl<'a> SendBatch<'a, '_> {
                 }
                 _ => {
                     let m = self.st.meta[done];
-                    if m.packets > 1 && matches!(err.raw_os_error(), Some(libc::EIO | libc::EINVAL)) {
+                    if m.packets > 1 && matches!(err.raw_os_error(), Some(libc::EIO | libc::EINVAL))
+                    {
                         // The route cannot do UDP GSO: send this message's packets one by one.
                         if self.gso {
                             tracing::warn!(

@@ -261,7 +261,13 @@ pub(crate) mod tests {
     }
 
     /// A valid IPv4 packet with `payload` and a correct header checksum.
-    pub(crate) fn ipv4_packet(src: [u8; 4], dst: [u8; 4], proto: u8, ttl: u8, payload: &[u8]) -> Vec<u8> {
+    pub(crate) fn ipv4_packet(
+        src: [u8; 4],
+        dst: [u8; 4],
+        proto: u8,
+        ttl: u8,
+        payload: &[u8],
+    ) -> Vec<u8> {
         let mut p = vec![0u8; 20];
         p[0] = 0x45;
         p[2..4].copy_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
@@ -372,7 +378,10 @@ pub(crate) mod tests {
         assert_eq!(n, 20 + 8 + 20 + 8);
         let r = &out[..n];
         let h = parse_ipv4(r).unwrap();
-        assert_eq!((h.proto, h.src, h.dst), (PROTO_ICMP, gw, Ipv4Addr::new(10, 5, 1, 2)));
+        assert_eq!(
+            (h.proto, h.src, h.dst),
+            (PROTO_ICMP, gw, Ipv4Addr::new(10, 5, 1, 2))
+        );
         assert_eq!(h.total_len, n);
         assert!(ipv4_checksum_ok(&r[..20]));
         assert_eq!((r[20], r[21]), (3, 0));

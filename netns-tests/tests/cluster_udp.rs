@@ -1,0 +1,274 @@
+//! Hosts with the udp backend (root only), on the fast path and on the plain path
+//! (`"Plain": true` in the Backend object, the same switch as `FLANNEL_UDP_PLAIN=1`).
+//!
+//! The udp backend's peer table lives in user space, so convergence is judged by traffic:
+//! every pod reaches every other, a host that leaves is answered for with ICMP net
+//! unreachable, a host that joins becomes reachable.
+
+use std::net::{Ipv4Addr, UdpSocket};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use netns_tests::{require_root, tcp_transfer, Cluster, Pod};
+use serde_json::json;
+
+const REACH: Duration = Duration::from_secs(20);
+
+fn cluster(hosts: usize, plain: bool) -> Cluster {
+    Cluster::builder()
+        .hosts(hosts)
+        .backend_json(json!({"Type": "udp", "Plain": plain}))
+        .build()
+        .expect("cluster")
+}
+
+/// The flanneld log line that says which data path runs.
+fn path_line(c: &Cluster, i: usize) -> String {
+    let log = std::fs::read_to_string(c.host(i).log_path()).unwrap_or_default();
+    log.lines()
+        .find(|l| l.contains("udp: flannel0"))
+        .unwrap_or("(no data-path line in the log)")
+        .to_string()
+}
+
+/// Waits until `a` reaches `b` (the peer table is filled when the watch delivers the lease).
+fn reach(a: &Pod, b: &Pod) {
+    a.wait_reaches(b.ip(), REACH)
+        .unwrap_or_else(|e| panic!("{} → {}: {e}", a.ip(), b.ip()));
+}
+
+/// Runs ping in `pod` and returns (success, output).
+fn ping_out(pod: &Pod, dst: Ipv4Addr) -> (bool, String) {
+    let out = pod
+        .netns()
+        .command("ping")
+        .args(["-n", "-c", "1", "-W", "1", &dst.to_string()])
+        .output()
+        .expect("ping runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+fn every_pod_reaches_every_pod(plain: bool) {
+    let c = cluster(3, plain);
+    for i in 0..3 {
+        let line = path_line(&c, i);
+        let want = if plain { "plain path" } else { "fast path" };
+        assert!(line.contains(want), "host {i}: {line}");
+        let lease = c.lease_of(i).unwrap().expect("host has a lease");
+        // flannel's udp backend writes no BackendType; ours must look the same.
+        assert_eq!(lease.backend_type, None, "{:?}", lease.value);
+        assert_eq!(lease.subnet, c.host(i).subnet().unwrap());
+        let env = c.host(i).subnet_env().unwrap();
+        assert_eq!(env["FLANNEL_MTU"], "1472");
+        assert!(c.host(i).link_mac("flannel0").is_ok());
+    }
+    let mut pods: Vec<Pod> = (0..3).map(|i| c.add_pod(i).expect("pod")).collect();
+    pods.push(c.add_pod(0).expect("second pod on host 0"));
+    for a in &pods {
+        for b in &pods {
+            if a.ip() != b.ip() {
+                reach(a, b);
+            }
+        }
+    }
+    let refs: Vec<&Pod> = pods.iter().collect();
+    let failures = c.ping_matrix(&refs, 2).unwrap();
+    assert!(failures.is_empty(), "pings lost:\n{}", failures.join("\n"));
+    for a in &pods {
+        for b in &pods {
+            if a.host_index() == b.host_index() {
+                continue;
+            }
+            let t = tcp_transfer(a, b, 8 << 20)
+                .unwrap_or_else(|e| panic!("TCP {} → {}: {e}", a.name(), b.name()));
+            eprintln!(
+                "TCP {} → {}: {} bytes, {:.0} Mbit/s, checksum {:016x} at both ends",
+                a.ip(),
+                b.ip(),
+                t.bytes,
+                t.mbit_per_s(),
+                t.checksum
+            );
+        }
+    }
+    for i in 0..3 {
+        let m = c.host(i).metrics().unwrap();
+        let get = |k: &str| m.get(k).copied().unwrap_or(-1.0);
+        assert!(
+            get(r#"flannel_udp_packets_total{direction="tx"}"#) > 0.0,
+            "{m:?}"
+        );
+        assert!(
+            get(r#"flannel_udp_packets_total{direction="rx"}"#) > 0.0,
+            "{m:?}"
+        );
+        assert_eq!(
+            get(r#"flannel_udp_drops_total{direction="rx",reason="malformed"}"#),
+            0.0
+        );
+    }
+}
+
+#[test]
+fn udp_fast_every_pod_reaches_every_pod() {
+    if require_root("udp_fast_every_pod_reaches_every_pod") {
+        every_pod_reaches_every_pod(false);
+    }
+}
+
+#[test]
+fn udp_plain_every_pod_reaches_every_pod() {
+    if require_root("udp_plain_every_pod_reaches_every_pod") {
+        every_pod_reaches_every_pod(true);
+    }
+}
+
+/// An IPv4/UDP packet to `dst`:`port` (no UDP checksum) with a correct header checksum.
+fn ipv4_udp(src: Ipv4Addr, dst: Ipv4Addr, port: u16, payload: &[u8]) -> Vec<u8> {
+    let mut p = vec![0u8; 28];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&((28 + payload.len()) as u16).to_be_bytes());
+    p[8] = 64;
+    p[9] = 17;
+    p[12..16].copy_from_slice(&src.octets());
+    p[16..20].copy_from_slice(&dst.octets());
+    let mut sum: u32 = p[..20]
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    p[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    p[20..22].copy_from_slice(&4000u16.to_be_bytes());
+    p[22..24].copy_from_slice(&port.to_be_bytes());
+    p[24..26].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    p.extend_from_slice(payload);
+    p
+}
+
+fn non_peer_datagram_is_dropped(plain: bool) {
+    let c = cluster(2, plain);
+    let a = c.add_pod(0).unwrap();
+    let b = c.add_pod(1).unwrap();
+    reach(&a, &b);
+    let target = c.host(1).public_ip();
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let (pkt_rogue, pkt_peer) = (
+        ipv4_udp(a.ip(), b.ip(), 9999, b"rogue"),
+        ipv4_udp(a.ip(), b.ip(), 9999, b"peer"),
+    );
+    let got = std::thread::scope(|s| {
+        let receiver = s.spawn(|| {
+            b.netns()
+                .run_in(|| {
+                    let sock = UdpSocket::bind((b.ip(), 9999)).unwrap();
+                    sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                    ready_tx.send(()).unwrap();
+                    let mut got = Vec::new();
+                    let mut buf = [0u8; 2048];
+                    while let Ok(n) = sock.recv(&mut buf) {
+                        got.push(buf[..n].to_vec());
+                    }
+                    got
+                })
+                .unwrap()
+        });
+        ready_rx.recv().unwrap();
+        // etcd's namespace is on the underlay and holds no lease.
+        c.etcd()
+            .netns()
+            .run_in(|| {
+                let sock = UdpSocket::bind((c.etcd().ip(), 8285)).unwrap();
+                for _ in 0..3 {
+                    sock.send_to(&pkt_rogue, (target, 8285)).unwrap();
+                }
+            })
+            .unwrap();
+        // The same from a peer's public IP is delivered, so the drop is no accident.
+        c.host(0)
+            .netns()
+            .run_in(|| {
+                let sock = UdpSocket::bind((c.host(0).public_ip(), 0)).unwrap();
+                sock.send_to(&pkt_peer, (target, 8285)).unwrap();
+            })
+            .unwrap();
+        receiver.join().unwrap()
+    });
+    assert_eq!(got, vec![b"peer".to_vec()]);
+    let dropped = c
+        .host(1)
+        .metric(r#"flannel_udp_drops_total{direction="rx",reason="unknown_source"}"#)
+        .unwrap();
+    assert_eq!(dropped, 3.0);
+}
+
+#[test]
+fn udp_fast_datagram_from_a_non_peer_is_not_delivered() {
+    if require_root("udp_fast_datagram_from_a_non_peer_is_not_delivered") {
+        non_peer_datagram_is_dropped(false);
+    }
+}
+
+#[test]
+fn udp_plain_datagram_from_a_non_peer_is_not_delivered() {
+    if require_root("udp_plain_datagram_from_a_non_peer_is_not_delivered") {
+        non_peer_datagram_is_dropped(true);
+    }
+}
+
+fn leave_and_join(plain: bool) {
+    let mut c = cluster(3, plain);
+    let p0 = c.add_pod(0).unwrap();
+    let p2 = c.add_pod(2).unwrap();
+    reach(&p0, &p2);
+    // Host 2 leaves: flanneld stops and its lease is deleted.
+    let lease = c.lease_of(2).unwrap().expect("host 2 has a lease");
+    c.host(2).stop();
+    assert_eq!(c.etcd().del(&lease.key).unwrap(), 1);
+    let deadline = Instant::now() + REACH;
+    loop {
+        let (ok, out) = ping_out(&p0, p2.ip());
+        if !ok && out.contains("Destination Net Unreachable") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "host 2 left, yet pod 0 does not get net unreachable: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        c.host(0)
+            .metric("flannel_udp_icmp_unreachable_total")
+            .unwrap()
+            >= 1.0
+    );
+    // A new host joins: reachable.
+    let i = c.add_host().expect("host joins");
+    let p3 = c.add_pod(i).unwrap();
+    reach(&p0, &p3);
+    reach(&p3, &p0);
+    // Host 2 comes back (its old subnet from its subnet file): reachable again.
+    c.host(2).start().unwrap();
+    c.host(2).wait_ready(REACH).unwrap();
+    reach(&p0, &p2);
+    reach(&p2, &p3);
+}
+
+#[test]
+fn udp_fast_host_leaves_unreachable_then_joins_reachable() {
+    if require_root("udp_fast_host_leaves_unreachable_then_joins_reachable") {
+        leave_and_join(false);
+    }
+}
+
+#[test]
+fn udp_plain_host_leaves_unreachable_then_joins_reachable() {
+    if require_root("udp_plain_host_leaves_unreachable_then_joins_reachable") {
+        leave_and_join(true);
+    }
+}
