@@ -14,7 +14,7 @@ use super::{BackendError, ReconcileReport};
 use crate::config::NetworkConfig;
 use crate::iface::ExternalInterface;
 use crate::netlink::{self, Batch, Net, Netlink, NetlinkError, Op, Route, RT_TABLE_MAIN};
-use crate::subnet::{LeaseAttrs, SubnetKey};
+use crate::subnet::{Lease, LeaseAttrs, PeerSet, SubnetKey};
 
 /// Looks `key` up the way flannel (Go's `encoding/json`) does: an exact match first, then
 /// case-insensitively.
@@ -144,6 +144,76 @@ impl Family for Ipv6Network {
     }
     const PUBLIC_FIELD: &'static str = "PublicIPv6";
     const DATA_FIELD: &'static str = "BackendV6Data";
+}
+
+/// A peer lease a kernel backend programs in family `N`.
+pub(super) struct Candidate<'a, N: Family> {
+    pub key: SubnetKey,
+    pub subnet: N,
+    pub lease: &'a Lease,
+    pub public_ip: N::Addr,
+}
+
+/// The peers of backend type `backend` with a subnet of family `N` inside `network`, other than
+/// our own subnet and our own public address. Every other peer with a subnet of this family goes
+/// into `skipped` with the reason.
+pub(super) fn candidates<'a, N: Family>(
+    peers: &'a PeerSet,
+    backend: &str,
+    network: &N,
+    own: Option<&N>,
+    own_public: N::Addr,
+    skipped: &mut BTreeMap<SubnetKey, String>,
+) -> Vec<Candidate<'a, N>> {
+    let mut out = Vec::new();
+    for (key, lease) in peers {
+        let Some(subnet) = N::subnet(key) else {
+            continue; // No subnet of this family: nothing to program here.
+        };
+        if own == Some(&subnet) {
+            continue;
+        }
+        let why = if !subnet.within(network) {
+            format!("{} subnet outside the network {network}", N::NAME)
+        } else if lease.attrs.effective_backend_type() != backend {
+            let kind = lease.attrs.effective_backend_type();
+            format!("backend type {kind:?} is not {backend}")
+        } else {
+            match N::public_ip(&lease.attrs) {
+                None => format!("lease has no {}", N::PUBLIC_FIELD),
+                Some(ip) if ip == own_public => {
+                    format!("lease has our own {} {ip}", N::PUBLIC_FIELD)
+                }
+                Some(public_ip) => {
+                    out.push(Candidate {
+                        key: *key,
+                        subnet,
+                        lease,
+                        public_ip,
+                    });
+                    continue;
+                }
+            }
+        };
+        skipped.insert(*key, why);
+    }
+    out
+}
+
+/// Logs the peers skipped now for a reason they were not skipped for last time, then remembers
+/// the new set: one line per change, not one per reconciliation pass.
+pub(super) fn log_skipped(
+    backend: &str,
+    on: &str,
+    last: &mut BTreeMap<SubnetKey, String>,
+    now: BTreeMap<SubnetKey, String>,
+) {
+    for (key, why) in &now {
+        if last.get(key) != Some(why) {
+            tracing::info!("{backend}: ignoring peer {key}{on}: {why}");
+        }
+    }
+    *last = now;
 }
 
 /// What a planned change does when it succeeds.

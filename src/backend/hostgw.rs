@@ -65,48 +65,22 @@ impl<N: Family> Routes<N> {
         plan: &mut Plan,
     ) -> Result<(), BackendError> {
         let public_ip = Self::check_no_nat(ext)?;
-        let mut want = BTreeMap::new();
         let mut skipped = BTreeMap::new();
-        for (key, lease) in peers {
-            let Some(subnet) = N::subnet(key) else {
-                continue; // A peer without a subnet of this family.
-            };
-            if self.own == Some(subnet) {
-                continue;
-            }
-            if !subnet.within(&self.network) {
-                skipped.insert(
-                    *key,
-                    format!("{} subnet outside the network {}", N::NAME, self.network),
-                );
-                continue;
-            }
-            let kind = lease.attrs.effective_backend_type();
-            if kind != BACKEND {
-                skipped.insert(*key, format!("backend type {kind:?} is not host-gw"));
-                continue;
-            }
-            match N::public_ip(&lease.attrs) {
-                None => {
-                    skipped.insert(*key, format!("lease has no {}", N::PUBLIC_FIELD));
-                }
-                Some(ip) if ip == public_ip => {
-                    skipped.insert(*key, format!("lease has our own {} {ip}", N::PUBLIC_FIELD));
-                }
-                Some(ip) => {
-                    want.insert(
-                        subnet,
-                        (Route::new(subnet, Some(ip), ext.index, false), *key),
-                    );
-                }
-            }
-        }
-        for (key, why) in &skipped {
-            if self.skipped.get(key) != Some(why) {
-                tracing::info!("{BACKEND}: ignoring peer {key}: {why}");
-            }
-        }
-        self.skipped = skipped;
+        let want: BTreeMap<N, (Route<N>, SubnetKey)> = common::candidates(
+            peers,
+            BACKEND,
+            &self.network,
+            self.own.as_ref(),
+            public_ip,
+            &mut skipped,
+        )
+        .into_iter()
+        .map(|c| {
+            let route = Route::new(c.subnet, Some(c.public_ip), ext.index, false);
+            (c.subnet, (route, c.key))
+        })
+        .collect();
+        common::log_skipped(BACKEND, "", &mut self.skipped, skipped);
 
         let (network, own, ext_index) = (self.network, self.own, ext.index);
         common::plan_routes(

@@ -377,15 +377,6 @@ impl<N: Family> Vtep<N> {
         Ok(changed)
     }
 
-    fn log_skipped(&mut self, skipped: BTreeMap<SubnetKey, String>) {
-        for (key, why) in &skipped {
-            if self.skipped.get(key) != Some(why) {
-                tracing::info!("{BACKEND}: ignoring peer {key} on {}: {why}", self.name);
-            }
-        }
-        self.skipped = skipped;
-    }
-
     /// What the peers want on this device.
     fn desired(
         &mut self,
@@ -400,40 +391,25 @@ impl<N: Family> Vtep<N> {
             routes: BTreeMap::new(),
         };
         let mut skipped = BTreeMap::new();
-        for (key, lease) in peers {
-            let Some(subnet) = N::subnet(key) else {
-                continue; // No subnet of this family: nothing to program here.
-            };
-            if self.own == Some(subnet) {
-                continue;
-            }
-            if !subnet.within(&self.network) {
-                skipped.insert(
-                    *key,
-                    format!("{} subnet outside the network {}", N::NAME, self.network),
-                );
-                continue;
-            }
-            let kind = lease.attrs.effective_backend_type();
-            if kind != BACKEND {
-                skipped.insert(*key, format!("backend type {kind:?} is not vxlan"));
-                continue;
-            }
-            let Some(public_ip) = N::public_ip(&lease.attrs) else {
-                skipped.insert(*key, format!("lease has no {}", N::PUBLIC_FIELD));
-                continue;
-            };
-            if public_ip == self.public_ip {
-                skipped.insert(
-                    *key,
-                    format!("lease has our own {} {public_ip}", N::PUBLIC_FIELD),
-                );
-                continue;
-            }
+        let peers = common::candidates(
+            peers,
+            BACKEND,
+            &self.network,
+            self.own.as_ref(),
+            self.public_ip,
+            &mut skipped,
+        );
+        for common::Candidate {
+            key,
+            subnet,
+            lease,
+            public_ip,
+        } in peers
+        {
             if ext_nets.iter().any(|n| n.has(public_ip)) {
                 want.routes.insert(
                     subnet,
-                    (Route::new(subnet, Some(public_ip), ext.index, false), *key),
+                    (Route::new(subnet, Some(public_ip), ext.index, false), key),
                 );
                 continue;
             }
@@ -445,27 +421,28 @@ impl<N: Family> Vtep<N> {
                 .and_then(parse_mac);
             let Some(mac) = mac else {
                 skipped.insert(
-                    *key,
+                    key,
                     format!("{} {data} has no valid VtepMAC", N::DATA_FIELD),
                 );
                 continue;
             };
             if let Some((_, other)) = want.fdb.get(&mac) {
                 skipped.insert(
-                    *key,
+                    key,
                     format!("VtepMAC {} is also used by peer {other}", format_mac(&mac)),
                 );
                 continue;
             }
             let vtep = subnet.net_addr();
-            want.neigh.insert(vtep, (mac, *key));
-            want.fdb.insert(mac, (public_ip, *key));
+            want.neigh.insert(vtep, (mac, key));
+            want.fdb.insert(mac, (public_ip, key));
             want.routes.insert(
                 subnet,
-                (Route::new(subnet, Some(vtep), dev.index, true), *key),
+                (Route::new(subnet, Some(vtep), dev.index, true), key),
             );
         }
-        self.log_skipped(skipped);
+        let on = format!(" on {}", self.name);
+        common::log_skipped(BACKEND, &on, &mut self.skipped, skipped);
         want
     }
 
