@@ -189,12 +189,12 @@ pub fn prepare_from_tun(
     match vh.gso_type & !GSO_ECN {
         GSO_NONE => {
             if vh.flags & VNET_F_NEEDS_CSUM != 0 {
-                complete_checksum(
-                    pkt,
-                    usize::from(vh.csum_start),
-                    usize::from(vh.csum_offset),
-                    ip.proto,
-                )?;
+                let start = usize::from(vh.csum_start);
+                // The checksummed region is the L4 segment: never the IP header itself.
+                if start < ip.hdr_len {
+                    return Err(Drop::Malformed);
+                }
+                complete_checksum(pkt, start, usize::from(vh.csum_offset), ip.proto)?;
             }
             Ok((ip.dst, single))
         }
@@ -944,6 +944,15 @@ mod tests {
         let mut f = tso_frame(&[0; 30], 1000, TCP_ACK, &[]);
         f[1] = GSO_NONE;
         f[8..10].copy_from_slice(&5000u16.to_ne_bytes());
+        assert_eq!(
+            prepare_from_tun(&mut f, true, &mut segs),
+            Err(Drop::Malformed)
+        );
+        // Checksum region starting inside the IP header.
+        let mut f = tso_frame(&[0; 30], 1000, TCP_ACK, &[]);
+        f[1] = GSO_NONE;
+        f[6..8].copy_from_slice(&0u16.to_ne_bytes());
+        f[8..10].copy_from_slice(&2u16.to_ne_bytes());
         assert_eq!(
             prepare_from_tun(&mut f, true, &mut segs),
             Err(Drop::Malformed)
