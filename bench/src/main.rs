@@ -22,8 +22,8 @@ fn usage() -> ! {
          ADD/DEL latency: native flannel CNI plugin vs bridge + host-local\n  \
          scale [--peers N] [--joins N] [--hosts N] [--rounds R] [--json FILE] [--flanneld PATH]\n      \
          start-up with N peers vs ip -batch, RSS, join latency on watching hosts\n  \
-         udp [--json FILE] [--secs N] [--repeat N] [--flanneld PATH] [--modes veth,vxlan,udp,udp-plain]\n      \
-         udp backend vs kernel VXLAN vs raw veth: 1 and 4 TCP streams, 64-byte UDP pps, CPU\n  \
+         udp [--json FILE] [--secs N] [--repeat N] [--flanneld PATH] [--modes veth,vxlan,flannel-vxlan,udp,udp-plain]\n      \
+         udp backend and flanneld's vxlan vs hand-made kernel VXLAN vs raw veth: 1 and 4 TCP streams, 64-byte UDP pps, CPU\n  \
          mesh50 [--hosts N] [--rounds R] [--backend vxlan|host-gw] [--json FILE] [--flanneld PATH]\n      \
          N hosts at once on a 3-member etcd: time to the full mesh, flanneld RSS and CPU"
     );

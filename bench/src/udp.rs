@@ -39,17 +39,26 @@ struct Opts {
 enum Mode {
     Veth,
     Vxlan,
+    /// flanneld's own vxlan backend: must equal the hand-made device (it only programs it).
+    FlannelVxlan,
     Udp,
     UdpPlain,
 }
 
 impl Mode {
-    const ALL: [Mode; 4] = [Mode::Veth, Mode::Vxlan, Mode::Udp, Mode::UdpPlain];
+    const ALL: [Mode; 5] = [
+        Mode::Veth,
+        Mode::Vxlan,
+        Mode::FlannelVxlan,
+        Mode::Udp,
+        Mode::UdpPlain,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             Mode::Veth => "veth",
             Mode::Vxlan => "vxlan",
+            Mode::FlannelVxlan => "flannel-vxlan",
             Mode::Udp => "udp",
             Mode::UdpPlain => "udp-plain",
         }
@@ -59,6 +68,7 @@ impl Mode {
         match self {
             Mode::Veth => "raw veth",
             Mode::Vxlan => "kernel VXLAN",
+            Mode::FlannelVxlan => "flanneld vxlan",
             Mode::Udp => "udp fast path",
             Mode::UdpPlain => "udp plain path",
         }
@@ -68,7 +78,7 @@ impl Mode {
 fn usage() -> i32 {
     eprintln!(
         "usage: flannel-bench udp [--json FILE] [--secs N] [--repeat N] [--flanneld PATH] \
-         [--modes veth,vxlan,udp,udp-plain]"
+         [--modes veth,vxlan,flannel-vxlan,udp,udp-plain]"
     );
     2
 }
@@ -627,6 +637,32 @@ fn subnet_env(path: &Path, key: &str) -> Option<String> {
         .find_map(|l| l.strip_prefix(&format!("{key}=")).map(str::to_string))
 }
 
+/// Network config for a mode that runs flanneld.
+fn config_for(mode: Mode) -> &'static str {
+    match mode {
+        Mode::FlannelVxlan => {
+            r#"{"Network":"10.5.0.0/16","SubnetLen":24,"Backend":{"Type":"vxlan"}}"#
+        }
+        _ => r#"{"Network":"10.5.0.0/16","SubnetLen":24,"Backend":{"Type":"udp"}}"#,
+    }
+}
+
+fn put_config(bed: &Bed, mode: Mode) -> Result<(), String> {
+    let url = format!("http://{A_IP}:2379");
+    ns_cmd(
+        &bed.ns("a"),
+        &[
+            "etcdctl",
+            "--endpoints",
+            &url,
+            "put",
+            "/coreos.com/network/config",
+            config_for(mode),
+        ],
+    )
+    .map(drop)
+}
+
 fn start_etcd(bed: &mut Bed) -> Result<(), String> {
     let a = bed.ns("a");
     let data = bed.dir.join("etcd");
@@ -787,7 +823,7 @@ fn run(opts: &Opts) -> Result<(), String> {
         None if opts
             .modes
             .iter()
-            .any(|m| matches!(m, Mode::Udp | Mode::UdpPlain)) =>
+            .any(|m| matches!(m, Mode::FlannelVxlan | Mode::Udp | Mode::UdpPlain)) =>
         {
             build_flanneld()?
         }
@@ -836,15 +872,21 @@ fn run(opts: &Opts) -> Result<(), String> {
                         .into(),
                 )
             }
-            Mode::Udp | Mode::UdpPlain => {
+            Mode::FlannelVxlan | Mode::Udp | Mode::UdpPlain => {
                 let plain = mode == Mode::UdpPlain;
                 if !etcd_started {
                     start_etcd(&mut bed)?;
                     etcd_started = true;
                 }
+                put_config(&bed, mode)?;
                 let (pids, nets) = start_flanneld(&mut bed, &flanneld, plain)?;
-                let pa = bed.add_pod("a", &nets[0], 1472)?;
-                let pb = bed.add_pod("b", &nets[1], 1472)?;
+                let mtu = if mode == Mode::FlannelVxlan {
+                    1450
+                } else {
+                    1472
+                };
+                let pa = bed.add_pod("a", &nets[0], mtu)?;
+                let pb = bed.add_pod("b", &nets[1], mtu)?;
                 let server = format!("{}.2", nets[1]);
                 let target = Target {
                     mode,
@@ -854,15 +896,21 @@ fn run(opts: &Opts) -> Result<(), String> {
                     daemons: &pids,
                 };
                 let r = measure_all(&mut bed, &target, opts);
-                let note = format!(
-                    "flanneld {}: {}",
-                    flanneld.display(),
-                    which_path(&bed, "a", plain)
-                );
+                let note = if mode == Mode::FlannelVxlan {
+                    format!("flanneld {}: vxlan backend, flannel.1", flanneld.display())
+                } else {
+                    format!(
+                        "flanneld {}: {}",
+                        flanneld.display(),
+                        which_path(&bed, "a", plain)
+                    )
+                };
                 bed.remove_pods();
                 for pid in pids {
                     bed.stop_pid(pid);
                 }
+                // flanneld leaves its device in place at exit; the next mode needs the hosts bare.
+                teardown_vxlan(&bed);
                 (r?, note)
             }
         };
