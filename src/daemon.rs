@@ -46,6 +46,8 @@ pub enum DaemonError {
     },
     #[error("{0}")]
     Mismatch(String),
+    #[error("internal task {task} stopped ({why}); exiting so that it is restarted")]
+    TaskEnded { task: &'static str, why: String },
 }
 
 pub async fn run(opts: Opts) -> Result<(), DaemonError> {
@@ -109,7 +111,7 @@ pub async fn run(opts: Opts) -> Result<(), DaemonError> {
 
     let (view_tx, view_rx) = watch::channel(LeaseView::default());
     let (own_tx, own_rx) = watch::channel(lease.clone());
-    tokio::spawn(lease_watch::run(
+    let watcher = tokio::spawn(lease_watch::run(
         reg.clone(),
         LeaseView::default(),
         view_tx,
@@ -124,7 +126,7 @@ pub async fn run(opts: Opts) -> Result<(), DaemonError> {
         ip_masq: opts.ip_masq,
         metrics: metrics.clone(),
     };
-    tokio::spawn(plane.run(own_rx.clone(), view_rx.clone()));
+    let plane = tokio::spawn(plane.run(own_rx.clone(), view_rx.clone()));
     let rules = RuleKeeper {
         firewall: firewall::create(config.enable_nftables),
         config: config.clone(),
@@ -134,7 +136,7 @@ pub async fn run(opts: Opts) -> Result<(), DaemonError> {
         every: Duration::from_secs(u64::from(opts.iptables_resync)),
         metrics: metrics.clone(),
     };
-    tokio::spawn(rules.run(own_rx));
+    let rules = tokio::spawn(rules.run(own_rx));
     let keeper = LeaseKeeper {
         reg,
         config,
@@ -142,8 +144,23 @@ pub async fn run(opts: Opts) -> Result<(), DaemonError> {
         renew_after: opts.renew_after(),
         metrics,
     };
-    keeper.run(lease, own_tx, view_rx).await;
-    Ok(())
+    let keeper = tokio::spawn(keeper.run(lease, own_tx, view_rx));
+    // Each task runs for the life of the daemon. One that ends has panicked or lost its
+    // channel: exit with the reason, so that the supervisor restarts a whole daemon, which
+    // adopts the data plane as it is, rather than keep one that silently stopped a duty.
+    let (task, end) = tokio::select! {
+        r = watcher => ("lease watcher", r),
+        r = plane => ("data plane", r),
+        r = rules => ("rule keeper", r),
+        r = keeper => ("lease keeper", r),
+    };
+    Err(DaemonError::TaskEnded {
+        task,
+        why: match end {
+            Ok(()) => "returned".to_string(),
+            Err(e) => e.to_string(),
+        },
+    })
 }
 
 /// Connects to etcd; a flag or file that can never work is fatal, an unreachable etcd is not.
@@ -561,7 +578,8 @@ impl RuleKeeper {
     async fn run(mut self, mut own_rx: watch::Receiver<Lease>) {
         let mut rules = self.rules_for(&own_rx.borrow_and_update());
         if rules.is_empty() {
-            return;
+            // Nothing to keep; stay alive, since the daemon treats an ended task as a failure.
+            return std::future::pending().await;
         }
         let mut tick = tokio::time::interval(self.every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
