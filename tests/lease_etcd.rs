@@ -34,22 +34,37 @@ fn attrs(ip: &str) -> LeaseAttrs {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn racing_acquirers_share_out_exactly_the_free_subnets() {
+    // A /24 in /28s: 16 subnets, the first never handed out → 15 free.
+    race(br#"{"Network":"10.5.0.0/24","SubnetLen":28,"Backend":{"Type":"alloc"}}"#).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_dual_stack_acquirers_never_share_an_ipv4_subnet() {
+    // Dual-stack keys differ in their IPv6 half (65,535 free /64s), so two hosts racing for
+    // one IPv4 subnet write two different keys: the later one must back off.
+    race(
+        br#"{"Network":"10.5.0.0/24","SubnetLen":28,"EnableIPv6":true,"IPv6Network":"fc00::/48","Backend":{"Type":"alloc"}}"#,
+    )
+    .await;
+}
+
+async fn race(config_json: &[u8]) {
     if !etcd_available() {
         return;
     }
     let etcd = Etcd::start();
-    // A /24 in /28s: 16 subnets, the first never handed out → 15 free.
-    let config = NetworkConfig::parse(
-        br#"{"Network":"10.5.0.0/24","SubnetLen":28,"Backend":{"Type":"alloc"}}"#,
-    )
-    .unwrap();
+    let config = NetworkConfig::parse(config_json).unwrap();
     let reg = registry(&etcd).await;
     let tasks: Vec<_> = (0..24)
         .map(|i| {
             let (reg, config) = (reg.clone(), config.clone());
             tokio::spawn(async move {
+                let mut attrs = attrs(&format!("198.18.8.{}", i + 1));
+                if config.enable_ipv6 {
+                    attrs.public_ipv6 = Some(format!("fd00:18::{}", i + 1).parse().unwrap());
+                }
                 let req = AcquireRequest {
-                    attrs: attrs(&format!("198.18.8.{}", i + 1)),
+                    attrs,
                     prefer: None,
                     ttl: Duration::from_secs(600),
                 };
@@ -72,9 +87,13 @@ async fn racing_acquirers_share_out_exactly_the_free_subnets() {
     }
     assert_eq!(won.len(), 15);
     assert_eq!(out_of_subnets, 9);
-    let subnets: HashSet<SubnetKey> = won.iter().map(|l| l.key).collect();
-    assert_eq!(subnets.len(), 15, "a subnet was handed out twice");
-    assert!(!subnets.contains(&"10.5.0.0-28".parse().unwrap()));
+    let v4: HashSet<_> = won.iter().map(|l| l.key.ipv4.unwrap()).collect();
+    assert_eq!(v4.len(), 15, "an IPv4 subnet was handed out twice");
+    assert!(!v4.contains(&"10.5.0.0/28".parse().unwrap()));
+    if config.enable_ipv6 {
+        let v6: HashSet<_> = won.iter().map(|l| l.key.ipv6.unwrap()).collect();
+        assert_eq!(v6.len(), 15, "an IPv6 subnet was handed out twice");
+    }
     // etcd agrees: 15 keys, each with the public IP of the acquirer that won it.
     let stored = etcd.get_prefix("/coreos.com/network/subnets/");
     assert_eq!(stored.len(), 15);

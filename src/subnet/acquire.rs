@@ -147,10 +147,7 @@ async fn acquire_with(
 
         // 2. The subnet we had before, when it is still free and fits the config.
         if let Some(prefer) = req.prefer.filter(|k| cfg.fits(k) && !overlaps(&taken, k)) {
-            if let Some(lease) = reg
-                .create_if_absent(prefer, &req.attrs, Some(etcd_lease))
-                .await?
-            {
+            if let Some(lease) = create(reg, prefer, req, etcd_lease).await? {
                 return Ok(lease);
             }
         }
@@ -162,15 +159,34 @@ async fn acquire_with(
         }
         candidates.shuffle(&mut rand::rng());
         for key in candidates {
-            if let Some(lease) = reg
-                .create_if_absent(key, &req.attrs, Some(etcd_lease))
-                .await?
-            {
+            if let Some(lease) = create(reg, key, req, etcd_lease).await? {
                 return Ok(lease);
             }
         }
     }
     Err(AcquireError::Contended(MAX_ROUNDS))
+}
+
+/// Creates `key` if absent, and keeps it only if no older key shares one of its subnets (a
+/// dual-stack race the key comparison cannot catch); `None` when the subnet went to someone else.
+async fn create(
+    reg: &Registry,
+    key: SubnetKey,
+    req: &AcquireRequest,
+    etcd_lease: i64,
+) -> Result<Option<Lease>, AcquireError> {
+    let Some(lease) = reg
+        .create_if_absent(key, &req.attrs, Some(etcd_lease))
+        .await?
+    else {
+        return Ok(None);
+    };
+    if reg.holds_alone(&lease).await? {
+        return Ok(Some(lease));
+    }
+    tracing::info!("lost a race for a subnet of {key}: another host created it first");
+    reg.delete_if_unchanged(&lease).await?;
+    Ok(None)
 }
 
 /// Outcome of a renewal attempt.

@@ -434,6 +434,43 @@ impl Registry {
         }))
     }
 
+    /// Whether `lease` (just created) is the oldest key holding any of its subnets. Two dual-stack
+    /// keys can share an IPv4 subnet while differing in IPv6 (or the reverse), which the
+    /// create-if-absent check on the key cannot see; of such keys the first created wins.
+    pub async fn holds_alone(&self, lease: &Lease) -> Result<bool, EtcdError> {
+        let mut c = self.client.clone();
+        let resp = c
+            .get(
+                self.subnets_prefix(),
+                Some(GetOptions::new().with_prefix().with_keys_only()),
+            )
+            .await?;
+        let shares = |k: &SubnetKey| {
+            (k.ipv4.is_some() && k.ipv4 == lease.key.ipv4)
+                || (k.ipv6.is_some() && k.ipv6 == lease.key.ipv6)
+        };
+        Ok(!resp.kvs().iter().any(|kv| {
+            self.parse_deleted_key(kv).is_some_and(|k| {
+                k != lease.key && shares(&k) && kv.create_revision() < lease.revision
+            })
+        }))
+    }
+
+    /// Deletes our key if nobody changed it since `lease` was written.
+    pub async fn delete_if_unchanged(&self, lease: &Lease) -> Result<(), EtcdError> {
+        let k = self.lease_key(&lease.key);
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                k.clone(),
+                CompareOp::Equal,
+                lease.revision,
+            )])
+            .and_then([TxnOp::delete(k, None)]);
+        let mut c = self.client.clone();
+        c.txn(txn).await?;
+        Ok(())
+    }
+
     /// Direct client access for tools and tests (etcdctl-like operations).
     pub fn client(&self) -> Client {
         self.client.clone()
