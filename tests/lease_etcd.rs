@@ -12,7 +12,7 @@ use flannel::metrics::Metrics;
 use flannel::subnet::acquire::{acquire, AcquireError, AcquireRequest};
 use flannel::subnet::etcd::{EtcdOptions, Registry};
 use flannel::subnet::watch::{self as lease_watch, LeaseView};
-use flannel::subnet::{LeaseAttrs, SubnetKey};
+use flannel::subnet::LeaseAttrs;
 
 async fn registry(etcd: &Etcd) -> Registry {
     Registry::connect(&EtcdOptions {
