@@ -21,7 +21,7 @@ use crate::iface::{self, ExternalInterface, IfaceChoice, IfaceError};
 use crate::metrics::Metrics;
 use crate::subnet::acquire::{self, AcquireError, AcquireRequest, Renewal};
 use crate::subnet::env::SubnetEnv;
-use crate::subnet::etcd::{EtcdError, EtcdOptions, Registry};
+use crate::subnet::etcd::{EtcdError, EtcdOptions, Listing, Registry};
 use crate::subnet::watch::{self as lease_watch, Backoff, LeaseView};
 use crate::subnet::{Lease, LeaseAttrs, PeerSet};
 
@@ -107,13 +107,14 @@ pub async fn run(opts: Opts) -> Result<(), DaemonError> {
         prefer: old_subnet,
         ttl: opts.subnet_lease_ttl,
     };
-    let lease = acquire_until_done(&reg, &config, &request, &metrics).await;
+    let (lease, listing) = acquire_until_done(&reg, &config, &request, &metrics).await;
 
     let (view_tx, view_rx) = watch::channel(LeaseView::default());
     let (own_tx, own_rx) = watch::channel(lease.clone());
     let watcher = tokio::spawn(lease_watch::run(
         reg.clone(),
         LeaseView::default(),
+        Some(listing),
         view_tx,
         metrics.clone(),
     ));
@@ -312,11 +313,11 @@ async fn acquire_until_done(
     config: &NetworkConfig,
     request: &AcquireRequest,
     metrics: &Metrics,
-) -> Lease {
+) -> (Lease, Listing) {
     let mut backoff = Backoff::new();
     loop {
-        match acquire::acquire(reg, config, request).await {
-            Ok(lease) => {
+        match acquire::acquire_and_list(reg, config, request).await {
+            Ok((lease, listing)) => {
                 Metrics::inc(&metrics.acquisitions);
                 metrics.set_etcd_up(true);
                 set_expiry(metrics, &lease, request.ttl.as_secs() as i64);
@@ -326,7 +327,7 @@ async fn acquire_until_done(
                     lease.attrs.public_ip,
                     lease.etcd_lease
                 );
-                return lease;
+                return (lease, listing);
             }
             Err(AcquireError::Etcd(e)) => {
                 metrics.etcd_error(&e);
@@ -429,7 +430,8 @@ impl LeaseKeeper {
                     prefer: Some(lease.key),
                     ..self.request.clone()
                 };
-                lease = acquire_until_done(&self.reg, &self.config, &request, &self.metrics).await;
+                (lease, _) =
+                    acquire_until_done(&self.reg, &self.config, &request, &self.metrics).await;
                 own_tx.send_replace(lease.clone());
                 next_renew = Instant::now() + self.renew_after;
             }
@@ -455,11 +457,9 @@ impl DataPlane {
         mut view_rx: watch::Receiver<LeaseView>,
     ) {
         let kernel_changed = Arc::new(tokio::sync::Notify::new());
-        if self.config.backend_type != "alloc" {
-            if let Err(e) = crate::kernel_events::watch(kernel_changed.clone()) {
-                tracing::warn!("no kernel change notifications ({e}); repairs wait for the timer");
-            }
-        }
+        // Subscribed after the first full pass: a listener makes the kernel build a
+        // notification for each of the thousands of entries that pass writes on a large cluster.
+        let mut kernel_watch = self.config.backend_type != "alloc";
         let mut own = own_rx.borrow_and_update().clone();
         let mut own_programmed = false;
         let mut notified = false;
@@ -476,6 +476,13 @@ impl DataPlane {
             let view = view_rx.borrow_and_update().clone();
             if view.synced {
                 self.reconcile(&own, &view).await;
+                if std::mem::take(&mut kernel_watch) {
+                    if let Err(e) = crate::kernel_events::watch(kernel_changed.clone()) {
+                        tracing::warn!(
+                            "no kernel change notifications ({e}); repairs wait for the timer"
+                        );
+                    }
+                }
             }
             tokio::select! {
                 r = own_rx.changed() => {

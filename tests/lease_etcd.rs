@@ -137,7 +137,13 @@ async fn watch_resumed_behind_a_compaction_loses_no_change() {
 
     let metrics = Arc::new(Metrics::default());
     let (tx, mut rx) = tokio::sync::watch::channel(stale.clone());
-    let task = tokio::spawn(lease_watch::run(reg.clone(), stale, tx, metrics.clone()));
+    let task = tokio::spawn(lease_watch::run(
+        reg.clone(),
+        stale,
+        None,
+        tx,
+        metrics.clone(),
+    ));
     // The resumed watch starts behind the compaction: it must list again and converge.
     let want: BTreeSet<String> = ["10.5.2.0-24", "10.5.3.0-24", "10.5.4.0-24", "10.5.5.0-24"]
         .into_iter()

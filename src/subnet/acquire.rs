@@ -8,7 +8,7 @@ use std::time::Duration;
 use rand::seq::SliceRandom;
 
 use super::alloc;
-use super::etcd::{EtcdError, Registry};
+use super::etcd::{EtcdError, Listing, Registry};
 use super::lease::{Lease, LeaseAttrs, SubnetKey};
 use crate::config::NetworkConfig;
 
@@ -93,9 +93,21 @@ pub async fn acquire(
     cfg: &NetworkConfig,
     req: &AcquireRequest,
 ) -> Result<Lease, AcquireError> {
+    acquire_and_list(reg, cfg, req)
+        .await
+        .map(|(lease, _)| lease)
+}
+
+/// [`acquire`], also returning the listing the choice was made from (every lease but the one
+/// just written), so that a watcher can start from it instead of listing again.
+pub async fn acquire_and_list(
+    reg: &Registry,
+    cfg: &NetworkConfig,
+    req: &AcquireRequest,
+) -> Result<(Lease, Listing), AcquireError> {
     let etcd_lease = reg.grant(req.ttl).await?;
     let result = acquire_with(reg, cfg, req, etcd_lease).await;
-    let used = matches!(&result, Ok(l) if l.etcd_lease == Some(etcd_lease));
+    let used = matches!(&result, Ok((l, _)) if l.etcd_lease == Some(etcd_lease));
     if !used {
         // Best effort: an unused grant would only expire on its own.
         let _ = reg.revoke(etcd_lease).await;
@@ -108,7 +120,7 @@ async fn acquire_with(
     cfg: &NetworkConfig,
     req: &AcquireRequest,
     etcd_lease: i64,
-) -> Result<Lease, AcquireError> {
+) -> Result<(Lease, Listing), AcquireError> {
     for _round in 0..MAX_ROUNDS {
         let listing = reg.list_subnets().await?;
 
@@ -129,7 +141,7 @@ async fn acquire_with(
                         // nothing, and revoking it keeps etcd's lease table small.
                         let _ = reg.revoke(old).await;
                     }
-                    return Ok(lease);
+                    return Ok((lease, listing));
                 }
                 None => continue,
             }
@@ -148,7 +160,7 @@ async fn acquire_with(
         // 2. The subnet we had before, when it is still free and fits the config.
         if let Some(prefer) = req.prefer.filter(|k| cfg.fits(k) && !overlaps(&taken, k)) {
             if let Some(lease) = create(reg, prefer, req, etcd_lease).await? {
-                return Ok(lease);
+                return Ok((lease, listing));
             }
         }
 
@@ -160,7 +172,7 @@ async fn acquire_with(
         candidates.shuffle(&mut rand::rng());
         for key in candidates {
             if let Some(lease) = create(reg, key, req, etcd_lease).await? {
-                return Ok(lease);
+                return Ok((lease, listing));
             }
         }
     }
@@ -181,7 +193,10 @@ async fn create(
     else {
         return Ok(None);
     };
-    if reg.holds_alone(&lease).await? {
+    // A single-family key is its subnet, so the create-if-absent check was exact; only a
+    // dual-stack key can share half of itself with a key the check could not see.
+    let dual_stack = key.ipv4.is_some() && key.ipv6.is_some();
+    if !dual_stack || reg.holds_alone(&lease).await? {
         return Ok(Some(lease));
     }
     tracing::info!("lost a race for a subnet of {key}: another host created it first");

@@ -92,10 +92,12 @@ impl LeaseView {
 }
 
 /// Runs list-then-watch forever, publishing the view after every change. Starts from `view`
-/// (normally empty; a saved view resumes watching at its revision).
+/// (normally empty; a saved view resumes watching at its revision), or from `first`, a listing
+/// already made (the one our lease was chosen from), instead of listing again.
 pub async fn run(
     reg: Registry,
     mut view: LeaseView,
+    mut first: Option<Listing>,
     tx: watch::Sender<LeaseView>,
     metrics: Arc<Metrics>,
 ) {
@@ -105,7 +107,11 @@ pub async fn run(
     let mut backoff = Backoff::with_max(Duration::from_secs(2));
     loop {
         if !view.synced {
-            match reg.list_subnets().await {
+            let listed = match first.take() {
+                Some(listing) => Ok(listing),
+                None => reg.list_subnets().await,
+            };
+            match listed {
                 Ok(listing) => {
                     Metrics::inc(&metrics.watch_relists);
                     metrics.set_etcd_up(true);
