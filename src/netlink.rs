@@ -238,7 +238,7 @@ pub struct NetlinkError {
 }
 
 impl NetlinkError {
-    fn new(op: impl Into<String>, err: rtnetlink::Error) -> Self {
+    pub(crate) fn new(op: impl Into<String>, err: rtnetlink::Error) -> Self {
         let (errno, detail) = match &err {
             rtnetlink::Error::NetlinkError(msg) => {
                 let code = -msg.raw_code();

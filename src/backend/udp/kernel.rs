@@ -13,52 +13,7 @@ use netlink_packet_route::route::{
 use netlink_packet_route::AddressFamily;
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 
-/// A failed request: what was asked and the answer.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{op}: {detail}")]
-pub struct KernelError {
-    pub op: String,
-    pub detail: String,
-    pub errno: Option<i32>,
-}
-
-impl KernelError {
-    fn new(op: impl Into<String>, e: rtnetlink::Error) -> Self {
-        let (errno, detail) = match &e {
-            rtnetlink::Error::NetlinkError(msg) => {
-                let code = -msg.raw_code();
-                (
-                    Some(code),
-                    std::io::Error::from_raw_os_error(code).to_string(),
-                )
-            }
-            other => (None, other.to_string()),
-        };
-        KernelError {
-            op: op.into(),
-            detail,
-            errno,
-        }
-    }
-
-    pub fn is_not_found(&self) -> bool {
-        matches!(
-            self.errno,
-            Some(libc::ENOENT | libc::ENODEV | libc::ESRCH | libc::EADDRNOTAVAIL | libc::ENXIO)
-        )
-    }
-}
-
-/// Opens an rtnetlink socket in the calling thread's namespace; needs a tokio runtime.
-pub fn connect() -> Result<Handle, KernelError> {
-    let (conn, h, _) = rtnetlink::new_connection().map_err(|e| KernelError {
-        op: "open rtnetlink socket".into(),
-        detail: e.to_string(),
-        errno: e.raw_os_error(),
-    })?;
-    tokio::spawn(conn);
-    Ok(h)
-}
+pub use crate::netlink::{connect, NetlinkError as KernelError};
 
 /// What matters of a device.
 #[derive(Debug, Clone, PartialEq, Eq)]
