@@ -9,6 +9,7 @@
 //! - `flannel-bench mesh50 [--hosts N] [--rounds R] [--json FILE]`: N hosts started at once
 //!   against a 3-member etcd: time until the whole mesh is programmed, flanneld RSS and CPU.
 
+mod blast;
 mod cni;
 mod mesh50;
 mod scale;
@@ -39,6 +40,8 @@ fn main() {
         "scale" => scale::main(&rest),
         "udp" => udp::main(&rest),
         "mesh50" => mesh50::main(&rest),
+        "blast-send" => blast::send_main(&rest),
+        "blast-recv" => blast::recv_main(&rest),
         "-h" | "--help" | "help" => usage(),
         other => {
             eprintln!("unknown subcommand {other:?}");

@@ -107,6 +107,12 @@ pub fn spawn(
     shared: Arc<Shared>,
     f: Features,
 ) -> io::Result<Vec<JoinHandle<()>>> {
+    if std::env::var_os("FLANNEL_UDP_ONE_THREAD").is_some() {
+        let t = std::thread::Builder::new()
+            .name("udp-io".into())
+            .spawn(move || both_loop(&tun, &sock, &shared, f))?;
+        return Ok(vec![t]);
+    }
     let tx = {
         let (tun, sock, shared) = (tun.clone(), sock.clone(), shared.clone());
         std::thread::Builder::new()
@@ -176,81 +182,115 @@ impl TokenBucket {
     }
 }
 
-fn tx_loop(tun: &Tun, sock: &UdpSock, shared: &Shared, f: Features) {
-    let n_frames = f.batch.max(1);
-    let mut frames: Vec<Vec<u8>> = vec![vec![0u8; FRAME_LEN]; n_frames];
-    let mut lens = vec![0usize; n_frames];
-    let mut segs: Vec<Segments> = (0..n_frames).map(|_| Segments::new()).collect();
-    let mut outs: Vec<Option<(SocketAddrV4, TxPacket)>> = vec![None; n_frames];
-    let mut storage = SendStorage::new(n_frames.max(64), 4096);
-    let mut icmp = [0u8; VNET_HDR_LEN + ICMP_UNREACHABLE_MAX];
-    let mut bucket = TokenBucket::new(ICMP_RATE);
-    let mut stats = DirStats::default();
-    let mut log = ErrorLog {
-        what: "reading the TUN device",
-        last: None,
-    };
-    let mut send_log = ErrorLog {
-        what: "sending to peers",
-        last: None,
-    };
-    let mut gso = f.udp_gso;
-    // The last read found the queue empty: wait before reading again. (After a batch, the
-    // next read is tried at once: under load it usually finds more, saving a sleep.)
-    let mut drained = false;
-    while !shared.stop.load(Ordering::Relaxed) {
-        if drained {
-            let _ = tun.wait_readable(POLL_MS);
-            drained = false;
+/// What one step of a direction did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// Moved (or dropped) packets; step again at once.
+    Busy,
+    /// Found nothing queued: wait for the descriptor.
+    Idle,
+    /// The device is gone: this direction ends.
+    Gone,
+}
+
+/// The TUN → socket direction: its buffers and state, one batch per [`TxPath::step`].
+struct TxPath<'a> {
+    tun: &'a Tun,
+    sock: &'a UdpSock,
+    shared: &'a Shared,
+    f: Features,
+    frames: Vec<Vec<u8>>,
+    lens: Vec<usize>,
+    segs: Vec<Segments>,
+    outs: Vec<Option<(SocketAddrV4, TxPacket)>>,
+    storage: SendStorage,
+    icmp: [u8; VNET_HDR_LEN + ICMP_UNREACHABLE_MAX],
+    bucket: TokenBucket,
+    log: ErrorLog,
+    send_log: ErrorLog,
+    gso: bool,
+}
+
+impl<'a> TxPath<'a> {
+    fn new(tun: &'a Tun, sock: &'a UdpSock, shared: &'a Shared, f: Features) -> Self {
+        let n_frames = f.batch.max(1);
+        TxPath {
+            tun,
+            sock,
+            shared,
+            f,
+            frames: vec![vec![0u8; FRAME_LEN]; n_frames],
+            lens: vec![0usize; n_frames],
+            segs: (0..n_frames).map(|_| Segments::new()).collect(),
+            outs: vec![None; n_frames],
+            storage: SendStorage::new(n_frames.max(64), 4096),
+            icmp: [0u8; VNET_HDR_LEN + ICMP_UNREACHABLE_MAX],
+            bucket: TokenBucket::new(ICMP_RATE),
+            log: ErrorLog {
+                what: "reading the TUN device",
+                last: None,
+            },
+            send_log: ErrorLog {
+                what: "sending to peers",
+                last: None,
+            },
+            gso: f.udp_gso,
         }
+    }
+
+    /// Reads a batch of frames (until the queue is empty or the batch full) and sends it.
+    fn step(&mut self) -> Step {
+        let mut stats = DirStats::default();
         let mut n = 0;
-        let mut failure = None;
-        while n < n_frames {
-            match tun.read(&mut frames[n]) {
+        let mut next = Step::Busy;
+        while n < self.frames.len() {
+            match self.tun.read(&mut self.frames[n]) {
                 Ok(len) if len >= FRAME_LEN => stats.malformed += 1,
                 Ok(len) => {
-                    lens[n] = len;
+                    self.lens[n] = len;
                     n += 1;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    drained = true;
+                    next = Step::Idle;
                     break;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if device_gone(&e) => {
+                    tracing::warn!(
+                        "udp: {}: device gone ({e}); TUN → UDP direction stops",
+                        self.tun.name
+                    );
+                    return Step::Gone;
+                }
                 Err(e) => {
-                    failure = Some(e);
+                    self.log.report(&e);
+                    next = Step::Idle;
                     break;
                 }
             }
         }
-        if let Some(e) = failure {
-            if device_gone(&e) {
-                tracing::warn!(
-                    "udp: {}: device gone ({e}); TUN → UDP thread stops",
-                    tun.name
-                );
-                return;
-            }
-            log.report(&e);
-            drained = true;
+        if n > 0 {
+            self.send(n, &mut stats);
         }
-        if n == 0 {
-            continue;
-        }
-        drained = false;
-        let peers = shared.peers.load();
+        self.shared.counters.tx.add(&stats);
+        next
+    }
+
+    fn send(&mut self, n: usize, stats: &mut DirStats) {
+        let f = self.f;
+        let peers = self.shared.peers.load();
         for i in 0..n {
-            outs[i] = None;
-            let frame = &mut frames[i][..lens[i]];
-            match pipeline::tx_frame(frame, f.vnet, &peers, &mut segs[i], &mut stats) {
-                TxOut::Send(to, pkt) => outs[i] = Some((to, pkt)),
+            self.outs[i] = None;
+            let frame = &mut self.frames[i][..self.lens[i]];
+            match pipeline::tx_frame(frame, f.vnet, &peers, &mut self.segs[i], stats) {
+                TxOut::Send(to, pkt) => self.outs[i] = Some((to, pkt)),
                 TxOut::NoRoute(start) => {
-                    if bucket.take() {
+                    if self.bucket.take() {
                         if let Some(len) =
-                            pipeline::unreachable_frame(frame, start, f.vnet, &mut icmp)
+                            pipeline::unreachable_frame(frame, start, f.vnet, &mut self.icmp)
                         {
-                            if tun.writev(&[IoSlice::new(&icmp[..len])]).is_ok() {
-                                shared
+                            if self.tun.writev(&[IoSlice::new(&self.icmp[..len])]).is_ok() {
+                                self.shared
                                     .counters
                                     .icmp_unreachable
                                     .fetch_add(1, Ordering::Relaxed);
@@ -262,27 +302,29 @@ fn tx_loop(tun: &Tun, sock: &UdpSock, shared: &Shared, f: Features) {
             }
         }
         drop(peers);
-        let mut batch = storage.batch(sock, gso);
+        let mut batch = self.storage.batch(self.sock, self.gso);
         for i in 0..n {
-            let Some((to, pkt)) = outs[i] else { continue };
-            let frame = &frames[i];
+            let Some((to, pkt)) = self.outs[i] else {
+                continue;
+            };
+            let frame = &self.frames[i];
             match pkt {
                 TxPacket::Single { start, len } => batch.push(to, &frame[start..start + len], &[]),
                 TxPacket::Split => {
-                    for s in &segs[i].segs {
+                    for s in &self.segs[i].segs {
                         let p = s.payload_off as usize;
                         let payload = &frame[p..p + s.payload_len as usize];
-                        batch.push(to, segs[i].header(s), payload);
+                        batch.push(to, self.segs[i].header(s), payload);
                     }
                 }
             }
         }
         let sent = batch.finish();
         if sent.gso_refused {
-            gso = false;
+            self.gso = false;
         }
         if sent.failed > 0 {
-            send_log.report(&io::Error::other(format!(
+            self.send_log.report(&io::Error::other(format!(
                 "{} datagram(s) refused by the socket",
                 sent.failed
             )));
@@ -290,66 +332,80 @@ fn tx_loop(tun: &Tun, sock: &UdpSock, shared: &Shared, f: Features) {
         stats.packets += sent.packets;
         stats.bytes += sent.bytes;
         stats.io_errors += sent.failed;
-        shared.counters.tx.add(&stats);
-        stats = DirStats::default();
     }
 }
 
-fn rx_loop(tun: &Tun, sock: &UdpSock, shared: &Shared, f: Features) {
-    let n_msgs = f.batch.max(1);
-    let mut rb = RecvBatch::new(n_msgs, DATAGRAM_LEN);
-    let per_msg = if f.udp_gro { MAX_COALESCE } else { 1 };
-    let mut co = Coalescer::new(n_msgs * per_msg, f.vnet && f.tso, f.vnet && f.uso);
-    let mut stats = DirStats::default();
-    let mut log = ErrorLog {
-        what: "receiving from peers",
-        last: None,
-    };
-    let mut write_log = ErrorLog {
-        what: "writing to the TUN device",
-        last: None,
-    };
-    // The last receive found the queue empty: wait before receiving again.
-    let mut drained = false;
-    while !shared.stop.load(Ordering::Relaxed) {
-        if drained {
-            let _ = sock.wait(libc::POLLIN, POLL_MS);
-            drained = false;
+/// The socket → TUN direction, one receive batch per [`RxPath::step`].
+struct RxPath<'a> {
+    tun: &'a Tun,
+    sock: &'a UdpSock,
+    shared: &'a Shared,
+    f: Features,
+    rb: RecvBatch,
+    co: Coalescer,
+    capacity: usize,
+    log: ErrorLog,
+    write_log: ErrorLog,
+}
+
+impl<'a> RxPath<'a> {
+    fn new(tun: &'a Tun, sock: &'a UdpSock, shared: &'a Shared, f: Features) -> Self {
+        let n_msgs = f.batch.max(1);
+        let per_msg = if f.udp_gro { MAX_COALESCE } else { 1 };
+        RxPath {
+            tun,
+            sock,
+            shared,
+            f,
+            rb: RecvBatch::new(n_msgs, DATAGRAM_LEN),
+            co: Coalescer::new(n_msgs * per_msg, f.vnet && f.tso, f.vnet && f.uso),
+            capacity: n_msgs * per_msg,
+            log: ErrorLog {
+                what: "receiving from peers",
+                last: None,
+            },
+            write_log: ErrorLog {
+                what: "writing to the TUN device",
+                last: None,
+            },
         }
-        let n = match sock.recv_batch(&mut rb) {
+    }
+
+    /// Receives one batch of datagrams and writes their packets to the device.
+    fn step(&mut self) -> Step {
+        let n = match self.sock.recv_batch(&mut self.rb) {
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                drained = true;
-                continue;
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Idle,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Step::Busy,
             Err(e) => {
-                log.report(&e);
+                self.log.report(&e);
                 std::thread::sleep(Duration::from_millis(10));
-                continue;
+                return Step::Busy;
             }
         };
-        let peers = shared.peers.load();
+        let mut stats = DirStats::default();
+        let peers = self.shared.peers.load();
         for i in 0..n {
-            let m = rb.meta[i];
+            let m = self.rb.meta[i];
             if m.truncated {
                 stats.malformed += 1;
                 continue;
             }
             pipeline::rx_datagram(
-                &mut rb.bufs,
+                &mut self.rb.bufs,
                 i,
                 m.len,
                 m.seg_size,
                 *m.from.ip(),
                 &peers,
-                &mut co,
+                &mut self.co,
                 &mut stats,
             );
         }
         drop(peers);
         let mut gone = None;
-        let fs = co.flush(&rb.bufs, f.vnet, |iov| {
+        let (tun, write_log) = (self.tun, &mut self.write_log);
+        let fs = self.co.flush(&self.rb.bufs, self.f.vnet, |iov| {
             tun.writev(iov).inspect_err(|e| {
                 if device_gone(e) {
                     gone = Some(e.raw_os_error());
@@ -361,21 +417,121 @@ fn rx_loop(tun: &Tun, sock: &UdpSock, shared: &Shared, f: Features) {
         if fs.refused_gso > 0 {
             tracing::warn!(
                 "udp: {}: the device refused coalesced packets; writing packets singly",
-                tun.name
+                self.tun.name
             );
-            co = Coalescer::new(n_msgs * per_msg, false, false);
+            self.co = Coalescer::new(self.capacity, false, false);
         }
         stats.packets += fs.packets;
         stats.bytes += fs.bytes;
         stats.io_errors += fs.failed;
-        shared.counters.rx.add(&stats);
-        stats = DirStats::default();
+        self.shared.counters.rx.add(&stats);
         if let Some(errno) = gone {
             tracing::warn!(
-                "udp: {}: device gone (errno {errno:?}); UDP → TUN thread stops",
-                tun.name
+                "udp: {}: device gone (errno {errno:?}); UDP → TUN direction stops",
+                self.tun.name
             );
-            return;
+            return Step::Gone;
         }
+        // A short batch means the queue is (nearly) empty.
+        if n < self.rb.bufs.len() {
+            Step::Idle
+        } else {
+            Step::Busy
+        }
+    }
+}
+
+fn tx_loop(tun: &Tun, sock: &UdpSock, shared: &Shared, f: Features) {
+    let mut tx = TxPath::new(tun, sock, shared, f);
+    let spin = spin_budget();
+    while !shared.stop.load(Ordering::Relaxed) {
+        match tx.step() {
+            Step::Busy => {}
+            Step::Idle => {
+                if !spin_until(spin, || tun.wait_readable(0).unwrap_or(false)) {
+                    let _ = tun.wait_readable(POLL_MS);
+                }
+            }
+            Step::Gone => return,
+        }
+    }
+}
+
+fn rx_loop(tun: &Tun, sock: &UdpSock, shared: &Shared, f: Features) {
+    let mut rx = RxPath::new(tun, sock, shared, f);
+    let spin = spin_budget();
+    while !shared.stop.load(Ordering::Relaxed) {
+        match rx.step() {
+            Step::Busy => {}
+            Step::Idle => {
+                if !spin_until(spin, || sock.wait(libc::POLLIN, 0).unwrap_or(false)) {
+                    let _ = sock.wait(libc::POLLIN, POLL_MS);
+                }
+            }
+            Step::Gone => return,
+        }
+    }
+}
+
+/// Both directions on one thread: fewer threads to wake on a small machine.
+fn both_loop(tun: &Tun, sock: &UdpSock, shared: &Shared, f: Features) {
+    let mut tx = TxPath::new(tun, sock, shared, f);
+    let mut rx = RxPath::new(tun, sock, shared, f);
+    let (mut tx_idle, mut rx_idle) = (false, false);
+    while !shared.stop.load(Ordering::Relaxed) {
+        if tx_idle && rx_idle {
+            let mut fds = [
+                libc::pollfd {
+                    fd: tun.raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: sock.raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: two valid pollfds.
+            unsafe { libc::poll(fds.as_mut_ptr(), 2, POLL_MS) };
+            tx_idle = fds[0].revents == 0;
+            rx_idle = fds[1].revents == 0;
+            continue;
+        }
+        match tx.step() {
+            Step::Gone => return,
+            s => tx_idle = s == Step::Idle,
+        }
+        match rx.step() {
+            Step::Gone => return,
+            s => rx_idle = s == Step::Idle,
+        }
+    }
+}
+
+fn spin_budget() -> Duration {
+    Duration::from_micros(
+        std::env::var("FLANNEL_UDP_SPIN_US")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+    )
+}
+
+/// Yields the CPU until `ready` or `budget` is spent; whether it became ready.
+fn spin_until(budget: Duration, mut ready: impl FnMut() -> bool) -> bool {
+    if budget.is_zero() {
+        return false;
+    }
+    let t0 = Instant::now();
+    loop {
+        if ready() {
+            return true;
+        }
+        if t0.elapsed() >= budget {
+            return false;
+        }
+        // SAFETY: sched_yield has no preconditions.
+        unsafe { libc::sched_yield() };
     }
 }
