@@ -505,7 +505,15 @@ fn blast(
     let secs_s = secs.to_string();
     let bind = format!("{server}:5302");
     let sink = Command::new("ip")
-        .args(["netns", "exec", server_ns, &me, "blast-recv", "--bind", &bind])
+        .args([
+            "netns",
+            "exec",
+            server_ns,
+            &me,
+            "blast-recv",
+            "--bind",
+            &bind,
+        ])
         .args(["--secs", &secs_s])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -525,7 +533,9 @@ fn blast(
     let cpu1: f64 = daemons.iter().map(|p| cpu_secs(*p)).sum();
     let m1 = machine_cpu();
     let udp1 = udp_counters(server_ns);
-    let got = sink.wait_with_output().map_err(|e| format!("blast-recv: {e}"))?;
+    let got = sink
+        .wait_with_output()
+        .map_err(|e| format!("blast-recv: {e}"))?;
     let count = |out: &std::process::Output, word: &str| -> Result<f64, String> {
         String::from_utf8_lossy(&out.stdout)
             .trim()

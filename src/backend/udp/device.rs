@@ -147,10 +147,6 @@ impl Tun {
         }
     }
 
-    pub fn raw_fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
-    }
-
     /// Waits up to `timeout_ms` for a frame to read.
     pub fn wait_readable(&self, timeout_ms: i32) -> io::Result<bool> {
         poll_one(self.fd.as_raw_fd(), libc::POLLIN, timeout_ms)

@@ -107,12 +107,6 @@ pub fn spawn(
     shared: Arc<Shared>,
     f: Features,
 ) -> io::Result<Vec<JoinHandle<()>>> {
-    if std::env::var_os("FLANNEL_UDP_ONE_THREAD").is_some() {
-        let t = std::thread::Builder::new()
-            .name("udp-io".into())
-            .spawn(move || both_loop(&tun, &sock, &shared, f))?;
-        return Ok(vec![t]);
-    }
     let tx = {
         let (tun, sock, shared) = (tun.clone(), sock.clone(), shared.clone());
         std::thread::Builder::new()
@@ -443,14 +437,11 @@ impl<'a> RxPath<'a> {
 
 fn tx_loop(tun: &Tun, sock: &UdpSock, shared: &Shared, f: Features) {
     let mut tx = TxPath::new(tun, sock, shared, f);
-    let spin = spin_budget();
     while !shared.stop.load(Ordering::Relaxed) {
         match tx.step() {
             Step::Busy => {}
             Step::Idle => {
-                if !spin_until(spin, || tun.wait_readable(0).unwrap_or(false)) {
-                    let _ = tun.wait_readable(POLL_MS);
-                }
+                let _ = tun.wait_readable(POLL_MS);
             }
             Step::Gone => return,
         }
@@ -459,79 +450,13 @@ fn tx_loop(tun: &Tun, sock: &UdpSock, shared: &Shared, f: Features) {
 
 fn rx_loop(tun: &Tun, sock: &UdpSock, shared: &Shared, f: Features) {
     let mut rx = RxPath::new(tun, sock, shared, f);
-    let spin = spin_budget();
     while !shared.stop.load(Ordering::Relaxed) {
         match rx.step() {
             Step::Busy => {}
             Step::Idle => {
-                if !spin_until(spin, || sock.wait(libc::POLLIN, 0).unwrap_or(false)) {
-                    let _ = sock.wait(libc::POLLIN, POLL_MS);
-                }
+                let _ = sock.wait(libc::POLLIN, POLL_MS);
             }
             Step::Gone => return,
         }
-    }
-}
-
-/// Both directions on one thread: fewer threads to wake on a small machine.
-fn both_loop(tun: &Tun, sock: &UdpSock, shared: &Shared, f: Features) {
-    let mut tx = TxPath::new(tun, sock, shared, f);
-    let mut rx = RxPath::new(tun, sock, shared, f);
-    let (mut tx_idle, mut rx_idle) = (false, false);
-    while !shared.stop.load(Ordering::Relaxed) {
-        if tx_idle && rx_idle {
-            let mut fds = [
-                libc::pollfd {
-                    fd: tun.raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: sock.raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
-            // SAFETY: two valid pollfds.
-            unsafe { libc::poll(fds.as_mut_ptr(), 2, POLL_MS) };
-            tx_idle = fds[0].revents == 0;
-            rx_idle = fds[1].revents == 0;
-            continue;
-        }
-        match tx.step() {
-            Step::Gone => return,
-            s => tx_idle = s == Step::Idle,
-        }
-        match rx.step() {
-            Step::Gone => return,
-            s => rx_idle = s == Step::Idle,
-        }
-    }
-}
-
-fn spin_budget() -> Duration {
-    Duration::from_micros(
-        std::env::var("FLANNEL_UDP_SPIN_US")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0),
-    )
-}
-
-/// Yields the CPU until `ready` or `budget` is spent; whether it became ready.
-fn spin_until(budget: Duration, mut ready: impl FnMut() -> bool) -> bool {
-    if budget.is_zero() {
-        return false;
-    }
-    let t0 = Instant::now();
-    loop {
-        if ready() {
-            return true;
-        }
-        if t0.elapsed() >= budget {
-            return false;
-        }
-        // SAFETY: sched_yield has no preconditions.
-        unsafe { libc::sched_yield() };
     }
 }

@@ -109,10 +109,6 @@ impl UdpSock {
         self.sock.send_to(buf, &to.into())
     }
 
-    pub fn raw_fd(&self) -> std::os::fd::RawFd {
-        self.sock.as_raw_fd()
-    }
-
     pub fn wait(&self, events: libc::c_short, timeout_ms: i32) -> io::Result<bool> {
         poll_one(self.sock.as_raw_fd(), events, timeout_ms)
     }

@@ -81,7 +81,25 @@ pub fn parse_ipv4(pkt: &[u8]) -> Result<Ipv4Hdr, Drop> {
 
 /// Adds `data` to a running checksum. `data` must start at an even offset of the
 /// checksummed region; an odd last byte is padded with zero.
-pub fn csum_add(mut sum: u64, data: &[u8]) -> u64 {
+pub fn csum_add(sum: u64, data: &[u8]) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    if data.len() >= 128 && std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2, checked just above.
+        return unsafe { csum_add_avx2(sum, data) };
+    }
+    csum_add_words(sum, data)
+}
+
+/// [`csum_add`] compiled for AVX2: the same loop, vectorised four words at a time. Every
+/// byte of every forwarded segment goes through here once.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn csum_add_avx2(sum: u64, data: &[u8]) -> u64 {
+    csum_add_words(sum, data)
+}
+
+#[inline(always)]
+fn csum_add_words(mut sum: u64, data: &[u8]) -> u64 {
     let mut words = data.chunks_exact(4);
     for w in &mut words {
         sum += u64::from(u32::from_ne_bytes([w[0], w[1], w[2], w[3]]));
