@@ -722,7 +722,10 @@ fn device_address_route_and_repair() {
     let an = bed.ns("a");
     let link = ns_sh(&an, &["ip", "-d", "link", "show", "flannel0"]);
     assert!(link.contains("mtu 1472") && link.contains("tun"), "{link}");
-    assert!(link.contains("qlen 2000"), "flannel0 should queue 2000 packets: {link}");
+    assert!(
+        link.contains("qlen 2000"),
+        "flannel0 should queue 2000 packets: {link}"
+    );
     let addr = ns_sh(&an, &["ip", "-4", "addr", "show", "flannel0"]);
     assert!(addr.contains("inet 10.5.1.0/32"), "{addr}");
     let routes = ns_sh(&an, &["ip", "route", "show", "dev", "flannel0"]);

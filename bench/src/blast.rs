@@ -53,6 +53,19 @@ pub fn recv_main(args: &[String]) -> i32 {
     report(recv(args), "blast-recv")
 }
 
+/// One message header per I/O vector, each over that one vector.
+fn messages_over(iovs: &mut [libc::iovec]) -> Vec<libc::mmsghdr> {
+    iovs.iter_mut()
+        .map(|iov| {
+            // SAFETY: mmsghdr is plain old data; all zeroes is a valid value.
+            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            m.msg_hdr.msg_iov = iov;
+            m.msg_hdr.msg_iovlen = 1;
+            m
+        })
+        .collect()
+}
+
 fn send(args: &[String]) -> Result<String, String> {
     let to: SocketAddrV4 = parse(args, "--to")?;
     let secs: f64 = parse(args, "--secs")?;
@@ -67,16 +80,7 @@ fn send(args: &[String]) -> Result<String, String> {
             iov_len: len,
         })
         .collect();
-    let mut msgs: Vec<libc::mmsghdr> = iovs
-        .iter_mut()
-        .map(|iov| {
-            // SAFETY: mmsghdr is plain old data; all zeroes is a valid value.
-            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
-            m.msg_hdr.msg_iov = iov;
-            m.msg_hdr.msg_iovlen = 1;
-            m
-        })
-        .collect();
+    let mut msgs = messages_over(&mut iovs);
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let mut sent: u64 = 0;
     while Instant::now() < deadline {
@@ -131,16 +135,7 @@ fn recv(args: &[String]) -> Result<String, String> {
             iov_len: b.len(),
         })
         .collect();
-    let mut msgs: Vec<libc::mmsghdr> = iovs
-        .iter_mut()
-        .map(|iov| {
-            // SAFETY: mmsghdr is plain old data; all zeroes is a valid value.
-            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
-            m.msg_hdr.msg_iov = iov;
-            m.msg_hdr.msg_iovlen = 1;
-            m
-        })
-        .collect();
+    let mut msgs = messages_over(&mut iovs);
     let start = Instant::now();
     let mut first: Option<Instant> = None;
     let mut got: u64 = 0;

@@ -134,6 +134,10 @@ struct ErrorLog {
 }
 
 impl ErrorLog {
+    fn new(what: &'static str) -> Self {
+        ErrorLog { what, last: None }
+    }
+
     fn report(&mut self, e: &io::Error) {
         let now = Instant::now();
         if self
@@ -220,14 +224,8 @@ impl<'a> TxPath<'a> {
             storage: SendStorage::new(n_frames.max(64), 4096),
             icmp: [0u8; VNET_HDR_LEN + ICMP_UNREACHABLE_MAX],
             bucket: TokenBucket::new(ICMP_RATE),
-            log: ErrorLog {
-                what: "reading the TUN device",
-                last: None,
-            },
-            send_log: ErrorLog {
-                what: "sending to peers",
-                last: None,
-            },
+            log: ErrorLog::new("reading the TUN device"),
+            send_log: ErrorLog::new("sending to peers"),
             gso: f.udp_gso,
         }
     }
@@ -354,14 +352,8 @@ impl<'a> RxPath<'a> {
             rb: RecvBatch::new(n_msgs, DATAGRAM_LEN),
             co: Coalescer::new(n_msgs * per_msg, f.vnet && f.tso, f.vnet && f.uso),
             capacity: n_msgs * per_msg,
-            log: ErrorLog {
-                what: "receiving from peers",
-                last: None,
-            },
-            write_log: ErrorLog {
-                what: "writing to the TUN device",
-                last: None,
-            },
+            log: ErrorLog::new("receiving from peers"),
+            write_log: ErrorLog::new("writing to the TUN device"),
         }
     }
 
