@@ -753,4 +753,22 @@ fn device_address_route_and_repair() {
     );
     let r = a.set_peers(peers(&[("10.5.2.0/24", B_IP)]));
     assert_eq!(r.removed, 1, "{r:?}");
+    // A stray route inside the Network through flannel0 is removed; one outside is left.
+    ns_sh(
+        &an,
+        &["ip", "route", "add", "10.5.7.0/24", "dev", "flannel0"],
+    );
+    ns_sh(
+        &an,
+        &["ip", "route", "add", "192.0.2.0/24", "dev", "flannel0"],
+    );
+    let r = a.set_peers(peers(&[("10.5.2.0/24", B_IP)]));
+    assert_eq!(r.removed, 1, "{r:?}");
+    let routes = ns_sh(&an, &["ip", "route", "show", "dev", "flannel0"]);
+    assert!(
+        !routes.contains("10.5.7.0/24")
+            && routes.contains("192.0.2.0/24")
+            && routes.starts_with("10.5.0.0/16 "),
+        "{routes}"
+    );
 }

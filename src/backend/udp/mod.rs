@@ -31,10 +31,12 @@ use std::thread::JoinHandle;
 
 use async_trait::async_trait;
 use ipnetwork::Ipv4Network;
+use netlink_packet_route::route::RouteProtocol;
 use rtnetlink::Handle;
 
 use super::common;
 use super::{Backend, BackendContext, BackendError, Publish, ReconcileReport};
+use crate::netlink::{self, Route4, RT_TABLE_MAIN};
 use crate::subnet::{Lease, PeerSet};
 use counters::Counters;
 use device::Tun;
@@ -280,16 +282,16 @@ impl UdpBackend {
         };
         let h = self.handle()?;
         let want = Ipv4Network::new(own.network(), 32).expect("/32 is valid");
-        let have = kernel::addresses(&h, DEVICE, index).await.map_err(nl_err)?;
+        let have = netlink::addresses_v4(&h, index).await.map_err(nl_err)?;
         if !have.contains(&want) {
-            kernel::add_address(&h, DEVICE, index, want)
+            netlink::replace_address_v4(&h, index, want)
                 .await
                 .map_err(nl_err)?;
             tracing::info!("udp: address {want} on {DEVICE}");
             tally.report.added += 1;
         }
         for stale in have.iter().filter(|a| **a != want) {
-            match kernel::delete_address(&h, DEVICE, index, *stale).await {
+            match netlink::delete_address_v4(&h, index, *stale).await {
                 Ok(()) => {
                     tracing::info!("udp: stale address {stale} removed from {DEVICE}");
                     tally.report.removed += 1;
@@ -299,11 +301,17 @@ impl UdpBackend {
             }
         }
         let network = self.network;
-        let routes = kernel::routes_via(&h, DEVICE, index)
+        let want = Route4::new(network, None, index, false);
+        // Device routes through flannel0 that someone made (not the kernel's own).
+        let routes: Vec<Route4> = netlink::routes::<Ipv4Network>(&h, RT_TABLE_MAIN, Some(index))
             .await
-            .map_err(nl_err)?;
-        if !routes.contains(&(network, 0)) {
-            match kernel::replace_route(&h, DEVICE, index, network).await {
+            .map_err(nl_err)?
+            .into_iter()
+            .filter(|r| r.gateway.is_none() && r.protocol != RouteProtocol::Kernel)
+            .collect();
+        let is_want = |r: &Route4| r.dst == want.dst && r.priority == want.priority;
+        if !routes.iter().any(is_want) {
+            match netlink::replace_route(&h, &want).await {
                 Ok(()) => {
                     tracing::info!("udp: route {network} dev {DEVICE}");
                     tally.report.added += 1;
@@ -311,11 +319,12 @@ impl UdpBackend {
                 Err(e) => tally.failed(e),
             }
         }
-        for &(dst, metric) in routes.iter().filter(|r| **r != (network, 0)) {
+        for stale in routes.iter().filter(|r| !is_want(r)) {
+            let dst = stale.dst;
             if dst.prefix() < network.prefix() || !network.contains(dst.network()) {
                 continue;
             }
-            match kernel::delete_route(&h, DEVICE, index, dst, metric).await {
+            match netlink::delete_route(&h, stale).await {
                 Ok(()) => {
                     tracing::info!("udp: stale route {dst} dev {DEVICE} removed");
                     tally.report.removed += 1;
@@ -331,7 +340,7 @@ impl UdpBackend {
     /// the device up with the right MTU when someone changed it.
     async fn repair_device(&mut self, tally: &mut Tally) -> Result<(), BackendError> {
         let h = self.handle()?;
-        let link = kernel::link(&h, DEVICE).await.map_err(nl_err)?;
+        let link = netlink::link_by_name(&h, DEVICE).await.map_err(nl_err)?;
         let healthy = self
             .run
             .as_ref()
