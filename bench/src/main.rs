@@ -11,6 +11,7 @@
 
 mod blast;
 mod cni;
+mod common;
 mod mesh50;
 mod scale;
 mod udp;

@@ -16,7 +16,7 @@
 //!
 //! Rounds build a fresh cluster each; the table shows every round and the JSON holds all figures.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use netns_tests::{heavy_lock, par_map, Backend, Cluster, PodMode, ProcStats};
@@ -41,18 +41,12 @@ fn usage() -> i32 {
 }
 
 fn parse(args: &[String]) -> Result<Opts, String> {
-    let exe_dir = std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(Path::to_path_buf))
-        .unwrap_or_default();
     let mut o = Opts {
         hosts: 50,
         rounds: 3,
         backend: Backend::Vxlan,
         json: None,
-        flanneld: std::env::var_os("FLANNELD_BIN")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| exe_dir.join("flanneld")),
+        flanneld: crate::common::default_flanneld(),
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {

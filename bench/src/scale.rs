@@ -53,19 +53,13 @@ fn usage() -> i32 {
 }
 
 fn parse(args: &[String]) -> Result<Opts, String> {
-    let exe_dir = std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(Path::to_path_buf))
-        .unwrap_or_default();
     let mut o = Opts {
         peers: 2000,
         joins: 200,
         hosts: 10,
         rounds: 3,
         json: None,
-        flanneld: std::env::var_os("FLANNELD_BIN")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| exe_dir.join("flanneld")),
+        flanneld: crate::common::default_flanneld(),
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -320,27 +314,16 @@ impl Etcd {
     fn start(ns: &Ns) -> Result<Etcd, String> {
         let dir = TempDir::new("etcd")?;
         let url = format!("http://{ETCD_IP}:{ETCD_PORT}");
-        let args: Vec<String> = [
-            "--data-dir",
-            &dir.0.join("data").to_string_lossy(),
-            "--listen-client-urls",
-            &url,
-            "--advertise-client-urls",
-            &url,
-            "--listen-peer-urls",
-            "http://127.0.0.1:2380",
-            "--initial-advertise-peer-urls",
-            "http://127.0.0.1:2380",
-            "--initial-cluster",
-            "default=http://127.0.0.1:2380",
-            "--max-txn-ops",
-            "1024",
-            "--quota-backend-bytes",
-            "1073741824",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let mut args = crate::common::etcd_args("default", &dir.0.join("data"), &url);
+        args.extend(
+            [
+                "--max-txn-ops",
+                "1024",
+                "--quota-backend-bytes",
+                "1073741824",
+            ]
+            .map(String::from),
+        );
         let proc = spawn_in(
             ns,
             Path::new("etcd"),

@@ -748,29 +748,10 @@ fn start_etcd(bed: &mut Bed) -> Result<(), String> {
     let a = bed.ns("a");
     let data = bed.dir.join("etcd");
     let url = format!("http://{A_IP}:2379");
-    let data_s = data.display().to_string();
-    bed.spawn(
-        &a,
-        &[
-            "etcd",
-            "--name",
-            "bench",
-            "--data-dir",
-            &data_s,
-            "--listen-client-urls",
-            &url,
-            "--advertise-client-urls",
-            &url,
-            "--listen-peer-urls",
-            "http://127.0.0.1:2380",
-            "--initial-advertise-peer-urls",
-            "http://127.0.0.1:2380",
-            "--initial-cluster",
-            "bench=http://127.0.0.1:2380",
-        ],
-        &[],
-        "etcd.log",
-    )?;
+    let args = crate::common::etcd_args("bench", &data, &url);
+    let mut argv = vec!["etcd"];
+    argv.extend(args.iter().map(String::as_str));
+    bed.spawn(&a, &argv, &[], "etcd.log")?;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let put = ns_cmd(
