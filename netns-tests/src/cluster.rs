@@ -805,6 +805,33 @@ impl Cluster {
         Ok(start.elapsed())
     }
 
+    /// Asserts what a user checks first: every pod pings every other (2 each), and a TCP
+    /// transfer of `tcp_bytes` between every two pods on different hosts arrives whole (the
+    /// checksums at both ends agree). Panics naming the pair that failed.
+    pub fn assert_connected(&self, pods: &[Pod], tcp_bytes: u64) {
+        let refs: Vec<&Pod> = pods.iter().collect();
+        let failures = self.ping_matrix(&refs, 2).expect("ping matrix");
+        assert!(failures.is_empty(), "pings lost:\n{}", failures.join("\n"));
+        for a in pods {
+            for b in pods {
+                if a.host_index() == b.host_index() {
+                    continue;
+                }
+                let t = crate::tcp_transfer(a, b, tcp_bytes)
+                    .unwrap_or_else(|e| panic!("TCP {} → {}: {e}", a.name(), b.name()));
+                eprintln!(
+                    "TCP {} → {}: {} bytes in {:?} ({:.0} Mbit/s), checksum {:016x} at both ends",
+                    a.ip(),
+                    b.ip(),
+                    t.bytes,
+                    t.elapsed,
+                    t.mbit_per_s(),
+                    t.checksum
+                );
+            }
+        }
+    }
+
     /// Pings between every ordered pair of pods (`count` each); the pairs that lost anything.
     pub fn ping_matrix(&self, pods: &[&Pod], count: u32) -> Result<Vec<String>> {
         let mut failures = Vec::new();

@@ -142,6 +142,24 @@ impl Transfer {
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 const FNV_PRIME: u64 = 0x0100_0000_01b3;
 
+/// Ends the sending side of a transfer and checks the receiver's receipt (bytes and hash)
+/// against what was sent.
+fn finish_and_check(st: &mut TcpStream, addr: SocketAddr, sent: u64, h: u64) -> Result<(u64, u64)> {
+    st.shutdown(Shutdown::Write)
+        .map_err(|e| Error::io("shutdown", e))?;
+    let mut reply = [0u8; 16];
+    st.read_exact(&mut reply)
+        .map_err(|e| Error::io(format!("reading the receipt from {addr}"), e))?;
+    let n = u64::from_be_bytes(reply[..8].try_into().expect("8 bytes"));
+    let rh = u64::from_be_bytes(reply[8..].try_into().expect("8 bytes"));
+    if n != sent || rh != h {
+        return Err(Error::Other(format!(
+            "{addr} received {n} bytes (hash {rh:016x}); sent {sent} (hash {h:016x})"
+        )));
+    }
+    Ok((n, h))
+}
+
 fn fnv(mut h: u64, data: &[u8]) -> u64 {
     for &b in data {
         h ^= u64::from(b);
@@ -244,19 +262,7 @@ pub fn tcp_transfer(from: &Pod, to: &Pod, bytes: u64) -> Result<Transfer> {
                 h = fnv(h, &buf[..k]);
                 left -= k as u64;
             }
-            st.shutdown(Shutdown::Write)
-                .map_err(|e| Error::io("shutdown", e))?;
-            let mut reply = [0u8; 16];
-            st.read_exact(&mut reply)
-                .map_err(|e| Error::io(format!("reading the receipt from {addr}"), e))?;
-            let n = u64::from_be_bytes(reply[..8].try_into().expect("8 bytes"));
-            let rh = u64::from_be_bytes(reply[8..].try_into().expect("8 bytes"));
-            if n != bytes || rh != h {
-                return Err(Error::Other(format!(
-                    "{addr} received {n} bytes (hash {rh:016x}); sent {bytes} (hash {h:016x})"
-                )));
-            }
-            Ok((n, h))
+            finish_and_check(&mut st, addr, bytes, h)
         });
         let sent = client
             .join()
@@ -406,19 +412,7 @@ impl PacedTransfer {
                 h = fnv(h, &buf);
                 std::thread::sleep(every);
             }
-            st.shutdown(Shutdown::Write)
-                .map_err(|e| Error::io("shutdown", e))?;
-            let mut reply = [0u8; 16];
-            st.read_exact(&mut reply)
-                .map_err(|e| Error::io(format!("reading the receipt from {addr}"), e))?;
-            let n = u64::from_be_bytes(reply[..8].try_into().expect("8 bytes"));
-            let rh = u64::from_be_bytes(reply[8..].try_into().expect("8 bytes"));
-            if n != sent || rh != h {
-                return Err(Error::Other(format!(
-                    "{addr} received {n} bytes (hash {rh:016x}); sent {sent} (hash {h:016x})"
-                )));
-            }
-            Ok((n, h))
+            finish_and_check(&mut st, addr, sent, h)
         });
         Ok(PacedTransfer {
             stop,
