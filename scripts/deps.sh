@@ -3,6 +3,8 @@
 need_pkgs() {
     local missing=()
     command -v protoc >/dev/null || missing+=(protobuf-compiler)
+    # etcd-client's protos import protobuf's well-known types, which protoc alone lacks.
+    [ -f /usr/include/google/protobuf/descriptor.proto ] || missing+=(libprotobuf-dev)
     command -v etcd >/dev/null || missing+=(etcd-server)
     command -v etcdctl >/dev/null || missing+=(etcd-client)
     command -v ip >/dev/null || missing+=(iproute2)

@@ -205,6 +205,7 @@ fn lease(subnet: &str, public: Ipv4Addr) -> Lease {
         },
         etcd_lease: Some(1),
         revision: 1,
+        create_revision: 1,
     }
 }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, KeyValue,
-    PutOptions, TlsOptions, Txn, TxnOp, WatchOptions, WatchStream,
+    PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions, WatchStream,
 };
 
 use super::lease::{Lease, LeaseAttrs, LeaseError, SubnetKey};
@@ -307,6 +307,7 @@ impl Registry {
             attrs,
             etcd_lease: (kv.lease() != 0).then_some(kv.lease()),
             revision: kv.mod_revision(),
+            create_revision: kv.create_revision(),
         })
     }
 
@@ -417,20 +418,32 @@ impl Registry {
     ) -> Result<Option<Lease>, EtcdError> {
         let k = self.lease_key(&key);
         let put_opts = etcd_lease.map(|id| PutOptions::new().with_lease(id));
-        let txn = Txn::new()
-            .when([cmp])
-            .and_then([TxnOp::put(k, attrs.to_json(), put_opts)]);
+        let txn = Txn::new().when([cmp]).and_then([
+            TxnOp::put(k.clone(), attrs.to_json(), put_opts),
+            TxnOp::get(k, None),
+        ]);
         let mut c = self.client.clone();
         let resp = c.txn(txn).await?;
         if !resp.succeeded() {
             return Ok(None);
         }
         let revision = resp.header().map(|h| h.revision()).unwrap_or_default();
+        // The key's create revision decides which of two overlapping leases wins; a replaced
+        // key keeps the one it had, so read it back in the same transaction.
+        let create_revision = resp
+            .op_responses()
+            .into_iter()
+            .find_map(|op| match op {
+                TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.create_revision()),
+                _ => None,
+            })
+            .unwrap_or(revision);
         Ok(Some(Lease {
             key,
             attrs: attrs.clone(),
             etcd_lease,
             revision,
+            create_revision,
         }))
     }
 

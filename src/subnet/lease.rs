@@ -202,6 +202,8 @@ pub struct Lease {
     pub etcd_lease: Option<i64>,
     /// etcd's mod_revision of the key.
     pub revision: i64,
+    /// etcd's create_revision of the key: of two overlapping leases the older one wins.
+    pub create_revision: i64,
 }
 
 impl Lease {

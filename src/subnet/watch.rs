@@ -295,6 +295,7 @@ mod tests {
             .unwrap(),
             etcd_lease: Some(7),
             revision: rev,
+            create_revision: rev,
         }
     }
 

@@ -273,6 +273,7 @@ pub fn lease(key: &str, value: &str) -> Lease {
         attrs: LeaseAttrs::from_json(key, value.as_bytes()).unwrap(),
         etcd_lease: Some(1),
         revision: 1,
+        create_revision: 1,
     }
 }
 

@@ -125,6 +125,7 @@ mod tests {
                 attrs,
                 etcd_lease: Some(1),
                 revision: 1,
+                create_revision: 1,
             },
         )
     }
