@@ -87,6 +87,46 @@ fn ensure_bridge(nl: &mut Netlink, opts: &BridgeOpts) -> CniResult<u32> {
     )))
 }
 
+/// Remove from the bridge every address of the gateways' families other than the gateways
+/// themselves (IPv6 link-local addresses stay). After flanneld took another subnet, the old
+/// gateway and its connected route would otherwise stay on the bridge and swallow the traffic
+/// meant for whichever host leases that subnet next. (The reference `bridge` plugin refuses
+/// to go on instead: "already has an IP address different from".)
+pub fn retire_stale_gateways(
+    nl: &mut Netlink,
+    br_index: u32,
+    gateways: &[(IpAddr, u8)],
+) -> CniResult<()> {
+    let families: Vec<bool> = gateways.iter().map(|(gw, _)| gw.is_ipv6()).collect();
+    let stale: Vec<_> = nl
+        .addresses(0)?
+        .into_iter()
+        .filter(|a| a.index == br_index && families.contains(&a.addr.is_ipv6()))
+        .filter(|a| !gateways.contains(&(a.addr, a.prefix)))
+        .filter(|a| !is_ipv6_link_local(a.addr))
+        .collect();
+    for a in stale {
+        nl.delete_address(br_index, a.addr, a.prefix)?;
+    }
+    Ok(())
+}
+
+/// The same for the bridge called `bridge`, if it exists: the delegate path runs this before
+/// the reference `bridge` plugin, which would fail on the old address.
+pub fn retire_stale_gateways_of(bridge: &str, gateways: &[(IpAddr, u8)]) -> CniResult<()> {
+    let mut nl = Netlink::new()?;
+    match nl.link_by_name(bridge)? {
+        Some(link) if link.kind.as_deref() == Some("bridge") => {
+            retire_stale_gateways(&mut nl, link.index, gateways)
+        }
+        _ => Ok(()),
+    }
+}
+
+fn is_ipv6_link_local(ip: IpAddr) -> bool {
+    matches!(ip, IpAddr::V6(a) if a.segments()[0] & 0xffc0 == 0xfe80)
+}
+
 fn enable_forwarding(v6: bool) {
     let path = if v6 {
         "/proc/sys/net/ipv6/conf/all/forwarding"
@@ -239,8 +279,15 @@ fn add_links(
     let mut host = Netlink::new()?;
     let br_index = ensure_bridge(&mut host, opts)?;
     if opts.is_gateway {
+        let gateways: Vec<(IpAddr, u8)> = assigned
+            .iter()
+            .map(|a| (a.range.gateway, a.range.subnet.prefix()))
+            .collect();
+        for &(gw, prefix) in &gateways {
+            host.add_address(br_index, gw, prefix)?;
+        }
+        retire_stale_gateways(&mut host, br_index, &gateways)?;
         for a in assigned {
-            host.add_address(br_index, a.range.gateway, a.range.subnet.prefix())?;
             enable_forwarding(a.ip.is_ipv6());
         }
     }

@@ -4,13 +4,16 @@
 
 use std::fs;
 use std::io::{self, Write};
+use std::net::IpAddr;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use serde_json::{json, Map, Value};
 
-use crate::conf::NetConf;
+use crate::bridge;
+use crate::conf::{NetConf, DEFAULT_BRIDGE};
+use crate::ipam::Range;
 use crate::spec::{code, CniError, CniResult, Env};
 use crate::subnet_env::SubnetEnv;
 
@@ -57,24 +60,85 @@ fn saved_path(conf: &NetConf, env: &Env) -> PathBuf {
     conf.data_dir.join(&env.container_id)
 }
 
-/// The saved delegate conf of this container, if any.
-pub fn load_saved(conf: &NetConf, env: &Env) -> CniResult<Option<Map<String, Value>>> {
+/// Where the conf is written before it is renamed into place. One name per container: a
+/// leftover from a crash is replaced by the next save and removed by DEL.
+fn temp_path(saved: &Path) -> PathBuf {
+    let name = saved.file_name().unwrap_or_default().to_string_lossy();
+    saved.with_file_name(format!(".{name}.tmp"))
+}
+
+/// What `dataDir/<containerID>` holds.
+#[derive(Debug)]
+pub enum Saved {
+    Missing,
+    Conf(Map<String, Value>),
+    /// Unreadable as a conf (why, in words): written by a plugin that crashed mid-write.
+    Corrupt(String),
+}
+
+/// The saved delegate conf of this container.
+pub fn load_saved(conf: &NetConf, env: &Env) -> CniResult<Saved> {
     let path = saved_path(conf, env);
     let bytes = match fs::read(&path) {
         Ok(b) => b,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Saved::Missing),
         Err(e) => return Err(io_error("read saved delegate conf", &path, e)),
     };
-    match serde_json::from_slice(&bytes) {
-        Ok(Value::Object(m)) => Ok(Some(m)),
-        _ => Err(CniError::new(
-            code::DECODE,
-            format!(
-                "saved delegate conf {} is not a JSON object",
-                path.display()
-            ),
+    Ok(match serde_json::from_slice(&bytes) {
+        Ok(Value::Object(m)) => Saved::Conf(m),
+        Ok(_) => Saved::Corrupt(format!(
+            "saved delegate conf {} is not a JSON object",
+            path.display()
         )),
+        Err(e) => Saved::Corrupt(format!(
+            "saved delegate conf {} is not valid JSON: {e}",
+            path.display()
+        )),
+    })
+}
+
+/// Forget this container's saved conf (and any half-written temp file).
+pub fn remove_saved(conf: &NetConf, env: &Env) -> CniResult<()> {
+    let path = saved_path(conf, env);
+    for p in [temp_path(&path), path] {
+        match fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_error("remove saved delegate conf", &p, e)),
+        }
     }
+    Ok(())
+}
+
+/// Replace `path` with `bytes` so that readers, and whoever comes after a crash, find the old
+/// content or the new one, never a part: temp file in the same directory, fsync, rename over
+/// `path`, fsync the directory. rename(2) replaces a symlink planted at `path` rather than
+/// writing through it, and O_EXCL never follows one at the temp path.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = temp_path(path);
+    match fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let written = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)
+        .and_then(|mut f| {
+            f.write_all(bytes)?;
+            f.sync_all()
+        })
+        .and_then(|()| fs::rename(&tmp, path));
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    // The rename itself must survive a power cut, or the next boot finds the old conf.
+    fs::File::open(dir)?.sync_all()
 }
 
 fn find_plugin(env: &Env, plugin: &str) -> CniResult<PathBuf> {
@@ -101,8 +165,16 @@ pub fn exec(env: &Env, command: &str, conf: &Map<String, Value>) -> CniResult<Ve
     let plugin = conf.get("type").and_then(Value::as_str).unwrap_or("bridge");
     let bin = find_plugin(env, plugin)?;
     let input = serde_json::to_vec(conf).expect("serializable");
-    let mut child = Command::new(&bin)
-        .env("CNI_COMMAND", command)
+    let mut cmd = Command::new(&bin);
+    // From `env`, not inherited: GC runs DEL for containers other than the caller's.
+    cmd.env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", &env.container_id)
+        .env("CNI_IFNAME", &env.ifname);
+    match &env.netns {
+        Some(ns) => cmd.env("CNI_NETNS", ns),
+        None => cmd.env_remove("CNI_NETNS"),
+    };
+    let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -140,6 +212,25 @@ pub fn exec(env: &Env, command: &str, conf: &Map<String, Value>) -> CniResult<Ve
     .with_details(String::from_utf8_lossy(&out.stderr).trim()))
 }
 
+/// The gateways the reference `bridge` plugin will put on its bridge for this conf, when we
+/// can know them: `isGateway` with host-local ranges, whose gateway is the subnet's first
+/// address.
+fn bridge_gateways(d: &Map<String, Value>, senv: &SubnetEnv) -> Vec<(IpAddr, u8)> {
+    let flag = |k: &str| d.get(k).and_then(Value::as_bool).unwrap_or(false);
+    let host_local = d
+        .get("ipam")
+        .and_then(|i| i.get("type"))
+        .and_then(Value::as_str)
+        == Some("host-local");
+    if !(flag("isGateway") || flag("isDefaultGateway")) || !host_local {
+        return Vec::new();
+    }
+    senv.lease_networks()
+        .into_iter()
+        .filter_map(|n| Range::for_subnet(n).ok().map(|r| (r.gateway, n.prefix())))
+        .collect()
+}
+
 pub fn add(conf: &NetConf, env: &Env, senv: &SubnetEnv, plugin: &str) -> CniResult<Vec<u8>> {
     let d = build_conf(conf, senv, plugin);
     let path = saved_path(conf, env);
@@ -149,22 +240,23 @@ pub fn add(conf: &NetConf, env: &Env, senv: &SubnetEnv, plugin: &str) -> CniResu
         .create(&conf.data_dir)
         .map_err(|e| io_error("create data dir", &conf.data_dir, e))?;
     let bytes = serde_json::to_vec(&d).expect("serializable");
-    // A symlink planted at the path is replaced, never written through.
-    match fs::symlink_metadata(&path) {
-        Ok(m) if m.file_type().is_symlink() => {
-            fs::remove_file(&path).map_err(|e| io_error("remove planted symlink", &path, e))?
+    write_atomically(&path, &bytes).map_err(|e| io_error("save delegate conf", &path, e))?;
+    if plugin == "bridge" {
+        // The reference plugin fails on a bridge that still has the gateway of a subnet
+        // flanneld no longer holds; retire it first.
+        let gateways = bridge_gateways(&d, senv);
+        if !gateways.is_empty() {
+            let name = d
+                .get("bridge")
+                .and_then(Value::as_str)
+                .filter(|b| !b.is_empty())
+                .unwrap_or(DEFAULT_BRIDGE);
+            if let Err(e) = bridge::retire_stale_gateways_of(name, &gateways) {
+                let _ = fs::remove_file(&path);
+                return Err(e);
+            }
         }
-        _ => {}
     }
-    fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&path)
-        .and_then(|mut f| f.write_all(&bytes))
-        .map_err(|e| io_error("save delegate conf", &path, e))?;
     match exec(env, "ADD", &d) {
         Ok(out) => Ok(out),
         Err(e) => {
@@ -176,29 +268,25 @@ pub fn add(conf: &NetConf, env: &Env, senv: &SubnetEnv, plugin: &str) -> CniResu
     }
 }
 
-/// DEL with the saved conf; an unknown container is not an error.
-pub fn del(conf: &NetConf, env: &Env) -> CniResult<()> {
-    let Some(saved) = load_saved(conf, env)? else {
-        return Ok(());
-    };
-    exec(env, "DEL", &saved)?;
-    let path = saved_path(conf, env);
-    match fs::remove_file(&path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io_error("remove saved delegate conf", &path, e)),
-    }
+/// DEL with the saved conf, then forget it.
+pub fn del(conf: &NetConf, env: &Env, saved: &Map<String, Value>) -> CniResult<()> {
+    exec(env, "DEL", saved)?;
+    remove_saved(conf, env)
 }
 
 pub fn check(conf: &NetConf, env: &Env) -> CniResult<()> {
-    let Some(mut saved) = load_saved(conf, env)? else {
-        return Err(CniError::new(
-            code::UNKNOWN_CONTAINER,
-            format!(
-                "CHECK: no saved delegate conf for container {}",
-                env.container_id
-            ),
-        ));
+    let mut saved = match load_saved(conf, env)? {
+        Saved::Conf(saved) => saved,
+        Saved::Corrupt(why) => return Err(CniError::new(code::DECODE, format!("CHECK: {why}"))),
+        Saved::Missing => {
+            return Err(CniError::new(
+                code::UNKNOWN_CONTAINER,
+                format!(
+                    "CHECK: no saved delegate conf for container {}",
+                    env.container_id
+                ),
+            ))
+        }
     };
     if let Some(prev) = &conf.prev_result {
         saved.insert("prevResult".into(), prev.clone());
@@ -206,36 +294,61 @@ pub fn check(conf: &NetConf, env: &Env) -> CniResult<()> {
     exec(env, "CHECK", &saved).map(|_| ())
 }
 
-/// GC: forget the saved confs of containers that are not among the valid attachments.
-pub fn gc_saved(conf: &NetConf, valid_ids: &[&str]) -> CniResult<()> {
+/// The interface a stale attachment is deleted with. flannel's saved conf does not record
+/// it, and GC is not given it; runtimes attach a pod's network as eth0.
+const GC_IFNAME: &str = "eth0";
+
+/// The containers with a saved conf, as a GC begins: only these may be deleted by it. A conf
+/// saved later belongs to an ADD the runtime's list of valid attachments predates.
+pub fn list_saved(conf: &NetConf) -> CniResult<Vec<String>> {
     let entries = match fs::read_dir(&conf.data_dir) {
         Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(io_error("read data dir", &conf.data_dir, e)),
     };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else { continue };
-        if valid_ids.contains(&name) {
+    Ok(entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().map(str::to_string))
+        // Files named after a container, not temp files.
+        .filter(|id| crate::spec::validate_container_id(id).is_ok())
+        .collect())
+}
+
+/// GC: undo the attachments of the listed containers that are not among the valid ones — DEL
+/// with the saved conf, so the delegate (and its IPAM) frees what it holds — then forget
+/// their confs. A failed DEL keeps its conf for the next GC or DEL; the failures are returned.
+pub fn gc_saved(
+    conf: &NetConf,
+    env: &Env,
+    listed: &[String],
+    valid_ids: &[&str],
+) -> Vec<CniError> {
+    let mut failures = Vec::new();
+    for id in listed {
+        if valid_ids.contains(&id.as_str()) {
             continue;
         }
-        // Only files that are delegate confs of this network.
-        let Ok(bytes) = fs::read(entry.path()) else {
+        let stale = Env {
+            container_id: id.clone(),
+            netns: None,
+            ifname: GC_IFNAME.to_string(),
+            path: env.path.clone(),
+        };
+        // Only delegate confs of this network: the data dir is shared by flannel networks.
+        let Ok(Saved::Conf(saved)) = load_saved(conf, &stale) else {
             continue;
         };
-        let ours = serde_json::from_slice::<Value>(&bytes)
-            .ok()
-            .and_then(|v| {
-                v.get("name")
-                    .and_then(Value::as_str)
-                    .map(|n| n == conf.name)
-            })
-            .unwrap_or(false);
-        if ours {
-            let _ = fs::remove_file(entry.path());
+        if saved.get("name").and_then(Value::as_str) != Some(conf.name.as_str()) {
+            continue;
+        }
+        if let Err(e) = del(conf, &stale, &saved) {
+            failures.push(CniError::new(
+                e.code,
+                format!("GC of container {id}: {}", e.msg),
+            ));
         }
     }
-    Ok(())
+    failures
 }
 
 #[cfg(test)]

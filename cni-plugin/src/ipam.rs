@@ -6,12 +6,12 @@
 //! - `last_reserved_ip.<range index>`: the last address handed out (allocation is round-robin);
 //! - `lock`: flock(LOCK_EX) around every change.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::net::IpAddr;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, DirEntryExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use ipnetwork::IpNetwork;
@@ -198,6 +198,11 @@ impl Store {
 
     /// Every allocation in the store.
     pub fn allocations(&self) -> Result<Vec<Allocation>> {
+        Ok(self.entries()?.into_iter().map(|(a, _)| a).collect())
+    }
+
+    /// Every allocation with the inode of its file.
+    fn entries(&self) -> Result<Vec<(Allocation, u64)>> {
         let mut out = Vec::new();
         for entry in fs::read_dir(&self.dir).map_err(io_err(&self.dir))? {
             let entry = entry.map_err(io_err(&self.dir))?;
@@ -216,13 +221,14 @@ impl Store {
                 Some((id, ifname)) => (id.trim(), ifname.trim()),
                 None => (data, ""), // the older format: the container ID alone
             };
-            out.push(Allocation {
+            let a = Allocation {
                 ip,
                 container_id: id.to_string(),
                 ifname: ifname.to_string(),
-            });
+            };
+            out.push((a, entry.ino()));
         }
-        out.sort_by_key(|a| to_u128(a.ip));
+        out.sort_by_key(|(a, _)| to_u128(a.ip));
         Ok(out)
     }
 
@@ -324,18 +330,50 @@ impl Store {
         Ok(ips)
     }
 
-    /// Release every allocation whose (container, interface) is not in `valid`.
-    pub fn gc(&self, valid: &HashSet<(String, String)>) -> Result<Vec<Allocation>> {
+    /// What the store holds as a GC begins: only these allocations may be freed by it.
+    pub fn gc_snapshot(&self) -> Result<GcSnapshot> {
+        Ok(GcSnapshot {
+            entries: self
+                .entries()?
+                .into_iter()
+                .map(|(a, ino)| (a.ip, (a, ino)))
+                .collect(),
+        })
+    }
+
+    /// Release every allocation whose (container, interface) is not in `valid` and that was
+    /// already there when the GC began (`began`). The runtime listed the valid attachments
+    /// before the GC started, and the GC gives up the lock while the delegate DELs run: an
+    /// ADD that allocates meanwhile is not in the list, yet its pod is alive.
+    pub fn gc(
+        &self,
+        valid: &HashSet<(String, String)>,
+        began: &GcSnapshot,
+    ) -> Result<Vec<Allocation>> {
         let mut released = Vec::new();
-        for a in self.allocations()? {
+        for (a, ino) in self.entries()? {
             let keep = valid.contains(&(a.container_id.clone(), a.ifname.clone()))
                 || (a.ifname.is_empty() && valid.iter().any(|(id, _)| *id == a.container_id));
-            if !keep {
+            if !keep && began.had(&a, ino) {
                 self.release_ip(a.ip)?;
                 released.push(a);
             }
         }
         Ok(released)
+    }
+}
+
+/// The allocations in a store when a GC began, each with its file's inode: an address
+/// released and allocated again since is a different file (or a different owner).
+pub struct GcSnapshot {
+    entries: HashMap<IpAddr, (Allocation, u64)>,
+}
+
+impl GcSnapshot {
+    fn had(&self, a: &Allocation, ino: u64) -> bool {
+        self.entries
+            .get(&a.ip)
+            .is_some_and(|(then, then_ino)| then == a && *then_ino == ino)
     }
 }
 
@@ -438,7 +476,7 @@ mod tests {
         );
         assert_eq!(store.find("c7", "eth0").unwrap().len(), 1);
         let valid: HashSet<_> = [("c1".to_string(), "eth0".to_string())].into();
-        let gone = store.gc(&valid).unwrap();
+        let gone = store.gc(&valid, &store.gc_snapshot().unwrap()).unwrap();
         assert_eq!(gone.len(), 4);
         assert_eq!(store.allocations().unwrap().len(), 1);
     }

@@ -90,7 +90,7 @@ fn dispatch(
         Command::Del => cmd_del(&conf, &env).map(|()| None),
         Command::Check => cmd_check(&conf, &env).map(|()| None),
         Command::Status => cmd_status(&conf).map(|()| None),
-        Command::Gc => cmd_gc(&conf).map(|()| None),
+        Command::Gc => cmd_gc(&conf, &env).map(|()| None),
         Command::Version => unreachable!("handled before reading stdin"),
     }
 }
@@ -107,14 +107,35 @@ fn cmd_add(conf: &NetConf, env: &Env) -> CniResult<Vec<u8>> {
 fn cmd_del(conf: &NetConf, env: &Env) -> CniResult<()> {
     // A conf saved at ADD (by us on the delegate path, or by flannel's own plugin before
     // this one was installed) says exactly how to undo it.
-    if delegate::load_saved(conf, env)?.is_some() {
-        return delegate::del(conf, env);
+    match delegate::load_saved(conf, env)? {
+        delegate::Saved::Conf(saved) => return delegate::del(conf, env, &saved),
+        delegate::Saved::Corrupt(why) => return del_with_current_conf(conf, env, &why),
+        delegate::Saved::Missing => {}
     }
     if conf.delegate_plugin().is_some() {
         return Ok(()); // nothing saved: nothing was set up
     }
     let senv = SubnetEnv::load(&conf.subnet_file).ok();
     bridge::del(conf, env, senv.as_ref())
+}
+
+/// A saved conf that cannot be read (left half-written by a crash, e.g. by an older plugin
+/// that wrote it in place) cannot say how to undo the ADD, and must not make DEL fail for
+/// ever: undo what the current config sets up, then forget the file.
+fn del_with_current_conf(conf: &NetConf, env: &Env, why: &str) -> CniResult<()> {
+    eprintln!("flannel: {why}; deleting with the current network config instead");
+    let senv = SubnetEnv::load(&conf.subnet_file).ok();
+    let undone = match (conf.delegate_plugin(), &senv) {
+        (Some(plugin), Some(senv)) => {
+            delegate::exec(env, "DEL", &delegate::build_conf(conf, senv, &plugin)).map(|_| ())
+        }
+        // Without the lease the delegate conf cannot be rebuilt: what the native path
+        // removes (the pod's interface, its host-local addresses, masquerading) is what
+        // `bridge` with host-local set up.
+        _ => bridge::del(conf, env, senv.as_ref()),
+    };
+    delegate::remove_saved(conf, env)?;
+    undone
 }
 
 fn cmd_check(conf: &NetConf, env: &Env) -> CniResult<()> {
@@ -131,32 +152,51 @@ fn cmd_status(conf: &NetConf) -> CniResult<()> {
         .map_err(|e| CniError::new(code::NOT_AVAILABLE, format!("plugin not available: {e}")))
 }
 
-fn cmd_gc(conf: &NetConf) -> CniResult<()> {
+fn cmd_gc(conf: &NetConf, env: &Env) -> CniResult<()> {
     let valid = conf
         .valid_attachments
         .clone()
         .ok_or_else(|| CniError::new(code::INVALID_CONFIG, "GC needs cni.dev/valid-attachments"))?;
     let ids: Vec<&str> = valid.iter().map(|(id, _)| id.as_str()).collect();
-    delegate::gc_saved(conf, &ids)?;
     let host_local = conf
         .ipam
         .as_ref()
         .and_then(|i| i.get("type"))
         .and_then(|t| t.as_str())
         .is_none_or(|t| t == "host-local");
-    if !host_local {
-        return Ok(());
-    }
-    let released = ipam::Store::lock(&conf.ipam_data_dir(), &conf.name)?.gc(&valid)?;
-    let senv = SubnetEnv::load(&conf.subnet_file).ok();
-    if conf.delegate_plugin().is_none() {
-        if let Ok(opts) = BridgeOpts::resolve(&conf.delegate, senv.as_ref()) {
-            if opts.ip_masq {
-                for a in &released {
-                    masq::teardown(&conf.name, &a.container_id, &[a.ip], a.ip.is_ipv6());
+    // First of all, what exists as the GC begins: a pod set up from here on is not in the
+    // runtime's list, and must survive this GC. Both lists under the store's lock, which
+    // every allocation takes: an ADD that saves its conf after the listing allocates after
+    // the snapshot, so it is in neither.
+    let (listed, began) = if host_local {
+        let store = ipam::Store::lock(&conf.ipam_data_dir(), &conf.name)?;
+        (delegate::list_saved(conf)?, Some(store.gc_snapshot()?))
+    } else {
+        (delegate::list_saved(conf)?, None)
+    };
+    let failures = delegate::gc_saved(conf, env, &listed, &ids);
+    if let Some(began) = began {
+        let released =
+            ipam::Store::lock(&conf.ipam_data_dir(), &conf.name)?.gc(&valid, &began)?;
+        let senv = SubnetEnv::load(&conf.subnet_file).ok();
+        if conf.delegate_plugin().is_none() {
+            if let Ok(opts) = BridgeOpts::resolve(&conf.delegate, senv.as_ref()) {
+                if opts.ip_masq {
+                    for a in &released {
+                        masq::teardown(&conf.name, &a.container_id, &[a.ip], a.ip.is_ipv6());
+                    }
                 }
             }
         }
     }
-    Ok(())
+    match failures.len() {
+        0 => Ok(()),
+        n => {
+            let first = &failures[0];
+            Err(CniError::new(
+                first.code,
+                format!("{} (and {} more failed)", first.msg, n - 1),
+            ))
+        }
+    }
 }

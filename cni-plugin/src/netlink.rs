@@ -16,6 +16,7 @@ const RTM_DELLINK: u16 = 17;
 const RTM_GETLINK: u16 = 18;
 const RTM_SETLINK: u16 = 19;
 const RTM_NEWADDR: u16 = 20;
+const RTM_DELADDR: u16 = 21;
 const RTM_GETADDR: u16 = 22;
 const RTM_NEWROUTE: u16 = 24;
 const RTM_GETROUTE: u16 = 26;
@@ -530,6 +531,22 @@ impl Netlink {
         }
         self.request(&format!("add address {addr}/{prefix}"), m)
             .map(|_| ())
+    }
+
+    /// Remove an address from a link (its connected route goes with it). `Ok(false)` when
+    /// the link does not have it.
+    pub fn delete_address(&mut self, index: u32, addr: IpAddr, prefix: u8) -> Result<bool> {
+        let mut m = Msg::new(RTM_DELADDR, NLM_F_ACK);
+        m.buf
+            .extend_from_slice(&[family_of(&addr), prefix, 0, RT_SCOPE_UNIVERSE]);
+        m.buf.extend_from_slice(&index.to_ne_bytes());
+        let bytes = ip_bytes(&addr);
+        m.attr(IFA_LOCAL, &bytes).attr(IFA_ADDRESS, &bytes);
+        match self.request(&format!("delete address {addr}/{prefix}"), m) {
+            Ok(_) => Ok(true),
+            Err(e) if e.errno() == Some(libc::EADDRNOTAVAIL) || e.is_not_found() => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// All addresses of one family (0 = all) in this namespace.
