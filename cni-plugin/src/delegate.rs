@@ -317,12 +317,7 @@ pub fn list_saved(conf: &NetConf) -> CniResult<Vec<String>> {
 /// GC: undo the attachments of the listed containers that are not among the valid ones — DEL
 /// with the saved conf, so the delegate (and its IPAM) frees what it holds — then forget
 /// their confs. A failed DEL keeps its conf for the next GC or DEL; the failures are returned.
-pub fn gc_saved(
-    conf: &NetConf,
-    env: &Env,
-    listed: &[String],
-    valid_ids: &[&str],
-) -> Vec<CniError> {
+pub fn gc_saved(conf: &NetConf, env: &Env, listed: &[String], valid_ids: &[&str]) -> Vec<CniError> {
     let mut failures = Vec::new();
     for id in listed {
         if valid_ids.contains(&id.as_str()) {
@@ -379,5 +374,46 @@ mod tests {
                          "routes": [{"dst": "10.5.0.0/16"}]}
             })
         );
+    }
+
+    #[test]
+    fn saved_conf_is_replaced_whole_never_in_place() {
+        use std::io::Read;
+        use std::os::unix::fs::{symlink, PermissionsExt};
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("c0ffee");
+        let old = br#"{"name":"cbr0","type":"bridge","old":true}"#;
+        let new = br#"{"name":"cbr0","type":"bridge"}"#;
+        write_atomically(&path, old).unwrap();
+        // A reader that opened the conf before the rewrite (a concurrent DEL) still reads
+        // all of the old one: the new one is a new file, the old was not truncated.
+        let mut reader = fs::File::open(&path).unwrap();
+        // A temp file a crash left behind is no obstacle.
+        fs::write(temp_path(&path), b"{\"name\":\"cb").unwrap();
+        write_atomically(&path, new).unwrap();
+        let mut seen = Vec::new();
+        reader.read_to_end(&mut seen).unwrap();
+        assert_eq!(seen, old);
+        assert_eq!(fs::read(&path).unwrap(), new);
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let names: Vec<_> = fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("c0ffee")], "temp left");
+
+        // A symlink planted at the path is replaced, its target untouched.
+        let target = tmp.path().join("precious");
+        fs::write(&target, b"precious").unwrap();
+        let planted = tmp.path().join("planted");
+        symlink(&target, &planted).unwrap();
+        write_atomically(&planted, new).unwrap();
+        assert_eq!(fs::read(&target).unwrap(), b"precious");
+        assert!(!fs::symlink_metadata(&planted)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(fs::read(&planted).unwrap(), new);
     }
 }

@@ -489,4 +489,31 @@ mod tests {
         assert_eq!(store.find("old-id", "eth0").unwrap().len(), 1);
         assert_eq!(store.release("old-id", "eth0").unwrap().len(), 1);
     }
+
+    #[test]
+    fn gc_frees_only_what_was_there_when_it_began() {
+        let tmp = tempfile::tempdir().unwrap();
+        let r = range("10.1.2.0/29");
+        let store = Store::lock(tmp.path(), "net").unwrap();
+        let kept = store.allocate(&r, 0, "alive", "eth0").unwrap();
+        let stale = store.allocate(&r, 0, "gone", "eth0").unwrap();
+        let reused = store.allocate(&r, 0, "gone2", "eth0").unwrap();
+        let valid: HashSet<_> = [("alive".to_string(), "eth0".to_string())].into();
+        let began = store.gc_snapshot().unwrap();
+        // While the GC runs its delegates' DELs (without the lock), pods are added: one new
+        // address, and one freed and handed to a new pod.
+        let late = store.allocate(&r, 0, "late", "eth0").unwrap();
+        store.release_ip(reused).unwrap();
+        let path = store.dir().join(reused.to_string());
+        fs::write(&path, "late2\r\neth0").unwrap();
+        let gone: Vec<IpAddr> = store
+            .gc(&valid, &began)
+            .unwrap()
+            .into_iter()
+            .map(|a| a.ip)
+            .collect();
+        assert_eq!(gone, vec![stale]);
+        let left: Vec<IpAddr> = store.allocations().unwrap().iter().map(|a| a.ip).collect();
+        assert_eq!(left, vec![kept, reused, late]);
+    }
 }

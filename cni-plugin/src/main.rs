@@ -176,8 +176,7 @@ fn cmd_gc(conf: &NetConf, env: &Env) -> CniResult<()> {
     };
     let failures = delegate::gc_saved(conf, env, &listed, &ids);
     if let Some(began) = began {
-        let released =
-            ipam::Store::lock(&conf.ipam_data_dir(), &conf.name)?.gc(&valid, &began)?;
+        let released = ipam::Store::lock(&conf.ipam_data_dir(), &conf.name)?.gc(&valid, &began)?;
         let senv = SubnetEnv::load(&conf.subnet_file).ok();
         if conf.delegate_plugin().is_none() {
             if let Ok(opts) = BridgeOpts::resolve(&conf.delegate, senv.as_ref()) {
