@@ -393,7 +393,11 @@ mod tests {
         write_atomically(&path, new).unwrap();
         let mut seen = Vec::new();
         reader.read_to_end(&mut seen).unwrap();
-        assert_eq!(seen, old);
+        assert_eq!(
+            String::from_utf8_lossy(&seen),
+            String::from_utf8_lossy(old),
+            "a reader of the old conf saw it change under it"
+        );
         assert_eq!(fs::read(&path).unwrap(), new);
         let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
