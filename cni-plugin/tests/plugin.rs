@@ -811,7 +811,7 @@ fn gc_keeps_a_pod_added_while_it_runs() {
     let pod = Netns::new("fcp");
     host.add("gcvalid", &pod).expect_ok();
     // Many stale containers keep the GC busy with DELs for a while.
-    const STALE: usize = 150;
+    const STALE: usize = 200;
     let data = host.dir.path().join("flannel");
     let template = std::fs::read(data.join("gcvalid")).unwrap();
     for i in 0..STALE {
