@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -53,14 +53,14 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
     serve_with(listener, metrics, LIMITS).await
 }
 
-pub async fn serve_with(listener: TcpListener, metrics: Arc<Metrics>, limits: Limits) {
+async fn serve_with(listener: TcpListener, metrics: Arc<Metrics>, limits: Limits) {
     let open = Arc::new(OpenConnections::default());
     let mut backoff = AcceptBackoff::default();
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
                 if let Some(failures) = backoff.after_success() {
-                    tracing::info!(
+                    tracing::debug!(
                         "health server: accepting connections again after {failures} failed attempts"
                     );
                 }
@@ -77,7 +77,7 @@ pub async fn serve_with(listener: TcpListener, metrics: Arc<Metrics>, limits: Li
                 let Some(pause) = backoff.after_error(&err) else {
                     continue;
                 };
-                if backoff.failures == 1 {
+                if backoff.failures == 1 && backoff.may_warn(Instant::now()) {
                     tracing::warn!(
                         "health server: accept failed: {err}; retrying with back-off (up to {:?}) until it succeeds",
                         AcceptBackoff::MAX_PAUSE
@@ -160,11 +160,25 @@ impl Drop for Departure {
 struct AcceptBackoff {
     /// Consecutive failed accepts: 0 outside an episode.
     failures: u32,
+    warned_at: Option<Instant>,
 }
 
 impl AcceptBackoff {
     const FIRST_PAUSE: Duration = Duration::from_millis(10);
     const MAX_PAUSE: Duration = Duration::from_secs(1);
+    /// A flood keeps starting new episodes (each time idle connections are closed, the queue
+    /// refills them): one warning per this interval is enough.
+    const WARN_EVERY: Duration = Duration::from_secs(60);
+
+    fn may_warn(&mut self, now: Instant) -> bool {
+        let due = self
+            .warned_at
+            .is_none_or(|last| now.duration_since(last) >= Self::WARN_EVERY);
+        if due {
+            self.warned_at = Some(now);
+        }
+        due
+    }
 
     /// How long to wait before the next accept; `None` for errors that concern only the
     /// connection being accepted (it is gone; take the next one at once).
@@ -329,8 +343,6 @@ pub fn notify_systemd_ready() {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Instant;
-
     use super::*;
 
     /// A server with the daemon's limits on a free loopback port.
@@ -377,10 +389,10 @@ mod tests {
         let started = Instant::now();
         // One byte a second of a head that never ends.
         let trickle = tokio::spawn(async move {
-            let mut bytes = b"GET /healthz HTTP/1.0\r\nX-Slow: "
+            let bytes = b"GET /healthz HTTP/1.0\r\nX-Slow: "
                 .iter()
                 .chain(std::iter::repeat(&b'a'));
-            while let Some(b) = bytes.next() {
+            for b in bytes {
                 if to_server.write_all(&[*b]).await.is_err() {
                     break;
                 }
@@ -468,5 +480,15 @@ mod tests {
             Some(AcceptBackoff::FIRST_PAUSE),
             "a new episode starts from the first pause"
         );
+    }
+
+    #[test]
+    fn accept_failures_warn_at_most_once_a_minute() {
+        let mut backoff = AcceptBackoff::default();
+        let start = Instant::now();
+        assert!(backoff.may_warn(start));
+        assert!(!backoff.may_warn(start + Duration::from_secs(2)));
+        assert!(!backoff.may_warn(start + Duration::from_secs(59)));
+        assert!(backoff.may_warn(start + AcceptBackoff::WARN_EVERY));
     }
 }
