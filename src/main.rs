@@ -19,6 +19,7 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     tracing::info!("flanneld {} starting", env!("CARGO_PKG_VERSION"));
+    raise_open_file_limit();
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -47,6 +48,26 @@ fn main() -> ExitCode {
             eprintln!("flanneld: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit, as Go programs (flannel among them)
+/// do at start: the usual soft default of 1024 is a relic of select(2), which this daemon does
+/// not use, and running out of descriptors stops renewals and watches along with the rest.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let result = getrlimit(Resource::RLIMIT_NOFILE).and_then(|(soft, hard)| {
+        if soft < hard {
+            setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+        }
+        Ok((soft, hard))
+    });
+    match result {
+        Ok((soft, hard)) if soft < hard => {
+            tracing::info!("raised the open-file limit (RLIMIT_NOFILE) from {soft} to {hard}")
+        }
+        Ok((soft, _)) => tracing::debug!("open-file limit (RLIMIT_NOFILE): {soft}"),
+        Err(e) => tracing::warn!("cannot raise the open-file limit (RLIMIT_NOFILE): {e}"),
     }
 }
 
