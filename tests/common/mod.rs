@@ -168,6 +168,8 @@ pub struct Etcd {
     child: Option<Child>,
     /// Extra etcdctl flags: TLS client files, `--user`.
     pub ctl_flags: Vec<String>,
+    /// Extra etcd flags (e.g. `--auth-token-ttl=3`).
+    extra_args: Vec<String>,
 }
 
 impl Etcd {
@@ -181,7 +183,17 @@ impl Etcd {
 
     /// Starts etcd inside network namespace `netns` (on its loopback).
     pub fn start_in(netns: Option<&str>, tls: Option<ServerTls>) -> Etcd {
+        Self::start_full(netns, tls, &[])
+    }
+
+    /// Starts etcd with extra flags, kept for `resume`.
+    pub fn start_with_args(args: &[&str]) -> Etcd {
+        Self::start_full(None, None, args)
+    }
+
+    fn start_full(netns: Option<&str>, tls: Option<ServerTls>, args: &[&str]) -> Etcd {
         let mut etcd = Etcd {
+            extra_args: args.iter().map(|a| a.to_string()).collect(),
             netns: netns.map(String::from),
             dir: tempfile::tempdir().unwrap(),
             client_port: free_port(),
@@ -237,6 +249,7 @@ impl Etcd {
             .arg(format!("--initial-advertise-peer-urls={peer}"))
             .arg(format!("--initial-cluster=t={peer}"))
             .arg("--log-level=warn")
+            .args(&self.extra_args)
             .env("ETCD_UNSUPPORTED_ARCH", "")
             .stdout(log.try_clone().unwrap())
             .stderr(log)
