@@ -62,30 +62,6 @@ fn tls_with_client_certificates() {
     assert!(refused.log().contains("plain http://"), "{}", refused.log());
 }
 
-/// Creates `root` and a `flannel` user (password `s3cret`) that may read and write the network
-/// prefix, and turns authentication on; etcdctl then acts as root.
-fn enable_auth(etcd: &mut Etcd) {
-    for args in [
-        vec!["user", "add", "root:rootpw"],
-        vec!["role", "add", "flannel"],
-        vec![
-            "role",
-            "grant-permission",
-            "flannel",
-            "--prefix=true",
-            "readwrite",
-            "/coreos.com/network/",
-        ],
-        vec!["user", "add", "flannel:s3cret"],
-        vec!["user", "grant-role", "flannel", "flannel"],
-        vec!["auth", "enable"],
-    ] {
-        etcd.etcdctl(&args)
-            .unwrap_or_else(|e| panic!("etcdctl {args:?}: {e}"));
-    }
-    etcd.ctl_flags.push("--user=root:rootpw".into());
-}
-
 const FLANNEL_USER: [&str; 3] = [
     "--etcd-username=flannel",
     "--etcd-password=s3cret",
@@ -100,7 +76,7 @@ fn password_authentication() {
     }
     let mut etcd = Etcd::start();
     etcd.config(CONFIG);
-    enable_auth(&mut etcd);
+    etcd.enable_auth();
     // Without credentials the keys are out of reach.
     assert!(etcd
         .etcdctl(&["get", "--user=nobody:x", "/coreos.com/network/config"])
@@ -128,20 +104,12 @@ fn password_authentication() {
     );
 }
 
-/// Tokens of user `flannel` that etcd dropped because they expired (etcd logs each at info).
-fn expired_flannel_tokens(etcd: &Etcd) -> usize {
-    etcd.log()
-        .lines()
-        .filter(|l| l.contains("deleted a simple token") && l.contains("\"flannel\""))
-        .count()
-}
-
 /// Waits until etcd dropped every token flanneld holds: the one from its start and each one it
 /// logged taking since.
 fn wait_for_expiry_of_every_token(etcd: &Etcd, flanneld: &Flanneld) {
     poll("etcd to expire flanneld's tokens", WAIT, || {
         let taken = 1 + flanneld.log().matches("authenticating again").count();
-        (expired_flannel_tokens(etcd) >= taken).then_some(())
+        (etcd.expired_flannel_tokens() >= taken).then_some(())
     });
 }
 
@@ -151,9 +119,11 @@ fn lease_comes_back(etcd: &Etcd, flanneld: &Flanneld, when: &str) {
     assert_eq!(keys.len(), 1, "{when}: {keys:?}");
     etcd.etcdctl(&["del", &format!("/coreos.com/network/subnets/{}", keys[0])])
         .unwrap();
-    poll(&format!("{when}: the deleted lease to be taken again"), WAIT, || {
-        (common::subnet_keys(etcd).len() == 1).then_some(())
-    });
+    poll(
+        &format!("{when}: the deleted lease to be taken again"),
+        WAIT,
+        || (common::subnet_keys(etcd).len() == 1).then_some(()),
+    );
     let renewals = flanneld
         .metric("flannel_lease_renewals_total")
         .unwrap_or(0.0);
@@ -169,15 +139,9 @@ fn password_auth_survives_token_expiry_and_etcd_restart() {
         return;
     }
     // Simple tokens that etcd forgets 3 s after their last use, and on restart.
-    let mut etcd = Etcd::start_with_args(&[
-        "--auth-token=simple",
-        "--auth-token-ttl=3",
-        // Logs each token it drops, which tells the test when flanneld's expired.
-        "--logger=zap",
-        "--log-level=info",
-    ]);
+    let mut etcd = Etcd::start_with_args(&common::SHORT_LIVED_TOKENS);
     etcd.config(CONFIG);
-    enable_auth(&mut etcd);
+    etcd.enable_auth();
     let mut flags = FLANNEL_USER.to_vec();
     flags.push("--subnet-lease-ttl=20s");
     let flanneld = Flanneld::start(&etcd.endpoint(), "198.18.7.1", &flags);

@@ -159,6 +159,13 @@ fn token_refused(e: &etcd_client::Error) -> bool {
     }
 }
 
+/// Whether etcd cancelled a new watch for its token: etcd 3.4 names the expired token, older
+/// releases say "permission denied" (which a token that was never allowed gets too: the one
+/// retry then fails the same way).
+fn cancelled_for_auth(reason: &str) -> bool {
+    reason.contains("invalid auth token") || reason.contains("permission denied")
+}
+
 /// Whether a range answer was too large for the client to take.
 fn answer_too_large(e: &etcd_client::Error) -> bool {
     matches!(e, etcd_client::Error::GRpcStatus(s)
@@ -390,7 +397,7 @@ impl Registry {
 
     /// Opens a watch and waits for etcd to confirm it. Returns the stream and etcd's first
     /// answer (the creation, or a cancel). A watch opened with an expired token is not refused
-    /// as a request but cancelled as "permission denied": authenticate again and retry once.
+    /// as a request but cancelled in its first answer: authenticate again and retry once.
     async fn open_watch(
         &self,
         key: String,
@@ -411,7 +418,7 @@ impl Registry {
                 .await?;
             let first =
                 first.ok_or_else(|| EtcdError::Other("watch stream ended at creation".into()))?;
-            let denied = first.canceled() && first.cancel_reason().contains("permission denied");
+            let denied = first.canceled() && cancelled_for_auth(first.cancel_reason());
             if denied && self.authenticates && !retried {
                 retried = true;
                 self.reauthenticate().await?;

@@ -317,7 +317,48 @@ impl Etcd {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default()
     }
+
+    /// Creates `root` and a `flannel` user (password `s3cret`) that may read and write the
+    /// network prefix, and turns authentication on; etcdctl then acts as root.
+    pub fn enable_auth(&mut self) {
+        for args in [
+            vec!["user", "add", "root:rootpw"],
+            vec!["role", "add", "flannel"],
+            vec![
+                "role",
+                "grant-permission",
+                "flannel",
+                "--prefix=true",
+                "readwrite",
+                "/coreos.com/network/",
+            ],
+            vec!["user", "add", "flannel:s3cret"],
+            vec!["user", "grant-role", "flannel", "flannel"],
+            vec!["auth", "enable"],
+        ] {
+            self.etcdctl(&args)
+                .unwrap_or_else(|e| panic!("etcdctl {args:?}: {e}"));
+        }
+        self.ctl_flags.push("--user=root:rootpw".into());
+    }
+
+    /// Tokens of user `flannel` that etcd dropped as expired (logged by an etcd started with
+    /// `--logger=zap --log-level=info`).
+    pub fn expired_flannel_tokens(&self) -> usize {
+        self.log()
+            .lines()
+            .filter(|l| l.contains("deleted a simple token") && l.contains("\"flannel\""))
+            .count()
+    }
 }
+
+/// etcd flags for simple auth tokens that expire 3 s after their last use, logging each expiry.
+pub const SHORT_LIVED_TOKENS: [&str; 4] = [
+    "--auth-token=simple",
+    "--auth-token-ttl=3",
+    "--logger=zap",
+    "--log-level=info",
+];
 
 impl Drop for Etcd {
     fn drop(&mut self) {
