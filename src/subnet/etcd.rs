@@ -136,13 +136,15 @@ pub struct Registry {
     prefix: String,
     /// Whether we authenticate with a password, so that a refused token can be renewed.
     authenticates: bool,
+    /// The largest answer taken from etcd.
+    max_message: usize,
 }
 
 /// The largest answer accepted from etcd (the client's default is 4 MiB). Listings come in
 /// pages, so this only has to hold one page, or one watch answer, which etcd may fill with the
 /// events of many revisions at once; a larger one breaks the watch, and the re-list that
 /// follows moves past it.
-const MAX_MESSAGE: usize = 64 * 1024 * 1024;
+pub const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 /// Keys asked for per page of a listing (10,000 flannel leases are 20 pages of ~100 kB).
 const PAGE_KEYS: i64 = 500;
 /// Listings restarted when etcd compacts the revision a paged listing reads at.
@@ -367,7 +369,15 @@ impl Registry {
             client,
             prefix: opts.prefix.trim_end_matches('/').to_string(),
             authenticates: opts.password.is_some(),
+            max_message: MAX_MESSAGE,
         })
+    }
+
+    /// The same registry taking answers of at most `bytes` (default [`MAX_MESSAGE`]); listings
+    /// then come in smaller pages.
+    pub fn with_max_message(mut self, bytes: usize) -> Self {
+        self.max_message = bytes;
+        self
     }
 
     /// Runs `op` on a client; when etcd refused its auth token, authenticates again and runs
@@ -408,8 +418,9 @@ impl Registry {
             let (stream, first) = self
                 .call(|c| {
                     let (key, opts) = (key.clone(), opts.clone());
+                    let limit = self.max_message;
                     async move {
-                        let mut w = c.watch_client().max_decoding_message_size(MAX_MESSAGE);
+                        let mut w = c.watch_client().max_decoding_message_size(limit);
                         let mut stream = w.watch(key, Some(opts)).await?;
                         let first = stream.message().await?;
                         Ok((stream, first))
@@ -456,8 +467,9 @@ impl Registry {
                 let page = self
                     .call(|c| {
                         let (from, opts) = (from.clone(), opts.clone());
+                        let max_message = self.max_message;
                         async move {
-                            let mut kv = c.kv_client().max_decoding_message_size(MAX_MESSAGE);
+                            let mut kv = c.kv_client().max_decoding_message_size(max_message);
                             kv.get(from, Some(opts)).await
                         }
                     })
