@@ -483,7 +483,8 @@ impl Registry {
                     Err(EtcdError::Client(e))
                         if revision_compacted(&e) && attempts < LIST_ATTEMPTS =>
                     {
-                        // Pages already handed out are from the old revision: start over.
+                        // The pages read so far are of a revision etcd no longer serves: the
+                        // rest could not match them, so start over at the current one.
                         tracing::info!(
                             "revision {revision} compacted while listing: listing again"
                         );
