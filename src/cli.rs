@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::subnet::etcd::Password;
+
 /// Overlay network daemon, compatible with flannel.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "flanneld", version, about, args_override_self = true)]
@@ -42,9 +44,14 @@ pub struct Opts {
     #[arg(long, env = "FLANNELD_ETCD_USERNAME")]
     pub etcd_username: Option<String>,
 
-    /// etcd password.
+    /// etcd password (needs https://, or --etcd-insecure-password over plain http://).
     #[arg(long, env = "FLANNELD_ETCD_PASSWORD", hide_env_values = true)]
-    pub etcd_password: Option<String>,
+    pub etcd_password: Option<Password>,
+
+    /// Allow --etcd-password over plain http:// endpoints, where it travels in the clear.
+    #[arg(long, env = "FLANNELD_ETCD_INSECURE_PASSWORD", num_args = 0..=1, default_value_t = false,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub etcd_insecure_password: bool,
 
     /// Interface (name or IP) for inter-host traffic; repeat to try several in order.
     #[arg(long, env = "FLANNELD_IFACE")]
@@ -272,6 +279,21 @@ mod tests {
         assert!(parse_duration("0").is_err());
         assert!(parse_duration("5x").is_err());
         assert!(parse_duration("5").is_ok());
+    }
+
+    #[test]
+    fn debug_output_hides_the_password() {
+        let o = parse(&[
+            "--etcd-username=flannel",
+            "--etcd-password=s3cret-pw",
+            "--etcd-insecure-password",
+        ])
+        .unwrap();
+        assert!(o.etcd_insecure_password);
+        assert_eq!(o.etcd_password, Some(Password::new("s3cret-pw")));
+        let dump = format!("{o:?} {o:#?}");
+        assert!(!dump.contains("s3cret-pw"), "{dump}");
+        assert!(dump.contains("etcd_password"), "{dump}");
     }
 
     #[test]

@@ -195,6 +195,7 @@ fn etcd_options(opts: &Opts) -> EtcdOptions {
         keyfile: opts.etcd_keyfile.clone(),
         username: opts.etcd_username.clone(),
         password: opts.etcd_password.clone(),
+        insecure_password: opts.etcd_insecure_password,
     }
 }
 
@@ -289,12 +290,17 @@ fn validate(raw: &[u8]) -> Result<NetworkConfig, String> {
 /// Returns when the config key changed after `revision`, the watch broke, or a minute passed.
 async fn wait_for_change(reg: &Registry, revision: i64) {
     let wait = async {
-        let Ok(mut stream) = reg.watch_config(revision + 1).await else {
+        let Ok((mut stream, first)) = reg.watch_config(revision + 1).await else {
             tokio::time::sleep(Duration::from_secs(1)).await;
             return;
         };
+        let mut first = Some(first);
         loop {
-            match stream.message().await {
+            let next = match first.take() {
+                Some(resp) => Ok(Some(resp)),
+                None => stream.message().await,
+            };
+            match next {
                 Ok(Some(resp)) if resp.events().is_empty() && !resp.canceled() => continue,
                 Ok(Some(_)) => return,
                 _ => {

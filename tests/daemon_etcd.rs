@@ -350,3 +350,35 @@ fn systemd_is_told_ready_once_the_subnet_file_is_written() {
     );
     assert_eq!(a.http_get("/readyz").map(|r| r.0), Some(200));
 }
+
+#[test]
+fn a_flood_of_large_malformed_leases_is_logged_briefly_and_rarely() {
+    if !etcd_available() {
+        return;
+    }
+    let etcd = Etcd::start();
+    etcd.config(CONFIG);
+    let flanneld = Flanneld::start(&etcd.endpoint(), "198.18.7.1", &[]);
+    flanneld.wait_ready(WAIT);
+    // 100 kB of junk each (a command-line argument holds at most 128 kB).
+    let junk = format!("\"{}\"", "x".repeat(100_000));
+    for i in 0..30 {
+        etcd.put(&format!("/coreos.com/network/subnets/junk-{i}"), &junk);
+    }
+    poll("all 30 malformed leases counted", WAIT, || {
+        (flanneld.metric("flannel_malformed_leases_total")? == 30.0).then_some(())
+    });
+    let log = flanneld.log();
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("skipping malformed lease"))
+        .collect();
+    assert!(
+        !warnings.is_empty() && warnings.len() <= 5,
+        "{} warnings for 30 malformed leases",
+        warnings.len()
+    );
+    let longest = log.lines().map(str::len).max().unwrap_or(0);
+    assert!(longest < 1000, "a log line of {longest} bytes");
+    assert_eq!(flanneld.http_get("/readyz").map(|r| r.0), Some(200));
+}

@@ -10,7 +10,7 @@ use common::{etcd_available, Etcd};
 use flannel::config::NetworkConfig;
 use flannel::metrics::Metrics;
 use flannel::subnet::acquire::{acquire, AcquireError, AcquireRequest};
-use flannel::subnet::etcd::{EtcdOptions, Registry};
+use flannel::subnet::etcd::{EtcdOptions, Password, Registry};
 use flannel::subnet::watch::{self as lease_watch, LeaseView};
 use flannel::subnet::LeaseAttrs;
 
@@ -204,4 +204,162 @@ async fn watch_resumed_behind_a_compaction_loses_no_change() {
     let in_view: BTreeSet<String> = final_view.leases.keys().map(|k| k.to_string()).collect();
     assert_eq!(in_view, in_etcd);
     task.abort();
+}
+
+/// A lease value as flannel's vxlan backend writes it.
+fn lease_json(ip: &str) -> String {
+    format!(
+        r#"{{"PublicIP":"{ip}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"c6:d2:aa:01:02:03"}}}}"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subnets_listing_over_the_message_limit_still_grants_leases() {
+    if !etcd_available() {
+        return;
+    }
+    let etcd = Etcd::start();
+    let reg = registry(&etcd).await;
+    let config =
+        NetworkConfig::parse(br#"{"Network":"10.5.0.0/16","Backend":{"Type":"alloc"}}"#).unwrap();
+    // Three junk values just under etcd's 1.5 MiB request limit: 4.2 MB under the prefix, more
+    // than the client takes in one answer.
+    let mut client = reg.client();
+    for i in 0..3 {
+        let junk = vec![b'x'; 1_400_000];
+        client
+            .put(format!("/coreos.com/network/subnets/junk-{i}"), junk, None)
+            .await
+            .unwrap();
+    }
+    client
+        .put(
+            "/coreos.com/network/subnets/10.5.7.0-24",
+            lease_json("198.18.8.7"),
+            None,
+        )
+        .await
+        .unwrap();
+
+    // Also when a page of the default size is too large for the client: smaller pages.
+    let limited = reg.clone().with_max_message(4 * 1024 * 1024);
+    for r in [&reg, &limited] {
+        let listing = r.list_subnets().await.expect("listing past 4 MiB");
+        assert_eq!(listing.leases.len(), 1);
+        assert_eq!(listing.malformed.len(), 3);
+        for (_, _, err) in &listing.malformed {
+            assert!(err.to_string().len() < 1000, "{err}");
+        }
+    }
+
+    let req = AcquireRequest {
+        attrs: attrs("198.18.8.1"),
+        prefer: None,
+        ttl: Duration::from_secs(600),
+    };
+    let lease = acquire(&reg, &config, &req).await.expect("a lease");
+    assert_ne!(lease.key.to_string(), "10.5.7.0-24");
+
+    // The watcher's list (and the re-list after a compaction) takes the same path.
+    let (tx, mut rx) = tokio::sync::watch::channel(LeaseView::default());
+    let metrics = Arc::new(Metrics::default());
+    let task = tokio::spawn(lease_watch::run(
+        reg.clone(),
+        LeaseView::default(),
+        None,
+        tx,
+        metrics.clone(),
+    ));
+    let view = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let v = rx.borrow_and_update().clone();
+            if v.synced && v.leases.len() == 2 {
+                return v;
+            }
+            rx.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("the watcher never listed the two leases");
+    assert!(view.leases.contains_key(&lease.key));
+    assert_eq!(
+        metrics
+            .malformed_leases
+            .load(std::sync::atomic::Ordering::Relaxed),
+        3
+    );
+    task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_leases_list_completely() {
+    if !etcd_available() {
+        return;
+    }
+    let etcd = Etcd::start();
+    let reg = registry(&etcd).await;
+    let mut client = reg.client();
+    // 10,000 /30s of a /16, written 100 to a transaction (etcd allows 128 operations).
+    let keys: Vec<String> = (0..10_000u32)
+        .map(|i| {
+            let ip =
+                std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(10, 5, 0, 0)) + i * 4);
+            format!("{ip}-30")
+        })
+        .collect();
+    for chunk in keys.chunks(100) {
+        let ops: Vec<etcd_client::TxnOp> = chunk
+            .iter()
+            .map(|k| {
+                etcd_client::TxnOp::put(
+                    format!("/coreos.com/network/subnets/{k}"),
+                    lease_json("198.18.9.1"),
+                    None,
+                )
+            })
+            .collect();
+        client
+            .txn(etcd_client::Txn::new().and_then(ops))
+            .await
+            .unwrap();
+    }
+    let listing = reg.list_subnets().await.unwrap();
+    let listed: BTreeSet<String> = listing.leases.iter().map(|l| l.key.to_string()).collect();
+    assert_eq!(listing.leases.len(), 10_000, "no lease listed twice");
+    assert_eq!(listed, keys.into_iter().collect::<BTreeSet<_>>());
+    assert!(listing.malformed.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_opened_after_the_token_expired_is_not_refused() {
+    if !etcd_available() {
+        return;
+    }
+    let mut etcd = Etcd::start_with_args(&common::SHORT_LIVED_TOKENS);
+    etcd.enable_auth();
+    let reg = Registry::connect(&EtcdOptions {
+        endpoints: vec![etcd.endpoint()],
+        prefix: "/coreos.com/network".into(),
+        username: Some("flannel".into()),
+        password: Some(Password::new("s3cret")),
+        insecure_password: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let revision = reg.list_subnets().await.unwrap().revision;
+    common::poll(
+        "etcd to expire the registry's token",
+        Duration::from_secs(20),
+        || (etcd.expired_flannel_tokens() >= 1).then_some(()),
+    );
+    // etcd does not refuse a watch made with an expired token: it cancels it as "permission
+    // denied", which must not be taken as the answer.
+    let (_stream, first) = reg.watch_subnets(revision + 1).await.unwrap();
+    assert!(
+        !first.canceled(),
+        "watch cancelled: {}",
+        first.cancel_reason()
+    );
+    assert!(first.created());
 }

@@ -86,6 +86,14 @@ fn startup_errors_name_what_to_fix() {
             "--etcd-username and --etcd-password go together",
         ),
         (
+            vec![
+                "--etcd-endpoints=http://127.0.0.1:1",
+                "--etcd-username=flannel",
+                "--etcd-password=s3cret",
+            ],
+            "--etcd-insecure-password",
+        ),
+        (
             vec!["--healthz-ip=127.0.0.1", &busy_flag],
             "--healthz-ip/--healthz-port",
         ),

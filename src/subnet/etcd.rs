@@ -1,12 +1,15 @@
 //! The etcd v3 registry: connection (TLS, auth), the network config, and the lease operations
 //! flannel performs (create-if-absent, replace-if-unchanged, renew, list, watch).
 
+use std::fmt;
+use std::future::Future;
 use std::path::PathBuf;
+use std::str::FromStr;
 use std::time::Duration;
 
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, KeyValue,
-    PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions, WatchStream,
+    PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions, WatchResponse, WatchStream,
 };
 
 use super::lease::{Lease, LeaseAttrs, LeaseError, SubnetKey};
@@ -26,6 +29,11 @@ pub enum EtcdError {
     HalfIdentity(&'static str),
     #[error("--etcd-username and --etcd-password go together (only {0} was given)")]
     HalfAuth(&'static str),
+    #[error(
+        "--etcd-endpoints {0:?}: plain http:// with --etcd-password would send the password in \
+         the clear; use https://, or pass --etcd-insecure-password to accept that"
+    )]
+    PasswordInClear(String),
     #[error("{flag} {path}: {err}")]
     File {
         flag: &'static str,
@@ -79,14 +87,108 @@ pub struct EtcdOptions {
     pub certfile: Option<PathBuf>,
     pub keyfile: Option<PathBuf>,
     pub username: Option<String>,
-    pub password: Option<String>,
+    pub password: Option<Password>,
+    /// Accept sending the password over plain http:// (`--etcd-insecure-password`).
+    pub insecure_password: bool,
+}
+
+/// The etcd password: its `Debug` and `Display` never show it, so no log line or debug dump of
+/// the options can leak it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Password(String);
+
+impl Password {
+    pub fn new(secret: impl Into<String>) -> Self {
+        Password(secret.into())
+    }
+
+    fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Password {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Password(<redacted>)")
+    }
+}
+
+impl fmt::Display for Password {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl FromStr for Password {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Password(s.to_string()))
+    }
 }
 
 /// A connected registry under one network prefix. Cheap to clone.
 #[derive(Clone)]
 pub struct Registry {
+    /// Every clone of a client shares its auth token, so a token refreshed through one (see
+    /// [`Registry::call`]) is the one all of them send.
     client: Client,
     prefix: String,
+    /// Whether we authenticate with a password, so that a refused token can be renewed.
+    authenticates: bool,
+    /// The largest answer taken from etcd.
+    max_message: usize,
+}
+
+/// The largest answer accepted from etcd (the client's default is 4 MiB). Listings come in
+/// pages, so this only has to hold one page, or one watch answer, which etcd may fill with the
+/// events of many revisions at once; a larger one breaks the watch, and the re-list that
+/// follows moves past it.
+pub const MAX_MESSAGE: usize = 64 * 1024 * 1024;
+/// Keys asked for per page of a listing (10,000 flannel leases are 20 pages of ~100 kB).
+const PAGE_KEYS: i64 = 500;
+/// Listings restarted when etcd compacts the revision a paged listing reads at.
+const LIST_ATTEMPTS: usize = 3;
+
+/// Whether etcd refused the auth token a request carried: it expired (`--auth-token-ttl`), or
+/// etcd restarted and forgot every simple token. Authenticating again fixes both.
+fn token_refused(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            s.code() == tonic::Code::Unauthenticated || s.message().contains("invalid auth token")
+        }
+        _ => false,
+    }
+}
+
+/// Whether etcd cancelled a new watch for its token: etcd 3.4 names the expired token, older
+/// releases say "permission denied" (which a token that was never allowed gets too: the one
+/// retry then fails the same way).
+fn cancelled_for_auth(reason: &str) -> bool {
+    reason.contains("invalid auth token") || reason.contains("permission denied")
+}
+
+/// Whether a range answer was too large for the client to take.
+fn answer_too_large(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s)
+        if s.code() == tonic::Code::OutOfRange && s.message().contains("too large"))
+}
+
+/// Whether a read at a fixed revision failed because etcd compacted that revision.
+fn revision_compacted(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s) if s.message().contains("compacted"))
+}
+
+/// The end of the range of keys starting with `prefix` (etcd's "prefix end").
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
 }
 
 /// How often the members behind `--etcd-endpoints` are probed.
@@ -191,6 +293,10 @@ impl EtcdOptions {
         self.cafile.is_some() || self.certfile.is_some() || self.keyfile.is_some()
     }
 
+    fn any_https(&self) -> bool {
+        self.endpoints.iter().any(|e| e.starts_with("https://"))
+    }
+
     /// Checks the flags and builds the client options; reads the TLS files.
     fn connect_options(&self) -> Result<ConnectOptions, EtcdError> {
         if self.endpoints.is_empty() {
@@ -204,6 +310,9 @@ impl EtcdOptions {
             if self.uses_tls() && !https {
                 return Err(EtcdError::PlainWithTls(e.clone()));
             }
+            if self.password.is_some() && !https && !self.insecure_password {
+                return Err(EtcdError::PasswordInClear(e.clone()));
+            }
         }
         let mut opts = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(3))
@@ -211,16 +320,21 @@ impl EtcdOptions {
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
             .with_keep_alive_while_idle(true);
         match (&self.username, &self.password) {
-            (Some(u), Some(p)) => opts = opts.with_user(u.clone(), p.clone()),
+            (Some(u), Some(p)) => opts = opts.with_user(u.clone(), p.expose()),
             (Some(_), None) => return Err(EtcdError::HalfAuth("--etcd-username")),
             (None, Some(_)) => return Err(EtcdError::HalfAuth("--etcd-password")),
             (None, None) => {}
         }
-        if self.uses_tls() {
+        if self.uses_tls() || self.any_https() {
             let mut tls = TlsOptions::new();
-            if let Some(ca) = &self.cafile {
-                tls = tls.ca_certificate(Certificate::from_pem(read_file("--etcd-cafile", ca)?));
-            }
+            tls = match &self.cafile {
+                Some(ca) => {
+                    tls.ca_certificate(Certificate::from_pem(read_file("--etcd-cafile", ca)?))
+                }
+                // As flannel (Go's system pool): the machine's CA store, which honours
+                // SSL_CERT_FILE and SSL_CERT_DIR. Without this every certificate is unknown.
+                None => tls.with_native_roots(),
+            };
             match (&self.certfile, &self.keyfile) {
                 (Some(c), Some(k)) => {
                     let cert = read_file("--etcd-certfile", c)?;
@@ -254,7 +368,145 @@ impl Registry {
         Ok(Registry {
             client,
             prefix: opts.prefix.trim_end_matches('/').to_string(),
+            authenticates: opts.password.is_some(),
+            max_message: MAX_MESSAGE,
         })
+    }
+
+    /// The same registry taking answers of at most `bytes` (default [`MAX_MESSAGE`]); listings
+    /// then come in smaller pages.
+    pub fn with_max_message(mut self, bytes: usize) -> Self {
+        self.max_message = bytes;
+        self
+    }
+
+    /// Runs `op` on a client; when etcd refused its auth token, authenticates again and runs
+    /// it once more. Every request goes through here, so no number of token expiries or etcd
+    /// restarts leaves the daemon stuck with a dead token.
+    async fn call<T, F, Fut>(&self, op: F) -> Result<T, EtcdError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        match op(self.client.clone()).await {
+            Err(e) if self.authenticates && token_refused(&e) => {
+                self.reauthenticate().await?;
+                Ok(op(self.client.clone()).await?)
+            }
+            result => Ok(result?),
+        }
+    }
+
+    async fn reauthenticate(&self) -> Result<(), EtcdError> {
+        tracing::info!(
+            "etcd refused our auth token (expired, or etcd restarted): authenticating again"
+        );
+        self.client.refresh_token().await?;
+        Ok(())
+    }
+
+    /// Opens a watch and waits for etcd to confirm it. Returns the stream and etcd's first
+    /// answer (the creation, or a cancel). A watch opened with an expired token is not refused
+    /// as a request but cancelled in its first answer: authenticate again and retry once.
+    async fn open_watch(
+        &self,
+        key: String,
+        opts: WatchOptions,
+    ) -> Result<(WatchStream, WatchResponse), EtcdError> {
+        let mut retried = false;
+        loop {
+            let (stream, first) = self
+                .call(|c| {
+                    let (key, opts) = (key.clone(), opts.clone());
+                    let limit = self.max_message;
+                    async move {
+                        let mut w = c.watch_client().max_decoding_message_size(limit);
+                        let mut stream = w.watch(key, Some(opts)).await?;
+                        let first = stream.message().await?;
+                        Ok((stream, first))
+                    }
+                })
+                .await?;
+            let first =
+                first.ok_or_else(|| EtcdError::Other("watch stream ended at creation".into()))?;
+            let denied = first.canceled() && cancelled_for_auth(first.cancel_reason());
+            if denied && self.authenticates && !retried {
+                retried = true;
+                self.reauthenticate().await?;
+                continue;
+            }
+            return Ok((stream, first));
+        }
+    }
+
+    /// Reads every key in `[prefix, prefix end)` in pages, all at the revision of the first
+    /// page, so no answer grows past the message limit however many (or however large) the
+    /// entries are; returns the entries and that revision. A page still too large is asked
+    /// for again with fewer keys.
+    async fn range_paged(
+        &self,
+        prefix: &str,
+        keys_only: bool,
+    ) -> Result<(Vec<KeyValue>, i64), EtcdError> {
+        let end = prefix_end(prefix.as_bytes());
+        let mut attempts = 0;
+        'listing: loop {
+            attempts += 1;
+            let mut from = prefix.as_bytes().to_vec();
+            let mut revision = 0;
+            let mut limit = PAGE_KEYS;
+            let mut entries = Vec::new();
+            loop {
+                let mut opts = GetOptions::new().with_range(end.clone()).with_limit(limit);
+                if keys_only {
+                    opts = opts.with_keys_only();
+                }
+                if revision > 0 {
+                    opts = opts.with_revision(revision);
+                }
+                let page = self
+                    .call(|c| {
+                        let (from, opts) = (from.clone(), opts.clone());
+                        let max_message = self.max_message;
+                        async move {
+                            let mut kv = c.kv_client().max_decoding_message_size(max_message);
+                            kv.get(from, Some(opts)).await
+                        }
+                    })
+                    .await;
+                let mut resp = match page {
+                    Ok(resp) => resp,
+                    Err(EtcdError::Client(e)) if answer_too_large(&e) && limit > 1 => {
+                        limit = (limit / 8).max(1);
+                        continue;
+                    }
+                    Err(EtcdError::Client(e))
+                        if revision_compacted(&e) && attempts < LIST_ATTEMPTS =>
+                    {
+                        // The pages read so far are of a revision etcd no longer serves: the
+                        // rest could not match them, so start over at the current one.
+                        tracing::info!(
+                            "revision {revision} compacted while listing: listing again"
+                        );
+                        continue 'listing;
+                    }
+                    Err(e) => return Err(e),
+                };
+                if revision == 0 {
+                    revision = resp.header().map(|h| h.revision()).unwrap_or_default();
+                }
+                let more = resp.more();
+                entries.extend(resp.take_kvs());
+                match entries.last() {
+                    Some(last) if more => {
+                        from = last.key().to_vec();
+                        from.push(0);
+                        limit = (limit * 2).min(PAGE_KEYS);
+                    }
+                    _ => return Ok((entries, revision)),
+                }
+            }
+        }
     }
 
     pub fn config_key(&self) -> String {
@@ -271,24 +523,35 @@ impl Registry {
 
     /// Checks that etcd answers (a status call that needs no key permissions).
     pub async fn ping(&self) -> Result<(), EtcdError> {
-        let mut c = self.client.clone();
-        c.get(self.config_key(), Some(GetOptions::new().with_count_only()))
-            .await?;
+        let key = self.config_key();
+        self.call(|mut c| {
+            let key = key.clone();
+            async move { c.get(key, Some(GetOptions::new().with_count_only())).await }
+        })
+        .await?;
         Ok(())
     }
 
     /// The config value and the revision it was read at.
     pub async fn get_config(&self) -> Result<(Option<Vec<u8>>, i64), EtcdError> {
-        let mut c = self.client.clone();
-        let resp = c.get(self.config_key(), None).await?;
+        let key = self.config_key();
+        let resp = self
+            .call(|mut c| {
+                let key = key.clone();
+                async move { c.get(key, None).await }
+            })
+            .await?;
         let rev = resp.header().map(|h| h.revision()).unwrap_or_default();
         Ok((resp.kvs().first().map(|kv| kv.value().to_vec()), rev))
     }
 
-    pub async fn watch_config(&self, from_revision: i64) -> Result<WatchStream, EtcdError> {
-        let mut c = self.client.clone();
+    /// Watches the config key; the stream and etcd's first answer (see [`Self::watch_subnets`]).
+    pub async fn watch_config(
+        &self,
+        from_revision: i64,
+    ) -> Result<(WatchStream, WatchResponse), EtcdError> {
         let opts = WatchOptions::new().with_start_revision(from_revision);
-        Ok(c.watch(self.config_key(), Some(opts)).await?)
+        self.open_watch(self.config_key(), opts).await
     }
 
     /// Parses one key/value under the subnets prefix.
@@ -297,7 +560,7 @@ impl Registry {
         let suffix =
             key.strip_prefix(&self.subnets_prefix())
                 .ok_or_else(|| LeaseError::BadKey {
-                    key: key.clone(),
+                    key: super::lease::clip(&key),
                     why: "outside the subnets prefix".into(),
                 })?;
         let subnet: SubnetKey = suffix.parse()?;
@@ -318,15 +581,12 @@ impl Registry {
     }
 
     pub async fn list_subnets(&self) -> Result<Listing, EtcdError> {
-        let mut c = self.client.clone();
-        let resp = c
-            .get(self.subnets_prefix(), Some(GetOptions::new().with_prefix()))
-            .await?;
+        let (entries, revision) = self.range_paged(&self.subnets_prefix(), false).await?;
         let mut listing = Listing {
-            revision: resp.header().map(|h| h.revision()).unwrap_or_default(),
+            revision,
             ..Default::default()
         };
-        for kv in resp.kvs() {
+        for kv in &entries {
             match self.parse_kv(kv) {
                 Ok(lease) => listing.leases.push(lease),
                 Err(e) => listing.malformed.push((
@@ -339,47 +599,61 @@ impl Registry {
         Ok(listing)
     }
 
-    pub async fn watch_subnets(&self, from_revision: i64) -> Result<WatchStream, EtcdError> {
-        let mut c = self.client.clone();
+    /// Watches every lease from `from_revision`. Returns the stream and etcd's first answer,
+    /// which the caller handles like any other (it may already report a compaction).
+    pub async fn watch_subnets(
+        &self,
+        from_revision: i64,
+    ) -> Result<(WatchStream, WatchResponse), EtcdError> {
         let opts = WatchOptions::new()
             .with_prefix()
             .with_start_revision(from_revision)
             .with_progress_notify();
-        Ok(c.watch(self.subnets_prefix(), Some(opts)).await?)
+        self.open_watch(self.subnets_prefix(), opts).await
     }
 
     /// Grants an etcd lease of `ttl`; returns its id.
     pub async fn grant(&self, ttl: Duration) -> Result<i64, EtcdError> {
-        let mut c = self.client.clone();
         let secs = ttl.as_secs().max(1) as i64;
-        Ok(c.lease_grant(secs, None).await?.id())
+        let resp = self
+            .call(|mut c| async move { c.lease_grant(secs, None).await })
+            .await?;
+        Ok(resp.id())
     }
 
     /// Revokes an etcd lease, deleting the keys attached to it.
     pub async fn revoke(&self, id: i64) -> Result<(), EtcdError> {
-        let mut c = self.client.clone();
-        c.lease_revoke(id).await?;
+        self.call(|mut c| async move { c.lease_revoke(id).await })
+            .await?;
         Ok(())
     }
 
     /// Refreshes an etcd lease to its full TTL; returns the TTL left (≤ 0: it had expired).
     pub async fn keep_alive_once(&self, id: i64) -> Result<i64, EtcdError> {
-        let mut c = self.client.clone();
-        // The client sends a first keep-alive itself and turns a TTL of 0 (the lease expired
-        // or was revoked) into this error; that is an answer, not a failure.
-        let (mut keeper, mut stream) = match c.lease_keep_alive(id).await {
-            Ok(pair) => pair,
-            Err(etcd_client::Error::LeaseKeepAliveError(msg)) if msg == "lease not found" => {
-                return Ok(0)
-            }
-            Err(e) => return Err(e.into()),
-        };
-        keeper.keep_alive().await?;
-        let resp = tokio::time::timeout(Duration::from_secs(5), stream.message())
-            .await
-            .map_err(|_| EtcdError::Other("keep-alive of the subnet lease timed out".into()))??
-            .ok_or_else(|| EtcdError::Other("keep-alive stream closed".into()))?;
-        Ok(resp.ttl())
+        self.call(|mut c| async move {
+            // The client sends a first keep-alive itself and turns a TTL of 0 (the lease
+            // expired or was revoked) into this error; that is an answer, not a failure.
+            let (mut keeper, mut stream) = match c.lease_keep_alive(id).await {
+                Ok(pair) => pair,
+                Err(etcd_client::Error::LeaseKeepAliveError(msg)) if msg == "lease not found" => {
+                    return Ok(0)
+                }
+                Err(e) => return Err(e),
+            };
+            keeper.keep_alive().await?;
+            let resp = tokio::time::timeout(Duration::from_secs(5), stream.message())
+                .await
+                .map_err(|_| {
+                    etcd_client::Error::LeaseKeepAliveError(
+                        "keep-alive of the subnet lease timed out".into(),
+                    )
+                })??
+                .ok_or_else(|| {
+                    etcd_client::Error::LeaseKeepAliveError("keep-alive stream closed".into())
+                })?;
+            Ok(resp.ttl())
+        })
+        .await
     }
 
     /// Writes `attrs` at `key` only if the key does not exist; returns the lease read back, or
@@ -422,8 +696,12 @@ impl Registry {
             TxnOp::put(k.clone(), attrs.to_json(), put_opts),
             TxnOp::get(k, None),
         ]);
-        let mut c = self.client.clone();
-        let resp = c.txn(txn).await?;
+        let resp = self
+            .call(|mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await?;
         if !resp.succeeded() {
             return Ok(None);
         }
@@ -451,18 +729,12 @@ impl Registry {
     /// keys can share an IPv4 subnet while differing in IPv6 (or the reverse), which the
     /// create-if-absent check on the key cannot see; of such keys the first created wins.
     pub async fn holds_alone(&self, lease: &Lease) -> Result<bool, EtcdError> {
-        let mut c = self.client.clone();
-        let resp = c
-            .get(
-                self.subnets_prefix(),
-                Some(GetOptions::new().with_prefix().with_keys_only()),
-            )
-            .await?;
         let shares = |k: &SubnetKey| {
             (k.ipv4.is_some() && k.ipv4 == lease.key.ipv4)
                 || (k.ipv6.is_some() && k.ipv6 == lease.key.ipv6)
         };
-        Ok(!resp.kvs().iter().any(|kv| {
+        let (keys, _) = self.range_paged(&self.subnets_prefix(), true).await?;
+        Ok(!keys.iter().any(|kv| {
             self.parse_deleted_key(kv).is_some_and(|k| {
                 k != lease.key && shares(&k) && kv.create_revision() < lease.revision
             })
@@ -479,13 +751,64 @@ impl Registry {
                 lease.revision,
             )])
             .and_then([TxnOp::delete(k, None)]);
-        let mut c = self.client.clone();
-        c.txn(txn).await?;
+        self.call(|mut c| {
+            let txn = txn.clone();
+            async move { c.txn(txn).await }
+        })
+        .await?;
         Ok(())
     }
 
     /// Direct client access for tools and tests (etcdctl-like operations).
     pub fn client(&self) -> Client {
         self.client.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_password(endpoint: &str, insecure_password: bool) -> EtcdOptions {
+        EtcdOptions {
+            endpoints: vec![endpoint.into()],
+            prefix: "/coreos.com/network".into(),
+            username: Some("flannel".into()),
+            password: Some(Password::new("s3cret-pw")),
+            insecure_password,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn password_over_plain_http_needs_the_insecure_flag() {
+        let err = with_password("http://127.0.0.1:2379", false)
+            .connect_options()
+            .unwrap_err();
+        assert!(err.is_fatal());
+        let msg = err.to_string();
+        assert!(msg.contains("--etcd-insecure-password"), "{msg}");
+        assert!(msg.contains("http://127.0.0.1:2379"), "{msg}");
+        assert!(with_password("http://127.0.0.1:2379", true)
+            .connect_options()
+            .is_ok());
+        assert!(with_password("https://127.0.0.1:2379", false)
+            .connect_options()
+            .is_ok());
+    }
+
+    #[test]
+    fn debug_output_hides_the_password() {
+        let opts = with_password("https://127.0.0.1:2379", false);
+        let dump = format!("{opts:?} {opts:#?} {}", opts.password.as_ref().unwrap());
+        assert!(!dump.contains("s3cret-pw"), "{dump}");
+        assert!(dump.contains("flannel"), "{dump}");
+    }
+
+    #[test]
+    fn prefix_end_is_the_next_key_after_the_prefix() {
+        assert_eq!(prefix_end(b"/a/subnets/"), b"/a/subnets0".to_vec());
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(prefix_end(b"\xff"), vec![0]);
     }
 }

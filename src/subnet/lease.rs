@@ -17,6 +17,18 @@ pub enum LeaseError {
     BadValue { key: String, why: String },
 }
 
+/// Characters of a key or an error kept in a [`LeaseError`]: entries under the prefix come from
+/// anyone with write access, and a megabyte value must not become a megabyte log line.
+const MAX_SHOWN: usize = 160;
+
+/// `s`, cut to [`MAX_SHOWN`] characters with its full length noted when longer.
+pub fn clip(s: &str) -> String {
+    match s.char_indices().nth(MAX_SHOWN) {
+        None => s.to_string(),
+        Some((cut, _)) => format!("{}… ({} bytes)", &s[..cut], s.len()),
+    }
+}
+
 /// The subnet(s) a lease covers; the etcd key is `<prefix>/subnets/<SubnetKey>`.
 ///
 /// IPv4-only leases look like `10.5.52.0-24`, dual-stack ones `10.5.52.0-24&fc00::-64`, and
@@ -59,7 +71,7 @@ impl FromStr for SubnetKey {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = |why: &str| LeaseError::BadKey {
-            key: s.to_string(),
+            key: clip(s),
             why: why.to_string(),
         };
         let mut key = SubnetKey {
@@ -170,8 +182,8 @@ impl LeaseAttrs {
 
     pub fn from_json(key: &str, value: &[u8]) -> Result<Self, LeaseError> {
         serde_json::from_slice(value).map_err(|e| LeaseError::BadValue {
-            key: key.to_string(),
-            why: e.to_string(),
+            key: clip(key),
+            why: clip(&e.to_string()),
         })
     }
 
@@ -266,6 +278,20 @@ mod tests {
         let attrs = LeaseAttrs::from_json("k", v.as_bytes()).unwrap();
         assert_eq!(attrs.public_ipv6, Some("2001:db8::3".parse().unwrap()));
         assert_eq!(attrs.to_json(), v);
+    }
+
+    #[test]
+    fn huge_keys_and_values_are_cut_in_errors() {
+        let junk = format!("\"{}\"", "x".repeat(1_400_000));
+        let err = LeaseAttrs::from_json("/coreos.com/network/subnets/10.5.1.0-24", junk.as_bytes())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("10.5.1.0-24"), "{err}");
+        assert!(err.len() < 1000, "error of {} bytes", err.len());
+        let long_key = format!("{}-24", "9".repeat(1_000_000));
+        let err = long_key.parse::<SubnetKey>().unwrap_err().to_string();
+        assert!(err.len() < 1000, "error of {} bytes", err.len());
+        assert!(err.contains("1000003 bytes"), "{err}");
     }
 
     #[test]

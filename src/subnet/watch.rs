@@ -3,7 +3,6 @@
 //! The view is level-triggered state, not an event log: after a compaction or a broken stream
 //! the watcher lists again and diffs, so no add or remove is lost even when events were.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,6 +11,7 @@ use tokio::sync::watch;
 
 use super::etcd::{EtcdError, Listing, Registry};
 use super::lease::{Lease, PeerSet, SubnetKey};
+use super::malformed::MalformedTracker;
 use crate::metrics::Metrics;
 
 /// Every lease under the prefix (ours included) as of `revision`.
@@ -101,7 +101,7 @@ pub async fn run(
     tx: watch::Sender<LeaseView>,
     metrics: Arc<Metrics>,
 ) {
-    let mut seen_malformed: HashSet<(String, i64)> = HashSet::new();
+    let mut malformed = MalformedTracker::new();
     // Re-listing is one range request: retry it often, so that peers that joined while etcd
     // was unreachable are programmed within seconds of etcd's return, not up to 10 s later.
     let mut backoff = Backoff::with_max(Duration::from_secs(2));
@@ -115,7 +115,7 @@ pub async fn run(
                 Ok(listing) => {
                     Metrics::inc(&metrics.watch_relists);
                     metrics.set_etcd_up(true);
-                    count_malformed(&listing, &mut seen_malformed, &metrics);
+                    count_malformed(&listing, &mut malformed, &metrics);
                     let changes = view.replace_all(listing.leases, listing.revision);
                     log_changes("list", &changes);
                     tx.send_replace(view.clone());
@@ -129,7 +129,7 @@ pub async fn run(
                 }
             }
         }
-        match watch_from(&reg, &mut view, &tx, &metrics, &mut seen_malformed).await {
+        match watch_from(&reg, &mut view, &tx, &metrics, &mut malformed).await {
             WatchEnd::Compacted(rev) => {
                 tracing::info!("watch revision compacted (at {rev}): listing again");
                 view.synced = false;
@@ -154,14 +154,19 @@ async fn watch_from(
     view: &mut LeaseView,
     tx: &watch::Sender<LeaseView>,
     metrics: &Metrics,
-    seen_malformed: &mut HashSet<(String, i64)>,
+    malformed: &mut MalformedTracker,
 ) -> WatchEnd {
-    let mut stream = match reg.watch_subnets(view.revision + 1).await {
+    let (mut stream, first) = match reg.watch_subnets(view.revision + 1).await {
         Ok(s) => s,
         Err(e) => return WatchEnd::Failed(e),
     };
+    let mut first = Some(first);
     loop {
-        let resp = match stream.message().await {
+        let next = match first.take() {
+            Some(resp) => Ok(Some(resp)),
+            None => stream.message().await,
+        };
+        let resp = match next {
             Ok(Some(resp)) => resp,
             Ok(None) => return WatchEnd::Failed(EtcdError::Other("watch stream ended".into())),
             Err(e) => return WatchEnd::Failed(e.into()),
@@ -181,16 +186,12 @@ async fn watch_from(
             let Some(kv) = ev.kv() else { continue };
             let c = match ev.event_type() {
                 EventType::Put => match reg.parse_kv(kv) {
-                    Ok(lease) => view.apply_put(lease),
+                    Ok(lease) => {
+                        malformed.forget(kv.key());
+                        view.apply_put(lease)
+                    }
                     Err(e) => {
-                        let id = (
-                            String::from_utf8_lossy(kv.key()).into_owned(),
-                            kv.mod_revision(),
-                        );
-                        if seen_malformed.insert(id) {
-                            Metrics::inc(&metrics.malformed_leases);
-                            tracing::warn!("skipping malformed lease: {e}");
-                        }
+                        malformed.note(kv.key(), kv.mod_revision(), &e, metrics);
                         // A lease replaced by garbage is no longer a usable peer.
                         match reg.parse_deleted_key(kv) {
                             Some(key) => view.apply_delete(key, kv.mod_revision()),
@@ -198,10 +199,13 @@ async fn watch_from(
                         }
                     }
                 },
-                EventType::Delete => match reg.parse_deleted_key(kv) {
-                    Some(key) => view.apply_delete(key, kv.mod_revision()),
-                    None => Changes::default(),
-                },
+                EventType::Delete => {
+                    malformed.forget(kv.key());
+                    match reg.parse_deleted_key(kv) {
+                        Some(key) => view.apply_delete(key, kv.mod_revision()),
+                        None => Changes::default(),
+                    }
+                }
             };
             changes.added.extend(c.added);
             changes.changed.extend(c.changed);
@@ -217,12 +221,10 @@ async fn watch_from(
     }
 }
 
-fn count_malformed(listing: &Listing, seen: &mut HashSet<(String, i64)>, metrics: &Metrics) {
+fn count_malformed(listing: &Listing, malformed: &mut MalformedTracker, metrics: &Metrics) {
+    malformed.retain_listed(listing.malformed.iter().map(|(key, _, _)| key.as_bytes()));
     for (key, rev, err) in &listing.malformed {
-        if seen.insert((key.clone(), *rev)) {
-            Metrics::inc(&metrics.malformed_leases);
-            tracing::warn!("skipping malformed lease: {err}");
-        }
+        malformed.note(key.as_bytes(), *rev, err, metrics);
     }
 }
 

@@ -168,6 +168,8 @@ pub struct Etcd {
     child: Option<Child>,
     /// Extra etcdctl flags: TLS client files, `--user`.
     pub ctl_flags: Vec<String>,
+    /// Extra etcd flags (e.g. `--auth-token-ttl=3`).
+    extra_args: Vec<String>,
 }
 
 impl Etcd {
@@ -181,7 +183,17 @@ impl Etcd {
 
     /// Starts etcd inside network namespace `netns` (on its loopback).
     pub fn start_in(netns: Option<&str>, tls: Option<ServerTls>) -> Etcd {
+        Self::start_full(netns, tls, &[])
+    }
+
+    /// Starts etcd with extra flags, kept for `resume`.
+    pub fn start_with_args(args: &[&str]) -> Etcd {
+        Self::start_full(None, None, args)
+    }
+
+    fn start_full(netns: Option<&str>, tls: Option<ServerTls>, args: &[&str]) -> Etcd {
         let mut etcd = Etcd {
+            extra_args: args.iter().map(|a| a.to_string()).collect(),
             netns: netns.map(String::from),
             dir: tempfile::tempdir().unwrap(),
             client_port: free_port(),
@@ -237,6 +249,7 @@ impl Etcd {
             .arg(format!("--initial-advertise-peer-urls={peer}"))
             .arg(format!("--initial-cluster=t={peer}"))
             .arg("--log-level=warn")
+            .args(&self.extra_args)
             .env("ETCD_UNSUPPORTED_ARCH", "")
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -304,7 +317,48 @@ impl Etcd {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default()
     }
+
+    /// Creates `root` and a `flannel` user (password `s3cret`) that may read and write the
+    /// network prefix, and turns authentication on; etcdctl then acts as root.
+    pub fn enable_auth(&mut self) {
+        for args in [
+            vec!["user", "add", "root:rootpw"],
+            vec!["role", "add", "flannel"],
+            vec![
+                "role",
+                "grant-permission",
+                "flannel",
+                "--prefix=true",
+                "readwrite",
+                "/coreos.com/network/",
+            ],
+            vec!["user", "add", "flannel:s3cret"],
+            vec!["user", "grant-role", "flannel", "flannel"],
+            vec!["auth", "enable"],
+        ] {
+            self.etcdctl(&args)
+                .unwrap_or_else(|e| panic!("etcdctl {args:?}: {e}"));
+        }
+        self.ctl_flags.push("--user=root:rootpw".into());
+    }
+
+    /// Tokens of user `flannel` that etcd dropped as expired (logged by an etcd started with
+    /// `--logger=zap --log-level=info`).
+    pub fn expired_flannel_tokens(&self) -> usize {
+        self.log()
+            .lines()
+            .filter(|l| l.contains("deleted a simple token") && l.contains("\"flannel\""))
+            .count()
+    }
 }
+
+/// etcd flags for simple auth tokens that expire 3 s after their last use, logging each expiry.
+pub const SHORT_LIVED_TOKENS: [&str; 4] = [
+    "--auth-token=simple",
+    "--auth-token-ttl=3",
+    "--logger=zap",
+    "--log-level=info",
+];
 
 impl Drop for Etcd {
     fn drop(&mut self) {
