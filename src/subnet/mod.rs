@@ -6,6 +6,7 @@ pub mod alloc;
 pub mod env;
 pub mod etcd;
 pub mod lease;
+pub mod peers;
 pub mod watch;
 
 pub use lease::{Lease, LeaseAttrs, PeerSet, SubnetKey};
