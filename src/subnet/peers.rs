@@ -91,7 +91,6 @@ pub fn filter(all: &PeerSet, config: &NetworkConfig, own: &Lease) -> Filtered {
         .chain(std::iter::once(&own.key))
         .map(|k| (*k, check_shape(k, config)))
         .collect();
-    let own_lease = all.get(&own.key).unwrap_or(own);
     let losers = overlap_losers(
         all.values()
             .chain((!all.contains_key(&own.key)).then_some(own))
@@ -100,7 +99,7 @@ pub fn filter(all: &PeerSet, config: &NetworkConfig, own: &Lease) -> Filtered {
     );
 
     let mut out = Filtered {
-        own_overruled_by: losers.get(&own_lease.key).copied(),
+        own_overruled_by: losers.get(&own.key).copied(),
         ..Filtered::default()
     };
     for (key, lease) in all {
@@ -115,7 +114,7 @@ pub fn filter(all: &PeerSet, config: &NetworkConfig, own: &Lease) -> Filtered {
                 losers.get(key).map(|winner| Rejection {
                     reason: Reason::OverlapsOlder,
                     detail: format!(
-                        "overlaps lease {winner}, which is older (create revision {} < {})",
+                        "overlaps lease {winner}, created first (etcd revision {}, this one {})",
                         all.get(winner)
                             .map_or(own.create_revision, |w| w.create_revision),
                         lease.create_revision
