@@ -57,14 +57,17 @@ fn route_get(h: &Host, dst: Ipv4Addr) -> (String, Option<String>) {
     )
 }
 
-/// A /24 inside 10.5.0.0/16 that no lease holds.
-fn free_subnet(c: &Cluster) -> Ipv4Network {
+/// `n` /24s inside 10.5.0.0/16 that no lease holds.
+fn free_subnets(c: &Cluster, n: usize) -> Vec<Ipv4Network> {
     let taken: Vec<Ipv4Network> = c.leases().unwrap().iter().map(|l| l.subnet).collect();
-    (0..=255u8)
+    let free: Vec<Ipv4Network> = (0..=255u8)
         .rev()
         .map(|i| Ipv4Network::new(Ipv4Addr::new(10, 5, i, 0), 24).unwrap())
-        .find(|n| !taken.contains(n))
-        .expect("a free /24")
+        .filter(|n| !taken.contains(n))
+        .take(n)
+        .collect();
+    assert_eq!(free.len(), n, "free /24s in 10.5.0.0/16");
+    free
 }
 
 #[test]
@@ -93,7 +96,7 @@ fn vxlan_overlapping_and_oversized_leases_are_refused() {
         &vxlan_value(4),
     );
     // Then two leases for one free subnet: the older is a peer, the newer is refused.
-    let free = free_subnet(&c);
+    let free = free_subnets(&c, 1)[0];
     let older = put_lease(
         &c,
         &format!("{}-24&fc00:0:0:5::-64", free.network()),
@@ -185,25 +188,32 @@ fn udp_catch_all_lease_is_refused() {
     let b = c.add_pod(1).unwrap();
     a.wait_reaches(b.ip(), CONVERGE).unwrap();
 
-    // flannel's udp leases carry no BackendType.
+    // flannel's udp leases carry no BackendType. A catch-all, then a lease for a free subnet
+    // whose arrival in host 0's peer table shows that host 0 has seen the catch-all too.
     put_lease(
         &c,
         "0.0.0.0-0",
         r#"{"PublicIP":"198.18.0.203","PublicIPv6":null}"#,
     );
-    for h in c.hosts() {
-        wait_until(CONVERGE, "the catch-all lease to be refused", || {
-            match h.metric("flannel_rejected_leases_total{reason=\"outside_network\"}") {
-                Ok(n) if n == 1.0 => Ok(()),
-                other => Err(format!("{}: {other:?}", h.name())),
-            }
-        })
-        .expect("refused");
-    }
+    let [marker, free] = free_subnets(&c, 2)[..] else {
+        unreachable!()
+    };
+    put_lease(
+        &c,
+        &format!("{}-24", marker.network()),
+        r#"{"PublicIP":"198.18.0.204","PublicIPv6":null}"#,
+    );
+    wait_until(CONVERGE, "host 0 to take the marker lease", || {
+        let log = std::fs::read_to_string(c.host(0).log_path()).unwrap_or_default();
+        log.lines()
+            .any(|l| l.contains(&format!("peer {marker}")) && l.contains("198.18.0.204"))
+            .then_some(())
+            .ok_or_else(|| c.host(0).log_tail(5))
+    })
+    .expect("marker lease in host 0's peer table");
 
     // An address in the network that no host holds is still answered with net unreachable,
     // not sent to the catch-all's address.
-    let free = free_subnet(&c);
     let nobody = Ipv4Addr::from(u32::from(free.network()) + 1);
     let unreachable = || {
         c.host(0)
@@ -229,4 +239,14 @@ fn udp_catch_all_lease_is_refused() {
     .expect("a packet for a subnet nobody holds is answered with net unreachable");
     assert!(a.ping(b.ip(), 3).unwrap().all_received());
     assert!(b.ping(a.ip(), 3).unwrap().all_received());
+
+    for h in c.hosts() {
+        wait_until(CONVERGE, "the catch-all lease to be counted", || {
+            match h.metric("flannel_rejected_leases_total{reason=\"outside_network\"}") {
+                Ok(n) if n == 1.0 => Ok(()),
+                other => Err(format!("{}: {other:?}", h.name())),
+            }
+        })
+        .expect("refused and counted once");
+    }
 }
