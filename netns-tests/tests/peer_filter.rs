@@ -243,7 +243,7 @@ fn udp_catch_all_lease_is_refused() {
     for h in c.hosts() {
         wait_until(CONVERGE, "the catch-all lease to be counted", || {
             match h.metric("flannel_rejected_leases_total{reason=\"outside_network\"}") {
-                Ok(n) if n == 1.0 => Ok(()),
+                Ok(1.0) => Ok(()),
                 other => Err(format!("{}: {other:?}", h.name())),
             }
         })
