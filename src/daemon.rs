@@ -22,8 +22,9 @@ use crate::metrics::Metrics;
 use crate::subnet::acquire::{self, AcquireError, AcquireRequest, Renewal};
 use crate::subnet::env::SubnetEnv;
 use crate::subnet::etcd::{EtcdError, EtcdOptions, Listing, Registry};
+use crate::subnet::peers::{self, RejectionLog};
 use crate::subnet::watch::{self as lease_watch, Backoff, LeaseView};
-use crate::subnet::{Lease, LeaseAttrs, PeerSet};
+use crate::subnet::{Lease, LeaseAttrs, SubnetKey};
 
 /// How often the data plane is compared with the peers even when nothing changed.
 const RECONCILE_EVERY: Duration = Duration::from_secs(10);
@@ -121,11 +122,12 @@ pub async fn run(opts: Opts) -> Result<(), DaemonError> {
     let plane = DataPlane {
         backend,
         config: config.clone(),
-        ext: ext.clone(),
         mtu: publish.mtu,
         subnet_file: opts.subnet_file.clone(),
         ip_masq: opts.ip_masq,
         metrics: metrics.clone(),
+        rejections: RejectionLog::default(),
+        own_overruled_by: None,
     };
     let plane = tokio::spawn(plane.run(own_rx.clone(), view_rx.clone()));
     let rules = RuleKeeper {
@@ -449,11 +451,12 @@ impl LeaseKeeper {
 struct DataPlane {
     backend: Box<dyn Backend>,
     config: NetworkConfig,
-    ext: ExternalInterface,
     mtu: u32,
     subnet_file: std::path::PathBuf,
     ip_masq: bool,
     metrics: Arc<Metrics>,
+    rejections: RejectionLog,
+    own_overruled_by: Option<SubnetKey>,
 }
 
 impl DataPlane {
@@ -525,7 +528,9 @@ impl DataPlane {
     }
 
     async fn reconcile(&mut self, own: &Lease, view: &LeaseView) {
-        let peers = peers_of(own, &view.leases, &self.ext);
+        let filtered = peers::filter(&view.leases, &self.config, own);
+        self.report_rejections(own, &filtered);
+        let peers = filtered.accepted;
         self.metrics
             .peers
             .store(peers.len() as u64, Ordering::Relaxed);
@@ -555,17 +560,28 @@ impl DataPlane {
             }
         }
     }
-}
 
-/// Every lease except ours and except stale ones carrying our own public IP (which would route
-/// our traffic to ourselves).
-pub fn peers_of(own: &Lease, all: &PeerSet, ext: &ExternalInterface) -> PeerSet {
-    all.iter()
-        .filter(|(k, l)| {
-            **k != own.key && !(l.attrs.public_ip.is_some() && l.attrs.public_ip == ext.public_ip)
-        })
-        .map(|(k, l)| (*k, l.clone()))
-        .collect()
+    /// Logs and counts what the peer filter refused, once per key and reason.
+    fn report_rejections(&mut self, own: &Lease, filtered: &peers::Filtered) {
+        let news = self.rejections.update(filtered);
+        for (key, rejection) in news.new {
+            self.metrics.lease_rejected(rejection.reason);
+            tracing::warn!("lease {key} is not a peer: {rejection}");
+        }
+        for (key, was) in news.accepted {
+            tracing::info!("lease {key} is a peer now (was rejected: {})", was.label());
+        }
+        if filtered.own_overruled_by != self.own_overruled_by {
+            if let Some(winner) = filtered.own_overruled_by {
+                tracing::warn!(
+                    "our lease {} overlaps the older lease {winner}: other hosts route the \
+                     overlap to {winner}, not to us",
+                    own.key
+                );
+            }
+            self.own_overruled_by = filtered.own_overruled_by;
+        }
+    }
 }
 
 /// Keeps the masquerade and forward rules in place: installed for our lease, replaced when the

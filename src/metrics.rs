@@ -3,6 +3,8 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 
+use crate::subnet::peers::Reason;
+
 /// Shared, lock-free daemon state for the health server.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -21,6 +23,8 @@ pub struct Metrics {
     pub dataplane_removed: AtomicU64,
     pub dataplane_repaired: AtomicU64,
     pub firewall_restores: AtomicU64,
+    /// By [`Reason::index`].
+    pub rejected_leases: [AtomicU64; Reason::ALL.len()],
 }
 
 struct Line {
@@ -61,7 +65,7 @@ impl Metrics {
             Line {
                 name: "flannel_peers",
                 kind: "gauge",
-                help: "Peer leases known (all leases under the prefix except our own).",
+                help: "Peer leases the backends program (leases under the prefix other than our own, less the rejected ones).",
                 value: get(&self.peers),
             },
             Line {
@@ -143,6 +147,20 @@ impl Metrics {
             let _ = writeln!(out, "# TYPE {} {}", l.name, l.kind);
             let _ = writeln!(out, "{} {}", l.name, l.value);
         }
+        let name = "flannel_rejected_leases_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Leases refused as peers, by reason; each key counts once per reason it is rejected for."
+        );
+        let _ = writeln!(out, "# TYPE {name} counter");
+        for reason in Reason::ALL {
+            let _ = writeln!(
+                out,
+                "{name}{{reason=\"{}\"}} {}",
+                reason.label(),
+                get(&self.rejected_leases[reason.index()])
+            );
+        }
         // The udp backend's data path, per direction: tx = TUN → peers, rx = peers → TUN.
         if let Some(udp) = crate::backend::udp::current_counters() {
             let dirs = [("tx", udp.tx.snapshot()), ("rx", udp.rx.snapshot())];
@@ -213,6 +231,10 @@ impl Metrics {
         self.etcd_up.store(up, Ordering::Relaxed);
     }
 
+    pub fn lease_rejected(&self, reason: Reason) {
+        Self::inc(&self.rejected_leases[reason.index()]);
+    }
+
     pub fn etcd_error(&self, _err: &dyn std::fmt::Display) {
         Self::inc(&self.etcd_errors);
         self.set_etcd_up(false);
@@ -228,6 +250,7 @@ mod tests {
         let m = Metrics::default();
         Metrics::inc(&m.malformed_leases);
         m.peers.store(3, Ordering::Relaxed);
+        m.lease_rejected(Reason::OverlapsOwn);
         let text = m.render();
         assert!(
             text.contains("\nflannel_malformed_leases_total 1\n"),
@@ -235,6 +258,11 @@ mod tests {
         );
         assert!(text.contains("\nflannel_peers 3\n"));
         assert!(text.contains("# TYPE flannel_watch_relists_total counter\n"));
+        assert!(
+            text.contains("\nflannel_rejected_leases_total{reason=\"overlaps_own\"} 1\n"),
+            "{text}"
+        );
+        assert!(text.contains("\nflannel_rejected_leases_total{reason=\"outside_network\"} 0\n"));
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let (name, value) = line.split_once(' ').unwrap();
             assert!(name.starts_with("flannel_"));

@@ -7,6 +7,7 @@ pub mod env;
 pub mod etcd;
 pub mod lease;
 pub mod malformed;
+pub mod peers;
 pub mod watch;
 
 pub use lease::{Lease, LeaseAttrs, PeerSet, SubnetKey};
