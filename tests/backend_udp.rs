@@ -526,13 +526,13 @@ fn pods_reach_each_other(plain: bool) {
         "A counted tx {tx:?} rx {rx:?}"
     );
     assert_eq!(
-        tx.malformed + rx.malformed + rx.unknown_source,
+        tx.malformed + rx.malformed + rx.unknown_source + rx.spoofed_source,
         0,
         "{tx:?} {rx:?}"
     );
     let (tx, rx, _) = b.stats();
     assert_eq!(
-        tx.malformed + rx.malformed + rx.unknown_source,
+        tx.malformed + rx.malformed + rx.unknown_source + rx.spoofed_source,
         0,
         "{tx:?} {rx:?}"
     );

@@ -1178,7 +1178,8 @@ mod tests {
                 .map(|i| tcp_packet(1000 + i * 1000, 1 + i as u16, TCP_ACK, &[9; 1000], &[]))
                 .collect()
         };
-        let corruptions: [(&str, fn(&mut Vec<u8>)); 2] = [
+        type Corrupt = fn(&mut Vec<u8>);
+        let corruptions: [(&str, Corrupt); 2] = [
             // Payload bytes changed in flight, TCP checksum left as it was.
             ("payload", |p| p[500] ^= 0x10),
             ("TCP checksum", |p| p[36] ^= 0x01),
