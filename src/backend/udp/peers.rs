@@ -208,6 +208,7 @@ mod tests {
         assert_eq!(t.lookup(ip("10.6.0.1")), None);
         assert!(PeerTable::default().lookup(ip("10.5.8.9")).is_none());
     }
+
     #[test]
     fn inner_sources_must_be_the_sending_peers() {
         let peers: PeerSet = [
