@@ -201,6 +201,7 @@ impl Metrics {
                 for (reason, v) in [
                     ("no_route", d.no_route),
                     ("unknown_source", d.unknown_source),
+                    ("spoofed_source", d.spoofed_source),
                     ("malformed", d.malformed),
                     ("ttl_expired", d.ttl_expired),
                     ("io_error", d.io_errors),

@@ -526,13 +526,13 @@ fn pods_reach_each_other(plain: bool) {
         "A counted tx {tx:?} rx {rx:?}"
     );
     assert_eq!(
-        tx.malformed + rx.malformed + rx.unknown_source,
+        tx.malformed + rx.malformed + rx.unknown_source + rx.spoofed_source,
         0,
         "{tx:?} {rx:?}"
     );
     let (tx, rx, _) = b.stats();
     assert_eq!(
-        tx.malformed + rx.malformed + rx.unknown_source,
+        tx.malformed + rx.malformed + rx.unknown_source + rx.spoofed_source,
         0,
         "{tx:?} {rx:?}"
     );
@@ -588,11 +588,11 @@ fn unknown_sources_are_dropped(plain: bool) {
     })
     .join()
     .unwrap();
-    // From a peer's public IP (any port): delivered, so the drop above is no accident.
-    let good = pkt(b"peer");
-    in_ns(&bed.ns("a"), move || {
-        let s = UdpSocket::bind((A_IP, 0)).unwrap();
-        s.send_to(&good, (B_IP, 8285)).unwrap();
+    // The same packet from the pod through host A's backend is delivered, so the drop above
+    // is no accident.
+    in_ns(&bed.ns("pa"), move || {
+        let s = UdpSocket::bind(("10.5.1.2", 4000)).unwrap();
+        s.send_to(b"peer", ("10.5.2.2", 9999)).unwrap();
     })
     .join()
     .unwrap();
@@ -613,6 +613,140 @@ fn fast_unknown_sources_are_dropped() {
 fn plain_unknown_sources_are_dropped() {
     if require_root("plain_unknown_sources_are_dropped") {
         unknown_sources_are_dropped(true);
+    }
+}
+
+/// Collects the payloads `socket` receives until one is `last` (or the deadline passes).
+fn receive_until(s: &UdpSocket, last: &[u8], within: Duration) -> Vec<Vec<u8>> {
+    let deadline = Instant::now() + within;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 2048];
+    while Instant::now() < deadline && got.last().map(Vec::as_slice) != Some(last) {
+        s.set_read_timeout(Some(deadline.saturating_duration_since(Instant::now())))
+            .unwrap();
+        if let Ok(n) = s.recv(&mut buf) {
+            got.push(buf[..n].to_vec());
+        }
+    }
+    got
+}
+
+/// Polls B's receive counters until `done` holds for them (or the deadline passes).
+fn poll_rx(
+    node: &Node,
+    done: impl Fn(&flannel::backend::udp::counters::DirStats) -> bool,
+) -> flannel::backend::udp::counters::DirStats {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, rx, _) = node.stats();
+        if done(&rx) || Instant::now() >= deadline {
+            return rx;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Namespace R holds a peer's public IP (B routes 10.5.1.0/24 to it). Datagrams from R with
+/// the peer port and an inner source in 10.5.1.0/24 reach pod pb; from another port, or
+/// with an inner source of another peer's, of B's own or of nobody's subnet, they do not and
+/// count as `spoofed_source`.
+fn spoofed_sources_are_dropped(plain: bool) {
+    let bed = Bed::new();
+    let b = Node::start(&bed.ns("b"), B_IP, "10.5.2.0/24", plain);
+    b.set_peers(peers(&[("10.5.1.0/24", R_IP), ("10.5.3.0/24", A_IP)]));
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let receiver = in_ns(&bed.ns("pb"), move || {
+        let s = UdpSocket::bind("10.5.2.2:9999").unwrap();
+        ready_tx.send(()).unwrap();
+        receive_until(&s, b"end", Duration::from_secs(10))
+    });
+    ready_rx.recv().unwrap();
+    let pkt = |src: &str, text: &[u8]| {
+        ipv4_udp(
+            src.parse().unwrap(),
+            "10.5.2.2".parse().unwrap(),
+            9999,
+            text,
+        )
+    };
+    let spoofed = [
+        pkt("10.5.3.7", b"another peer's subnet"),
+        pkt("10.5.2.5", b"B's own subnet"),
+        pkt("10.5.9.9", b"nobody's subnet"),
+    ];
+    let (good, wrong_port, end) = (
+        pkt("10.5.1.2", b"peer"),
+        pkt("10.5.1.2", b"wrong port"),
+        pkt("10.5.1.3", b"end"),
+    );
+    in_ns(&bed.ns("r"), move || {
+        let peer_port = UdpSocket::bind((R_IP, 8285)).unwrap();
+        let other_port = UdpSocket::bind((R_IP, 8286)).unwrap();
+        peer_port.send_to(&good, (B_IP, 8285)).unwrap();
+        other_port.send_to(&wrong_port, (B_IP, 8285)).unwrap();
+        for p in &spoofed {
+            peer_port.send_to(p, (B_IP, 8285)).unwrap();
+        }
+        // Sent last, received last: once it is in, every datagram before it was handled.
+        peer_port.send_to(&end, (B_IP, 8285)).unwrap();
+    })
+    .join()
+    .unwrap();
+    let got = receiver.join().unwrap();
+    let got: Vec<String> = got
+        .iter()
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .collect();
+    assert_eq!(got, ["peer", "end"]);
+    let rx = poll_rx(&b, |rx| rx.spoofed_source >= 4);
+    assert_eq!((rx.spoofed_source, rx.unknown_source), (4, 0), "{rx:?}");
+}
+
+#[test]
+fn fast_spoofed_sources_are_dropped() {
+    if require_root("fast_spoofed_sources_are_dropped") {
+        spoofed_sources_are_dropped(false);
+    }
+}
+
+#[test]
+fn plain_spoofed_sources_are_dropped() {
+    if require_root("plain_spoofed_sources_are_dropped") {
+        spoofed_sources_are_dropped(true);
+    }
+}
+
+/// B routes 10.5.3.0/24 to A, which knows no holder for it: A answers pb's ping with ICMP net
+/// unreachable sourced from the pinged address, back through the tunnel. That source lies in
+/// what B routes to A, so B's reverse path check lets the answer through.
+fn peer_icmp_errors_are_delivered(plain: bool) {
+    let bed = Bed::new();
+    let (a, b) = two_hosts(&bed, plain);
+    b.set_peers(peers(&[("10.5.1.0/24", A_IP), ("10.5.3.0/24", A_IP)]));
+    assert_ping(&bed.ns("pb"), "10.5.1.2");
+    let (ok, out) = ping(&bed.ns("pb"), "10.5.3.5");
+    assert!(!ok, "nobody holds 10.5.3.5, yet: {out}");
+    assert!(
+        out.contains("From 10.5.3.5") && out.contains("Destination Net Unreachable"),
+        "{out}"
+    );
+    let (_, _, icmp) = a.stats();
+    assert!(icmp >= 1, "A answered with {icmp} ICMP");
+    let (_, rx, _) = b.stats();
+    assert_eq!(rx.spoofed_source, 0, "{rx:?}");
+}
+
+#[test]
+fn fast_peer_icmp_errors_are_delivered() {
+    if require_root("fast_peer_icmp_errors_are_delivered") {
+        peer_icmp_errors_are_delivered(false);
+    }
+}
+
+#[test]
+fn plain_peer_icmp_errors_are_delivered() {
+    if require_root("plain_peer_icmp_errors_are_delivered") {
+        peer_icmp_errors_are_delivered(true);
     }
 }
 

@@ -138,9 +138,9 @@ fn non_peer_datagram_is_dropped(plain: bool) {
     reach(&a, &b);
     let target = c.host(1).public_ip();
     let (ready_tx, ready_rx) = mpsc::channel();
-    let (pkt_rogue, pkt_peer) = (
+    let (pkt_rogue, pkt_spoofed) = (
         ipv4_udp(a.ip(), b.ip(), 9999, b"rogue"),
-        ipv4_udp(a.ip(), b.ip(), 9999, b"peer"),
+        ipv4_udp(a.ip(), b.ip(), 9999, b"spoofed"),
     );
     let got = std::thread::scope(|s| {
         let receiver = s.spawn(|| {
@@ -169,12 +169,22 @@ fn non_peer_datagram_is_dropped(plain: bool) {
                 }
             })
             .unwrap();
-        // The same from a peer's public IP is delivered, so the drop is no accident.
+        // From a peer's public IP, but not from flanneld's port: dropped as spoofed.
         c.host(0)
             .netns()
             .run_in(|| {
                 let sock = UdpSocket::bind((c.host(0).public_ip(), 0)).unwrap();
-                sock.send_to(&pkt_peer, (target, 8285)).unwrap();
+                for _ in 0..2 {
+                    sock.send_to(&pkt_spoofed, (target, 8285)).unwrap();
+                }
+            })
+            .unwrap();
+        // The same packet sent by the pod through flanneld is delivered, so the drops are no
+        // accident.
+        a.netns()
+            .run_in(|| {
+                let sock = UdpSocket::bind((a.ip(), 4000)).unwrap();
+                sock.send_to(b"peer", (b.ip(), 9999)).unwrap();
             })
             .unwrap();
         receiver.join().unwrap()
@@ -185,6 +195,11 @@ fn non_peer_datagram_is_dropped(plain: bool) {
         .metric(r#"flannel_udp_drops_total{direction="rx",reason="unknown_source"}"#)
         .unwrap();
     assert_eq!(dropped, 3.0);
+    let spoofed = c
+        .host(1)
+        .metric(r#"flannel_udp_drops_total{direction="rx",reason="spoofed_source"}"#)
+        .unwrap();
+    assert_eq!(spoofed, 2.0);
 }
 
 #[test]

@@ -17,6 +17,7 @@ pub struct DirStats {
     pub bytes: u64,
     pub no_route: u64,
     pub unknown_source: u64,
+    pub spoofed_source: u64,
     pub malformed: u64,
     pub ttl_expired: u64,
     /// Packets the socket or the device refused.
@@ -28,6 +29,7 @@ impl DirStats {
         match why {
             Drop::NoRoute => self.no_route += 1,
             Drop::UnknownSource => self.unknown_source += 1,
+            Drop::SpoofedSource => self.spoofed_source += 1,
             Drop::Malformed => self.malformed += 1,
             Drop::TtlExpired => self.ttl_expired += 1,
         }
@@ -46,6 +48,7 @@ pub struct DirCounters {
     pub bytes: AtomicU64,
     pub no_route: AtomicU64,
     pub unknown_source: AtomicU64,
+    pub spoofed_source: AtomicU64,
     pub malformed: AtomicU64,
     pub ttl_expired: AtomicU64,
     pub io_errors: AtomicU64,
@@ -65,6 +68,7 @@ impl DirCounters {
         add(&self.bytes, s.bytes);
         add(&self.no_route, s.no_route);
         add(&self.unknown_source, s.unknown_source);
+        add(&self.spoofed_source, s.spoofed_source);
         add(&self.malformed, s.malformed);
         add(&self.ttl_expired, s.ttl_expired);
         add(&self.io_errors, s.io_errors);
@@ -77,6 +81,7 @@ impl DirCounters {
             bytes: get(&self.bytes),
             no_route: get(&self.no_route),
             unknown_source: get(&self.unknown_source),
+            spoofed_source: get(&self.spoofed_source),
             malformed: get(&self.malformed),
             ttl_expired: get(&self.ttl_expired),
             io_errors: get(&self.io_errors),

@@ -382,7 +382,7 @@ impl<'a> RxPath<'a> {
                 i,
                 m.len,
                 m.seg_size,
-                *m.from.ip(),
+                m.from,
                 &peers,
                 &mut self.co,
                 &mut stats,

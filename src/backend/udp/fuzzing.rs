@@ -44,7 +44,7 @@ fn check_tun_frame(iov: &[IoSlice<'_>], vnet: bool) {
 
 /// Input: `[flags, seg_size (2 bytes, big endian), datagram...]`. Flags: bit 0 virtio-net
 /// header on the TUN device, bit 1 TCP coalescing, bit 2 UDP coalescing, bit 3 the sender is
-/// not a peer.
+/// not a peer, bit 4 the sender is the peer's IP on another port.
 pub fn from_socket(data: &[u8]) {
     if data.len() < 3 {
         return;
@@ -52,11 +52,12 @@ pub fn from_socket(data: &[u8]) {
     let flags = data[0];
     let vnet = flags & 1 != 0;
     let seg_size = usize::from(u16::from_be_bytes([data[1], data[2]]));
-    let from = if flags & 8 != 0 {
+    let ip = if flags & 8 != 0 {
         Ipv4Addr::new(198, 18, 0, 99)
     } else {
         PEER
     };
+    let from = SocketAddrV4::new(ip, if flags & 16 != 0 { 40000 } else { 8285 });
     let mut bufs = vec![data[3..].to_vec()];
     let len = bufs[0].len();
     let peers = table();

@@ -381,7 +381,8 @@ impl UdpBackend {
             }
         }
         self.skipped = skipped;
-        if old != new {
+        // Also when only our own subnet changed: the table rejects inner sources inside it.
+        if *self.table != table {
             self.table = Arc::new(table);
             if let Some(run) = &self.run {
                 run.shared.peers.store(self.table.clone());

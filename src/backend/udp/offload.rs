@@ -498,6 +498,7 @@ impl Coalescer {
             }
             _ => None,
         }
+        .filter(|_| checksums_verified(pkt))
     }
 
     /// Whether `c` (bytes `pkt`) continues item `it` whose first packet is `first`.
@@ -676,6 +677,27 @@ impl Coalescer {
         self.open.clear();
         stats
     }
+}
+
+/// Whether the IPv4 header checksum and the TCP or UDP checksum of `pkt` (a TCP or UDP packet
+/// over IPv4 without options, trimmed to its total length) are right. A super-packet goes to
+/// the kernel marked `NEEDS_CSUM`: the kernel fills its segments' checksums in and never checks
+/// them, so a segment may only join one once its own checksums are known good; any other
+/// packet is written alone and checked by the kernel. A UDP checksum of zero ("none") passes,
+/// as the receiver would take it.
+fn checksums_verified(pkt: &[u8]) -> bool {
+    let (ip_hdr, l4) = pkt.split_at(wire::IPV4_MIN_HDR);
+    if !wire::ipv4_checksum_ok(ip_hdr) {
+        return false;
+    }
+    let proto = ip_hdr[9];
+    if proto == PROTO_UDP && l4[6..8] == [0, 0] {
+        return true;
+    }
+    let src = Ipv4Addr::new(ip_hdr[12], ip_hdr[13], ip_hdr[14], ip_hdr[15]);
+    let dst = Ipv4Addr::new(ip_hdr[16], ip_hdr[17], ip_hdr[18], ip_hdr[19]);
+    let sum = wire::csum_add(wire::pseudo_sum(src, dst, proto, l4.len()), l4);
+    wire::csum_fold(sum) == 0xffff
 }
 
 /// Writes the virtio-net header and the rewritten IP + L4 header of a coalesced item into
@@ -1122,5 +1144,86 @@ mod tests {
             assert!(len <= MAX_IP_LEN);
         }
         assert_eq!(out.len(), 2);
+    }
+    /// Splits every super-packet among `frames` back into its segments (TTL restored first,
+    /// as the transmit side expects to decrement it); single packets are returned as they are.
+    /// Returns (segments from super-packets, single packets).
+    fn unpack(frames: &[Vec<u8>]) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+        let (mut coalesced, mut single) = (Vec::new(), Vec::new());
+        for f in frames {
+            let vh = VnetHdr::decode(f).unwrap();
+            if vh.gso_type == GSO_NONE {
+                assert_eq!(
+                    vh.flags, 0,
+                    "a single packet is written for the kernel to check"
+                );
+                single.push(f[VNET_HDR_LEN..].to_vec());
+                continue;
+            }
+            assert_eq!(vh.flags, VNET_F_NEEDS_CSUM);
+            let mut frame = f.clone();
+            frame[VNET_HDR_LEN + 8] += 1;
+            wire::set_ipv4_checksum(&mut frame[VNET_HDR_LEN..VNET_HDR_LEN + 20]);
+            let mut scratch = Segments::new();
+            prepare_from_tun(&mut frame, true, &mut scratch).unwrap();
+            coalesced.extend(scratch.materialize(&frame));
+        }
+        (coalesced, single)
+    }
+
+    #[test]
+    fn gro_never_coalesces_a_segment_with_a_bad_checksum() {
+        let burst = || -> Vec<Vec<u8>> {
+            (0..8u32)
+                .map(|i| tcp_packet(1000 + i * 1000, 1 + i as u16, TCP_ACK, &[9; 1000], &[]))
+                .collect()
+        };
+        type Corrupt = fn(&mut Vec<u8>);
+        let corruptions: [(&str, Corrupt); 2] = [
+            // Payload bytes changed in flight, TCP checksum left as it was.
+            ("payload", |p| p[500] ^= 0x10),
+            ("TCP checksum", |p| p[36] ^= 0x01),
+        ];
+        for (what, corrupt) in corruptions {
+            let mut pkts = burst();
+            corrupt(&mut pkts[3]);
+            let bad = pkts[3].clone();
+            assert!(!checksums_ok(&bad), "{what}: the test packet is corrupt");
+            let (coalesced, single) = unpack(&coalesce(&pkts, true, true));
+            // A segment is known by its sequence number (splitting gives it a fresh checksum).
+            assert!(
+                !coalesced.iter().any(|p| p[24..28] == bad[24..28]),
+                "{what}: the corrupt segment went into a NEEDS_CSUM super-packet"
+            );
+            assert!(single == [bad], "{what}: not written alone, unchanged");
+            // The good segments around it are still coalesced, unchanged.
+            assert!(coalesced == [&pkts[..3], &pkts[4..]].concat(), "{what}");
+        }
+        // An IP header changed in flight (here the TOS of every packet alike, so the packets
+        // still match each other): the TCP checksum does not cover it, the header checksum
+        // does, and a super-packet's header checksum is computed afresh.
+        let mut pkts = burst();
+        for p in &mut pkts {
+            p[1] ^= 0x04;
+        }
+        let (coalesced, single) = unpack(&coalesce(&pkts, true, true));
+        assert!(
+            coalesced.is_empty(),
+            "coalesced {} segments",
+            coalesced.len()
+        );
+        assert!(single == pkts, "not written alone, unchanged");
+        // The same for UDP; a zero UDP checksum ("none") is no reason to keep a datagram out.
+        let mut rng = Rng(31);
+        let mut pkts: Vec<Vec<u8>> = (0..6).map(|i| udp_packet(i, &rng.bytes(500))).collect();
+        pkts[2][100] ^= 0x80;
+        pkts[4][26..28].copy_from_slice(&[0, 0]);
+        let (coalesced, single) = unpack(&coalesce(&pkts, true, true));
+        assert!(
+            !coalesced.iter().any(|p| p[28..] == pkts[2][28..]),
+            "the corrupt datagram went into a NEEDS_CSUM super-packet"
+        );
+        assert!(single == [pkts[2].clone()], "not written alone, unchanged");
+        assert_eq!(coalesced.len(), 5);
     }
 }

@@ -1,6 +1,7 @@
 //! The peer table the data-path threads read: which public IP holds which subnet, and which
-//! addresses may send us datagrams. Built off the hot path from a [`PeerSet`], published with
-//! one atomic pointer swap ([`arc_swap::ArcSwap`]); readers never lock.
+//! addresses may send us datagrams (and with which inner sources). Built off the hot path from
+//! a [`PeerSet`], published with one atomic pointer swap ([`arc_swap::ArcSwap`]); readers
+//! never lock.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
@@ -18,6 +19,8 @@ pub struct PeerTable {
     masks: Vec<(u32, usize)>,
     /// Public IPs datagrams are accepted from, sorted.
     sources: Vec<u32>,
+    /// Our own subnet (network, mask): no peer may send packets from inside it.
+    own: Option<(u32, u32)>,
 }
 
 impl PeerTable {
@@ -54,7 +57,9 @@ impl PeerTable {
                 SocketAddrV4::new(ip, port),
             ));
         }
-        (Self::from_routes(routes), skipped)
+        let mut table = Self::from_routes(routes);
+        table.own = own.map(|n| (u32::from(n.network()), u32::from(n.mask())));
+        (table, skipped)
     }
 
     /// A table from (network, mask, peer) entries.
@@ -74,6 +79,7 @@ impl PeerTable {
             routes,
             masks,
             sources,
+            own: None,
         }
     }
 
@@ -94,6 +100,20 @@ impl PeerTable {
     /// Whether `src` is a peer's public IP.
     pub fn is_peer(&self, src: Ipv4Addr) -> bool {
         self.sources.binary_search(&u32::from(src)).is_ok()
+    }
+
+    /// Whether a packet from inner source `src` may arrive in a datagram from `from`: the
+    /// reverse path check. `src` must lie in a subnet `from` holds (longest prefix, the peer
+    /// replies to it would go to) and outside our own, and `from` must be that peer's public IP
+    /// and port (every udp peer sends from the configured `Port`). An ICMP error a peer sends
+    /// about a packet we routed to it is sourced from that packet's destination, which by the
+    /// same lookup is the peer's, so it passes too.
+    pub fn sent_by(&self, from: SocketAddrV4, src: Ipv4Addr) -> bool {
+        let src_bits = u32::from(src);
+        if self.own.is_some_and(|(net, mask)| src_bits & mask == net) {
+            return false;
+        }
+        self.lookup(src) == Some(from)
     }
 
     /// The (network, mask, peer) entries.
@@ -187,5 +207,57 @@ mod tests {
         assert_eq!(t.lookup(ip("10.5.9.1")), Some(p("1.1.1.1:1")));
         assert_eq!(t.lookup(ip("10.6.0.1")), None);
         assert!(PeerTable::default().lookup(ip("10.5.8.9")).is_none());
+    }
+
+    #[test]
+    fn inner_sources_must_be_the_sending_peers() {
+        let peers: PeerSet = [
+            lease(
+                "10.5.2.0-24",
+                r#"{"PublicIP":"198.18.0.2","PublicIPv6":null}"#,
+            ),
+            lease(
+                "10.5.3.0-24",
+                r#"{"PublicIP":"198.18.0.3","PublicIPv6":null}"#,
+            ),
+            // A peer may hold more than one subnet.
+            lease(
+                "10.5.4.0-24",
+                r#"{"PublicIP":"198.18.0.2","PublicIPv6":null}"#,
+            ),
+        ]
+        .into_iter()
+        .collect();
+        let own: Ipv4Network = "10.5.1.0/24".parse().unwrap();
+        let (t, _) = PeerTable::build(&peers, 8285, Some(own));
+        let from = |s: &str| s.parse::<SocketAddrV4>().unwrap();
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        let b = from("198.18.0.2:8285");
+        assert!(t.sent_by(b, ip("10.5.2.7")) && t.sent_by(b, ip("10.5.4.200")));
+        // The peer's flannel0 address (its subnet's network address) is its own too.
+        assert!(t.sent_by(b, ip("10.5.2.0")));
+        // Another peer's subnet, ours, one nobody holds, outside the Network.
+        for src in ["10.5.3.7", "10.5.1.2", "10.5.9.9", "192.0.2.1"] {
+            assert!(!t.sent_by(b, ip(src)), "{src}");
+        }
+        // Right IP, other port.
+        assert!(!t.sent_by(from("198.18.0.2:8286"), ip("10.5.2.7")));
+        assert!(!t.sent_by(from("198.18.0.2:0"), ip("10.5.2.7")));
+        // Our ICMP net unreachable about 10.5.3.7, answered by 198.18.0.3 to whom we routed
+        // it, comes from 10.5.3.7: accepted from that peer, from no other.
+        assert!(t.sent_by(from("198.18.0.3:8285"), ip("10.5.3.7")));
+        // Our own subnet stays ours even under a lease that covers it.
+        let (t, _) = PeerTable::build(
+            &[lease(
+                "10.5.0.0-16",
+                r#"{"PublicIP":"198.18.0.2","PublicIPv6":null}"#,
+            )]
+            .into_iter()
+            .collect(),
+            8285,
+            Some(own),
+        );
+        assert!(t.sent_by(b, ip("10.5.2.7")));
+        assert!(!t.sent_by(b, ip("10.5.1.2")));
     }
 }

@@ -24,6 +24,9 @@ pub enum Drop {
     NoRoute,
     /// The datagram came from an address that is no peer's public IP.
     UnknownSource,
+    /// The datagram came from a peer's public IP, but not from the peer port or with an inner
+    /// source outside the subnets that peer holds.
+    SpoofedSource,
     /// Not a well-formed IPv4 packet (or a GSO packet we cannot split).
     Malformed,
     /// The inner TTL would reach zero.
