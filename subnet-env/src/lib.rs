@@ -1,8 +1,8 @@
 //! flannel's subnet file (`/run/flannel/subnet.env`): flanneld writes it, the CNI plugin and
-//! scripts read it. One codec for both sides of this crate's users, so they cannot drift apart;
-//! where flannel's two readers differ (flanneld reads its old file through godotenv, the CNI
-//! plugin with its own strict loop), the two entry points [`SubnetEnv::parse`] and
-//! [`SubnetEnv::parse_lenient`] keep that difference and nothing else.
+//! scripts read it. One codec, so that the writer and the readers cannot drift apart. Where
+//! flannel's own two readers differ (flanneld reads its old file through godotenv, the CNI
+//! plugin with its own loop), [`SubnetEnv::parse_lenient`] and [`SubnetEnv::parse`] keep that
+//! difference and nothing else.
 
 mod file;
 pub mod mac;
