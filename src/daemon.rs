@@ -20,7 +20,7 @@ use crate::health;
 use crate::iface::{self, ExternalInterface, IfaceChoice, IfaceError};
 use crate::metrics::Metrics;
 use crate::subnet::acquire::{self, AcquireError, AcquireRequest, Renewal};
-use crate::subnet::env::SubnetEnv;
+use crate::subnet::env::{SubnetEnv, SubnetEnvExt};
 use crate::subnet::etcd::{EtcdError, EtcdOptions, Listing, Registry};
 use crate::subnet::peers::{self, RejectionLog};
 use crate::subnet::watch::{self as lease_watch, Backoff, LeaseView};
@@ -96,7 +96,7 @@ pub async fn run(opts: Opts) -> Result<(), DaemonError> {
     let publish = backend.prepare().await?;
     let attrs = lease_attrs(&config, &ext, &publish);
 
-    let old_subnet = match SubnetEnv::read(&opts.subnet_file) {
+    let old_subnet = match SubnetEnv::read_lenient(&opts.subnet_file) {
         Ok(env) => env.and_then(|e| e.lease_key()),
         Err(e) => {
             tracing::warn!("ignoring the old subnet file: {e}");

@@ -58,48 +58,8 @@ const BATCH_TIMEOUT: Duration = Duration::from_secs(30);
 const BATCH_RCVBUF: usize = 4 << 20;
 const ACK_TRUESIZE: usize = 1024;
 
-/// A MAC address.
-pub type Mac = [u8; 6];
-
-/// Formats a MAC address the way `ip` and flannel do (`aa:bb:cc:dd:ee:ff`).
-pub fn format_mac(mac: &Mac) -> String {
-    let mut s = String::with_capacity(17);
-    for (i, b) in mac.iter().enumerate() {
-        if i > 0 {
-            s.push(':');
-        }
-        s.push_str(&format!("{b:02x}"));
-    }
-    s
-}
-
-/// Parses `aa:bb:cc:dd:ee:ff` (either case); `None` when it is not exactly six hex octets.
-pub fn parse_mac(s: &str) -> Option<Mac> {
-    let mut mac = [0u8; 6];
-    let mut parts = s.split(':');
-    for byte in mac.iter_mut() {
-        let part = parts.next()?;
-        if part.len() != 2 {
-            return None;
-        }
-        *byte = u8::from_str_radix(part, 16).ok()?;
-    }
-    parts.next().is_none().then_some(mac)
-}
-
-/// Displays a MAC without allocating.
-struct MacFmt<'a>(&'a Mac);
-
-impl fmt::Display for MacFmt<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let m = self.0;
-        write!(
-            f,
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            m[0], m[1], m[2], m[3], m[4], m[5]
-        )
-    }
-}
+use flannel_subnet_env::mac::MacDisplay as MacFmt;
+pub use flannel_subnet_env::mac::{format_mac, parse_mac, Mac};
 
 /// `NUD_PERMANENT` is a bit: tools add entries as `PERMANENT|NOARP` too.
 fn is_permanent(state: NeighbourState) -> bool {
@@ -1411,27 +1371,6 @@ pub fn index_by<K: Hash + Eq, T>(items: &[T], key: impl Fn(&T) -> K) -> HashMap<
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn mac_round_trips() {
-        let mac = parse_mac("C6:d2:aa:01:02:03").unwrap();
-        assert_eq!(mac, [0xc6, 0xd2, 0xaa, 1, 2, 3]);
-        assert_eq!(format_mac(&mac), "c6:d2:aa:01:02:03");
-        assert_eq!(MacFmt(&mac).to_string(), "c6:d2:aa:01:02:03");
-    }
-
-    #[test]
-    fn bad_macs_are_rejected() {
-        for s in [
-            "",
-            "c6:d2:aa:01:02",
-            "c6:d2:aa:01:02:03:04",
-            "c6:d2:aa:01:02:0",
-            "zz:d2:aa:01:02:03",
-        ] {
-            assert!(parse_mac(s).is_none(), "{s} parsed");
-        }
-    }
 
     #[test]
     fn families_know_their_networks() {

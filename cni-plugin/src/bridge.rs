@@ -11,7 +11,7 @@ use crate::masq;
 use crate::netlink::{Netlink, NetlinkError};
 use crate::netns::{Netns, NetnsError};
 use crate::spec::{code, AddResult, CniError, CniResult, Env, Interface, IpConfig, Route};
-use crate::subnet_env::SubnetEnv;
+use flannel_subnet_env::SubnetEnv;
 
 impl From<NetlinkError> for CniError {
     fn from(e: NetlinkError) -> CniError {

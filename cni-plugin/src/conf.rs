@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use serde_json::{Map, Value};
 
 use crate::spec::{self, code, CniError, CniResult};
-use crate::subnet_env::SubnetEnv;
+use flannel_subnet_env::SubnetEnv;
 
 pub const DEFAULT_SUBNET_FILE: &str = "/run/flannel/subnet.env";
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/cni/flannel";
@@ -272,7 +272,6 @@ mod tests {
         SubnetEnv::parse(
             "FLANNEL_NETWORK=10.5.0.0/16\nFLANNEL_SUBNET=10.5.72.1/24\nFLANNEL_MTU=1450\n\
              FLANNEL_IPMASQ=true\n",
-            "x",
         )
         .unwrap()
     }

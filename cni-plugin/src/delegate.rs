@@ -15,7 +15,7 @@ use crate::bridge;
 use crate::conf::{NetConf, DEFAULT_BRIDGE};
 use crate::ipam::Range;
 use crate::spec::{code, CniError, CniResult, Env};
-use crate::subnet_env::SubnetEnv;
+use flannel_subnet_env::SubnetEnv;
 
 fn io_error(what: &str, path: &Path, e: io::Error) -> CniError {
     CniError::new(code::IO_FAILURE, format!("{what} {}: {e}", path.display()))
@@ -360,7 +360,6 @@ mod tests {
         let senv = SubnetEnv::parse(
             "FLANNEL_NETWORK=10.5.0.0/16\nFLANNEL_SUBNET=10.5.72.1/24\nFLANNEL_MTU=1450\n\
              FLANNEL_IPMASQ=true\n",
-            "x",
         )
         .unwrap();
         let d = Value::Object(build_conf(&conf, &senv, "bridge"));

@@ -9,4 +9,3 @@ pub mod masq;
 pub mod netlink;
 pub mod netns;
 pub mod spec;
-pub mod subnet_env;

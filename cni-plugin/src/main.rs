@@ -12,14 +12,14 @@
 // Unit-test builds use the test harness's main, which leaves the plugin's entry point unused.
 #![cfg_attr(test, allow(dead_code))]
 
-use flannel_cni::{bridge, conf, delegate, ipam, masq, spec, subnet_env};
+use flannel_cni::{bridge, conf, delegate, ipam, masq, spec};
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
 
 use conf::{BridgeOpts, NetConf};
+use flannel_subnet_env::SubnetEnv;
 use spec::{code, CniError, CniResult, Command, Env};
-use subnet_env::SubnetEnv;
 
 #[cfg(not(test))]
 #[no_mangle]

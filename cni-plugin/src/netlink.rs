@@ -8,6 +8,7 @@ use std::io;
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
+use flannel_subnet_env::mac::MacDisplay;
 use thiserror::Error;
 
 // Message types.
@@ -122,11 +123,7 @@ impl LinkInfo {
         self.flags & IFF_UP != 0
     }
     pub fn mac_string(&self) -> String {
-        self.mac
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<Vec<_>>()
-            .join(":")
+        MacDisplay(&self.mac).to_string()
     }
 }
 

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
 
+use flannel_subnet_env::{EnvError, EnvProblem};
 use ipnetwork::IpNetwork;
 use serde_json::{json, Map, Value};
 
@@ -78,6 +79,22 @@ impl fmt::Display for CniError {
 }
 
 impl std::error::Error for CniError {}
+
+/// Every subnet file problem is "try again later": flanneld writes the file once it holds a
+/// lease, and rewrites a broken one when it starts.
+impl From<EnvError> for CniError {
+    fn from(e: EnvError) -> CniError {
+        let hint = match &e {
+            EnvError::Io { .. } => " (is flanneld running on this node?)",
+            EnvError::Invalid {
+                problem: EnvProblem::Missing { .. },
+                ..
+            } => " (flanneld not ready on this node)",
+            EnvError::Invalid { .. } => "",
+        };
+        CniError::new(code::TRY_AGAIN_LATER, format!("{e}{hint}"))
+    }
+}
 
 pub type CniResult<T> = Result<T, CniError>;
 
@@ -425,6 +442,26 @@ impl AddResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_subnet_file_problem_is_try_again_later() {
+        use flannel_subnet_env::SubnetEnv;
+        let incomplete = SubnetEnv::parse("FLANNEL_NETWORK=10.5.0.0/16\nFLANNEL_MTU=1450\n");
+        let e: CniError = incomplete.unwrap_err().into();
+        assert_eq!(e.code, code::TRY_AGAIN_LATER);
+        assert!(e.msg.contains("FLANNEL_SUBNET"), "{e}");
+        assert!(e.msg.contains("FLANNEL_IPMASQ"), "{e}");
+        assert!(e.msg.contains("flanneld not ready"), "{e}");
+        let malformed = SubnetEnv::parse("FLANNEL_MTU=big\n");
+        let e: CniError = malformed.unwrap_err().into();
+        assert_eq!(e.code, code::TRY_AGAIN_LATER);
+        assert!(e.msg.contains("FLANNEL_MTU=big"), "{e}");
+        let absent = SubnetEnv::load(std::path::Path::new("/nonexistent/subnet.env"));
+        let e: CniError = absent.unwrap_err().into();
+        assert_eq!(e.code, code::TRY_AGAIN_LATER);
+        assert!(e.msg.contains("/nonexistent/subnet.env"), "{e}");
+        assert!(e.msg.contains("is flanneld running"), "{e}");
+    }
 
     fn vars(kv: &[(&str, &str)]) -> HashMap<String, String> {
         kv.iter()

@@ -456,6 +456,16 @@ fn bad_input_gets_its_code_and_leaves_nothing() {
     .unwrap();
     let msg = run(&full_env("ADD", &pod), &conf).expect_err(11);
     assert!(msg.contains("FLANNEL_SUBNET"), "{msg}");
+    // A malformed value → 11 naming the key and the value as written: flannel's plugin takes
+    // values verbatim, so a quoted CIDR is malformed.
+    std::fs::write(
+        host.subnet_file(),
+        "FLANNEL_NETWORK=10.5.0.0/16\nFLANNEL_SUBNET=\"10.5.1.1/24\"\nFLANNEL_MTU=1450\n\
+         FLANNEL_IPMASQ=true\n",
+    )
+    .unwrap();
+    let msg = run(&full_env("ADD", &pod), &conf).expect_err(11);
+    assert!(msg.contains("FLANNEL_SUBNET=\"10.5.1.1/24\""), "{msg}");
     // The delegate path: a plugin that does not exist.
     std::fs::write(host.subnet_file(), SUBNET_ENV).unwrap();
     let mut c = host.conf.clone();
