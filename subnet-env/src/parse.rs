@@ -18,16 +18,21 @@ pub(crate) struct Rules {
     /// flannel's plugin refuses a file without a network or without `FLANNEL_IPMASQ`;
     /// flanneld only wants its old subnet back.
     require_network_and_ipmasq: bool,
+    /// flanneld reads back only its subnets (flannel's `ReadCIDRsFromSubnetFile`): a missing or
+    /// odd `FLANNEL_MTU` must not cost it its old subnet, so there the MTU is kept only when valid.
+    strict_mtu: bool,
 }
 
 impl Rules {
     pub(crate) const PLUGIN: Rules = Rules {
         unquote: false,
         require_network_and_ipmasq: true,
+        strict_mtu: true,
     };
     pub(crate) const FLANNELD: Rules = Rules {
         unquote: true,
         require_network_and_ipmasq: false,
+        strict_mtu: false,
     };
 }
 
@@ -62,7 +67,12 @@ pub(crate) fn parse(text: &str, rules: Rules) -> Result<SubnetEnv, EnvProblem> {
             SUBNET => env.subnet = set.map(|v| cidr(SUBNET, v)).transpose()?,
             IPV6_NETWORK => env.ipv6_network = set.map(|v| cidr(IPV6_NETWORK, v)).transpose()?,
             IPV6_SUBNET => env.ipv6_subnet = set.map(|v| cidr(IPV6_SUBNET, v)).transpose()?,
-            MTU => mtu = set.map(parse_mtu).transpose()?,
+            MTU => {
+                mtu = match set.map(parse_mtu).transpose() {
+                    Err(e) if rules.strict_mtu => return Err(e),
+                    read => read.unwrap_or(None),
+                }
+            }
             IPMASQ => ipmasq = set.map(parse_ipmasq),
             _ => {} // other keys belong to other tools, as for flannel
         }
@@ -87,7 +97,7 @@ fn missing_keys(env: &SubnetEnv, mtu: bool, ipmasq: bool, rules: Rules) -> Vec<&
     if env.subnet.is_none() && env.ipv6_subnet.is_none() {
         keys.extend([SUBNET, IPV6_SUBNET]);
     }
-    if !mtu {
+    if rules.strict_mtu && !mtu {
         keys.push(MTU);
     }
     if strict && !ipmasq {

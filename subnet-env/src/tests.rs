@@ -207,28 +207,24 @@ fn the_plugin_names_every_missing_key_as_flannel_does() {
     assert_eq!(env.lease_networks().len(), 1);
 }
 
+/// flannel reads back only the subnets of its old file (`ReadCIDRsFromSubnetFile`): a missing
+/// or odd `FLANNEL_MTU` must not cost flanneld its old subnet.
 #[test]
-fn flanneld_needs_only_a_subnet_and_the_mtu() {
-    let no_mtu = "FLANNEL_SUBNET=10.5.1.1/24\n";
-    assert_eq!(
-        problem(SubnetEnv::parse_lenient(no_mtu)),
-        EnvProblem::Missing {
-            keys: vec!["FLANNEL_MTU"]
-        }
-    );
+fn flanneld_needs_only_a_subnet() {
+    for mtu in ["", "FLANNEL_MTU=big\n", "FLANNEL_MTU=9\n"] {
+        let env = SubnetEnv::parse_lenient(&format!("FLANNEL_SUBNET=10.5.1.1/24\n{mtu}")).unwrap();
+        assert_eq!(env.subnet, Some("10.5.1.1/24".parse().unwrap()), "{mtu:?}");
+        assert_eq!(env.network, None);
+    }
     let no_subnet = "FLANNEL_NETWORK=10.5.0.0/16\nFLANNEL_MTU=1450\n";
     let err = SubnetEnv::parse_lenient(no_subnet).unwrap_err();
     assert!(err.to_string().contains("FLANNEL_SUBNET"), "{err}");
     assert!(SubnetEnv::parse_lenient("").is_err());
-    let env = SubnetEnv::parse_lenient("FLANNEL_SUBNET=10.5.1.1/24\nFLANNEL_MTU=1450\n").unwrap();
-    assert_eq!(env.network, None);
 }
 
 #[test]
 fn malformed_values_name_the_key_and_value() {
     let cases = [
-        ("FLANNEL_MTU=big", "FLANNEL_MTU", "big"),
-        ("FLANNEL_MTU=0", "FLANNEL_MTU", "0"),
         ("FLANNEL_SUBNET=banana", "FLANNEL_SUBNET", "banana"),
         ("FLANNEL_SUBNET=fc00::1/64", "FLANNEL_SUBNET", "fc00::1/64"),
         (
@@ -253,6 +249,16 @@ fn malformed_values_name_the_key_and_value() {
     }
 }
 
+#[test]
+fn malformed_mtu_names_the_key_and_value_in_the_plugin() {
+    for (line, value) in [("FLANNEL_MTU=big", "big"), ("FLANNEL_MTU=0", "0")] {
+        let text = format!("{}{line}\n", v4_env().render());
+        let err = SubnetEnv::parse(&text).unwrap_err();
+        assert!(err.to_string().contains(line), "{err}");
+        assert_eq!(bad_value(Err(err)), ("FLANNEL_MTU", value.to_string()));
+    }
+}
+
 /// Disagreement pinned: a bare address. Our plugin read `FLANNEL_SUBNET=10.5.1.1` as a /32;
 /// flannel reads every CIDR key with `net.ParseCIDR`, which needs the prefix length.
 #[test]
@@ -268,12 +274,15 @@ fn a_bare_address_is_not_a_cidr() {
     }
 }
 
-/// Disagreement pinned: the MTU (flanneld took any positive number, the plugin 68-65535).
-/// flannel's plugin parses it with `strconv.ParseUint(v, 10, 32)`: digits only, no sign. The
-/// range is the plugin's: outside it the veth and bridge would refuse it later anyway.
+/// Disagreement pinned: the MTU (flanneld took any positive number, the plugin 68-65535; now
+/// flanneld does not read it, as flannel does not). flannel's plugin parses it with
+/// `strconv.ParseUint(v, 10, 32)`: digits only, no sign. The range is the plugin's: outside it
+/// the veth and bridge would refuse it later anyway.
 #[test]
 fn mtu_is_decimal_digits_in_link_range() {
-    for (who, parse) in BOTH {
+    let who = "plugin";
+    {
+        let parse = SubnetEnv::parse;
         let read = |v: &str| parse(&format!("{}FLANNEL_MTU={v}\n", v4_env().render()));
         assert_eq!(read("68").unwrap().mtu, 68, "{who}");
         assert_eq!(read("65535").unwrap().mtu, 65535, "{who}");
@@ -299,10 +308,10 @@ fn garbage_is_an_error() {
         let err = parse("\x00\x01 not an env file\n").unwrap_err();
         assert!(err.to_string().contains("line 1"), "{who}: {err}");
         assert!(parse("just words\n").is_err(), "{who}");
-        let err = parse("FLANNEL_MTU=\u{1F600}\nFLANNEL_SUBNET=10.5.1.1/24").unwrap_err();
-        assert!(err.to_string().contains("FLANNEL_MTU"), "{who}: {err}");
         assert!(parse("FLANNEL_MTU=9\n").is_err(), "{who}");
     }
+    let err = SubnetEnv::parse("FLANNEL_MTU=\u{1F600}\nFLANNEL_SUBNET=10.5.1.1/24").unwrap_err();
+    assert!(err.to_string().contains("FLANNEL_MTU"), "{err}");
 }
 
 #[test]
@@ -365,13 +374,13 @@ fn a_missing_file_is_none_for_flanneld_and_an_error_for_the_plugin() {
 fn read_errors_name_the_path() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("subnet.env");
-    fs::write(&path, "FLANNEL_MTU=big\n").unwrap();
+    fs::write(&path, "FLANNEL_SUBNET=banana\n").unwrap();
     for msg in [
         SubnetEnv::read_lenient(&path).unwrap_err().to_string(),
         SubnetEnv::load(&path).unwrap_err().to_string(),
     ] {
         assert!(msg.contains(&path.display().to_string()), "{msg}");
-        assert!(msg.contains("FLANNEL_MTU=big"), "{msg}");
+        assert!(msg.contains("FLANNEL_SUBNET=banana"), "{msg}");
     }
 }
 
