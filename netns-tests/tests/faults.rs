@@ -192,6 +192,116 @@ fn hostgw_route_deleted_by_hand_is_restored() {
     deleted_route_is_restored(Backend::HostGw);
 }
 
+/// The destinations of host `h`'s routes carrying flanneld's protocol number (102).
+fn routes_with_our_protocol(c: &Cluster, h: usize) -> Vec<String> {
+    let routes = c
+        .host(h)
+        .netns()
+        .ip_json(&["-4", "route", "show", "proto", "102"])
+        .unwrap();
+    let mut dsts: Vec<String> = routes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["dst"].as_str().unwrap().to_string())
+        .collect();
+    dsts.sort();
+    dsts
+}
+
+#[test]
+fn hostgw_repairs_only_its_own_state_and_keeps_hand_made_routes() {
+    if !require_root("hostgw_repairs_only_its_own_state_and_keeps_hand_made_routes") {
+        return;
+    }
+    let c = Cluster::new(3, Backend::HostGw).expect("cluster");
+    c.wait_converged(CONVERGE).expect("converged");
+    let h = c.host(0);
+    let ns = h.netns();
+    let leases = c.leases().unwrap();
+    let mut peers: Vec<String> = leases
+        .iter()
+        .filter(|l| l.public_ip != h.public_ip())
+        .map(|l| l.subnet.to_string())
+        .collect();
+    peers.sort();
+    assert_eq!(
+        routes_with_our_protocol(&c, 0),
+        peers,
+        "`ip route show proto 102`"
+    );
+
+    // An operator's route inside the Network via a LAN host (no lease holds that subnet).
+    let by_hand = (200..=255)
+        .map(|i| format!("10.5.{i}.0/24"))
+        .find(|s| leases.iter().all(|l| l.subnet.to_string() != *s))
+        .expect("a free /24");
+    ns.ip(&[
+        "route",
+        "add",
+        &by_hand,
+        "via",
+        "198.18.0.50",
+        "dev",
+        "eth0",
+    ])
+    .unwrap();
+
+    // Kernel changes that are not flanneld's: a veth pair made and deleted, a route outside
+    // the Network and an ARP entry on eth0 made and deleted.
+    let events = || h.metric("flannel_kernel_events_total").unwrap();
+    let before = events();
+    ns.ip(&["link", "add", "xv0", "type", "veth", "peer", "name", "xv1"])
+        .unwrap();
+    ns.ip(&["link", "set", "xv0", "up"]).unwrap();
+    ns.ip(&["link", "del", "xv0"]).unwrap();
+    ns.ip(&[
+        "route",
+        "add",
+        "192.0.2.0/24",
+        "via",
+        "198.18.0.50",
+        "dev",
+        "eth0",
+    ])
+    .unwrap();
+    ns.ip(&["route", "del", "192.0.2.0/24", "dev", "eth0"])
+        .unwrap();
+    ns.ip(&[
+        "neigh",
+        "add",
+        "198.18.0.51",
+        "lladdr",
+        "02:00:00:00:00:51",
+        "dev",
+        "eth0",
+    ])
+    .unwrap();
+    ns.ip(&["neigh", "del", "198.18.0.51", "dev", "eth0"])
+        .unwrap();
+
+    // One of ours deleted: back sooner than the periodic pass (10 s) would bring it. The
+    // kernel reports in order, so by then every notification above has been judged.
+    ns.ip(&["route", "del", &peers[0]]).unwrap();
+    let took = c
+        .wait_converged(Duration::from_secs(3))
+        .expect("our route restored by the kernel notification");
+    eprintln!("route to {} restored after {took:?}", peers[0]);
+    assert_eq!(
+        events() - before,
+        1.0,
+        "only the deletion of our route may wake the data plane"
+    );
+
+    // That repair pass left the operator's route alone; ours carry our protocol number.
+    let kept = ns.ip(&["route", "show", &by_hand]).unwrap();
+    assert!(
+        kept.contains("via 198.18.0.50 dev eth0"),
+        "{by_hand}: {kept:?}"
+    );
+    assert_eq!(routes_with_our_protocol(&c, 0), peers);
+}
+
 /// How long etcd stays down (default 30 s; `NETNS_TESTS_ETCD_OUTAGE_SECS` to change).
 fn outage() -> Duration {
     let secs = std::env::var("NETNS_TESTS_ETCD_OUTAGE_SECS")
