@@ -32,13 +32,19 @@ pub fn watch(notify: Arc<Notify>, ext_index: u32, metrics: Arc<Metrics>) -> std:
         MulticastGroup::Ipv6Route,
         MulticastGroup::Neigh,
     ];
-    let (conn, handle, mut messages) = rtnetlink::new_multicast_connection(&groups)?;
+    let (conn, _, mut messages) = rtnetlink::new_multicast_connection(&groups)?;
+    tokio::spawn(conn);
+    // The devices are listed over a socket of their own: on the subscribed one, notifications
+    // carry the sequence number of whatever request caused them and can pass for its answer.
+    let (conn, handle, _) = rtnetlink::new_connection()?;
     tokio::spawn(conn);
     tokio::spawn(async move {
         // Subscribed first, then the devices that exist are read: notifications that arrive
         // meanwhile wait in the channel and are judged knowing them.
         let mut filter = Filter::new(ext_index);
-        match our_devices(&handle).await {
+        let listed = our_devices(&handle).await;
+        drop(handle);
+        match listed {
             Ok(devices) => filter.ours.extend(devices),
             Err(e) => tracing::warn!(
                 "kernel events: listing devices failed ({e}); ours are learnt from notifications"

@@ -209,12 +209,18 @@ fn routes_with_our_protocol(c: &Cluster, h: usize) -> Vec<String> {
     dsts
 }
 
-#[test]
-fn hostgw_repairs_only_its_own_state_and_keeps_hand_made_routes() {
-    if !require_root("hostgw_repairs_only_its_own_state_and_keeps_hand_made_routes") {
-        return;
-    }
-    let c = Cluster::new(3, Backend::HostGw).expect("cluster");
+/// Something of flanneld's on host 0 that a person deletes by hand.
+enum Ours {
+    /// The route to a peer's subnet.
+    Route,
+    /// The neighbour entry of a peer's VTEP on the vxlan device.
+    Neighbour,
+}
+
+/// Unrelated kernel changes on host 0 do not wake flanneld's repair pass; deleting something of
+/// its own does, and the pass keeps a route an operator made inside the Network on eth0.
+fn repairs_only_its_own_state(backend: Backend, delete: Ours) {
+    let c = Cluster::new(3, backend).expect("cluster");
     c.wait_converged(CONVERGE).expect("converged");
     let h = c.host(0);
     let ns = h.netns();
@@ -282,15 +288,34 @@ fn hostgw_repairs_only_its_own_state_and_keeps_hand_made_routes() {
 
     // One of ours deleted: back sooner than the periodic pass (10 s) would bring it. The
     // kernel reports in order, so by then every notification above has been judged.
-    ns.ip(&["route", "del", &peers[0]]).unwrap();
+    let peer = leases
+        .iter()
+        .find(|l| l.subnet.to_string() == peers[0])
+        .unwrap();
+    match delete {
+        Ours::Route => ns.ip(&["route", "del", &peers[0]]).unwrap(),
+        Ours::Neighbour => {
+            let vtep = peer.subnet.network().to_string();
+            ns.ip(&["neigh", "del", &vtep, "dev", &c.vxlan_dev()])
+                .unwrap()
+        }
+    };
+    assert!(c.check_converged().is_err(), "the deletion must be seen");
     let took = c
         .wait_converged(Duration::from_secs(3))
-        .expect("our route restored by the kernel notification");
-    eprintln!("route to {} restored after {took:?}", peers[0]);
+        .expect("restored on the kernel notification");
+    eprintln!(
+        "{backend:?}: {} of {} restored after {took:?}",
+        match delete {
+            Ours::Route => "route",
+            Ours::Neighbour => "neighbour entry",
+        },
+        peers[0]
+    );
     assert_eq!(
         events() - before,
         1.0,
-        "only the deletion of our route may wake the data plane"
+        "only the deletion of our entry may wake the data plane"
     );
 
     // That repair pass left the operator's route alone; ours carry our protocol number.
@@ -300,6 +325,22 @@ fn hostgw_repairs_only_its_own_state_and_keeps_hand_made_routes() {
         "{by_hand}: {kept:?}"
     );
     assert_eq!(routes_with_our_protocol(&c, 0), peers);
+}
+
+#[test]
+fn hostgw_repairs_only_its_own_state_and_keeps_hand_made_routes() {
+    if !require_root("hostgw_repairs_only_its_own_state_and_keeps_hand_made_routes") {
+        return;
+    }
+    repairs_only_its_own_state(Backend::HostGw, Ours::Route);
+}
+
+#[test]
+fn vxlan_repairs_only_its_own_state_and_keeps_hand_made_routes() {
+    if !require_root("vxlan_repairs_only_its_own_state_and_keeps_hand_made_routes") {
+        return;
+    }
+    repairs_only_its_own_state(Backend::Vxlan, Ours::Neighbour);
 }
 
 /// How long etcd stays down (default 30 s; `NETNS_TESTS_ETCD_OUTAGE_SECS` to change).
