@@ -140,3 +140,51 @@ fn hostgw_refuses_nat() {
         assert!(msg.contains(part), "{part:?} missing from: {msg}");
     }
 }
+
+/// Several datagrams of changes, one failing in the middle of the second: the failure is
+/// reported for its own peer and every other route is in place.
+#[test]
+fn hostgw_each_change_of_a_large_batch_gets_its_own_answer() {
+    if !have_root("hostgw_each_change_of_a_large_batch_gets_its_own_answer") {
+        return;
+    }
+    init_logs();
+    let guard = NetnsGuard::new("hgb");
+    let ns = guard.ns.clone();
+    let ext = ns.underlay("198.18.0.1/16", None);
+    let ctx = context(config(NETWORK, json!({"Type": "host-gw"})), ext);
+    ns.clone().run(move || async move {
+        let own = hostgw_lease("10.5.1.0-24", "198.18.0.1");
+        let mut be = backend::create(ctx).expect("host-gw backend");
+        be.prepare().await.expect("prepare");
+        be.lease_acquired(&own).await.unwrap();
+        // 10.5.2.0/24 … 10.5.251.0/24: 250 routes, two datagrams. 10.5.200.0/24's public IP
+        // is not on e0's network, so the kernel refuses its route.
+        let gateway = |i: u32| {
+            if i == 200 {
+                "203.0.113.9".to_string()
+            } else {
+                format!("198.18.1.{i}")
+            }
+        };
+        let peers =
+            peer_set((2..252).map(|i| hostgw_lease(&format!("10.5.{i}.0-24"), &gateway(i))));
+        let err = be
+            .reconcile(&peers)
+            .await
+            .expect_err("one route is refused")
+            .to_string();
+        assert!(err.contains("1 change(s) failed"), "{err}");
+        assert!(
+            err.contains("peer 10.5.200.0-24") && err.contains("via 203.0.113.9"),
+            "{err}"
+        );
+        let routes = ns.routes("e0");
+        for i in (2..252).filter(|i| *i != 200) {
+            let dst = format!("10.5.{i}.0/24");
+            let r = route_to(&routes, &dst).unwrap_or_else(|| panic!("no route {dst}"));
+            assert_eq!(r["gateway"], gateway(i), "{dst}");
+        }
+        assert!(route_to(&routes, "10.5.200.0/24").is_none());
+    });
+}
