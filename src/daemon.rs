@@ -486,7 +486,8 @@ impl DataPlane {
             if view.synced {
                 self.reconcile(&own, &view).await;
                 if std::mem::take(&mut kernel_watch) {
-                    if let Err(e) = crate::kernel_events::watch(kernel_changed.clone()) {
+                    let (notify, ext) = (kernel_changed.clone(), self.ext.index);
+                    if let Err(e) = crate::kernel_events::watch(notify, ext, self.metrics.clone()) {
                         tracing::warn!(
                             "no kernel change notifications ({e}); repairs wait for the timer"
                         );

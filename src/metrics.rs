@@ -19,6 +19,7 @@ pub struct Metrics {
     pub malformed_leases: AtomicU64,
     pub reconciles: AtomicU64,
     pub reconcile_errors: AtomicU64,
+    pub kernel_events: AtomicU64,
     pub dataplane_added: AtomicU64,
     pub dataplane_removed: AtomicU64,
     pub dataplane_repaired: AtomicU64,
@@ -115,6 +116,12 @@ impl Metrics {
                 kind: "counter",
                 help: "Data-plane reconciliation passes that failed.",
                 value: get(&self.reconcile_errors),
+            },
+            Line {
+                name: "flannel_kernel_events_total",
+                kind: "counter",
+                help: "Kernel notifications about flanneld's devices, routes or entries (each wakes the data plane for a repair pass).",
+                value: get(&self.kernel_events),
             },
             Line {
                 name: "flannel_dataplane_entries_added_total",

@@ -22,6 +22,7 @@ use std::fmt;
 use std::hash::Hash;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
@@ -39,15 +40,24 @@ use netlink_packet_route::route::{
 };
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::packet_core::{
-    NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REPLACE,
-    NLM_F_REQUEST,
+    NetlinkBuffer, NetlinkMessage, NetlinkPayload, NLMSG_ERROR, NLM_F_ACK, NLM_F_CREATE,
+    NLM_F_DUMP, NLM_F_REPLACE, NLM_F_REQUEST,
 };
-use rtnetlink::proto::ConnectionHandle;
-use rtnetlink::sys::SocketAddr;
+use rtnetlink::sys::{AsyncSocket, AsyncSocketExt, SocketAddr, TokioSocket};
 use rtnetlink::{Handle, LinkUnspec, LinkVxlan};
 
 /// The main routing table.
 pub const RT_TABLE_MAIN: u32 = RouteHeader::RT_TABLE_MAIN as u32;
+
+/// The routing protocol number (`rtm_protocol`, `ip route … proto N`) of every route flanneld
+/// installs. It marks them as ours: a route outside our own devices is removed or corrected only
+/// when it carries this number, so routes an operator or another daemon made are left alone.
+/// 102 (ASCII `f`) is in neither the kernel's list (`RTPROT_*` in `linux/rtnetlink.h`) nor
+/// iproute2's `rt_protos`, nor in the range FRR uses (186–198). `ip route show proto 102`
+/// lists our routes.
+pub const FLANNEL_ROUTE_PROTOCOL: u8 = 102;
+/// [`FLANNEL_ROUTE_PROTOCOL`] as the route header holds it.
+pub const ROUTE_PROTOCOL: RouteProtocol = RouteProtocol::Other(FLANNEL_ROUTE_PROTOCOL);
 
 /// Changes per datagram in [`Netlink::apply`].
 pub const BATCH_MESSAGES: usize = 128;
@@ -255,7 +265,8 @@ impl std::error::Error for NetlinkError {}
 pub struct Netlink {
     /// Dumps and single requests (strict checking on when the kernel has it).
     pub h: Handle,
-    batch: ConnectionHandle<RouteNetlinkMessage>,
+    /// One batch at a time: the acks of a batch are read from this socket by its sender.
+    batch: Arc<tokio::sync::Mutex<BatchSocket>>,
     /// Datagrams of [`BATCH_MESSAGES`] in flight at once, so that their acks fit the buffer.
     window: usize,
 }
@@ -301,26 +312,9 @@ pub fn open() -> Result<Netlink, NetlinkError> {
     };
     tokio::spawn(conn);
 
-    let (mut conn, batch, _) = rtnetlink::proto::new_connection::<RouteNetlinkMessage>(
-        rtnetlink::sys::constants::NETLINK_ROUTE,
-    )
-    .map_err(|e| io_error("open rtnetlink socket", e))?;
-    conn.set_forward_ack(true);
-    use rtnetlink::sys::AsyncSocket;
-    let sock = conn.socket_mut().socket_mut();
-    // Errors echo only the header of the failed message, not all of it.
-    let _ = sock.set_cap_ack(true);
-    let fd = sock.as_raw_fd();
-    // SAFETY: `fd` belongs to `sock`, which outlives this borrow (it is used right here).
-    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
-    use nix::sys::socket::{getsockopt, setsockopt, sockopt};
-    // Over rmem_max needs CAP_NET_ADMIN; without it, ask for what is allowed.
-    if setsockopt(&fd, sockopt::RcvBufForce, &BATCH_RCVBUF).is_err() {
-        let _ = setsockopt(&fd, sockopt::RcvBuf, &BATCH_RCVBUF);
-    }
-    let rcvbuf = getsockopt(&fd, sockopt::RcvBuf).unwrap_or(212_992);
-    let window = (rcvbuf / (ACK_TRUESIZE * BATCH_MESSAGES)).max(1);
-    tokio::spawn(conn);
+    let batch = BatchSocket::open()?;
+    let window = batch.window;
+    let batch = Arc::new(tokio::sync::Mutex::new(batch));
     Ok(Netlink { h, batch, window })
 }
 
@@ -523,32 +517,9 @@ impl Netlink {
     /// returns one result per change, in order. A failed change does not stop the others.
     pub async fn apply(&self, batch: Batch) -> Vec<Result<(), NetlinkError>> {
         let Batch { ops, msgs } = batch;
-        let mut chunks = Vec::with_capacity(msgs.len().div_ceil(BATCH_MESSAGES));
-        let mut msgs = msgs.into_iter();
-        loop {
-            let chunk: Vec<_> = msgs.by_ref().take(BATCH_MESSAGES).collect();
-            if chunk.is_empty() {
-                break;
-            }
-            chunks.push(chunk);
-        }
-        let answers: Vec<Vec<Option<i32>>> = futures::stream::iter(chunks)
-            .map(|chunk| {
-                // Queued here, in order, so the kernel sees the changes in order.
-                let n = chunk.len();
-                let sent = self.batch.request_batch(chunk, SocketAddr::new(0, 0));
-                async move {
-                    match sent {
-                        Ok(stream) => collect_acks(stream, n).await,
-                        Err(_) => vec![None; n],
-                    }
-                }
-            })
-            .buffered(self.window)
-            .collect()
-            .await;
+        let answers = self.batch.lock().await.send(msgs).await;
         ops.iter()
-            .zip(answers.into_iter().flatten())
+            .zip(answers)
             .map(|(op, answer)| match answer {
                 Some(0) => Ok(()),
                 Some(code) => Err(NetlinkError::errno(op.to_string(), code)),
@@ -561,30 +532,177 @@ impl Netlink {
     }
 }
 
-/// Reads the `n` acks of one datagram: `Some(0)` for success, `Some(errno)` for failure,
-/// `None` when no answer came. Every message of the datagram carries its own, consecutive,
-/// sequence number and gets exactly one ack, so the lowest number seen is the first message.
-async fn collect_acks(
-    stream: impl futures::Stream<Item = NetlinkMessage<RouteNetlinkMessage>> + Unpin,
-    n: usize,
-) -> Vec<Option<i32>> {
-    let mut seen: Vec<(u32, i32)> = Vec::with_capacity(n);
-    let read = stream.for_each(|msg| {
-        if let NetlinkPayload::Error(e) = &msg.payload {
-            seen.push((msg.header.sequence_number, -e.raw_code()));
+/// The rtnetlink socket of [`Netlink::apply`]. It is ours alone (not a library connection's),
+/// so that each message's sequence number is chosen here when it is sent, recorded, and every
+/// ack is matched to its change by that number.
+struct BatchSocket {
+    sock: TokioSocket,
+    /// The sequence number of the next message sent; never reset, so that a late ack of an
+    /// earlier batch (one that timed out) cannot pass for an ack of the current one.
+    next_seq: u32,
+    /// Datagrams of [`BATCH_MESSAGES`] in flight at once, so that their acks fit the buffer.
+    window: usize,
+}
+
+impl BatchSocket {
+    fn open() -> Result<Self, NetlinkError> {
+        let op = "open rtnetlink socket";
+        let mut sock = TokioSocket::new(rtnetlink::sys::constants::NETLINK_ROUTE)
+            .map_err(|e| io_error(op, e))?;
+        let raw = sock.socket_mut();
+        raw.bind_auto().map_err(|e| io_error(op, e))?;
+        raw.connect(&SocketAddr::new(0, 0))
+            .map_err(|e| io_error(op, e))?;
+        // Errors echo only the header of the failed message, not all of it.
+        let _ = raw.set_cap_ack(true);
+        let fd = raw.as_raw_fd();
+        // SAFETY: `fd` belongs to `sock`, which outlives this borrow (it is used right here).
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        use nix::sys::socket::{getsockopt, setsockopt, sockopt};
+        // Over rmem_max needs CAP_NET_ADMIN; without it, ask for what is allowed.
+        if setsockopt(&fd, sockopt::RcvBufForce, &BATCH_RCVBUF).is_err() {
+            let _ = setsockopt(&fd, sockopt::RcvBuf, &BATCH_RCVBUF);
         }
-        futures::future::ready(())
-    });
-    let _ = tokio::time::timeout(BATCH_TIMEOUT, read).await;
-    let mut out = vec![None; n];
-    if let Some(first) = seen.iter().map(|(seq, _)| *seq).min() {
-        for (seq, code) in seen {
-            if let Some(slot) = out.get_mut(seq.wrapping_sub(first) as usize) {
-                *slot = Some(code);
+        let rcvbuf = getsockopt(&fd, sockopt::RcvBuf).unwrap_or(212_992);
+        let window = (rcvbuf / (ACK_TRUESIZE * BATCH_MESSAGES)).max(1);
+        Ok(BatchSocket {
+            sock,
+            next_seq: 1,
+            window,
+        })
+    }
+
+    /// Sends `msgs` in order, [`BATCH_MESSAGES`] per datagram and at most `window` datagrams
+    /// unanswered, and returns each message's answer: `Some(0)` for success, `Some(errno)` for
+    /// failure, `None` when none came (not sent, socket overrun, or [`BATCH_TIMEOUT`] without
+    /// any answer).
+    async fn send(&mut self, msgs: Vec<NetlinkMessage<RouteNetlinkMessage>>) -> Vec<Option<i32>> {
+        let chunks: Vec<&[NetlinkMessage<RouteNetlinkMessage>]> =
+            msgs.chunks(BATCH_MESSAGES).collect();
+        let mut acks = Acks::new(msgs.len());
+        // Unanswered messages per datagram; a datagram is in flight while it has some.
+        let mut unanswered: Vec<usize> = chunks.iter().map(|c| c.len()).collect();
+        let (mut next_chunk, mut in_flight) = (0, 0);
+        let mut buf = Vec::new();
+        loop {
+            while in_flight < self.window && next_chunk < chunks.len() {
+                let first = next_chunk * BATCH_MESSAGES;
+                buf.clear();
+                for (i, msg) in chunks[next_chunk].iter().enumerate() {
+                    let seq = self.next_seq;
+                    self.next_seq = self.next_seq.wrapping_add(1).max(1);
+                    append_message(&mut buf, msg, seq);
+                    acks.sent(first + i, seq);
+                }
+                next_chunk += 1;
+                match self.sock.send(&buf).await {
+                    Ok(_) => in_flight += 1,
+                    Err(e) => {
+                        tracing::warn!(
+                            "netlink: sending {} changes failed: {e}",
+                            unanswered[next_chunk - 1]
+                        );
+                    }
+                }
+            }
+            if in_flight == 0 {
+                break;
+            }
+            let datagram =
+                match tokio::time::timeout(BATCH_TIMEOUT, self.sock.recv_from_full()).await {
+                    Ok(Ok((datagram, _))) => datagram,
+                    Ok(Err(e)) => {
+                        // An overrun loses acks we cannot name; what was not answered stays `None`.
+                        tracing::warn!("netlink: reading acks failed: {e}");
+                        break;
+                    }
+                    Err(_) => break,
+                };
+            for (seq, code) in acks_in(&datagram) {
+                if let Some(index) = acks.answer(seq, code) {
+                    let chunk = &mut unanswered[index / BATCH_MESSAGES];
+                    *chunk -= 1;
+                    if *chunk == 0 {
+                        in_flight -= 1;
+                    }
+                }
             }
         }
+        acks.into_answers()
+    }
+}
+
+/// Appends `msg` with sequence number `seq` to a datagram being built.
+fn append_message(buf: &mut Vec<u8>, msg: &NetlinkMessage<RouteNetlinkMessage>, seq: u32) {
+    let mut msg = msg.clone();
+    msg.header.sequence_number = seq;
+    msg.finalize();
+    let start = buf.len();
+    buf.resize(start + msg.buffer_len(), 0);
+    msg.serialize(&mut buf[start..]);
+    // Messages in a datagram start on 4-byte boundaries.
+    buf.resize(buf.len().next_multiple_of(4), 0);
+}
+
+/// The (sequence number, errno) of each ack or error in a datagram from the kernel: errno 0 is
+/// success.
+fn acks_in(datagram: &[u8]) -> Vec<(u32, i32)> {
+    let mut out = Vec::new();
+    let mut rest = datagram;
+    while let Ok(header) = NetlinkBuffer::new_checked(rest) {
+        let len = header.length() as usize;
+        if header.message_type() == NLMSG_ERROR {
+            if let Ok(msg) = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&rest[..len]) {
+                if let NetlinkPayload::Error(e) = msg.payload {
+                    out.push((msg.header.sequence_number, -e.raw_code()));
+                }
+            }
+        }
+        let next = len.next_multiple_of(4);
+        if next == 0 || next >= rest.len() {
+            break;
+        }
+        rest = &rest[next..];
     }
     out
+}
+
+/// The answers of one batch, matched to its messages by the sequence number each was sent
+/// with. Acks of other requests (a late one of an earlier batch) and repeats are ignored, and a
+/// lost ack leaves only its own message unanswered.
+struct Acks {
+    index_of: HashMap<u32, usize>,
+    answers: Vec<Option<i32>>,
+}
+
+impl Acks {
+    fn new(n: usize) -> Self {
+        Acks {
+            index_of: HashMap::with_capacity(n),
+            answers: vec![None; n],
+        }
+    }
+
+    /// Message `index` went out with sequence number `seq`.
+    fn sent(&mut self, index: usize, seq: u32) {
+        self.index_of.insert(seq, index);
+    }
+
+    /// Records an answer; returns the index of the message it answers, when it is the first
+    /// answer to one of ours.
+    fn answer(&mut self, seq: u32, code: i32) -> Option<usize> {
+        let index = *self.index_of.get(&seq)?;
+        let slot = &mut self.answers[index];
+        if slot.is_some() {
+            return None;
+        }
+        *slot = Some(code);
+        Some(index)
+    }
+
+    fn into_answers(self) -> Vec<Option<i32>> {
+        self.answers
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -894,8 +1012,8 @@ pub type Route4 = Route<Ipv4Network>;
 pub type Route6 = Route<Ipv6Network>;
 
 impl<N: Net> Route<N> {
-    /// A route in the main table with the family's default metric, as the backends install
-    /// them.
+    /// A route in the main table with the family's default metric and our protocol number,
+    /// as the backends install them.
     pub fn new(dst: N, gateway: Option<N::Addr>, oif: u32, onlink: bool) -> Self {
         Route {
             dst,
@@ -904,8 +1022,13 @@ impl<N: Net> Route<N> {
             onlink,
             priority: N::DEFAULT_METRIC,
             table: RT_TABLE_MAIN,
-            protocol: RouteProtocol::Static,
+            protocol: ROUTE_PROTOCOL,
         }
+    }
+
+    /// Whether flanneld installed the route (it carries [`ROUTE_PROTOCOL`]).
+    pub fn is_ours(&self) -> bool {
+        self.protocol == ROUTE_PROTOCOL
     }
 
     /// Same destination, next hop, device and flags (ignores the protocol).
@@ -1385,6 +1508,83 @@ mod tests {
         );
         assert!(Ipv6Network::is_link_local("fe80::1".parse().unwrap()));
         assert!(!Ipv6Network::is_link_local("fc00::1".parse().unwrap()));
+    }
+
+    /// An ack datagram as the kernel writes it: one `NLMSG_ERROR` per (sequence number,
+    /// errno), each echoing the request's header.
+    fn ack_datagram(acks: &[(u32, i32)]) -> Vec<u8> {
+        let mut buf = Vec::new();
+        for &(seq, errno) in acks {
+            let mut err = rtnetlink::packet_core::ErrorMessage::default();
+            err.code = std::num::NonZeroI32::new(-errno);
+            err.header = vec![0; 16];
+            let mut msg = NetlinkMessage::<RouteNetlinkMessage>::new(
+                Default::default(),
+                NetlinkPayload::Error(err),
+            );
+            msg.header.sequence_number = seq;
+            msg.finalize();
+            let start = buf.len();
+            buf.resize(start + msg.buffer_len(), 0);
+            msg.serialize(&mut buf[start..]);
+        }
+        buf
+    }
+
+    #[test]
+    fn acks_are_matched_by_the_sequence_numbers_sent() {
+        // Four changes sent with the numbers 41..=44 (the counter was not fresh). The first
+        // change's ack was lost; the others come out of order, among an ack of an earlier
+        // batch (7), a stray one (1000) and a repeat.
+        let mut acks = Acks::new(4);
+        for (index, seq) in (41..=44).enumerate() {
+            acks.sent(index, seq);
+        }
+        let answered: Vec<_> = acks_in(&ack_datagram(&[
+            (7, 0),
+            (43, libc::EEXIST),
+            (1000, libc::ENOENT),
+            (42, 0),
+        ]))
+        .into_iter()
+        .chain(acks_in(&ack_datagram(&[(44, 0), (42, libc::EINVAL)])))
+        .filter_map(|(seq, code)| acks.answer(seq, code))
+        .collect();
+        assert_eq!(
+            acks.into_answers(),
+            vec![None, Some(0), Some(libc::EEXIST), Some(0)],
+            "the lost ack leaves only the first change unanswered"
+        );
+        assert_eq!(answered, vec![2, 1, 3], "each of ours answered once");
+    }
+
+    #[test]
+    fn sequence_numbers_wrap_without_confusing_acks() {
+        let mut acks = Acks::new(3);
+        for (index, seq) in [u32::MAX - 1, u32::MAX, 1].into_iter().enumerate() {
+            acks.sent(index, seq);
+        }
+        for (seq, code) in acks_in(&ack_datagram(&[(1, libc::ENOENT), (u32::MAX - 1, 0)])) {
+            acks.answer(seq, code);
+        }
+        assert_eq!(acks.into_answers(), vec![Some(0), None, Some(libc::ENOENT)]);
+    }
+
+    #[test]
+    fn sent_messages_carry_the_recorded_numbers() {
+        let route = Route4::new("10.5.2.0/24".parse().unwrap(), None, 7, false);
+        let mut b = Batch::new();
+        b.replace_route(&route);
+        b.delete_route(&route);
+        let mut datagram = Vec::new();
+        for (msg, seq) in b.msgs.iter().zip([900, 901]) {
+            append_message(&mut datagram, msg, seq);
+        }
+        let first = NetlinkBuffer::new_checked(&datagram[..]).unwrap();
+        let len = first.length() as usize;
+        assert_eq!(first.sequence_number(), 900);
+        let second = NetlinkBuffer::new_checked(&datagram[len.next_multiple_of(4)..]).unwrap();
+        assert_eq!(second.sequence_number(), 901);
     }
 
     #[test]

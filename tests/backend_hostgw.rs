@@ -9,6 +9,22 @@ use flannel::iface::ExternalInterface;
 use serde_json::json;
 
 const NETWORK: &str = "10.5.0.0/16";
+/// flanneld's route protocol number, as `ip route … proto` takes it.
+const PROTO: &str = "102";
+
+/// The destinations of the IPv4 routes carrying our protocol number (`ip route show proto
+/// 102`), sorted.
+fn ours(ns: &backend_netns::Ns) -> Vec<String> {
+    let routes = ns.ip_json(&["-4", "route", "show", "proto", PROTO]);
+    let mut dsts: Vec<String> = routes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["dst"].as_str().unwrap().to_string())
+        .collect();
+    dsts.sort();
+    dsts
+}
 
 fn hostgw_lease(key: &str, public_ip: &str) -> flannel::subnet::Lease {
     lease(
@@ -59,16 +75,28 @@ fn hostgw_routes_peers_via_public_ip_and_converges() {
         assert!(route_to(&routes, "10.5.1.0/24").is_none(), "own lease not routed");
         assert_eq!(be.reconcile(&peers).await.unwrap(), report(0, 0, 0));
 
-        // A stale route in the Network via e0 goes, a wrong one is corrected, others stay.
-        ns.ip(&["route", "add", "10.5.99.0/24", "via", "198.18.0.99", "dev", "e0"]);
+        // A stale route of ours in the Network via e0 goes, a wrong one is corrected, others
+        // stay: also one inside the Network that someone made by hand.
+        ns.ip(&["route", "add", "10.5.98.0/24", "via", "198.18.0.98", "dev", "e0", "proto", PROTO]);
         ns.ip(&["route", "replace", "10.5.2.0/24", "via", "198.18.0.22", "dev", "e0"]);
         ns.ip(&["route", "add", "172.16.9.0/24", "via", "198.18.0.99", "dev", "e0"]);
+        ns.ip(&["route", "add", "10.5.200.0/24", "via", "198.18.0.50", "dev", "e0"]);
         assert_eq!(be.reconcile(&peers).await.unwrap(), report(0, 1, 1));
         let routes = ns.routes("e0");
-        assert!(route_to(&routes, "10.5.99.0/24").is_none());
+        assert!(route_to(&routes, "10.5.98.0/24").is_none());
         assert_eq!(route_to(&routes, "10.5.2.0/24").unwrap()["gateway"], "198.18.0.2");
         assert!(route_to(&routes, "172.16.9.0/24").is_some(), "foreign route kept");
         assert!(route_to(&routes, "198.18.0.0/24").is_some(), "connected route kept");
+        let by_hand = route_to(&routes, "10.5.200.0/24").expect("hand-made route in the Network kept");
+        assert_eq!(by_hand["gateway"], "198.18.0.50");
+        assert_eq!(ours(&ns), ["10.5.2.0/24", "10.5.3.0/24"], "`ip route show proto {PROTO}`");
+        assert_eq!(be.reconcile(&peers).await.unwrap(), report(0, 0, 0));
+
+        // An older flanneld's route (proto static) to a peer is rewritten as ours, once.
+        ns.ip(&["route", "replace", "10.5.3.0/24", "via", "198.18.0.3", "dev", "e0", "proto", "static"]);
+        assert_eq!(be.reconcile(&peers).await.unwrap(), report(0, 0, 1));
+        assert_eq!(ours(&ns), ["10.5.2.0/24", "10.5.3.0/24"]);
+        assert_eq!(be.reconcile(&peers).await.unwrap(), report(0, 0, 0));
 
         // A removed peer's route goes.
         let peers = peer_set([a.clone()]);
@@ -111,4 +139,52 @@ fn hostgw_refuses_nat() {
     for part in ["host-gw", "203.0.113.9", "198.18.0.1", "e0", "NAT"] {
         assert!(msg.contains(part), "{part:?} missing from: {msg}");
     }
+}
+
+/// Several datagrams of changes, one failing in the middle of the second: the failure is
+/// reported for its own peer and every other route is in place.
+#[test]
+fn hostgw_each_change_of_a_large_batch_gets_its_own_answer() {
+    if !have_root("hostgw_each_change_of_a_large_batch_gets_its_own_answer") {
+        return;
+    }
+    init_logs();
+    let guard = NetnsGuard::new("hgb");
+    let ns = guard.ns.clone();
+    let ext = ns.underlay("198.18.0.1/16", None);
+    let ctx = context(config(NETWORK, json!({"Type": "host-gw"})), ext);
+    ns.clone().run(move || async move {
+        let own = hostgw_lease("10.5.1.0-24", "198.18.0.1");
+        let mut be = backend::create(ctx).expect("host-gw backend");
+        be.prepare().await.expect("prepare");
+        be.lease_acquired(&own).await.unwrap();
+        // 10.5.2.0/24 … 10.5.251.0/24: 250 routes, two datagrams. 10.5.200.0/24's public IP
+        // is not on e0's network, so the kernel refuses its route.
+        let gateway = |i: u32| {
+            if i == 200 {
+                "203.0.113.9".to_string()
+            } else {
+                format!("198.18.1.{i}")
+            }
+        };
+        let peers =
+            peer_set((2..252).map(|i| hostgw_lease(&format!("10.5.{i}.0-24"), &gateway(i))));
+        let err = be
+            .reconcile(&peers)
+            .await
+            .expect_err("one route is refused")
+            .to_string();
+        assert!(err.contains("1 change(s) failed"), "{err}");
+        assert!(
+            err.contains("peer 10.5.200.0-24") && err.contains("via 203.0.113.9"),
+            "{err}"
+        );
+        let routes = ns.routes("e0");
+        for i in (2..252).filter(|i| *i != 200) {
+            let dst = format!("10.5.{i}.0/24");
+            let r = route_to(&routes, &dst).unwrap_or_else(|| panic!("no route {dst}"));
+            assert_eq!(r["gateway"], gateway(i), "{dst}");
+        }
+        assert!(route_to(&routes, "10.5.200.0/24").is_none());
+    });
 }

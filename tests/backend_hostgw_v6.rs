@@ -91,7 +91,8 @@ fn hostgw_dual_stack_routes_both_families() {
         );
         assert_eq!(be.reconcile(&peers).await.unwrap(), report(0, 0, 0));
 
-        // Stale and wrong IPv6 routes are repaired; foreign ones stay.
+        // Stale (ours: proto 102) and wrong IPv6 routes are repaired; foreign ones stay, also
+        // one made by hand inside the IPv6Network.
         ns.ip(&[
             "-6",
             "route",
@@ -99,6 +100,18 @@ fn hostgw_dual_stack_routes_both_families() {
             "fc00:0:0:99::/64",
             "via",
             "fd00:18::99",
+            "dev",
+            "e0",
+            "proto",
+            "102",
+        ]);
+        ns.ip(&[
+            "-6",
+            "route",
+            "add",
+            "fc00:0:0:200::/64",
+            "via",
+            "fd00:18::50",
             "dev",
             "e0",
         ]);
@@ -130,6 +143,22 @@ fn hostgw_dual_stack_routes_both_families() {
             "fd00:18::2"
         );
         assert!(route_to(&r6, "fd77::/64").is_some(), "foreign route kept");
+        assert!(
+            route_to(&r6, "fc00:0:0:200::/64").is_some(),
+            "hand-made route in the IPv6Network kept"
+        );
+        let ours = ns.ip_json(&["-6", "route", "show", "proto", "102"]);
+        let ours: Vec<&str> = ours
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["dst"].as_str().unwrap())
+            .collect();
+        assert!(
+            ours.contains(&"fc00:0:0:2::/64") && !ours.contains(&"fc00:0:0:200::/64"),
+            "{ours:?}"
+        );
+        assert_eq!(be.reconcile(&peers).await.unwrap(), report(0, 0, 0));
 
         // A and C gone: their routes go.
         let peers = peer_set([b.clone(), d.clone()]);

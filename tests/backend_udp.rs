@@ -866,6 +866,28 @@ fn device_address_route_and_repair() {
     let routes = ns_sh(&an, &["ip", "route", "show", "dev", "flannel0"]);
     assert_eq!(routes.lines().count(), 1, "{routes}");
     assert!(routes.starts_with("10.5.0.0/16 "), "{routes}");
+    let ours = ns_sh(&an, &["ip", "route", "show", "proto", "102"]);
+    assert!(ours.starts_with("10.5.0.0/16 dev flannel0"), "{ours}");
+    // An older flanneld's route (proto static) is rewritten as ours.
+    ns_sh(
+        &an,
+        &[
+            "ip",
+            "route",
+            "replace",
+            "10.5.0.0/16",
+            "dev",
+            "flannel0",
+            "proto",
+            "static",
+        ],
+    );
+    let r = a.set_peers(peers(&[("10.5.2.0/24", B_IP)]));
+    assert_eq!((r.added, r.removed, r.repaired), (0, 0, 1), "{r:?}");
+    let ours = ns_sh(&an, &["ip", "route", "show", "proto", "102"]);
+    assert!(ours.starts_with("10.5.0.0/16 dev flannel0"), "{ours}");
+    let r = a.set_peers(peers(&[("10.5.2.0/24", B_IP)]));
+    assert_eq!((r.added, r.removed, r.repaired), (0, 0, 0), "{r:?}");
     // A deleted route and a device set down come back.
     ns_sh(
         &an,

@@ -150,9 +150,24 @@ fn vxlan_programs_peers_repairs_and_survives_restart() {
         ns.ip(&["neigh", "add", "10.5.99.0", "lladdr", "02:99:00:00:00:99", "dev", DEV, "nud", "permanent"]);
         ns.bridge(&["fdb", "add", "02:99:00:00:00:99", "dev", DEV, "dst", "198.18.0.99", "self", "permanent"]);
         ns.ip(&["route", "add", "172.16.0.0/24", "via", "10.5.2.0", "dev", DEV, "onlink"]);
+        // On the external interface, a route inside the Network is ours only with our protocol.
+        ns.ip(&["route", "add", "10.5.200.0/24", "via", "198.18.0.50", "dev", "e0"]);
         assert_eq!(be.reconcile(&peers).await.unwrap(), report(0, 3, 0));
         assert_no_peer(&ns, "10.5.99.0/24", "10.5.99.0", "02:99:00:00:00:99");
         assert!(route_to(&ns.routes(DEV), "172.16.0.0/24").is_some(), "foreign route kept");
+        assert!(route_to(&ns.routes("e0"), "10.5.200.0/24").is_some(), "hand-made route kept");
+        let ours = ns.ip_json(&["-4", "route", "show", "proto", "102"]);
+        let ours: Vec<(&str, &str)> = ours
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| (r["dst"].as_str().unwrap(), r["dev"].as_str().unwrap()))
+            .collect();
+        assert_eq!(
+            ours,
+            [("10.5.2.0/24", DEV), ("10.5.3.0/24", DEV)],
+            "`ip route show proto 102`"
+        );
 
         // A wrong neighbour entry and a wrong FDB remote are corrected in place.
         ns.ip(&["neigh", "replace", "10.5.2.0", "lladdr", "02:99:00:00:00:01", "dev", DEV, "nud", "permanent"]);

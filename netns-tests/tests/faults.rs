@@ -192,6 +192,157 @@ fn hostgw_route_deleted_by_hand_is_restored() {
     deleted_route_is_restored(Backend::HostGw);
 }
 
+/// The destinations of host `h`'s routes carrying flanneld's protocol number (102).
+fn routes_with_our_protocol(c: &Cluster, h: usize) -> Vec<String> {
+    let routes = c
+        .host(h)
+        .netns()
+        .ip_json(&["-4", "route", "show", "proto", "102"])
+        .unwrap();
+    let mut dsts: Vec<String> = routes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["dst"].as_str().unwrap().to_string())
+        .collect();
+    dsts.sort();
+    dsts
+}
+
+/// Something of flanneld's on host 0 that a person deletes by hand.
+enum Ours {
+    /// The route to a peer's subnet.
+    Route,
+    /// The neighbour entry of a peer's VTEP on the vxlan device.
+    Neighbour,
+}
+
+/// Unrelated kernel changes on host 0 do not wake flanneld's repair pass; deleting something of
+/// its own does, and the pass keeps a route an operator made inside the Network on eth0.
+fn repairs_only_its_own_state(backend: Backend, delete: Ours) {
+    let c = Cluster::new(3, backend).expect("cluster");
+    c.wait_converged(CONVERGE).expect("converged");
+    let h = c.host(0);
+    let ns = h.netns();
+    let leases = c.leases().unwrap();
+    let mut peers: Vec<String> = leases
+        .iter()
+        .filter(|l| l.public_ip != h.public_ip())
+        .map(|l| l.subnet.to_string())
+        .collect();
+    peers.sort();
+    assert_eq!(
+        routes_with_our_protocol(&c, 0),
+        peers,
+        "`ip route show proto 102`"
+    );
+
+    // An operator's route inside the Network via a LAN host (no lease holds that subnet).
+    let by_hand = (200..=255)
+        .map(|i| format!("10.5.{i}.0/24"))
+        .find(|s| leases.iter().all(|l| l.subnet.to_string() != *s))
+        .expect("a free /24");
+    ns.ip(&[
+        "route",
+        "add",
+        &by_hand,
+        "via",
+        "198.18.0.50",
+        "dev",
+        "eth0",
+    ])
+    .unwrap();
+
+    // Kernel changes that are not flanneld's: a veth pair made and deleted, a route outside
+    // the Network and an ARP entry on eth0 made and deleted.
+    let events = || h.metric("flannel_kernel_events_total").unwrap();
+    let before = events();
+    ns.ip(&["link", "add", "xv0", "type", "veth", "peer", "name", "xv1"])
+        .unwrap();
+    ns.ip(&["link", "set", "xv0", "up"]).unwrap();
+    ns.ip(&["link", "del", "xv0"]).unwrap();
+    ns.ip(&[
+        "route",
+        "add",
+        "192.0.2.0/24",
+        "via",
+        "198.18.0.50",
+        "dev",
+        "eth0",
+    ])
+    .unwrap();
+    ns.ip(&["route", "del", "192.0.2.0/24", "dev", "eth0"])
+        .unwrap();
+    ns.ip(&[
+        "neigh",
+        "add",
+        "198.18.0.51",
+        "lladdr",
+        "02:00:00:00:00:51",
+        "dev",
+        "eth0",
+    ])
+    .unwrap();
+    ns.ip(&["neigh", "del", "198.18.0.51", "dev", "eth0"])
+        .unwrap();
+
+    // One of ours deleted: back sooner than the periodic pass (10 s) would bring it. The
+    // kernel reports in order, so by then every notification above has been judged.
+    let peer = leases
+        .iter()
+        .find(|l| l.subnet.to_string() == peers[0])
+        .unwrap();
+    match delete {
+        Ours::Route => ns.ip(&["route", "del", &peers[0]]).unwrap(),
+        Ours::Neighbour => {
+            let vtep = peer.subnet.network().to_string();
+            ns.ip(&["neigh", "del", &vtep, "dev", &c.vxlan_dev()])
+                .unwrap()
+        }
+    };
+    assert!(c.check_converged().is_err(), "the deletion must be seen");
+    let took = c
+        .wait_converged(Duration::from_secs(3))
+        .expect("restored on the kernel notification");
+    eprintln!(
+        "{backend:?}: {} of {} restored after {took:?}",
+        match delete {
+            Ours::Route => "route",
+            Ours::Neighbour => "neighbour entry",
+        },
+        peers[0]
+    );
+    assert_eq!(
+        events() - before,
+        1.0,
+        "only the deletion of our entry may wake the data plane"
+    );
+
+    // That repair pass left the operator's route alone; ours carry our protocol number.
+    let kept = ns.ip(&["route", "show", &by_hand]).unwrap();
+    assert!(
+        kept.contains("via 198.18.0.50 dev eth0"),
+        "{by_hand}: {kept:?}"
+    );
+    assert_eq!(routes_with_our_protocol(&c, 0), peers);
+}
+
+#[test]
+fn hostgw_repairs_only_its_own_state_and_keeps_hand_made_routes() {
+    if !require_root("hostgw_repairs_only_its_own_state_and_keeps_hand_made_routes") {
+        return;
+    }
+    repairs_only_its_own_state(Backend::HostGw, Ours::Route);
+}
+
+#[test]
+fn vxlan_repairs_only_its_own_state_and_keeps_hand_made_routes() {
+    if !require_root("vxlan_repairs_only_its_own_state_and_keeps_hand_made_routes") {
+        return;
+    }
+    repairs_only_its_own_state(Backend::Vxlan, Ours::Neighbour);
+}
+
 /// How long etcd stays down (default 30 s; `NETNS_TESTS_ETCD_OUTAGE_SECS` to change).
 fn outage() -> Duration {
     let secs = std::env::var("NETNS_TESTS_ETCD_OUTAGE_SECS")

@@ -386,8 +386,10 @@ pub(super) fn connect(
 }
 
 /// The routes a backend owns: in the main table, inside `network` but not inside our own
-/// subnet, not the kernel's connected routes, and either on `device` or — with a gateway and
-/// for a part of the network — on the external interface.
+/// subnet, not the kernel's connected routes, and either on `device` (every such route on a
+/// device of ours is ours) or on the external interface, installed by us (carrying our protocol
+/// number) and shaped like ours (a gateway, a part of the network). A route someone else made on
+/// the external interface is never ours, whatever its shape.
 pub(super) fn owned_route<N: Net>(
     route: &Route<N>,
     network: &N,
@@ -405,14 +407,19 @@ pub(super) fn owned_route<N: Net>(
     match route.oif {
         Some(oif) if Some(oif) == device => true,
         Some(oif) if oif == ext_index => {
-            route.gateway.is_some() && route.dst.prefix_len() > network.prefix_len()
+            route.is_ours()
+                && route.gateway.is_some()
+                && route.dst.prefix_len() > network.prefix_len()
         }
         _ => false,
     }
 }
 
 /// Plans the changes that make the owned routes equal `desired` (keyed by destination, all
-/// with the family's default metric): replaces missing or wrong ones, deletes the rest, leaves correct ones untouched.
+/// with the family's default metric and our protocol number): replaces missing or wrong ones,
+/// deletes the rest of the owned ones, leaves correct ones untouched. A route at a desired
+/// destination and metric that is not ours (an older flanneld's, made by hand) is replaced:
+/// the kernel identifies routes by table, destination and metric, so ours takes its place.
 /// Only routes through `oifs` are read (the kernel filters the dump by device).
 pub(super) async fn plan_routes<N: Net>(
     h: &Handle,
@@ -432,16 +439,20 @@ pub(super) async fn plan_routes<N: Net>(
         let routes = netlink::routes::<N>(h, RT_TABLE_MAIN, Some(oif))
             .await
             .map_err(fatal(backend, &format!("reading {} routes", N::NAME)))?;
-        actual.extend(routes.into_iter().filter(|r| owned(r)));
+        actual.extend(routes);
     }
     let mut by_dst: HashMap<N, &Route<N>> = HashMap::with_capacity(actual.len());
-    for r in actual.iter().filter(|r| r.priority == N::DEFAULT_METRIC) {
+    for r in actual.iter().filter(|r| {
+        r.priority == N::DEFAULT_METRIC
+            && r.table == RT_TABLE_MAIN
+            && r.protocol != RouteProtocol::Kernel
+    }) {
         by_dst.insert(r.dst, r);
     }
 
     for (dst, (want, key)) in desired {
         let have = by_dst.get(dst);
-        if have.is_some_and(|have| have.same_path(want)) {
+        if have.is_some_and(|have| have.same_path(want) && have.protocol == want.protocol) {
             continue;
         }
         let effect = if have.is_some() {
@@ -451,7 +462,7 @@ pub(super) async fn plan_routes<N: Net>(
         };
         plan.change(effect, Some(*key), |b| b.replace_route(want));
     }
-    for have in &actual {
+    for have in actual.iter().filter(|r| owned(r)) {
         if have.priority == N::DEFAULT_METRIC && desired.contains_key(&have.dst) {
             continue;
         }
@@ -513,6 +524,41 @@ mod tests {
         assert!(!owned(&r("10.5.1.0/24", None, 7)));
         assert!(!owned(&r("10.6.2.0/24", Some("10.6.2.0"), 7)));
         assert!(!owned(&r("10.5.2.0/24", Some("10.5.2.0"), 9)));
+    }
+
+    #[test]
+    fn routes_someone_else_made_are_ours_only_on_our_device() {
+        let net: Ipv4Network = "10.5.0.0/16".parse().unwrap();
+        let owned = |route: &Route4| owned_route(route, &net, None, Some(7), 2);
+        let by_hand = |dst: &str, gw: &str, oif, metric| Route4 {
+            protocol: RouteProtocol::Boot,
+            priority: metric,
+            ..Route4::new(dst.parse().unwrap(), Some(gw.parse().unwrap()), oif, false)
+        };
+        // `ip route add 10.5.200.0/24 via 198.18.0.50 dev <external>`: an operator's.
+        assert!(!owned(&by_hand("10.5.200.0/24", "198.18.0.50", 2, 0)));
+        // An older flanneld's (proto static) is not claimed on the external interface either.
+        let older = Route4 {
+            protocol: RouteProtocol::Static,
+            ..Route4::new(
+                "10.5.2.0/24".parse().unwrap(),
+                Some("198.18.0.2".parse().unwrap()),
+                2,
+                false,
+            )
+        };
+        assert!(!owned(&older));
+        // The same route with our protocol number is ours.
+        let ours = Route4::new(
+            "10.5.2.0/24".parse().unwrap(),
+            Some("198.18.0.2".parse().unwrap()),
+            2,
+            false,
+        );
+        assert!(ours.is_ours() && owned(&ours));
+        // Everything inside the Network on a device of ours is ours, any metric or protocol.
+        assert!(owned(&by_hand("10.5.200.0/24", "10.5.200.0", 7, 0)));
+        assert!(owned(&by_hand("10.5.200.0/24", "10.5.200.0", 7, 50)));
     }
 
     #[test]

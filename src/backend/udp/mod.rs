@@ -309,12 +309,19 @@ impl UdpBackend {
             .into_iter()
             .filter(|r| r.gateway.is_none() && r.protocol != RouteProtocol::Kernel)
             .collect();
+        // The kernel identifies a route by destination and metric: a route there without our
+        // protocol number (an older flanneld's, one made by hand) is rewritten as ours.
         let is_want = |r: &Route4| r.dst == want.dst && r.priority == want.priority;
-        if !routes.iter().any(is_want) {
+        let have = routes.iter().find(|r| is_want(r));
+        if !have.is_some_and(|r| r.protocol == want.protocol) {
             match netlink::replace_route(&h, &want).await {
                 Ok(()) => {
                     tracing::info!("udp: route {network} dev {DEVICE}");
-                    tally.report.added += 1;
+                    if have.is_some() {
+                        tally.report.repaired += 1;
+                    } else {
+                        tally.report.added += 1;
+                    }
                 }
                 Err(e) => tally.failed(e),
             }
