@@ -122,6 +122,7 @@ pub async fn run(opts: Opts) -> Result<(), DaemonError> {
     let plane = DataPlane {
         backend,
         config: config.clone(),
+        ext_index: ext.index,
         mtu: publish.mtu,
         subnet_file: opts.subnet_file.clone(),
         ip_masq: opts.ip_masq,
@@ -451,6 +452,8 @@ impl LeaseKeeper {
 struct DataPlane {
     backend: Box<dyn Backend>,
     config: NetworkConfig,
+    /// The external interface: its changes matter to the data plane too.
+    ext_index: u32,
     mtu: u32,
     subnet_file: std::path::PathBuf,
     ip_masq: bool,
@@ -486,7 +489,7 @@ impl DataPlane {
             if view.synced {
                 self.reconcile(&own, &view).await;
                 if std::mem::take(&mut kernel_watch) {
-                    let (notify, ext) = (kernel_changed.clone(), self.ext.index);
+                    let (notify, ext) = (kernel_changed.clone(), self.ext_index);
                     if let Err(e) = crate::kernel_events::watch(notify, ext, self.metrics.clone()) {
                         tracing::warn!(
                             "no kernel change notifications ({e}); repairs wait for the timer"
