@@ -7,6 +7,7 @@ use ipnetwork::{Ipv4Network, Ipv6Network};
 use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::{Map, Value};
 
+use crate::backend::BackendType;
 use crate::subnet::SubnetKey;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -39,8 +40,9 @@ pub struct NetworkConfig {
     pub ipv6_subnet_min: Ipv6Addr,
     pub ipv6_subnet_max: Ipv6Addr,
     pub enable_nftables: bool,
-    /// `Backend.Type`, lower-cased; `udp` when `Backend` is absent (as flannel's code does).
-    pub backend_type: String,
+    /// `Backend.Type`, looked up case-insensitively; `udp` when `Backend` is absent (as
+    /// flannel's code does).
+    pub backend_type: BackendType,
     /// The whole `Backend` object, for the backend to read its options from.
     pub backend: serde_json::Map<String, serde_json::Value>,
 }
@@ -121,7 +123,7 @@ impl NetworkConfig {
             ipv6_subnet_min: Ipv6Addr::UNSPECIFIED,
             ipv6_subnet_max: Ipv6Addr::UNSPECIFIED,
             enable_nftables,
-            backend_type: String::new(),
+            backend_type: BackendType::Udp,
             backend: Map::new(),
         }
     }
@@ -517,9 +519,9 @@ impl Family {
 }
 
 /// `Backend.Type` (lower-cased) and the whole `Backend` object.
-fn backend(e: &Entries) -> Result<(String, Map<String, Value>), ConfigError> {
+fn backend(e: &Entries) -> Result<(BackendType, Map<String, Value>), ConfigError> {
     let obj = match e.get("Backend") {
-        None => return Ok(("udp".into(), Map::new())),
+        None => return Ok((BackendType::Udp, Map::new())),
         Some(Value::Object(obj)) => obj,
         Some(v) => return Err(field_err("Backend", shown(v), "must be an object")),
     };
@@ -529,7 +531,17 @@ fn backend(e: &Entries) -> Result<(String, Map<String, Value>), ConfigError> {
         .find(|(k, v)| k.eq_ignore_ascii_case("Type") && !v.is_null())
         .map(|(_, v)| v);
     match ty {
-        Some(Value::String(s)) if !s.is_empty() => Ok((s.to_lowercase(), obj.clone())),
+        Some(v @ Value::String(s)) if !s.is_empty() => match BackendType::from_name(s) {
+            Some(t) => Ok((t, obj.clone())),
+            None => Err(field_err(
+                "Backend.Type",
+                shown(v),
+                format!(
+                    "unknown backend type (known: {})",
+                    BackendType::known_names()
+                ),
+            )),
+        },
         Some(v) => Err(field_err(
             "Backend.Type",
             shown(v),
@@ -587,7 +599,7 @@ mod tests {
         assert_eq!(c.subnet_len, 24);
         assert_eq!(c.subnet_min, v4("10.5.1.0"));
         assert_eq!(c.subnet_max, v4("10.5.255.0"));
-        assert_eq!(c.backend_type, "vxlan");
+        assert_eq!(c.backend_type, BackendType::Vxlan);
         assert_eq!(c.backend["VNI"], 1);
         assert_eq!(c.backend["Type"], "vxlan");
         assert_eq!(c.ipv6_network, None);
@@ -611,7 +623,7 @@ mod tests {
         assert_eq!(c.ipv6_subnet_min, v6("fc00:42:0:1::"));
         assert_eq!(c.ipv6_subnet_max, v6("fc00:42:0:ffff::"));
         assert_eq!(c.v6_subnet_count(), 65535);
-        assert_eq!(c.backend_type, "vxlan");
+        assert_eq!(c.backend_type, BackendType::Vxlan);
     }
 
     #[test]
@@ -635,7 +647,7 @@ mod tests {
         .unwrap();
         assert_eq!(c.subnet_len, 26);
         assert_eq!(c.subnet_min, v4("10.5.0.64"));
-        assert_eq!(c.backend_type, "host-gw");
+        assert_eq!(c.backend_type, BackendType::HostGw);
     }
 
     #[test]
@@ -907,13 +919,13 @@ mod tests {
     fn backend_rules() {
         let net = r#""Network":"10.5.0.0/16""#;
         let c = parse(&format!("{{{net}}}")).unwrap();
-        assert_eq!(c.backend_type, "udp");
+        assert_eq!(c.backend_type, BackendType::Udp);
         assert!(c.backend.is_empty());
         let c = parse(&format!(
             r#"{{{net},"Backend":{{"TYPE":"UDP","Port":8285}}}}"#
         ))
         .unwrap();
-        assert_eq!(c.backend_type, "udp");
+        assert_eq!(c.backend_type, BackendType::Udp);
         assert_eq!(c.backend["Port"], 8285);
         assert_eq!(c.backend["TYPE"], "UDP");
         assert_field_err(
@@ -933,6 +945,10 @@ mod tests {
             "Backend.Type",
             "\"\"",
         );
+        let (_, value, why) = field_of(parse(&format!(r#"{{{net},"Backend":{{"Type":"IPIP"}}}}"#)));
+        assert_eq!(value, "\"IPIP\"");
+        assert!(why.contains("unknown backend type"), "{why}");
+        assert!(why.contains("host-gw"), "{why}");
     }
 
     #[test]

@@ -283,11 +283,7 @@ async fn wait_for_config(reg: &Registry, metrics: &Metrics) -> NetworkConfig {
 }
 
 fn validate(raw: &[u8]) -> Result<NetworkConfig, String> {
-    let config = NetworkConfig::parse(raw).map_err(|e| e.to_string())?;
-    if !backend::KNOWN.contains(&config.backend_type.as_str()) {
-        return Err(BackendError::UnknownType(config.backend_type).to_string());
-    }
-    Ok(config)
+    NetworkConfig::parse(raw).map_err(|e| e.to_string())
 }
 
 /// Returns when the config key changed after `revision`, the watch broke, or a minute passed.
@@ -471,7 +467,7 @@ impl DataPlane {
         let kernel_changed = Arc::new(tokio::sync::Notify::new());
         // Subscribed after the first full pass: a listener makes the kernel build a
         // notification for each of the thousands of entries that pass writes on a large cluster.
-        let mut kernel_watch = self.config.backend_type != "alloc";
+        let mut kernel_watch = self.config.backend_type.has_data_plane();
         let mut own = own_rx.borrow_and_update().clone();
         let mut own_programmed = false;
         let mut notified = false;

@@ -2,7 +2,7 @@
 
 use async_trait::async_trait;
 
-use super::{Backend, BackendContext, BackendError, Publish, ReconcileReport};
+use super::{Backend, BackendContext, BackendError, BackendType, Publish, ReconcileReport};
 use crate::subnet::{Lease, PeerSet};
 
 pub struct AllocBackend {
@@ -19,7 +19,7 @@ impl AllocBackend {
 impl Backend for AllocBackend {
     async fn prepare(&mut self) -> Result<Publish, BackendError> {
         Ok(Publish {
-            backend_type: "alloc".into(),
+            backend_type: BackendType::Alloc.name().into(),
             backend_data: None,
             backend_v6_data: None,
             mtu: self.ctx.ext.mtu,

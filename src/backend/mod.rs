@@ -11,13 +11,14 @@ use crate::subnet::{Lease, PeerSet};
 mod alloc;
 mod common;
 mod hostgw;
+mod kind;
 pub mod udp;
 mod vxlan;
 
+pub use kind::BackendType;
+
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
-    #[error("backend type {0:?} is not known (known: {known})", known = KNOWN.join(", "))]
-    UnknownType(String),
     #[error("backend {backend}: option {option} {value}: {why}")]
     BadOption {
         backend: &'static str,
@@ -60,9 +61,6 @@ pub trait Backend: Send {
     async fn reconcile(&mut self, peers: &PeerSet) -> Result<ReconcileReport, BackendError>;
 }
 
-/// Backend type names this build knows.
-pub const KNOWN: &[&str] = &["alloc", "host-gw", "udp", "vxlan"];
-
 /// Context every backend is built from.
 #[derive(Debug, Clone)]
 pub struct BackendContext {
@@ -81,11 +79,10 @@ impl BackendContext {
 
 /// Builds the backend named by the config's `Backend.Type`.
 pub fn create(ctx: BackendContext) -> Result<Box<dyn Backend>, BackendError> {
-    match ctx.config.backend_type.as_str() {
-        "alloc" => Ok(Box::new(alloc::AllocBackend::new(ctx))),
-        "host-gw" => Ok(Box::new(hostgw::HostGwBackend::new(ctx)?)),
-        "udp" => Ok(Box::new(udp::UdpBackend::new(ctx)?)),
-        "vxlan" => Ok(Box::new(vxlan::VxlanBackend::new(ctx)?)),
-        other => Err(BackendError::UnknownType(other.to_string())),
-    }
+    Ok(match ctx.config.backend_type {
+        BackendType::Alloc => Box::new(alloc::AllocBackend::new(ctx)),
+        BackendType::HostGw => Box::new(hostgw::HostGwBackend::new(ctx)?),
+        BackendType::Udp => Box::new(udp::UdpBackend::new(ctx)?),
+        BackendType::Vxlan => Box::new(vxlan::VxlanBackend::new(ctx)?),
+    })
 }

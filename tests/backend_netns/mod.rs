@@ -8,7 +8,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use flannel::backend::BackendContext;
+use flannel::backend::{BackendContext, BackendType};
 use flannel::config::NetworkConfig;
 use flannel::iface::ExternalInterface;
 use flannel::subnet::{Lease, LeaseAttrs, PeerSet, SubnetKey};
@@ -237,7 +237,7 @@ pub fn config(network: &str, backend: Value) -> NetworkConfig {
         ipv6_subnet_min: Ipv6Addr::UNSPECIFIED,
         ipv6_subnet_max: Ipv6Addr::UNSPECIFIED,
         enable_nftables: false,
-        backend_type: backend["Type"].as_str().unwrap().to_lowercase(),
+        backend_type: BackendType::from_name(backend["Type"].as_str().unwrap()).unwrap(),
         backend,
     }
 }
