@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::backend::{self, Backend, BackendContext, BackendError, Publish};
+use crate::backoff::Backoff;
 use crate::cli::Opts;
 use crate::config::NetworkConfig;
 use crate::firewall::{self, Firewall, Rules};
@@ -23,7 +24,7 @@ use crate::subnet::acquire::{self, AcquireError, AcquireRequest, Renewal};
 use crate::subnet::env::{SubnetEnv, SubnetEnvExt};
 use crate::subnet::etcd::{EtcdError, EtcdOptions, Listing, Registry};
 use crate::subnet::peers::{self, RejectionLog};
-use crate::subnet::watch::{self as lease_watch, Backoff, LeaseView};
+use crate::subnet::watch::{self as lease_watch, LeaseView};
 use crate::subnet::{Lease, LeaseAttrs, SubnetKey};
 
 /// How often the data plane is compared with the peers even when nothing changed.

@@ -4,6 +4,7 @@
 //! planes are behind [`backend::Backend`].
 
 pub mod backend;
+pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod daemon;

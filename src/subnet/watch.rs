@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use super::etcd::{EtcdError, Listing, Registry};
 use super::lease::{Lease, PeerSet, SubnetKey};
 use super::malformed::MalformedTracker;
+use crate::backoff::Backoff;
 use crate::metrics::Metrics;
 
 /// Every lease under the prefix (ours included) as of `revision`.
@@ -237,48 +238,6 @@ fn log_changes(source: &str, c: &Changes) {
     }
     for k in &c.removed {
         tracing::info!(source, "lease removed: {k}");
-    }
-}
-
-/// Exponential backoff from 200 ms to 10 s for etcd retries.
-#[derive(Debug)]
-pub struct Backoff {
-    next: Duration,
-    max: Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Backoff {
-    const MIN: Duration = Duration::from_millis(200);
-    const MAX: Duration = Duration::from_secs(10);
-
-    pub fn new() -> Self {
-        Backoff {
-            next: Self::MIN,
-            max: Self::MAX,
-        }
-    }
-
-    /// A backoff that never waits longer than `max` (at least the 200 ms minimum).
-    pub fn with_max(max: Duration) -> Self {
-        Backoff {
-            next: Self::MIN,
-            max: max.clamp(Self::MIN, Self::MAX),
-        }
-    }
-
-    pub fn reset(&mut self) {
-        self.next = Self::MIN;
-    }
-
-    pub async fn wait(&mut self) {
-        tokio::time::sleep(self.next).await;
-        self.next = (self.next * 2).min(self.max);
     }
 }
 
