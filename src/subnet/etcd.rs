@@ -50,15 +50,27 @@ impl EtcdError {
     /// Errors that retrying cannot fix: the operator must change a flag or a file.
     pub fn is_fatal(&self) -> bool {
         match self {
-            EtcdError::Client(e) => {
-                let s = e.to_string();
-                s.contains("invalid") && s.contains("uri")
-                    || s.contains("authentication failed")
-                    || s.contains("permission denied")
-            }
+            EtcdError::Client(e) => client_error_is_fatal(e),
             EtcdError::Other(_) => false,
             _ => true,
         }
+    }
+}
+
+/// Decided from the error's kind and gRPC code, never its text. etcd answers a wrong user or
+/// password with `InvalidArgument`, a role without access with `PermissionDenied`; an expired
+/// token (`Unauthenticated`) never gets here, since [`Registry::call`] authenticates again.
+/// Everything else (unreachable member, timeout, leader change) may pass with time.
+fn client_error_is_fatal(e: &etcd_client::Error) -> bool {
+    use etcd_client::Error as E;
+    use tonic::Code;
+    match e {
+        E::InvalidUri(_) | E::InvalidArgs(_) => true,
+        E::GRpcStatus(s) => matches!(
+            s.code(),
+            Code::Unauthenticated | Code::PermissionDenied | Code::InvalidArgument
+        ),
+        _ => false,
     }
 }
 
@@ -768,6 +780,51 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn status(code: tonic::Code, message: &str) -> EtcdError {
+        EtcdError::Client(etcd_client::Error::GRpcStatus(tonic::Status::new(
+            code, message,
+        )))
+    }
+
+    #[test]
+    fn refusals_of_our_credentials_are_fatal() {
+        use tonic::Code;
+        let wrong_password = status(
+            Code::InvalidArgument,
+            "etcdserver: authentication failed, invalid user ID or password",
+        );
+        assert!(wrong_password.is_fatal());
+        assert!(status(Code::PermissionDenied, "etcdserver: permission denied").is_fatal());
+        assert!(status(Code::Unauthenticated, "etcdserver: user name not found").is_fatal());
+        // The code decides, not the wording: a reworded message is still fatal.
+        assert!(status(Code::PermissionDenied, "access refused").is_fatal());
+        let bad_uri = "http://[::1"
+            .parse::<tonic::codegen::http::Uri>()
+            .unwrap_err();
+        assert!(EtcdError::Client(etcd_client::Error::InvalidUri(bad_uri)).is_fatal());
+    }
+
+    #[test]
+    fn an_unreachable_or_slow_etcd_is_retried() {
+        use tonic::Code;
+        assert!(!status(Code::Unavailable, "connection refused").is_fatal());
+        assert!(!status(Code::DeadlineExceeded, "context deadline exceeded").is_fatal());
+        // Text that used to look fatal does not make a transient code fatal.
+        assert!(!status(Code::Unavailable, "permission denied by proxy").is_fatal());
+        assert!(!status(Code::Unknown, "etcdserver: leader changed").is_fatal());
+        assert!(!EtcdError::Other("watch closed".into()).is_fatal());
+    }
+
+    #[test]
+    fn an_expired_token_is_refreshed_not_fatal() {
+        let expired = etcd_client::Error::GRpcStatus(tonic::Status::new(
+            tonic::Code::Unauthenticated,
+            "etcdserver: invalid auth token",
+        ));
+        // Registry::call authenticates again on this error instead of returning it.
+        assert!(token_refused(&expired));
+    }
 
     fn with_password(endpoint: &str, insecure_password: bool) -> EtcdOptions {
         EtcdOptions {
