@@ -15,6 +15,7 @@
 pub mod counters;
 pub mod device;
 pub mod fastpath;
+#[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 pub mod kernel;
 pub mod offload;
