@@ -11,6 +11,7 @@ use crate::masq;
 use crate::netlink::{Netlink, NetlinkError};
 use crate::netns::{Netns, NetnsError};
 use crate::spec::{code, AddResult, CniError, CniResult, Env, Interface, IpConfig, Route};
+use crate::teardown::Teardown;
 use flannel_subnet_env::SubnetEnv;
 
 impl From<NetlinkError> for CniError {
@@ -389,30 +390,55 @@ fn add_links(
     Ok(result)
 }
 
+/// Undoes `add`: the pod's interface, its host-local addresses, its masquerade rules. Every
+/// step runs even when an earlier one failed (see [`Teardown`]).
 pub fn del(conf: &NetConf, env: &Env, senv: Option<&SubnetEnv>) -> CniResult<()> {
-    let opts = BridgeOpts::resolve(&conf.delegate, senv)?;
+    let mut teardown = Teardown::new();
+    let ip_masq = teardown
+        .step(
+            "read the delegate options",
+            BridgeOpts::resolve(&conf.delegate, senv),
+        )
+        .map(|opts| opts.ip_masq);
     if let Some(path) = env.netns.as_deref() {
-        match Netns::open(path) {
-            Ok(ns) => {
-                ns.netlink()?.delete_link_by_name(&env.ifname)?;
-            }
-            Err(e) if e.is_not_found() => {} // the pod is gone already
-            Err(e) => return Err(e.into()),
-        }
+        teardown.step(
+            format!("remove {} in {path}", env.ifname),
+            remove_pod_interface(path, &env.ifname),
+        );
     }
-    let released = {
-        let store = Store::lock(&conf.ipam_data_dir(), &conf.name)?;
-        store.release(&env.container_id, &env.ifname)?
-    };
-    // Without the subnet file we cannot know flannel's ipMasq default: clean up anyway.
-    let masq_possible = opts.ip_masq || (senv.is_none() && conf.delegate.get("ipMasq").is_none());
+    let released = teardown
+        .step(
+            format!("release the addresses of {}", env.container_id),
+            release_attachment(conf, env),
+        )
+        .unwrap_or_default();
+    // Without the subnet file (or readable options) we cannot know flannel's ipMasq default:
+    // clean up anyway, removing rules that are not there is harmless.
+    let masq_possible =
+        ip_masq.unwrap_or(true) || (senv.is_none() && conf.delegate.get("ipMasq").is_none());
     if masq_possible {
         masq::teardown(&conf.name, &env.container_id, &released, false);
         if released.iter().any(|ip| ip.is_ipv6()) {
             masq::teardown(&conf.name, &env.container_id, &released, true);
         }
     }
-    Ok(())
+    teardown.finish()
+}
+
+fn remove_pod_interface(netns: &str, ifname: &str) -> CniResult<()> {
+    match Netns::open(netns) {
+        Ok(ns) => {
+            ns.netlink()?.delete_link_by_name(ifname)?;
+            Ok(())
+        }
+        Err(e) if e.is_not_found() => Ok(()), // the pod is gone already
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn release_attachment(conf: &NetConf, env: &Env) -> CniResult<Vec<IpAddr>> {
+    let store = Store::lock(&conf.ipam_data_dir(), &conf.name)?;
+    Ok(store.release(&env.container_id, &env.ifname)?)
 }
 
 pub fn check(conf: &NetConf, env: &Env, senv: &SubnetEnv) -> CniResult<()> {

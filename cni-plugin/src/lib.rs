@@ -9,3 +9,4 @@ pub mod masq;
 pub mod netlink;
 pub mod netns;
 pub mod spec;
+pub mod teardown;

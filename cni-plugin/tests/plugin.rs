@@ -564,6 +564,49 @@ fn ip_masq_rules_come_and_go() {
 }
 
 #[test]
+fn del_runs_every_step_when_one_fails() {
+    if !privileged() {
+        return;
+    }
+    let mut host = Host::new("1.0.0");
+    host.conf["delegate"]["ipMasq"] = json!(true);
+    let pod = Netns::new("fcp");
+    let res = host.add("brok0001", &pod).expect_ok();
+    let ip = strip_prefix(&result_address(&res)).to_string();
+    let rules = || {
+        String::from_utf8_lossy(&host.ns.exec(&["iptables", "-w", "-t", "nat", "-S"]).stdout)
+            .into_owned()
+    };
+    assert!(rules().contains("id=brok0001"), "{}", rules());
+
+    // A netns path that opens but is no namespace: removing the pod's interface fails.
+    let not_a_netns = host.dir.path().join("not-a-netns");
+    std::fs::write(&not_a_netns, b"").unwrap();
+    let not_a_netns = not_a_netns.to_str().unwrap();
+    let run = host.cni("DEL", "brok0001", not_a_netns, "eth0", &host.conf);
+    let msg = run.expect_err(999);
+    assert!(
+        msg.contains(&format!("remove eth0 in {not_a_netns}")),
+        "{msg}"
+    );
+    assert!(msg.contains("1 step failed"), "{msg}");
+
+    // The other steps ran: the address is free in the store, the masquerade rules are gone.
+    assert!(
+        host.store_entries().is_empty(),
+        "{:?}",
+        host.store_entries()
+    );
+    let r = rules();
+    assert!(!r.contains("brok0001") && !r.contains(&ip), "{r}");
+
+    // The runtime's retry with the real namespace finishes the job.
+    host.del("brok0001", &pod).expect_ok();
+    assert!(!pod.links().contains(&"eth0".to_string()));
+    assert!(host.veths().is_empty(), "{:?}", host.veths());
+}
+
+#[test]
 fn dual_stack_lease() {
     if !privileged() {
         return;
