@@ -234,7 +234,7 @@ fn bad_configs_are_named_and_fixing_them_needs_no_restart() {
         ),
         (
             r#"{"Network":"10.5.0.0/16","Backend":{"Type":"nosuch"}}"#,
-            "\"nosuch\"",
+            "Backend.Type \"nosuch\": unknown backend type",
         ),
     ];
     for (config, expected) in cases {
