@@ -89,3 +89,35 @@ async fn wait_for_change(reg: &Registry, revision: i64) {
     };
     let _ = tokio::time::timeout(Duration::from_secs(60), wait).await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_valid_config_is_accepted() {
+        let config = validate(br#"{"Network":"10.5.0.0/16","Backend":{"Type":"host-gw"}}"#)
+            .expect("valid config");
+        assert_eq!(config.network, Some("10.5.0.0/16".parse().unwrap()));
+        assert_eq!(config.backend_type, "host-gw");
+    }
+
+    #[test]
+    fn an_unknown_backend_type_is_named() {
+        let err =
+            validate(br#"{"Network":"10.5.0.0/16","Backend":{"Type":"wireguard2"}}"#).unwrap_err();
+        assert!(err.contains("wireguard2"), "{err}");
+    }
+
+    #[test]
+    fn a_config_that_is_not_json_is_refused() {
+        let err = validate(b"Network: 10.5.0.0/16").unwrap_err();
+        assert!(!err.is_empty());
+    }
+
+    #[test]
+    fn a_bad_network_is_named() {
+        let err = validate(br#"{"Network":"10.5.0.0/33"}"#).unwrap_err();
+        assert!(err.contains("Network"), "{err}");
+    }
+}

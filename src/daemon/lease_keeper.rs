@@ -57,14 +57,24 @@ fn unix_now() -> i64 {
 }
 
 fn set_expiry(metrics: &Metrics, lease: &Lease, ttl_secs: i64) {
-    let expiry = if lease.is_reservation() {
-        0
-    } else {
-        unix_now() + ttl_secs
-    };
     metrics
         .lease_expiry_seconds
-        .store(expiry, Ordering::Relaxed);
+        .store(expiry_at(lease, ttl_secs, unix_now()), Ordering::Relaxed);
+}
+
+/// When `lease` expires, in Unix seconds, if renewed at `now`; 0 for one that never expires.
+fn expiry_at(lease: &Lease, ttl_secs: i64, now: i64) -> i64 {
+    if lease.is_reservation() {
+        0
+    } else {
+        now + ttl_secs
+    }
+}
+
+/// Whether the watched view proves our lease gone: only a complete view at least as new as our
+/// lease can, since an older one may simply not have seen it yet.
+fn lease_gone(view: &LeaseView, lease: &Lease) -> bool {
+    view.synced && view.revision >= lease.revision && !view.leases.contains_key(&lease.key)
 }
 
 /// Renews our lease before it expires and takes it again when it is lost.
@@ -122,10 +132,7 @@ impl LeaseKeeper {
                     if changed.is_err() {
                         return;
                     }
-                    let view = view_rx.borrow_and_update();
-                    let gone = view.synced
-                        && view.revision >= lease.revision
-                        && !view.leases.contains_key(&lease.key);
+                    let gone = lease_gone(&view_rx.borrow_and_update(), &lease);
                     if gone {
                         tracing::warn!("lease {} was deleted from etcd", lease.key);
                     }
@@ -143,5 +150,77 @@ impl LeaseKeeper {
                 next_renew = Instant::now() + self.renew_after;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::subnet::{LeaseAttrs, PeerSet};
+
+    fn lease(key: &str, etcd_lease: Option<i64>, revision: i64) -> Lease {
+        Lease {
+            key: key.parse().unwrap(),
+            attrs: LeaseAttrs {
+                public_ip: Some("198.18.0.1".parse().unwrap()),
+                public_ipv6: None,
+                backend_type: "vxlan".into(),
+                backend_data: None,
+                backend_v6_data: None,
+            },
+            etcd_lease,
+            revision,
+            create_revision: revision,
+        }
+    }
+
+    fn view(leases: &[&Lease], revision: i64, synced: bool) -> LeaseView {
+        LeaseView {
+            leases: leases
+                .iter()
+                .map(|l| (l.key, (*l).clone()))
+                .collect::<PeerSet>(),
+            revision,
+            synced,
+        }
+    }
+
+    #[test]
+    fn a_lease_with_a_ttl_expires_ttl_seconds_after_its_renewal() {
+        let own = lease("10.5.1.0-24", Some(7), 10);
+        assert_eq!(expiry_at(&own, 86_400, 1_000_000), 1_086_400);
+    }
+
+    #[test]
+    fn a_reservation_reports_no_expiry() {
+        let reserved = lease("10.5.1.0-24", None, 10);
+        assert_eq!(expiry_at(&reserved, 86_400, 1_000_000), 0);
+    }
+
+    #[test]
+    fn a_lease_missing_from_a_complete_current_view_is_gone() {
+        let own = lease("10.5.1.0-24", Some(7), 10);
+        let other = lease("10.5.2.0-24", Some(8), 11);
+        assert!(lease_gone(&view(&[&other], 12, true), &own));
+        assert!(lease_gone(&view(&[&other], 10, true), &own));
+    }
+
+    #[test]
+    fn a_lease_in_the_view_is_not_gone() {
+        let own = lease("10.5.1.0-24", Some(7), 10);
+        assert!(!lease_gone(&view(&[&own], 12, true), &own));
+    }
+
+    #[test]
+    fn a_view_not_yet_listed_proves_nothing() {
+        let own = lease("10.5.1.0-24", Some(7), 10);
+        assert!(!lease_gone(&view(&[], 12, false), &own));
+    }
+
+    #[test]
+    fn a_view_older_than_the_lease_proves_nothing() {
+        // Re-acquired at revision 10; a view from revision 9 has not seen the new key yet.
+        let own = lease("10.5.1.0-24", Some(7), 10);
+        assert!(!lease_gone(&view(&[], 9, true), &own));
     }
 }

@@ -235,3 +235,102 @@ fn lease_attrs(config: &NetworkConfig, ext: &ExternalInterface, publish: &Publis
         backend_v6_data: raw(&publish.backend_v6_data),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(json: &str) -> NetworkConfig {
+        NetworkConfig::parse(json.as_bytes()).unwrap()
+    }
+
+    const V4: &str = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#;
+    const V6: &str = r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:5::/56","Backend":{"Type":"vxlan"}}"#;
+    const DUAL: &str = r#"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:5::/56","Backend":{"Type":"vxlan"}}"#;
+
+    fn ext(v4: Option<&str>, v6: Option<&str>) -> ExternalInterface {
+        ExternalInterface {
+            name: "uplink0".into(),
+            index: 7,
+            iface_addr: v4.map(|a| a.parse().unwrap()),
+            iface_v6_addr: v6.map(|a| a.parse().unwrap()),
+            public_ip: v4.map(|a| a.parse().unwrap()),
+            public_ipv6: v6.map(|a| a.parse().unwrap()),
+            mtu: 1500,
+        }
+    }
+
+    fn publish(data: Option<serde_json::Value>, v6_data: Option<serde_json::Value>) -> Publish {
+        Publish {
+            backend_type: "vxlan".into(),
+            backend_data: data,
+            backend_v6_data: v6_data,
+            mtu: 1450,
+        }
+    }
+
+    #[test]
+    fn ipv4_enabled_on_an_interface_without_ipv4_names_the_interface() {
+        let err = check_families(&config(V4), &ext(None, Some("2001:db8::1"))).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("enables IPv4") && msg.contains("uplink0"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn ipv6_enabled_on_an_interface_without_ipv6_names_the_interface() {
+        let err = check_families(&config(DUAL), &ext(Some("198.18.0.1"), None)).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("enables IPv6") && msg.contains("uplink0"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn an_interface_with_every_enabled_family_passes() {
+        check_families(&config(V4), &ext(Some("198.18.0.1"), None)).unwrap();
+        check_families(&config(V6), &ext(None, Some("2001:db8::1"))).unwrap();
+        check_families(&config(DUAL), &ext(Some("198.18.0.1"), Some("2001:db8::1"))).unwrap();
+    }
+
+    #[test]
+    fn lease_attrs_publish_only_the_enabled_families() {
+        let both = ext(Some("198.18.0.1"), Some("2001:db8::1"));
+        let attrs = lease_attrs(&config(V4), &both, &publish(None, None));
+        assert_eq!(attrs.public_ip, Some("198.18.0.1".parse().unwrap()));
+        assert_eq!(attrs.public_ipv6, None);
+        let attrs = lease_attrs(&config(V6), &both, &publish(None, None));
+        assert_eq!(attrs.public_ip, None);
+        assert_eq!(attrs.public_ipv6, Some("2001:db8::1".parse().unwrap()));
+    }
+
+    #[test]
+    fn lease_attrs_carry_the_backend_type_and_data_as_json() {
+        let both = ext(Some("198.18.0.1"), Some("2001:db8::1"));
+        let data = serde_json::json!({"VNI": 1, "VtepMAC": "aa:bb:cc:dd:ee:ff"});
+        let v6 = serde_json::json!({"VNI": 1, "VtepMAC": "aa:bb:cc:dd:ee:01"});
+        let attrs = lease_attrs(&config(DUAL), &both, &publish(Some(data), Some(v6)));
+        assert_eq!(attrs.backend_type, "vxlan");
+        assert_eq!(
+            attrs.backend_data.as_ref().map(|r| r.get()),
+            Some(r#"{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:ff"}"#)
+        );
+        assert_eq!(
+            attrs.backend_v6_data.as_ref().map(|r| r.get()),
+            Some(r#"{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:01"}"#)
+        );
+    }
+
+    #[test]
+    fn lease_attrs_without_backend_data_leave_it_out() {
+        let attrs = lease_attrs(
+            &config(V4),
+            &ext(Some("198.18.0.1"), None),
+            &publish(None, None),
+        );
+        assert!(attrs.backend_data.is_none() && attrs.backend_v6_data.is_none());
+    }
+}

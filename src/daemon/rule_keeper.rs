@@ -78,3 +78,94 @@ impl RuleKeeper {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::firewall::{self, Family, FamilyRules};
+    use crate::subnet::LeaseAttrs;
+
+    fn keeper(config: &str, masquerade: bool, forward: bool) -> RuleKeeper {
+        RuleKeeper {
+            firewall: firewall::create(false),
+            config: NetworkConfig::parse(config.as_bytes()).unwrap(),
+            masquerade,
+            forward,
+            fully_random: true,
+            every: Duration::from_secs(5),
+            metrics: Arc::new(Metrics::default()),
+        }
+    }
+
+    fn own(key: &str) -> Lease {
+        Lease {
+            key: key.parse().unwrap(),
+            attrs: LeaseAttrs {
+                public_ip: None,
+                public_ipv6: None,
+                backend_type: "vxlan".into(),
+                backend_data: None,
+                backend_v6_data: None,
+            },
+            etcd_lease: Some(1),
+            revision: 1,
+            create_revision: 1,
+        }
+    }
+
+    fn family(family: Family, network: &str, subnet: &str) -> FamilyRules {
+        FamilyRules {
+            family,
+            network: network.into(),
+            subnet: subnet.into(),
+        }
+    }
+
+    const DUAL: &str = r#"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:5::/56","Backend":{"Type":"vxlan"}}"#;
+
+    #[test]
+    fn rules_cover_the_network_and_our_subnet() {
+        let k = keeper(
+            r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#,
+            true,
+            true,
+        );
+        let rules = k.rules_for(&own("10.5.3.0-24"));
+        assert_eq!(
+            rules.families,
+            vec![family(Family::V4, "10.5.0.0/16", "10.5.3.0/24")]
+        );
+        assert!(rules.masquerade && rules.forward && rules.fully_random);
+    }
+
+    #[test]
+    fn a_dual_stack_lease_gets_rules_for_both_families() {
+        let rules = keeper(DUAL, true, false).rules_for(&own("10.5.3.0-24&fd00:5:0:3::-64"));
+        assert_eq!(
+            rules.families,
+            vec![
+                family(Family::V4, "10.5.0.0/16", "10.5.3.0/24"),
+                family(Family::V6, "fd00:5::/56", "fd00:5:0:3::/64"),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_family_our_lease_lacks_gets_no_rules() {
+        let rules = keeper(DUAL, true, false).rules_for(&own("10.5.3.0-24"));
+        assert_eq!(
+            rules.families,
+            vec![family(Family::V4, "10.5.0.0/16", "10.5.3.0/24")]
+        );
+    }
+
+    #[test]
+    fn with_neither_masquerade_nor_forward_there_is_nothing_to_keep() {
+        let k = keeper(
+            r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#,
+            false,
+            false,
+        );
+        assert!(k.rules_for(&own("10.5.3.0-24")).is_empty());
+    }
+}
