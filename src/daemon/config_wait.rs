@@ -1,16 +1,13 @@
 //! Waiting for a valid network config.
 
-use std::time::Duration;
-
 use crate::backend::{self, BackendError};
 use crate::config::NetworkConfig;
-use crate::metrics::Metrics;
-use crate::subnet::etcd::Registry;
+use crate::subnet::registry::{ConfigRead, LeaseRegistry};
 use crate::subnet::watch::Backoff;
 
 /// Reads the network config until a valid one is there, watching the key in between. An
-/// invalid config is reported once per distinct problem; fixing it in etcd is enough.
-pub(super) async fn wait_for_config(reg: &Registry, metrics: &Metrics) -> NetworkConfig {
+/// invalid config is reported once per distinct problem; fixing it in the registry is enough.
+pub(super) async fn wait_for_config<R: LeaseRegistry>(reg: &R) -> NetworkConfig {
     let mut last_report = String::new();
     let mut report = |msg: String, level: tracing::Level| {
         if msg != last_report {
@@ -24,10 +21,9 @@ pub(super) async fn wait_for_config(reg: &Registry, metrics: &Metrics) -> Networ
     };
     let mut backoff = Backoff::new();
     loop {
-        let (value, revision) = match reg.get_config().await {
+        let ConfigRead { value, version } = match reg.read_config().await {
             Ok(r) => r,
             Err(e) => {
-                metrics.etcd_error(&e);
                 report(
                     format!("reading network config failed, retrying: {e}"),
                     tracing::Level::WARN,
@@ -36,23 +32,25 @@ pub(super) async fn wait_for_config(reg: &Registry, metrics: &Metrics) -> Networ
                 continue;
             }
         };
-        metrics.set_etcd_up(true);
         backoff.reset();
         match value.map(|v| validate(&v)) {
             None => report(
-                format!("waiting for the network config at {}", reg.config_key()),
+                format!(
+                    "waiting for the network config at {}",
+                    reg.config_location()
+                ),
                 tracing::Level::INFO,
             ),
             Some(Ok(config)) => return config,
             Some(Err(why)) => report(
                 format!(
                     "invalid network config at {}: {why}; waiting for a valid one",
-                    reg.config_key()
+                    reg.config_location()
                 ),
                 tracing::Level::ERROR,
             ),
         }
-        wait_for_change(reg, revision).await;
+        reg.config_changed(version).await;
     }
 }
 
@@ -62,32 +60,6 @@ pub(super) fn validate(raw: &[u8]) -> Result<NetworkConfig, String> {
         return Err(BackendError::UnknownType(config.backend_type).to_string());
     }
     Ok(config)
-}
-
-/// Returns when the config key changed after `revision`, the watch broke, or a minute passed.
-async fn wait_for_change(reg: &Registry, revision: i64) {
-    let wait = async {
-        let Ok((mut stream, first)) = reg.watch_config(revision + 1).await else {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            return;
-        };
-        let mut first = Some(first);
-        loop {
-            let next = match first.take() {
-                Some(resp) => Ok(Some(resp)),
-                None => stream.message().await,
-            };
-            match next {
-                Ok(Some(resp)) if resp.events().is_empty() && !resp.canceled() => continue,
-                Ok(Some(_)) => return,
-                _ => {
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    return;
-                }
-            }
-        }
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(60), wait).await;
 }
 
 #[cfg(test)]

@@ -9,24 +9,23 @@ use tokio::time::Instant;
 
 use crate::config::NetworkConfig;
 use crate::metrics::Metrics;
-use crate::subnet::acquire::{self, AcquireError, AcquireRequest, Renewal};
-use crate::subnet::etcd::{Listing, Registry};
+use crate::subnet::acquire::{AcquireRequest, Renewal};
+use crate::subnet::registry::{AcquireFailure, LeaseRegistry};
 use crate::subnet::watch::{Backoff, LeaseView};
 use crate::subnet::Lease;
 
-/// Acquires a lease, retrying etcd failures and a full network until it succeeds.
-pub(super) async fn acquire_until_done(
-    reg: &Registry,
+/// Acquires a lease, retrying registry failures and a full network until it succeeds.
+pub(super) async fn acquire_until_done<R: LeaseRegistry>(
+    reg: &R,
     config: &NetworkConfig,
     request: &AcquireRequest,
     metrics: &Metrics,
-) -> (Lease, Listing) {
+) -> Lease {
     let mut backoff = Backoff::new();
     loop {
-        match acquire::acquire_and_list(reg, config, request).await {
-            Ok((lease, listing)) => {
+        match reg.acquire(config, request).await {
+            Ok(lease) => {
                 Metrics::inc(&metrics.acquisitions);
-                metrics.set_etcd_up(true);
                 set_expiry(metrics, &lease, request.ttl.as_secs() as i64);
                 tracing::info!(
                     "lease acquired: {} (public IP {:?}, etcd lease {:?})",
@@ -34,14 +33,13 @@ pub(super) async fn acquire_until_done(
                     lease.attrs.public_ip,
                     lease.etcd_lease
                 );
-                return (lease, listing);
+                return lease;
             }
-            Err(AcquireError::Etcd(e)) => {
-                metrics.etcd_error(&e);
+            Err(AcquireFailure::Registry(e)) => {
                 tracing::warn!("acquiring a lease failed, retrying: {e}");
                 backoff.wait().await;
             }
-            Err(e) => {
+            Err(e @ AcquireFailure::NoLease(_)) => {
                 tracing::error!("acquiring a lease failed, retrying in 10 s: {e}");
                 tokio::time::sleep(Duration::from_secs(10)).await;
             }
@@ -78,15 +76,15 @@ fn lease_gone(view: &LeaseView, lease: &Lease) -> bool {
 }
 
 /// Renews our lease before it expires and takes it again when it is lost.
-pub(super) struct LeaseKeeper {
-    pub(super) reg: Registry,
+pub(super) struct LeaseKeeper<R> {
+    pub(super) reg: Arc<R>,
     pub(super) config: NetworkConfig,
     pub(super) request: AcquireRequest,
     pub(super) renew_after: Duration,
     pub(super) metrics: Arc<Metrics>,
 }
 
-impl LeaseKeeper {
+impl<R: LeaseRegistry> LeaseKeeper<R> {
     pub(super) async fn run(
         self,
         mut lease: Lease,
@@ -101,10 +99,9 @@ impl LeaseKeeper {
         loop {
             let lost = tokio::select! {
                 _ = tokio::time::sleep_until(next_renew) => {
-                    match acquire::renew(&self.reg, &lease).await {
+                    match self.reg.keep(&lease).await {
                         Ok(Renewal::Renewed { ttl_secs }) => {
                             Metrics::inc(&self.metrics.renewals);
-                            self.metrics.set_etcd_up(true);
                             set_expiry(&self.metrics, &lease, ttl_secs);
                             tracing::info!("lease renewed: {} (TTL {ttl_secs} s)", lease.key);
                             next_renew = Instant::now() + self.renew_after;
@@ -120,7 +117,6 @@ impl LeaseKeeper {
                             true
                         }
                         Err(e) => {
-                            self.metrics.etcd_error(&e);
                             tracing::warn!("renewing lease {} failed, retrying: {e}", lease.key);
                             retry.wait().await;
                             next_renew = Instant::now();
@@ -144,8 +140,7 @@ impl LeaseKeeper {
                     prefer: Some(lease.key),
                     ..self.request.clone()
                 };
-                (lease, _) =
-                    acquire_until_done(&self.reg, &self.config, &request, &self.metrics).await;
+                lease = acquire_until_done(&*self.reg, &self.config, &request, &self.metrics).await;
                 own_tx.send_replace(lease.clone());
                 next_renew = Instant::now() + self.renew_after;
             }

@@ -1,8 +1,10 @@
 //! Wiring: interface → config → backend → lease → subnet file → run loops.
 //!
 //! Three long-lived tasks share state through `watch` channels, so each only ever acts on the
-//! latest state: the watcher (etcd → [`LeaseView`]), the lease keeper (renews, re-acquires when
-//! the lease is lost) and the data plane (reconciles the kernel with the peers).
+//! latest state: the watcher (registry → [`LeaseView`]), the lease keeper (renews, re-acquires
+//! when the lease is lost) and the data plane (reconciles the kernel with the peers). A fourth,
+//! the rule keeper, keeps the masquerade and forward rules. Everything after connecting talks to
+//! the registry only through [`LeaseRegistry`].
 
 mod config_wait;
 mod data_plane;
@@ -24,9 +26,11 @@ use crate::iface::{self, ExternalInterface, IfaceChoice, IfaceError};
 use crate::metrics::Metrics;
 use crate::subnet::acquire::AcquireRequest;
 use crate::subnet::env::{SubnetEnv, SubnetEnvExt};
-use crate::subnet::etcd::{EtcdError, EtcdOptions, Registry};
+use crate::subnet::etcd::{EtcdError, EtcdOptions};
+use crate::subnet::etcd_registry::EtcdRegistry;
 use crate::subnet::peers::RejectionLog;
-use crate::subnet::watch::{self as lease_watch, Backoff, LeaseView};
+use crate::subnet::registry::LeaseRegistry;
+use crate::subnet::watch::LeaseView;
 use crate::subnet::LeaseAttrs;
 
 use config_wait::wait_for_config;
@@ -81,8 +85,18 @@ pub async fn run(opts: Opts) -> Result<(), DaemonError> {
         ext.public_ipv6
     );
 
-    let reg = connect_until_done(&etcd_options(&opts), &metrics).await?;
-    let config = wait_for_config(&reg, &metrics).await;
+    let reg = EtcdRegistry::connect_until_done(&etcd_options(&opts), metrics.clone()).await?;
+    run_with(&opts, ext, Arc::new(reg), metrics).await
+}
+
+/// Everything after the registry is connected: config → backend → lease → run loops.
+async fn run_with<R: LeaseRegistry>(
+    opts: &Opts,
+    ext: ExternalInterface,
+    reg: Arc<R>,
+    metrics: Arc<Metrics>,
+) -> Result<(), DaemonError> {
+    let config = wait_for_config(&*reg).await;
     check_families(&config, &ext)?;
     tracing::info!(
         "network config: network {:?}, IPv6 network {:?}, backend {}",
@@ -110,17 +124,14 @@ pub async fn run(opts: Opts) -> Result<(), DaemonError> {
         prefer: old_subnet,
         ttl: opts.subnet_lease_ttl,
     };
-    let (lease, listing) = acquire_until_done(&reg, &config, &request, &metrics).await;
+    let lease = acquire_until_done(&*reg, &config, &request, &metrics).await;
 
     let (view_tx, view_rx) = watch::channel(LeaseView::default());
     let (own_tx, own_rx) = watch::channel(lease.clone());
-    let watcher = tokio::spawn(lease_watch::run(
-        reg.clone(),
-        LeaseView::default(),
-        Some(listing),
-        view_tx,
-        metrics.clone(),
-    ));
+    let watcher = {
+        let reg = reg.clone();
+        tokio::spawn(async move { reg.watch_leases(view_tx).await })
+    };
     let plane = DataPlane {
         backend,
         config: config.clone(),
@@ -167,28 +178,6 @@ pub async fn run(opts: Opts) -> Result<(), DaemonError> {
             Err(e) => e.to_string(),
         },
     })
-}
-
-/// Connects to etcd; a flag or file that can never work is fatal, an unreachable etcd is not.
-async fn connect_until_done(
-    opts: &EtcdOptions,
-    metrics: &Metrics,
-) -> Result<Registry, DaemonError> {
-    let mut backoff = Backoff::new();
-    loop {
-        match Registry::connect(opts).await {
-            Ok(reg) => return Ok(reg),
-            Err(e) if e.is_fatal() => return Err(e.into()),
-            Err(e) => {
-                metrics.etcd_error(&e);
-                tracing::warn!(
-                    "connecting to etcd {:?} failed, retrying: {e}",
-                    opts.endpoints
-                );
-                backoff.wait().await;
-            }
-        }
-    }
 }
 
 fn etcd_options(opts: &Opts) -> EtcdOptions {
