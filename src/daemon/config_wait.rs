@@ -65,6 +65,7 @@ pub(super) fn validate(raw: &[u8]) -> Result<NetworkConfig, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::daemon::memory_registry::{script, MemoryRegistry, Unreachable};
 
     #[test]
     fn a_valid_config_is_accepted() {
@@ -91,5 +92,25 @@ mod tests {
     fn a_bad_network_is_named() {
         let err = validate(br#"{"Network":"10.5.0.0/33"}"#).unwrap_err();
         assert!(err.contains("Network"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn waits_through_an_outage_a_missing_and_an_invalid_config_for_a_valid_one() {
+        let reg = MemoryRegistry {
+            configs: script([
+                Err(Unreachable),
+                Ok(None),
+                Ok(Some("not json")),
+                Ok(Some(
+                    r#"{"Network":"10.7.0.0/16","Backend":{"Type":"udp"}}"#,
+                )),
+            ]),
+            ..Default::default()
+        };
+        let config = tokio::time::timeout(std::time::Duration::from_secs(5), wait_for_config(&reg))
+            .await
+            .expect("a valid config in time");
+        assert_eq!(config.network, Some("10.7.0.0/16".parse().unwrap()));
+        assert_eq!(*reg.config_reads.lock().unwrap(), 4);
     }
 }

@@ -151,6 +151,7 @@ impl<R: LeaseRegistry> LeaseKeeper<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::daemon::memory_registry::{self, script, MemoryRegistry, Unreachable};
     use crate::subnet::{LeaseAttrs, PeerSet};
 
     fn lease(key: &str, etcd_lease: Option<i64>, revision: i64) -> Lease {
@@ -217,5 +218,129 @@ mod tests {
         // Re-acquired at revision 10; a view from revision 9 has not seen the new key yet.
         let own = lease("10.5.1.0-24", Some(7), 10);
         assert!(!lease_gone(&view(&[], 9, true), &own));
+    }
+
+    const CONFIG: &str = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#;
+    const WITHIN: Duration = Duration::from_secs(5);
+
+    fn request() -> AcquireRequest {
+        AcquireRequest {
+            attrs: memory_registry::lease("10.5.1.0-24", 1).attrs,
+            prefer: None,
+            ttl: Duration::from_secs(86_400),
+        }
+    }
+
+    fn keeper(reg: &Arc<MemoryRegistry>, renew_after: Duration) -> LeaseKeeper<MemoryRegistry> {
+        LeaseKeeper {
+            reg: reg.clone(),
+            config: NetworkConfig::parse(CONFIG.as_bytes()).unwrap(),
+            request: request(),
+            renew_after,
+            metrics: Arc::new(Metrics::default()),
+        }
+    }
+
+    #[tokio::test]
+    async fn acquiring_retries_an_unreachable_registry_until_it_answers() {
+        let lease = memory_registry::lease("10.5.1.0-24", 10);
+        let reg = MemoryRegistry {
+            acquisitions: script([
+                Err(AcquireFailure::Registry(Unreachable)),
+                Ok(lease.clone()),
+            ]),
+            ..Default::default()
+        };
+        let metrics = Metrics::default();
+        let config = NetworkConfig::parse(CONFIG.as_bytes()).unwrap();
+        let got = tokio::time::timeout(
+            WITHIN,
+            acquire_until_done(&reg, &config, &request(), &metrics),
+        )
+        .await
+        .expect("acquired after one retry");
+        assert_eq!(got, lease);
+        assert_eq!(reg.requests.lock().unwrap().len(), 2);
+        assert_eq!(metrics.acquisitions.load(Ordering::Relaxed), 1);
+        assert!(metrics.lease_expiry_seconds.load(Ordering::Relaxed) > unix_now());
+    }
+
+    #[tokio::test]
+    async fn a_lease_deleted_from_the_registry_is_acquired_again_preferring_its_subnet() {
+        let first = memory_registry::lease("10.5.1.0-24", 10);
+        let again = memory_registry::lease("10.5.1.0-24", 20);
+        let reg = Arc::new(MemoryRegistry {
+            acquisitions: script([Ok(again.clone())]),
+            renewals: script([Renewal::NotNeeded]),
+            ..Default::default()
+        });
+        let (own_tx, mut own_rx) = watch::channel(first.clone());
+        let (view_tx, view_rx) = watch::channel(LeaseView::default());
+        let task = tokio::spawn(keeper(&reg, Duration::from_secs(3600)).run(
+            first.clone(),
+            own_tx,
+            view_rx,
+        ));
+        view_tx.send_replace(view(&[], 11, true));
+        tokio::time::timeout(WITHIN, own_rx.changed())
+            .await
+            .expect("acquired again in time")
+            .unwrap();
+        assert_eq!(*own_rx.borrow(), again);
+        assert_eq!(reg.requests.lock().unwrap()[0].prefer, Some(first.key));
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn a_lease_that_expired_is_acquired_again() {
+        let first = memory_registry::lease("10.5.1.0-24", 10);
+        let again = memory_registry::lease("10.5.2.0-24", 20);
+        let reg = Arc::new(MemoryRegistry {
+            acquisitions: script([Ok(again.clone())]),
+            renewals: script([Renewal::Expired]),
+            ..Default::default()
+        });
+        let (own_tx, mut own_rx) = watch::channel(first.clone());
+        let (_view_tx, view_rx) = watch::channel(LeaseView::default());
+        let task = tokio::spawn(keeper(&reg, Duration::from_millis(10)).run(
+            first.clone(),
+            own_tx,
+            view_rx,
+        ));
+        tokio::time::timeout(WITHIN, own_rx.changed())
+            .await
+            .expect("acquired again in time")
+            .unwrap();
+        assert_eq!(*own_rx.borrow(), again);
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn a_renewed_lease_is_counted_and_its_expiry_moves() {
+        let first = memory_registry::lease("10.5.1.0-24", 10);
+        let reg = Arc::new(MemoryRegistry {
+            renewals: script([Renewal::Renewed { ttl_secs: 60 }]),
+            ..Default::default()
+        });
+        let keeper = keeper(&reg, Duration::from_millis(10));
+        let metrics = keeper.metrics.clone();
+        let (own_tx, _own_rx) = watch::channel(first.clone());
+        let (_view_tx, view_rx) = watch::channel(LeaseView::default());
+        let task = tokio::spawn(keeper.run(first, own_tx, view_rx));
+        let deadline = Instant::now() + WITHIN;
+        while metrics.renewals.load(Ordering::Relaxed) < 2 {
+            assert!(Instant::now() < deadline, "no second renewal in time");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let expiry = metrics.lease_expiry_seconds.load(Ordering::Relaxed);
+        assert!(
+            (unix_now() + 50..=unix_now() + 60).contains(&expiry),
+            "{expiry}"
+        );
+        assert!(
+            reg.requests.lock().unwrap().is_empty(),
+            "renewed, not acquired"
+        );
+        task.abort();
     }
 }

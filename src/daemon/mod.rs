@@ -9,6 +9,8 @@
 mod config_wait;
 mod data_plane;
 mod lease_keeper;
+#[cfg(test)]
+mod memory_registry;
 mod rule_keeper;
 
 use std::net::SocketAddr;
