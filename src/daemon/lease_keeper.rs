@@ -75,7 +75,8 @@ fn lease_gone(view: &LeaseView, lease: &Lease) -> bool {
     view.synced && view.revision >= lease.revision && !view.leases.contains_key(&lease.key)
 }
 
-/// Renews our lease before it expires and takes it again when it is lost.
+/// Renews our lease before it expires (or only holds it, when the registry says it needs no
+/// renewal) and takes it again when it is lost: expired, or gone from the watched view.
 pub(super) struct LeaseKeeper<R> {
     pub(super) reg: Arc<R>,
     pub(super) config: NetworkConfig,
