@@ -72,7 +72,7 @@ mod tests {
         let config = validate(br#"{"Network":"10.5.0.0/16","Backend":{"Type":"host-gw"}}"#)
             .expect("valid config");
         assert_eq!(config.network, Some("10.5.0.0/16".parse().unwrap()));
-        assert_eq!(config.backend_type, "host-gw");
+        assert_eq!(config.backend_type.to_string(), "host-gw");
     }
 
     #[test]
