@@ -211,7 +211,8 @@ pub enum Renewal {
     Renewed { ttl_secs: i64 },
     /// The etcd lease was gone: the key expired and must be acquired again.
     Expired,
-    /// A reservation never expires.
+    /// The lease does not expire (an etcd reservation; a lease the registry holds for as
+    /// long as it exists).
     NotNeeded,
 }
 

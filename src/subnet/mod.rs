@@ -5,9 +5,11 @@ pub mod acquire;
 pub mod alloc;
 pub mod env;
 pub mod etcd;
+pub mod etcd_registry;
 pub mod lease;
 pub mod malformed;
 pub mod peers;
+pub mod registry;
 pub mod watch;
 
 pub use lease::{Lease, LeaseAttrs, PeerSet, SubnetKey};
