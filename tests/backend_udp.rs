@@ -31,18 +31,6 @@ use flannel::subnet::{Lease, LeaseAttrs, PeerSet, SubnetKey};
 // ---------------------------------------------------------------------------------------------
 // Namespaces
 
-fn require_root(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("{test}: needs root (network namespaces), and CI is set");
-    }
-    eprintln!("{test}: skipped, needs root");
-    false
-}
-
 fn sh(args: &[&str]) -> String {
     let out = Command::new(args[0])
         .args(&args[1..])
@@ -540,16 +528,14 @@ fn pods_reach_each_other(plain: bool) {
 
 #[test]
 fn fast_pods_reach_each_other() {
-    if require_root("fast_pods_reach_each_other") {
-        pods_reach_each_other(false);
-    }
+    netns_tests::require_root!();
+    pods_reach_each_other(false);
 }
 
 #[test]
 fn plain_pods_reach_each_other() {
-    if require_root("plain_pods_reach_each_other") {
-        pods_reach_each_other(true);
-    }
+    netns_tests::require_root!();
+    pods_reach_each_other(true);
 }
 
 fn unknown_sources_are_dropped(plain: bool) {
@@ -604,16 +590,14 @@ fn unknown_sources_are_dropped(plain: bool) {
 
 #[test]
 fn fast_unknown_sources_are_dropped() {
-    if require_root("fast_unknown_sources_are_dropped") {
-        unknown_sources_are_dropped(false);
-    }
+    netns_tests::require_root!();
+    unknown_sources_are_dropped(false);
 }
 
 #[test]
 fn plain_unknown_sources_are_dropped() {
-    if require_root("plain_unknown_sources_are_dropped") {
-        unknown_sources_are_dropped(true);
-    }
+    netns_tests::require_root!();
+    unknown_sources_are_dropped(true);
 }
 
 /// Collects the payloads `socket` receives until one is `last` (or the deadline passes).
@@ -704,16 +688,14 @@ fn spoofed_sources_are_dropped(plain: bool) {
 
 #[test]
 fn fast_spoofed_sources_are_dropped() {
-    if require_root("fast_spoofed_sources_are_dropped") {
-        spoofed_sources_are_dropped(false);
-    }
+    netns_tests::require_root!();
+    spoofed_sources_are_dropped(false);
 }
 
 #[test]
 fn plain_spoofed_sources_are_dropped() {
-    if require_root("plain_spoofed_sources_are_dropped") {
-        spoofed_sources_are_dropped(true);
-    }
+    netns_tests::require_root!();
+    spoofed_sources_are_dropped(true);
 }
 
 /// B routes 10.5.3.0/24 to A, which knows no holder for it: A answers pb's ping with ICMP net
@@ -738,16 +720,14 @@ fn peer_icmp_errors_are_delivered(plain: bool) {
 
 #[test]
 fn fast_peer_icmp_errors_are_delivered() {
-    if require_root("fast_peer_icmp_errors_are_delivered") {
-        peer_icmp_errors_are_delivered(false);
-    }
+    netns_tests::require_root!();
+    peer_icmp_errors_are_delivered(false);
 }
 
 #[test]
 fn plain_peer_icmp_errors_are_delivered() {
-    if require_root("plain_peer_icmp_errors_are_delivered") {
-        peer_icmp_errors_are_delivered(true);
-    }
+    netns_tests::require_root!();
+    peer_icmp_errors_are_delivered(true);
 }
 
 fn leave_and_join(plain: bool) {
@@ -770,16 +750,14 @@ fn leave_and_join(plain: bool) {
 
 #[test]
 fn fast_host_leaves_unreachable_then_joins_reachable() {
-    if require_root("fast_host_leaves_unreachable_then_joins_reachable") {
-        leave_and_join(false);
-    }
+    netns_tests::require_root!();
+    leave_and_join(false);
 }
 
 #[test]
 fn plain_host_leaves_unreachable_then_joins_reachable() {
-    if require_root("plain_host_leaves_unreachable_then_joins_reachable") {
-        leave_and_join(true);
-    }
+    netns_tests::require_root!();
+    leave_and_join(true);
 }
 
 /// A peer that behaves like flannel's proxy (one datagram at a time, no GRO) and checks that
@@ -835,23 +813,19 @@ fn wire_format(plain: bool) {
 
 #[test]
 fn fast_wire_format_is_flannels() {
-    if require_root("fast_wire_format_is_flannels") {
-        wire_format(false);
-    }
+    netns_tests::require_root!();
+    wire_format(false);
 }
 
 #[test]
 fn plain_wire_format_is_flannels() {
-    if require_root("plain_wire_format_is_flannels") {
-        wire_format(true);
-    }
+    netns_tests::require_root!();
+    wire_format(true);
 }
 
 #[test]
 fn device_address_route_and_repair() {
-    if !require_root("device_address_route_and_repair") {
-        return;
-    }
+    netns_tests::require_root!();
     let bed = Bed::new();
     let (a, _b) = two_hosts(&bed, false);
     let an = bed.ns("a");

@@ -3,7 +3,7 @@
 
 mod backend_netns;
 
-use backend_netns::{config_v6, context, have_root, lease, peer_set, route_to, NetnsGuard, Ns};
+use backend_netns::{config_v6, context, lease, peer_set, route_to, NetnsGuard, Ns};
 use flannel::backend::{self, ReconcileReport};
 use serde_json::{json, Value};
 
@@ -111,9 +111,7 @@ fn v6_addresses(ns: &Ns, dev: &str) -> Vec<String> {
 
 #[test]
 fn vxlan_dual_stack_programs_both_devices() {
-    if !have_root("vxlan_dual_stack_programs_both_devices") {
-        return;
-    }
+    netns_tests::require_root!();
     backend_netns::init_logs();
     let guard = NetnsGuard::new("vx6");
     let ns = guard.ns.clone();
@@ -322,9 +320,7 @@ fn vxlan_dual_stack_programs_both_devices() {
 
 #[test]
 fn vxlan_ipv6_only_has_only_the_v6_device() {
-    if !have_root("vxlan_ipv6_only_has_only_the_v6_device") {
-        return;
-    }
+    netns_tests::require_root!();
     backend_netns::init_logs();
     let guard = NetnsGuard::new("vx6o");
     let ns = guard.ns.clone();
@@ -386,9 +382,7 @@ fn vxlan_ipv6_only_has_only_the_v6_device() {
 
 #[test]
 fn vxlan_ipv6_direct_routing() {
-    if !have_root("vxlan_ipv6_direct_routing") {
-        return;
-    }
+    netns_tests::require_root!();
     backend_netns::init_logs();
     let guard = NetnsGuard::new("vx6d");
     let ns = guard.ns.clone();

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{etcd_available, http_get, poll, root_available, Etcd, Netns};
+use common::{http_get, poll, Etcd, Netns};
 
 const CONFIG: &str = r#"{"Network":"10.5.0.0/16","SubnetLen":24,"Backend":{"Type":"alloc"}}"#;
 const WAIT: Duration = Duration::from_secs(20);
@@ -179,9 +179,7 @@ fn idle_connection_flood_beyond_the_open_file_limit_costs_little_cpu_and_probes_
 }
 
 fn idle_connection_flood(daemon_nofile: u64) {
-    if !root_available() || !etcd_available() {
-        return;
-    }
+    netns_tests::require!(netns_tests::Need::Root, netns_tests::Need::Tool("etcd"));
     raise_own_open_file_limit(FLOOD as u64 + 256);
     let host = Netns::new("hh");
     let client = Netns::new("hc");
@@ -291,9 +289,7 @@ fn idle_connection_flood(daemon_nofile: u64) {
 
 #[test]
 fn soft_open_file_limit_is_raised_to_the_hard_limit_at_start() {
-    if !etcd_available() {
-        return;
-    }
+    netns_tests::require_etcd!();
     let etcd = Etcd::start();
     etcd.config(CONFIG);
     let daemon = LimitedFlanneld::start(

@@ -200,8 +200,7 @@ pub fn main(args: &[String]) -> i32 {
             return 2;
         }
     };
-    // SAFETY: geteuid(2) has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !netns_tests::privileges::is_root() {
         eprintln!("flannel-bench cni: needs root (network namespaces); skipped");
         return 0;
     }

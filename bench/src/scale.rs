@@ -99,7 +99,7 @@ pub fn main(args: &[String]) -> i32 {
             return usage();
         }
     };
-    if unsafe_geteuid() != 0 {
+    if !netns_tests::privileges::is_root() {
         eprintln!("scale: needs root (network namespaces)");
         return 1;
     }
@@ -117,11 +117,6 @@ pub fn main(args: &[String]) -> i32 {
             1
         }
     }
-}
-
-fn unsafe_geteuid() -> u32 {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() }
 }
 
 // ---------------------------------------------------------------------------------------------

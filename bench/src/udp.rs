@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use netns_tests::privileges::{self, Need};
 use serde_json::{json, Value};
 
 /// flannel's C udp proxy, one TCP stream on these machines (the figure, upper end).
@@ -867,18 +868,16 @@ fn build_flanneld() -> Result<PathBuf, String> {
 }
 
 fn run(opts: &Opts) -> Result<(), String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err("needs root (network namespaces)".into());
-    }
-    for tool in ["iperf3", "etcd", "etcdctl", "ip", "bridge"] {
-        if Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .map_or(true, |o| !o.status.success())
-        {
-            return Err(format!("{tool} is not installed"));
-        }
+    let missing = privileges::missing(&[
+        Need::Root,
+        Need::Tool("iperf3"),
+        Need::Tool("etcd"),
+        Need::Tool("etcdctl"),
+        Need::Tool("ip"),
+        Need::Tool("bridge"),
+    ]);
+    if !missing.is_empty() {
+        return Err(format!("needs {}", missing.join(", ")));
     }
     let flanneld = match &opts.flanneld {
         Some(p) => p.clone(),

@@ -8,9 +8,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use netns_tests::{
-    heavy_lock, require_root, wait_until, Cluster, LeaseInfo, PingStats, WatchEvent,
-};
+use netns_tests::{heavy_lock, wait_until, Cluster, LeaseInfo, PingStats, WatchEvent};
 
 use common::CONVERGE;
 
@@ -38,11 +36,7 @@ fn assert_no_loss(st: &PingStats, what: &str) {
 
 #[test]
 fn partitioned_host_keeps_data_plane_and_its_subnet_which_no_one_takes_while_leased() {
-    if !require_root(
-        "partitioned_host_keeps_data_plane_and_its_subnet_which_no_one_takes_while_leased",
-    ) {
-        return;
-    }
+    netns_tests::require_test_bed!();
     let _heavy = heavy_lock();
     let mut c = Cluster::builder()
         .hosts(3)

@@ -15,19 +15,6 @@ use flannel::subnet::{Lease, LeaseAttrs, PeerSet, SubnetKey};
 use nix::sched::CloneFlags;
 use serde_json::Value;
 
-/// Whether the test can run: root is needed for namespaces. Without root, a test fails when
-/// `CI` is set and is skipped (with a line saying so) otherwise.
-pub fn have_root(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("{test}: needs root to create network namespaces, and CI is set");
-    }
-    eprintln!("SKIP {test}: needs root to create network namespaces");
-    false
-}
-
 /// The name of a namespace, usable from any thread.
 #[derive(Debug, Clone)]
 pub struct Ns {

@@ -8,24 +8,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Whether tests that need `etcd` can run; when `CI` is set a missing etcd fails the test.
-pub fn etcd_available() -> bool {
-    let found = Command::new("etcd")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !found {
-        if std::env::var_os("CI").is_some() {
-            panic!("etcd is not installed, and CI is set: install etcd-server (the README's test command does)");
-        }
-        eprintln!("SKIP: etcd is not installed");
-    }
-    found
-}
-
 pub fn free_port() -> u16 {
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .unwrap()
@@ -532,18 +514,6 @@ pub fn in_netns(netns: Option<&str>, program: &str) -> Command {
         }
         None => Command::new(program),
     }
-}
-
-/// Whether tests that need root (namespaces) can run; with `CI` set, not being root fails.
-pub fn root_available() -> bool {
-    let root = nix::unistd::Uid::effective().is_root();
-    if !root {
-        if std::env::var_os("CI").is_some() {
-            panic!("this test needs root (network namespaces), and CI is set");
-        }
-        eprintln!("SKIP: not root");
-    }
-    root
 }
 
 /// A network namespace with its loopback up, deleted (with its processes) on drop.
