@@ -27,6 +27,7 @@ use flannel::backend::{Backend, BackendContext};
 use flannel::config::NetworkConfig;
 use flannel::iface::ExternalInterface;
 use flannel::subnet::{Lease, LeaseAttrs, PeerSet, SubnetKey};
+use netns_tests::hash::Fnv1a;
 
 // ---------------------------------------------------------------------------------------------
 // Namespaces
@@ -61,26 +62,17 @@ fn in_ns<R: Send + 'static>(ns: &str, f: impl FnOnce() -> R + Send + 'static) ->
 }
 
 fn enter(ns: &str) {
-    let f = std::fs::File::open(format!("/run/netns/{ns}")).unwrap_or_else(|e| panic!("{ns}: {e}"));
-    nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
-        .unwrap_or_else(|e| panic!("setns {ns}: {e}"));
+    netns_tests::netns::enter(ns).unwrap();
 }
 
 /// The namespaces of one test; deleted on drop (also when the test panics).
 struct Bed {
     p: String,
-    names: Vec<String>,
+    /// Dropped first to last: pods before hosts before the underlay.
+    guards: Vec<netns_tests::Netns>,
 }
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
-
-impl Drop for Bed {
-    fn drop(&mut self) {
-        for n in self.names.iter().rev() {
-            let _ = Command::new("ip").args(["netns", "del", n]).output();
-        }
-    }
-}
 
 impl Bed {
     /// Underlay, hosts A and B with one pod each, and the extra underlay namespace R.
@@ -92,7 +84,7 @@ impl Bed {
         );
         let mut bed = Bed {
             p: p.clone(),
-            names: Vec::new(),
+            guards: Vec::new(),
         };
         let u = bed.add_ns("u");
         ns_sh(&u, &["ip", "link", "add", "br0", "type", "bridge"]);
@@ -171,8 +163,8 @@ impl Bed {
     fn add_ns(&mut self, short: &str) -> String {
         let n = self.ns(short);
         let _ = Command::new("ip").args(["netns", "del", &n]).output();
-        sh(&["ip", "netns", "add", &n]);
-        self.names.push(n.clone());
+        let guard = netns_tests::Netns::create(&n).unwrap();
+        self.guards.insert(0, guard);
         n
     }
 }
@@ -356,21 +348,6 @@ fn assert_ping(ns: &str, dst: &str) {
     }
 }
 
-/// FNV-1a over a stream.
-#[derive(Clone, Copy)]
-struct Fnv(u64);
-impl Fnv {
-    fn new() -> Self {
-        Fnv(0xcbf2_9ce4_8422_2325)
-    }
-    fn update(&mut self, data: &[u8]) {
-        for b in data {
-            self.0 ^= u64::from(*b);
-            self.0 = self.0.wrapping_mul(0x100_0000_01b3);
-        }
-    }
-}
-
 /// Sends `len` pseudo-random bytes over TCP from namespace `from` to `to`:5001 (listening in
 /// namespace `to_ns`); returns (bytes, checksum) seen by sender and receiver.
 fn tcp_transfer(from: &str, to_ns: &str, to: Ipv4Addr, len: usize) -> ((usize, u64), (usize, u64)) {
@@ -380,7 +357,7 @@ fn tcp_transfer(from: &str, to_ns: &str, to: Ipv4Addr, len: usize) -> ((usize, u
         ready_tx.send(()).unwrap();
         let (mut s, _) = l.accept().unwrap();
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let mut h = Fnv::new();
+        let mut h = Fnv1a::new();
         let mut n = 0;
         let mut buf = vec![0u8; 1 << 16];
         loop {
@@ -399,7 +376,7 @@ fn tcp_transfer(from: &str, to_ns: &str, to: Ipv4Addr, len: usize) -> ((usize, u
             TcpStream::connect_timeout(&SocketAddr::from((to, 5001)), Duration::from_secs(10))
                 .expect("connecting");
         s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
-        let mut h = Fnv::new();
+        let mut h = Fnv1a::new();
         let mut x: u64 = 0x1234_5678_9abc_def1;
         let mut buf = vec![0u8; 1 << 16];
         let mut sent = 0;

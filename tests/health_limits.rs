@@ -5,7 +5,6 @@ mod common;
 
 use std::fs::File;
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -113,15 +112,7 @@ fn clock_ticks_per_second() -> u64 {
 
 /// Runs `f` on a thread that entered `ns`: the sockets it opens live in that namespace.
 fn in_namespace<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> T {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            let netns = File::open(Path::new("/run/netns").join(&ns.name)).unwrap();
-            nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            f()
-        })
-        .join()
-        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    })
+    netns_tests::netns::run_in(&ns.name, f).unwrap()
 }
 
 /// This test process must hold the whole flood open.

@@ -26,6 +26,7 @@ pub mod bins;
 pub mod cluster;
 pub mod cmd;
 pub mod etcd;
+pub mod hash;
 pub mod host;
 pub mod netns;
 pub mod pod;

@@ -519,6 +519,7 @@ pub fn in_netns(netns: Option<&str>, program: &str) -> Command {
 /// A network namespace with its loopback up, deleted (with its processes) on drop.
 pub struct Netns {
     pub name: String,
+    _guard: netns_tests::Netns,
 }
 
 impl Netns {
@@ -530,14 +531,11 @@ impl Netns {
             std::process::id(),
             N.fetch_add(1, Ordering::Relaxed)
         );
-        let ok = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .unwrap();
-        assert!(ok.success(), "ip netns add {name}");
-        let ns = Netns { name };
-        ns.run(&["ip", "link", "set", "lo", "up"]).unwrap();
-        ns
+        let guard = netns_tests::Netns::create(&name).unwrap();
+        Netns {
+            name,
+            _guard: guard,
+        }
     }
 
     /// Runs a command in the namespace: Ok(stdout) or Err(stderr).
@@ -551,22 +549,6 @@ impl Netns {
         } else {
             Err(String::from_utf8_lossy(&out.stderr).into_owned())
         }
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        if let Ok(out) = Command::new("ip")
-            .args(["netns", "pids", &self.name])
-            .output()
-        {
-            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                let _ = Command::new("kill").args(["-9", pid]).status();
-            }
-        }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
     }
 }
 

@@ -49,16 +49,20 @@ pub fn sh_ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// A network namespace, deleted on drop.
+/// A network namespace, deleted on drop (by the test bed's guard).
 pub struct Netns {
     pub name: String,
+    _guard: netns_tests::Netns,
 }
 
 impl Netns {
     pub fn new(prefix: &str) -> Netns {
         let name = unique(prefix);
-        sh_ok(&["ip", "netns", "add", &name]);
-        Netns { name }
+        let guard = netns_tests::Netns::create(&name).unwrap();
+        Netns {
+            name,
+            _guard: guard,
+        }
     }
     pub fn path(&self) -> String {
         format!("/var/run/netns/{}", self.name)
@@ -82,12 +86,6 @@ impl Netns {
     }
     pub fn ping(&self, ip: &str) -> bool {
         self.exec(&["ping", "-c1", "-W1", ip]).status.success()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = sh(&["ip", "netns", "del", &self.name]);
     }
 }
 
