@@ -28,7 +28,7 @@ fn start(ns: &Netns, config: &str) -> (Etcd, Flanneld, String) {
 
 #[test]
 fn iptables_rules_are_installed_and_restored() {
-    netns_tests::require!(netns_tests::Need::Root, netns_tests::Need::Tool("etcd"));
+    netns_tests::require!(netns_tests::Need::Root, netns_tests::Need::Etcd);
     let ns = Netns::new("fw");
     let (_etcd, f, subnet) = start(
         &ns,
@@ -103,7 +103,7 @@ fn iptables_rules_are_installed_and_restored() {
 
 #[test]
 fn nftables_rules_are_installed_and_restored() {
-    netns_tests::require!(netns_tests::Need::Root, netns_tests::Need::Tool("etcd"));
+    netns_tests::require!(netns_tests::Need::Root, netns_tests::Need::Etcd);
     let ns = Netns::new("nf");
     let (_etcd, _f, subnet) = start(
         &ns,

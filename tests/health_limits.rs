@@ -8,6 +8,8 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use netns_tests::FlanneldCommand;
+
 use common::{http_get, poll, Etcd, Netns};
 
 const CONFIG: &str = r#"{"Network":"10.5.0.0/16","SubnetLen":24,"Backend":{"Type":"alloc"}}"#;
@@ -33,25 +35,14 @@ impl LimitedFlanneld {
     fn start(netns: Option<&str>, nofile: &str, args: &[String]) -> LimitedFlanneld {
         let dir = tempfile::tempdir().unwrap();
         let log = File::create(dir.path().join("flanneld.log")).unwrap();
-        let mut cmd = match netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, "prlimit"]);
-                c
-            }
-            None => Command::new("prlimit"),
-        };
+        let mut flanneld = FlanneldCommand::new(env!("CARGO_BIN_EXE_flanneld"));
+        flanneld.netns = netns.map(String::from);
         // `ip netns exec` and `prlimit` both exec what follows: the child's pid is flanneld's.
-        let child = cmd
-            .arg(format!("--nofile={nofile}"))
-            .arg(env!("CARGO_BIN_EXE_flanneld"))
-            .args(args)
-            .arg(format!(
-                "--subnet-file={}",
-                dir.path().join("subnet.env").display()
-            ))
-            .env_remove("NOTIFY_SOCKET")
-            .env("RUST_LOG", "info")
+        flanneld.wrapper = vec!["prlimit".into(), format!("--nofile={nofile}").into()];
+        flanneld.args = args.to_vec();
+        flanneld.subnet_file = Some(dir.path().join("subnet.env"));
+        let child = flanneld
+            .command()
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .stdin(Stdio::null())
@@ -170,7 +161,7 @@ fn idle_connection_flood_beyond_the_open_file_limit_costs_little_cpu_and_probes_
 }
 
 fn idle_connection_flood(daemon_nofile: u64) {
-    netns_tests::require!(netns_tests::Need::Root, netns_tests::Need::Tool("etcd"));
+    netns_tests::require!(netns_tests::Need::Root, netns_tests::Need::Etcd);
     raise_own_open_file_limit(FLOOD as u64 + 256);
     let host = Netns::new("hh");
     let client = Netns::new("hc");

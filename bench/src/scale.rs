@@ -20,7 +20,6 @@ use std::collections::HashMap;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpStream};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -127,16 +126,18 @@ static COUNTER: AtomicUsize = AtomicUsize::new(0);
 /// A network namespace, deleted on drop.
 struct Ns {
     name: String,
+    _guard: netns_tests::Netns,
 }
 
 impl Ns {
     fn new(tag: &str) -> Result<Ns, String> {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let name = format!("fbs-{tag}-{}-{n}", std::process::id());
-        sh("ip", &["netns", "add", &name])?;
-        let ns = Ns { name };
-        ns.ip(&["link", "set", "lo", "up"])?;
-        Ok(ns)
+        let guard = netns_tests::Netns::create(&name).map_err(|e| e.to_string())?;
+        Ok(Ns {
+            name,
+            _guard: guard,
+        })
     }
 
     fn ip(&self, args: &[&str]) -> Result<String, String> {
@@ -147,15 +148,6 @@ impl Ns {
 
     fn path(&self) -> String {
         format!("/var/run/netns/{}", self.name)
-    }
-}
-
-impl Drop for Ns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .stderr(Stdio::null())
-            .status();
     }
 }
 
@@ -190,13 +182,7 @@ fn sh(prog: &str, args: &[&str]) -> Result<String, String> {
 /// Enters namespace `path` on the calling thread.
 fn setns(path: &str) -> Result<(), String> {
     let f = fs::File::open(path).map_err(|e| format!("{path}: {e}"))?;
-    // SAFETY: the fd is valid for the duration of the call; setns only changes this thread's
-    // network namespace.
-    let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
-    if rc != 0 {
-        return Err(format!("setns {path}: {}", std::io::Error::last_os_error()));
-    }
-    Ok(())
+    netns_tests::netns::enter_file(&f, path).map_err(|e| e.to_string())
 }
 
 /// Runs `f` on a new thread inside namespace `ns` (`f` is not run when entering fails).
@@ -211,29 +197,19 @@ fn in_ns<T: Send + 'static>(
     })
 }
 
-/// Starts `prog` inside namespace `ns` (entered between fork and exec).
+/// Starts `prog` inside namespace `ns` (`ip netns exec` execs it: the child's pid is `prog`'s).
 fn spawn_in(ns: &Ns, prog: &Path, args: &[String], log: &Path, what: &str) -> Result<Proc, String> {
-    let f = fs::File::open(ns.path()).map_err(|e| format!("{}: {e}", ns.path()))?;
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
     let logf = fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
-    let mut cmd = Command::new(prog);
-    cmd.args(args)
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &ns.name])
+        .arg(prog)
+        .args(args)
         .stdin(Stdio::null())
         .stdout(logf.try_clone().map_err(|e| e.to_string())?)
         .stderr(logf);
-    // SAFETY: setns is async-signal-safe; `fd` stays open (owned by `f`) until after spawn.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
     let child = cmd
         .spawn()
         .map_err(|e| format!("starting {}: {e}", prog.display()))?;
-    drop(f);
     Ok(Proc {
         child,
         what: what.to_string(),
@@ -321,7 +297,7 @@ impl Etcd {
         );
         let proc = spawn_in(
             ns,
-            Path::new("etcd"),
+            &netns_tests::etcd_bin(),
             &args,
             &dir.0.join("etcd.log"),
             "etcd",

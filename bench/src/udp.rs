@@ -166,7 +166,8 @@ fn ns_cmd(ns: &str, args: &[&str]) -> Result<String, String> {
 /// Namespaces and processes of the run; removed on drop.
 struct Bed {
     p: String,
-    names: Vec<String>,
+    /// Dropped first to last (after the children are stopped): newest namespace first.
+    guards: Vec<netns_tests::Netns>,
     children: Vec<Child>,
     dir: PathBuf,
 }
@@ -175,9 +176,6 @@ impl Drop for Bed {
     fn drop(&mut self) {
         for c in &mut self.children {
             stop(c);
-        }
-        for n in self.names.iter().rev() {
-            let _ = Command::new("ip").args(["netns", "del", n]).output();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -206,7 +204,7 @@ impl Bed {
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let mut bed = Bed {
             p,
-            names: Vec::new(),
+            guards: Vec::new(),
             children: Vec::new(),
             dir,
         };
@@ -234,15 +232,15 @@ impl Bed {
     fn add_ns(&mut self, short: &str) -> Result<String, String> {
         let n = self.ns(short);
         let _ = Command::new("ip").args(["netns", "del", &n]).output();
-        cmd(&["ip", "netns", "add", &n])?;
-        self.names.push(n.clone());
+        let guard = netns_tests::Netns::create(&n).map_err(|e| e.to_string())?;
+        self.guards.insert(0, guard);
         Ok(n)
     }
 
     fn del_ns(&mut self, short: &str) {
         let n = self.ns(short);
-        let _ = Command::new("ip").args(["netns", "del", &n]).output();
-        self.names.retain(|x| *x != n);
+        // Dropping its guard deletes it.
+        self.guards.retain(|g| g.name() != n);
     }
 
     /// A pod namespace behind host `h`: `<net>.2/24` via `<net>.1`, with `mtu`.
@@ -750,7 +748,8 @@ fn start_etcd(bed: &mut Bed) -> Result<(), String> {
     let data = bed.dir.join("etcd");
     let url = format!("http://{A_IP}:2379");
     let args = crate::common::etcd_args("bench", &data, &url);
-    let mut argv = vec!["etcd"];
+    let etcd = netns_tests::etcd_bin().display().to_string();
+    let mut argv = vec![etcd.as_str()];
     argv.extend(args.iter().map(String::as_str));
     bed.spawn(&a, &argv, &[], "etcd.log")?;
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -871,7 +870,7 @@ fn run(opts: &Opts) -> Result<(), String> {
     let missing = privileges::missing(&[
         Need::Root,
         Need::Tool("iperf3"),
-        Need::Tool("etcd"),
+        Need::Etcd,
         Need::Tool("etcdctl"),
         Need::Tool("ip"),
         Need::Tool("bridge"),

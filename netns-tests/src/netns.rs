@@ -139,6 +139,30 @@ pub fn enter_file(file: &File, what: &str) -> Result<()> {
         .map_err(|e| Error::Other(format!("setns into {what}: {e}")))
 }
 
+/// The calling thread inside a network namespace until this is dropped, then back in the one
+/// it came from (see [`enter_scoped`]).
+#[derive(Debug)]
+pub struct EnteredNetns {
+    orig: File,
+}
+
+/// Moves the calling thread into the named namespace until the returned guard is dropped.
+/// Threads spawned meanwhile start in the namespace (and stay there).
+pub fn enter_scoped(name: &str) -> Result<EnteredNetns> {
+    let orig = File::open("/proc/thread-self/ns/net")
+        .map_err(|e| Error::io("opening /proc/thread-self/ns/net", e))?;
+    enter(name)?;
+    Ok(EnteredNetns { orig })
+}
+
+impl Drop for EnteredNetns {
+    fn drop(&mut self) {
+        if let Err(e) = enter_file(&self.orig, "the original namespace") {
+            eprintln!("netns-tests: {e}");
+        }
+    }
+}
+
 /// Moves the *calling thread* into the named network namespace `/run/netns/<name>`.
 pub fn enter(name: &str) -> Result<()> {
     enter_file(&open(name)?, name)

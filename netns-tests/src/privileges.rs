@@ -7,7 +7,16 @@
 
 use std::path::Path;
 
-use crate::cmd;
+use crate::{cmd, etcd_bin};
+
+fn etcd_found() -> bool {
+    let bin = etcd_bin();
+    if bin.components().count() > 1 {
+        cmd::is_executable(&bin)
+    } else {
+        cmd::on_path(&bin.to_string_lossy())
+    }
+}
 
 /// One thing a test needs from the machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,6 +27,8 @@ pub enum Need<'a> {
     Tool(&'a str),
     /// A file at this path (e.g. a reference CNI plugin).
     File(&'a str),
+    /// The etcd the tests start ([`crate::etcd_bin`]: `$ETCD_BIN`, else `etcd` on `PATH`).
+    Etcd,
 }
 
 /// What the namespace test bed runs ([`crate::Cluster`], [`crate::Etcd`], [`crate::Host`]).
@@ -25,7 +36,7 @@ pub const TEST_BED: &[Need<'static>] = &[
     Need::Root,
     Need::Tool("ip"),
     Need::Tool("bridge"),
-    Need::Tool("etcd"),
+    Need::Etcd,
     Need::Tool("etcdctl"),
     Need::Tool("ping"),
     Need::Tool("iptables"),
@@ -44,6 +55,7 @@ pub fn missing(needs: &[Need]) -> Vec<String> {
             Need::Root if !is_root() => Some("root".to_string()),
             Need::Tool(t) if !cmd::on_path(t) => Some(format!("`{t}` on PATH")),
             Need::File(f) if !Path::new(f).exists() => Some(f.to_string()),
+            Need::Etcd if !etcd_found() => Some(format!("etcd (`{}`)", etcd_bin().display())),
             _ => None,
         })
         .collect()
@@ -75,7 +87,7 @@ macro_rules! test_name {
     }};
 }
 
-/// `require!(Need::Root, Need::Tool("etcd"), ...)`: returns from the calling test when a need is
+/// `require!(Need::Root, Need::Etcd, ...)`: returns from the calling test when a need is
 /// missing (a skip), panics instead when `CI` is set. See [`privileges`](crate::privileges).
 #[macro_export]
 macro_rules! require {
@@ -94,11 +106,12 @@ macro_rules! require_root {
     };
 }
 
-/// Returns from the calling test unless `etcd` is on `PATH` (panics under `CI`).
+/// Returns from the calling test unless the etcd to start is there ([`Need::Etcd`]; panics
+/// under `CI`).
 #[macro_export]
 macro_rules! require_etcd {
     () => {
-        $crate::require!($crate::privileges::Need::Tool("etcd"))
+        $crate::require!($crate::privileges::Need::Etcd)
     };
 }
 
