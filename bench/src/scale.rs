@@ -30,6 +30,8 @@ use serde_json::json;
 
 const ETCD_IP: &str = "198.18.0.2";
 const ETCD_PORT: u16 = 2379;
+/// etcd's peer port stays on its namespace's loopback.
+const ETCD_PEER_URL: &str = "http://127.0.0.1:2380";
 const PREFIX: &str = "/coreos.com/network";
 
 struct Opts {
@@ -197,19 +199,16 @@ fn in_ns<T: Send + 'static>(
     })
 }
 
-/// Starts `prog` inside namespace `ns` (`ip netns exec` execs it: the child's pid is `prog`'s).
-fn spawn_in(ns: &Ns, prog: &Path, args: &[String], log: &Path, what: &str) -> Result<Proc, String> {
+/// Starts `cmd` (built to run inside a namespace: `ip netns exec` execs the program, so the
+/// child's pid is the program's) with its output in `log`.
+fn spawn_logged(mut cmd: Command, log: &Path, what: &str) -> Result<Proc, String> {
     let logf = fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", &ns.name])
-        .arg(prog)
-        .args(args)
+    let child = cmd
         .stdin(Stdio::null())
         .stdout(logf.try_clone().map_err(|e| e.to_string())?)
-        .stderr(logf);
-    let child = cmd
+        .stderr(logf)
         .spawn()
-        .map_err(|e| format!("starting {}: {e}", prog.display()))?;
+        .map_err(|e| format!("starting {what}: {e}"))?;
     Ok(Proc {
         child,
         what: what.to_string(),
@@ -285,20 +284,18 @@ impl Etcd {
     fn start(ns: &Ns) -> Result<Etcd, String> {
         let dir = TempDir::new("etcd")?;
         let url = format!("http://{ETCD_IP}:{ETCD_PORT}");
-        let mut args = crate::common::etcd_args("default", &dir.0.join("data"), &url);
-        args.extend(
-            [
-                "--max-txn-ops",
-                "1024",
-                "--quota-backend-bytes",
-                "1073741824",
-            ]
-            .map(String::from),
-        );
-        let proc = spawn_in(
-            ns,
-            &netns_tests::etcd_bin(),
-            &args,
+        let mut spec =
+            netns_tests::EtcdSpec::single("default", dir.0.join("data"), &url, ETCD_PEER_URL);
+        spec.extra_args = [
+            "--max-txn-ops",
+            "1024",
+            "--quota-backend-bytes",
+            "1073741824",
+        ]
+        .map(String::from)
+        .to_vec();
+        let proc = spawn_logged(
+            spec.command(Some(&ns.name)),
             &dir.0.join("etcd.log"),
             "etcd",
         )?;
@@ -698,13 +695,20 @@ fn status_kb(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn flanneld_args(iface: &str, dir: &Path) -> Vec<String> {
-    vec![
+/// flanneld in `ns` on `iface`, its subnet file in `dir`, no health server.
+fn flanneld(opts: &Opts, ns: &Ns, iface: &str, dir: &Path) -> Command {
+    let mut f = netns_tests::FlanneldCommand::new(&opts.flanneld);
+    f.netns = Some(ns.name.clone());
+    f.args = vec![
         format!("--etcd-endpoints=http://{ETCD_IP}:{ETCD_PORT}"),
         format!("--iface={iface}"),
         format!("--subnet-file={}", dir.join("subnet.env").display()),
         "--healthz-port=0".into(),
-    ]
+    ];
+    if let Ok(level) = std::env::var("RUST_LOG") {
+        f.rust_log = level;
+    }
+    f.command()
 }
 
 /// One daemon start with `peers` leases in etcd (already there); etcd lives in `etcd_ns`.
@@ -729,10 +733,8 @@ fn daemon_round(
     let hdir = dir.join(format!("start-{round}"));
     fs::create_dir_all(&hdir).map_err(|e| e.to_string())?;
     let t0 = Instant::now();
-    let proc = spawn_in(
-        &host,
-        &opts.flanneld,
-        &flanneld_args("e0", &hdir),
+    let proc = spawn_logged(
+        flanneld(opts, &host, "e0", &hdir),
         &hdir.join("flanneld.log"),
         "flanneld",
     )?;
@@ -982,10 +984,8 @@ fn join_latency(opts: &Opts, etcd_ns: &Ns, etcd: &Etcd, dir: &Path) -> Result<Jo
         let mon = Monitor::start(&ns)?;
         let hdir = dir.join(format!("join-h{i}"));
         fs::create_dir_all(&hdir).map_err(|e| e.to_string())?;
-        let proc = spawn_in(
-            &ns,
-            &opts.flanneld,
-            &flanneld_args("e0", &hdir),
+        let proc = spawn_logged(
+            flanneld(opts, &ns, "e0", &hdir),
             &hdir.join("flanneld.log"),
             &format!("flanneld h{i}"),
         )?;

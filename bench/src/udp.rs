@@ -285,18 +285,24 @@ impl Bed {
         env: &[(&str, &str)],
         log: &str,
     ) -> Result<u32, String> {
-        let log = std::fs::File::create(self.dir.join(log)).map_err(|e| e.to_string())?;
         let mut c = Command::new("ip");
         c.args(["netns", "exec", ns]).args(args);
         for (k, v) in env {
             c.env(k, v);
         }
+        self.spawn_cmd(c, log)
+    }
+
+    /// Starts `c` (built to run in one of this bed's namespaces) with its output in `log`
+    /// (under the bed's directory); returns its pid.
+    fn spawn_cmd(&mut self, mut c: Command, log: &str) -> Result<u32, String> {
+        let log = std::fs::File::create(self.dir.join(log)).map_err(|e| e.to_string())?;
         let child = c
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| e.to_string())?)
             .stderr(log)
             .spawn()
-            .map_err(|e| format!("{}: {e}", args.join(" ")))?;
+            .map_err(|e| format!("{c:?}: {e}"))?;
         let pid = child.id();
         self.children.push(child);
         Ok(pid)
@@ -783,32 +789,22 @@ fn start_flanneld(
 ) -> Result<(Vec<u32>, Vec<String>), String> {
     let mut pids = Vec::new();
     let mut nets = Vec::new();
-    let env: Vec<(&str, &str)> = if plain {
-        vec![("FLANNEL_UDP_PLAIN", "1"), ("RUST_LOG", "info")]
-    } else {
-        vec![("RUST_LOG", "info")]
-    };
-    let bin_s = bin.display().to_string();
     let tag = if plain { "plain" } else { "fast" };
     for h in ["a", "b"] {
         let ns = bed.ns(h);
         let file = bed.dir.join(format!("subnet-{h}.env"));
         let _ = std::fs::remove_file(&file);
-        let file_s = file.display().to_string();
-        let pid = bed.spawn(
-            &ns,
-            &[
-                &bin_s,
-                "--etcd-endpoints",
-                &format!("http://{A_IP}:2379"),
-                "--iface",
-                "eth0",
-                "--subnet-file",
-                &file_s,
-            ],
-            &env,
-            &format!("flanneld-{h}-{tag}.log"),
-        )?;
+        let mut flanneld = netns_tests::FlanneldCommand::new(bin);
+        flanneld.netns = Some(ns.clone());
+        flanneld.args = vec![
+            format!("--etcd-endpoints=http://{A_IP}:2379"),
+            "--iface=eth0".into(),
+        ];
+        flanneld.subnet_file = Some(file.clone());
+        if plain {
+            flanneld.env = vec![("FLANNEL_UDP_PLAIN".into(), "1".into())];
+        }
+        let pid = bed.spawn_cmd(flanneld.command(), &format!("flanneld-{h}-{tag}.log"))?;
         pids.push(pid);
         let deadline = Instant::now() + Duration::from_secs(30);
         let subnet = loop {
