@@ -3,7 +3,7 @@
 
 mod backend_netns;
 
-use backend_netns::{config, context, have_root, init_logs, lease, peer_set, route_to, NetnsGuard};
+use backend_netns::{config, context, init_logs, lease, peer_set, route_to, NetnsGuard};
 use flannel::backend::{self, ReconcileReport};
 use flannel::iface::ExternalInterface;
 use serde_json::json;
@@ -43,9 +43,7 @@ fn report(added: usize, removed: usize, repaired: usize) -> ReconcileReport {
 
 #[test]
 fn hostgw_routes_peers_via_public_ip_and_converges() {
-    if !have_root("hostgw_routes_peers_via_public_ip_and_converges") {
-        return;
-    }
+    netns_tests::require_root!();
     init_logs();
     let guard = NetnsGuard::new("hg");
     let ns = guard.ns.clone();
@@ -145,9 +143,7 @@ fn hostgw_refuses_nat() {
 /// reported for its own peer and every other route is in place.
 #[test]
 fn hostgw_each_change_of_a_large_batch_gets_its_own_answer() {
-    if !have_root("hostgw_each_change_of_a_large_batch_gets_its_own_answer") {
-        return;
-    }
+    netns_tests::require_root!();
     init_logs();
     let guard = NetnsGuard::new("hgb");
     let ns = guard.ns.clone();

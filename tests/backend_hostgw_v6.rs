@@ -4,9 +4,7 @@
 
 mod backend_netns;
 
-use backend_netns::{
-    config_v6, context, have_root, init_logs, lease, peer_set, route_to, NetnsGuard,
-};
+use backend_netns::{config_v6, context, init_logs, lease, peer_set, route_to, NetnsGuard};
 use flannel::backend::{self, ReconcileReport};
 use flannel::iface::ExternalInterface;
 use serde_json::json;
@@ -30,9 +28,7 @@ fn hg(key: &str, ip4: Option<&str>, ip6: Option<&str>) -> flannel::subnet::Lease
 
 #[test]
 fn hostgw_dual_stack_routes_both_families() {
-    if !have_root("hostgw_dual_stack_routes_both_families") {
-        return;
-    }
+    netns_tests::require_root!();
     init_logs();
     let guard = NetnsGuard::new("hg6");
     let ns = guard.ns.clone();
@@ -178,9 +174,7 @@ fn hostgw_dual_stack_routes_both_families() {
 
 #[test]
 fn hostgw_ipv6_only() {
-    if !have_root("hostgw_ipv6_only") {
-        return;
-    }
+    netns_tests::require_root!();
     init_logs();
     let guard = NetnsGuard::new("hg6o");
     let ns = guard.ns.clone();

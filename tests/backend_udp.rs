@@ -27,21 +27,10 @@ use flannel::backend::{Backend, BackendContext};
 use flannel::config::NetworkConfig;
 use flannel::iface::ExternalInterface;
 use flannel::subnet::{Lease, LeaseAttrs, PeerSet, SubnetKey};
+use netns_tests::hash::Fnv1a;
 
 // ---------------------------------------------------------------------------------------------
 // Namespaces
-
-fn require_root(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("{test}: needs root (network namespaces), and CI is set");
-    }
-    eprintln!("{test}: skipped, needs root");
-    false
-}
 
 fn sh(args: &[&str]) -> String {
     let out = Command::new(args[0])
@@ -73,26 +62,17 @@ fn in_ns<R: Send + 'static>(ns: &str, f: impl FnOnce() -> R + Send + 'static) ->
 }
 
 fn enter(ns: &str) {
-    let f = std::fs::File::open(format!("/run/netns/{ns}")).unwrap_or_else(|e| panic!("{ns}: {e}"));
-    nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
-        .unwrap_or_else(|e| panic!("setns {ns}: {e}"));
+    netns_tests::netns::enter(ns).unwrap();
 }
 
 /// The namespaces of one test; deleted on drop (also when the test panics).
 struct Bed {
     p: String,
-    names: Vec<String>,
+    /// Dropped first to last: pods before hosts before the underlay.
+    guards: Vec<netns_tests::Netns>,
 }
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
-
-impl Drop for Bed {
-    fn drop(&mut self) {
-        for n in self.names.iter().rev() {
-            let _ = Command::new("ip").args(["netns", "del", n]).output();
-        }
-    }
-}
 
 impl Bed {
     /// Underlay, hosts A and B with one pod each, and the extra underlay namespace R.
@@ -104,7 +84,7 @@ impl Bed {
         );
         let mut bed = Bed {
             p: p.clone(),
-            names: Vec::new(),
+            guards: Vec::new(),
         };
         let u = bed.add_ns("u");
         ns_sh(&u, &["ip", "link", "add", "br0", "type", "bridge"]);
@@ -183,8 +163,8 @@ impl Bed {
     fn add_ns(&mut self, short: &str) -> String {
         let n = self.ns(short);
         let _ = Command::new("ip").args(["netns", "del", &n]).output();
-        sh(&["ip", "netns", "add", &n]);
-        self.names.push(n.clone());
+        let guard = netns_tests::Netns::create(&n).unwrap();
+        self.guards.insert(0, guard);
         n
     }
 }
@@ -368,21 +348,6 @@ fn assert_ping(ns: &str, dst: &str) {
     }
 }
 
-/// FNV-1a over a stream.
-#[derive(Clone, Copy)]
-struct Fnv(u64);
-impl Fnv {
-    fn new() -> Self {
-        Fnv(0xcbf2_9ce4_8422_2325)
-    }
-    fn update(&mut self, data: &[u8]) {
-        for b in data {
-            self.0 ^= u64::from(*b);
-            self.0 = self.0.wrapping_mul(0x100_0000_01b3);
-        }
-    }
-}
-
 /// Sends `len` pseudo-random bytes over TCP from namespace `from` to `to`:5001 (listening in
 /// namespace `to_ns`); returns (bytes, checksum) seen by sender and receiver.
 fn tcp_transfer(from: &str, to_ns: &str, to: Ipv4Addr, len: usize) -> ((usize, u64), (usize, u64)) {
@@ -392,7 +357,7 @@ fn tcp_transfer(from: &str, to_ns: &str, to: Ipv4Addr, len: usize) -> ((usize, u
         ready_tx.send(()).unwrap();
         let (mut s, _) = l.accept().unwrap();
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let mut h = Fnv::new();
+        let mut h = Fnv1a::new();
         let mut n = 0;
         let mut buf = vec![0u8; 1 << 16];
         loop {
@@ -411,7 +376,7 @@ fn tcp_transfer(from: &str, to_ns: &str, to: Ipv4Addr, len: usize) -> ((usize, u
             TcpStream::connect_timeout(&SocketAddr::from((to, 5001)), Duration::from_secs(10))
                 .expect("connecting");
         s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
-        let mut h = Fnv::new();
+        let mut h = Fnv1a::new();
         let mut x: u64 = 0x1234_5678_9abc_def1;
         let mut buf = vec![0u8; 1 << 16];
         let mut sent = 0;
@@ -540,16 +505,14 @@ fn pods_reach_each_other(plain: bool) {
 
 #[test]
 fn fast_pods_reach_each_other() {
-    if require_root("fast_pods_reach_each_other") {
-        pods_reach_each_other(false);
-    }
+    netns_tests::require_root!();
+    pods_reach_each_other(false);
 }
 
 #[test]
 fn plain_pods_reach_each_other() {
-    if require_root("plain_pods_reach_each_other") {
-        pods_reach_each_other(true);
-    }
+    netns_tests::require_root!();
+    pods_reach_each_other(true);
 }
 
 fn unknown_sources_are_dropped(plain: bool) {
@@ -604,16 +567,14 @@ fn unknown_sources_are_dropped(plain: bool) {
 
 #[test]
 fn fast_unknown_sources_are_dropped() {
-    if require_root("fast_unknown_sources_are_dropped") {
-        unknown_sources_are_dropped(false);
-    }
+    netns_tests::require_root!();
+    unknown_sources_are_dropped(false);
 }
 
 #[test]
 fn plain_unknown_sources_are_dropped() {
-    if require_root("plain_unknown_sources_are_dropped") {
-        unknown_sources_are_dropped(true);
-    }
+    netns_tests::require_root!();
+    unknown_sources_are_dropped(true);
 }
 
 /// Collects the payloads `socket` receives until one is `last` (or the deadline passes).
@@ -704,16 +665,14 @@ fn spoofed_sources_are_dropped(plain: bool) {
 
 #[test]
 fn fast_spoofed_sources_are_dropped() {
-    if require_root("fast_spoofed_sources_are_dropped") {
-        spoofed_sources_are_dropped(false);
-    }
+    netns_tests::require_root!();
+    spoofed_sources_are_dropped(false);
 }
 
 #[test]
 fn plain_spoofed_sources_are_dropped() {
-    if require_root("plain_spoofed_sources_are_dropped") {
-        spoofed_sources_are_dropped(true);
-    }
+    netns_tests::require_root!();
+    spoofed_sources_are_dropped(true);
 }
 
 /// B routes 10.5.3.0/24 to A, which knows no holder for it: A answers pb's ping with ICMP net
@@ -738,16 +697,14 @@ fn peer_icmp_errors_are_delivered(plain: bool) {
 
 #[test]
 fn fast_peer_icmp_errors_are_delivered() {
-    if require_root("fast_peer_icmp_errors_are_delivered") {
-        peer_icmp_errors_are_delivered(false);
-    }
+    netns_tests::require_root!();
+    peer_icmp_errors_are_delivered(false);
 }
 
 #[test]
 fn plain_peer_icmp_errors_are_delivered() {
-    if require_root("plain_peer_icmp_errors_are_delivered") {
-        peer_icmp_errors_are_delivered(true);
-    }
+    netns_tests::require_root!();
+    peer_icmp_errors_are_delivered(true);
 }
 
 fn leave_and_join(plain: bool) {
@@ -770,16 +727,14 @@ fn leave_and_join(plain: bool) {
 
 #[test]
 fn fast_host_leaves_unreachable_then_joins_reachable() {
-    if require_root("fast_host_leaves_unreachable_then_joins_reachable") {
-        leave_and_join(false);
-    }
+    netns_tests::require_root!();
+    leave_and_join(false);
 }
 
 #[test]
 fn plain_host_leaves_unreachable_then_joins_reachable() {
-    if require_root("plain_host_leaves_unreachable_then_joins_reachable") {
-        leave_and_join(true);
-    }
+    netns_tests::require_root!();
+    leave_and_join(true);
 }
 
 /// A peer that behaves like flannel's proxy (one datagram at a time, no GRO) and checks that
@@ -835,23 +790,19 @@ fn wire_format(plain: bool) {
 
 #[test]
 fn fast_wire_format_is_flannels() {
-    if require_root("fast_wire_format_is_flannels") {
-        wire_format(false);
-    }
+    netns_tests::require_root!();
+    wire_format(false);
 }
 
 #[test]
 fn plain_wire_format_is_flannels() {
-    if require_root("plain_wire_format_is_flannels") {
-        wire_format(true);
-    }
+    netns_tests::require_root!();
+    wire_format(true);
 }
 
 #[test]
 fn device_address_route_and_repair() {
-    if !require_root("device_address_route_and_repair") {
-        return;
-    }
+    netns_tests::require_root!();
     let bed = Bed::new();
     let (a, _b) = two_hosts(&bed, false);
     let an = bed.ns("a");

@@ -3,7 +3,7 @@
 
 mod backend_netns;
 
-use backend_netns::{config, context, have_root, lease, peer_set, route_to, NetnsGuard, Ns};
+use backend_netns::{config, context, lease, peer_set, route_to, NetnsGuard, Ns};
 use flannel::backend::{self, BackendContext, ReconcileReport};
 use serde_json::{json, Value};
 
@@ -89,9 +89,7 @@ fn assert_no_peer(ns: &Ns, subnet: &str, vtep: &str, mac: &str) {
 
 #[test]
 fn vxlan_programs_peers_repairs_and_survives_restart() {
-    if !have_root("vxlan_programs_peers_repairs_and_survives_restart") {
-        return;
-    }
+    netns_tests::require_root!();
     let (guard, ctx) = setup("vx", json!({"Type": "vxlan", "VNI": 7}));
     let ns = guard.ns.clone();
     ns.clone().run(move || async move {
@@ -224,9 +222,7 @@ fn vxlan_programs_peers_repairs_and_survives_restart() {
 
 #[test]
 fn vxlan_options_and_direct_routing() {
-    if !have_root("vxlan_options_and_direct_routing") {
-        return;
-    }
+    netns_tests::require_root!();
     let (guard, ctx) = setup(
         "vxo",
         json!({"Type": "vxlan", "vni": 7, "port": 4789, "GBP": true, "learning": true,
@@ -268,9 +264,7 @@ fn vxlan_options_and_direct_routing() {
 
 #[test]
 fn vxlan_incompatible_device_is_recreated_keeping_its_mac() {
-    if !have_root("vxlan_incompatible_device_is_recreated_keeping_its_mac") {
-        return;
-    }
+    netns_tests::require_root!();
     let (guard, ctx) = setup("vxi", json!({"Type": "vxlan", "VNI": 7}));
     let ns = guard.ns.clone();
     // Left by someone else: wrong port.

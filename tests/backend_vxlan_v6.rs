@@ -3,8 +3,9 @@
 
 mod backend_netns;
 
-use backend_netns::{config_v6, context, have_root, lease, peer_set, route_to, NetnsGuard, Ns};
-use flannel::backend::{self, ReconcileReport};
+use backend_netns::{config_v6, context, lease, peer_set, route_to, NetnsGuard, Ns};
+use flannel::backend::{self, Backend, BackendContext, Publish, ReconcileReport};
+use flannel::subnet::{Lease, PeerSet};
 use serde_json::{json, Value};
 
 const NETWORK: &str = "10.5.0.0/16";
@@ -32,7 +33,7 @@ fn vx(
     ip6: Option<&str>,
     mac4: Option<&str>,
     mac6: Option<&str>,
-) -> flannel::subnet::Lease {
+) -> Lease {
     let mut v = json!({
         "PublicIP": ip4.unwrap_or("0.0.0.0"),
         "PublicIPv6": ip6,
@@ -109,33 +110,100 @@ fn v6_addresses(ns: &Ns, dev: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
-#[test]
-fn vxlan_dual_stack_programs_both_devices() {
-    if !have_root("vxlan_dual_stack_programs_both_devices") {
-        return;
-    }
+/// The dual-stack bed: a namespace with a dual-stack underlay, a vxlan backend that has
+/// prepared and acquired its own lease (`own`), and four peers A..D (see
+/// [`dual_stack_peers`]). Each test of one behaviour starts from it, so that one failure does
+/// not hide the others.
+struct DualStack {
+    ns: Ns,
+    ctx: BackendContext,
+    own: Lease,
+}
+
+fn dual_stack_bed(tag: &str) -> (NetnsGuard, DualStack) {
     backend_netns::init_logs();
-    let guard = NetnsGuard::new("vx6");
+    let guard = NetnsGuard::new(tag);
     let ns = guard.ns.clone();
     let ext = ns.underlay_dual(Some("198.18.0.1/24"), "fd00:18::1/64");
     let ctx = context(
         config_v6(Some(NETWORK), NETWORK6, json!({"Type": "vxlan", "VNI": 7})),
         ext,
     );
-    ns.clone().run(move || async move {
-        let own = vx(
-            "10.5.1.0-24&fc00:0:0:1::-64",
-            Some("198.18.0.1"),
-            Some("fd00:18::1"),
-            None,
-            None,
+    let own = vx(
+        "10.5.1.0-24&fc00:0:0:1::-64",
+        Some("198.18.0.1"),
+        Some("fd00:18::1"),
+        None,
+        None,
+    );
+    (guard, DualStack { ns, ctx, own })
+}
+
+impl DualStack {
+    /// A backend that has prepared and acquired the own lease.
+    async fn started(&self) -> (Box<dyn Backend>, Publish) {
+        let mut be = backend::create(self.ctx.clone()).expect("vxlan backend");
+        let publish = be.prepare().await.expect("prepare");
+        be.lease_acquired(&self.own).await.expect("lease_acquired");
+        (be, publish)
+    }
+
+    /// [`DualStack::started`], with the four peers programmed.
+    async fn with_peers(&self) -> (Box<dyn Backend>, Publish, PeerSet) {
+        let (mut be, publish) = self.started().await;
+        let peers = peer_set(dual_stack_peers());
+        assert_eq!(
+            be.reconcile(&peers).await.unwrap(),
+            report(3 + 3 + 3 + 3 + 3, 0, 0)
         );
-        let mut be = backend::create(ctx.clone()).expect("vxlan backend");
+        (be, publish, peers)
+    }
+}
+
+/// A: dual stack. B: IPv4 only. C: dual-stack key, but no BackendV6Data (its IPv4 side is
+/// programmed, its IPv6 side ignored). D: IPv6 only.
+fn dual_stack_peers() -> [Lease; 4] {
+    let a = vx(
+        "10.5.2.0-24&fc00:0:0:2::-64",
+        Some("198.18.0.2"),
+        Some("fd00:18::2"),
+        Some(MAC_A4),
+        Some(MAC_A6),
+    );
+    let b = vx("10.5.3.0-24", Some("198.18.0.3"), None, Some(MAC_B4), None);
+    let c = vx(
+        "10.5.4.0-24&fc00:0:0:4::-64",
+        Some("198.18.0.4"),
+        Some("fd00:18::4"),
+        Some("02:cc:00:00:00:04"),
+        None,
+    );
+    let d = vx(
+        "fc00:0:0:5::-64",
+        None,
+        Some("2001:db8::5"),
+        None,
+        Some(MAC_C6),
+    );
+    [a, b, c, d]
+}
+
+fn assert_peer_d6(ns: &Ns) {
+    assert_peer6(ns, "fc00:0:0:5::/64", "fc00:0:0:5::", MAC_C6, "2001:db8::5");
+}
+
+#[test]
+fn vxlan_dual_stack_programs_both_devices() {
+    netns_tests::require_root!();
+    let (_guard, bed) = dual_stack_bed("vx6");
+    bed.ns.clone().run(move || async move {
+        let ns = &bed.ns;
+        let mut be = backend::create(bed.ctx.clone()).expect("vxlan backend");
         let publish = be.prepare().await.expect("prepare");
 
         // Both devices, the IPv6 one on the IPv6 underlay address with 70 bytes of overhead.
-        let dev4 = device(&ns, DEV);
-        let dev6 = device(&ns, DEV6);
+        let dev4 = device(ns, DEV);
+        let dev6 = device(ns, DEV6);
         let info = &dev6["linkinfo"]["info_data"];
         assert_eq!(dev6["linkinfo"]["info_kind"], "vxlan");
         assert_eq!(info["id"], 7);
@@ -165,50 +233,21 @@ fn vxlan_dual_stack_programs_both_devices() {
             "pods get the smaller MTU of the two devices"
         );
 
-        be.lease_acquired(&own).await.expect("lease_acquired");
-        assert_eq!(
-            v6_addresses(&ns, DEV6),
-            vec!["fc00:0:0:1::/128".to_string()]
-        );
+        be.lease_acquired(&bed.own).await.expect("lease_acquired");
+        assert_eq!(v6_addresses(ns, DEV6), vec!["fc00:0:0:1::/128".to_string()]);
+    });
+}
 
-        // A: dual stack. B: IPv4 only. C: dual-stack key, but no BackendV6Data (its IPv4
-        // side is programmed, its IPv6 side ignored). D: IPv6 only.
-        let a = vx(
-            "10.5.2.0-24&fc00:0:0:2::-64",
-            Some("198.18.0.2"),
-            Some("fd00:18::2"),
-            Some(MAC_A4),
-            Some(MAC_A6),
-        );
-        let b = vx("10.5.3.0-24", Some("198.18.0.3"), None, Some(MAC_B4), None);
-        let c = vx(
-            "10.5.4.0-24&fc00:0:0:4::-64",
-            Some("198.18.0.4"),
-            Some("fd00:18::4"),
-            Some("02:cc:00:00:00:04"),
-            None,
-        );
-        let d = vx(
-            "fc00:0:0:5::-64",
-            None,
-            Some("2001:db8::5"),
-            None,
-            Some(MAC_C6),
-        );
-        let peers = peer_set([a.clone(), b.clone(), c.clone(), d.clone()]);
-        assert_eq!(
-            be.reconcile(&peers).await.unwrap(),
-            report(3 + 3 + 3 + 3 + 3, 0, 0)
-        );
-        assert_peer6(&ns, "fc00:0:0:2::/64", "fc00:0:0:2::", MAC_A6, "fd00:18::2");
-        assert_peer6(
-            &ns,
-            "fc00:0:0:5::/64",
-            "fc00:0:0:5::",
-            MAC_C6,
-            "2001:db8::5",
-        );
-        assert_no_peer6(&ns, "fc00:0:0:4::/64", "fc00:0:0:4::", "02:cc:00:00:00:04");
+#[test]
+fn vxlan_dual_stack_programs_each_peer_by_family() {
+    netns_tests::require_root!();
+    let (_guard, bed) = dual_stack_bed("vx6p");
+    bed.ns.clone().run(move || async move {
+        let ns = &bed.ns;
+        let (mut be, _, peers) = bed.with_peers().await;
+        assert_peer6(ns, "fc00:0:0:2::/64", "fc00:0:0:2::", MAC_A6, "fd00:18::2");
+        assert_peer_d6(ns);
+        assert_no_peer6(ns, "fc00:0:0:4::/64", "fc00:0:0:4::", "02:cc:00:00:00:04");
         let r4 = ns.routes(DEV);
         assert!(route_to(&r4, "10.5.2.0/24").is_some(), "{r4:?}");
         assert!(route_to(&r4, "10.5.3.0/24").is_some(), "{r4:?}");
@@ -220,7 +259,16 @@ fn vxlan_dual_stack_programs_both_devices() {
 
         // Idempotent.
         assert_eq!(be.reconcile(&peers).await.unwrap(), report(0, 0, 0));
+    });
+}
 
+#[test]
+fn vxlan_dual_stack_undoes_hand_made_ipv6_changes_and_keeps_foreign_routes() {
+    netns_tests::require_root!();
+    let (_guard, bed) = dual_stack_bed("vx6h");
+    bed.ns.clone().run(move || async move {
+        let ns = &bed.ns;
+        let (mut be, _, peers) = bed.with_peers().await;
         // Hand-made changes inside the IPv6 network are undone; foreign routes stay.
         ns.ip(&[
             "-6",
@@ -268,52 +316,70 @@ fn vxlan_dual_stack_programs_both_devices() {
             "permanent",
         ]);
         assert_eq!(be.reconcile(&peers).await.unwrap(), report(0, 1, 2));
-        assert_peer6(&ns, "fc00:0:0:2::/64", "fc00:0:0:2::", MAC_A6, "fd00:18::2");
-        assert_peer6(
-            &ns,
-            "fc00:0:0:5::/64",
-            "fc00:0:0:5::",
-            MAC_C6,
-            "2001:db8::5",
-        );
+        assert_peer6(ns, "fc00:0:0:2::/64", "fc00:0:0:2::", MAC_A6, "fd00:18::2");
+        assert_peer_d6(ns);
         assert!(route_to(&ns.routes6(DEV6), "fc00:0:0:99::/64").is_none());
         assert!(
             route_to(&ns.routes6(DEV6), "fd99::/64").is_some(),
             "foreign route kept"
         );
+    });
+}
 
+#[test]
+fn vxlan_dual_stack_peer_gone_loses_both_families() {
+    netns_tests::require_root!();
+    let (_guard, bed) = dual_stack_bed("vx6g");
+    bed.ns.clone().run(move || async move {
+        let ns = &bed.ns;
+        let (mut be, _, _) = bed.with_peers().await;
         // A gone: both its families' entries go.
-        let peers = peer_set([b.clone(), c.clone(), d.clone()]);
+        let [_, b, c, d] = dual_stack_peers();
+        let peers = peer_set([b, c, d]);
         assert_eq!(be.reconcile(&peers).await.unwrap(), report(0, 6, 0));
-        assert_no_peer6(&ns, "fc00:0:0:2::/64", "fc00:0:0:2::", MAC_A6);
+        assert_no_peer6(ns, "fc00:0:0:2::/64", "fc00:0:0:2::", MAC_A6);
         assert!(route_to(&ns.routes(DEV), "10.5.2.0/24").is_none());
+    });
+}
 
-        // The IPv6 device deleted: back with the same MAC, address and entries.
+#[test]
+fn vxlan_dual_stack_deleted_ipv6_device_comes_back_the_same() {
+    netns_tests::require_root!();
+    let (_guard, bed) = dual_stack_bed("vx6d");
+    bed.ns.clone().run(move || async move {
+        let ns = &bed.ns;
+        let (mut be, _, _) = bed.with_peers().await;
+        let mac6 = device(ns, DEV6)["address"].as_str().unwrap().to_string();
+        // With D the only IPv6 peer left (A gone), ...
+        let [_, b, c, d] = dual_stack_peers();
+        let peers = peer_set([b, c, d]);
+        assert_eq!(be.reconcile(&peers).await.unwrap(), report(0, 6, 0));
+        // ... the IPv6 device deleted: back with the same MAC, address and entries.
         ns.ip(&["link", "del", DEV6]);
         let r = be.reconcile(&peers).await.unwrap();
         assert_eq!((r.added, r.removed), (3, 0), "{r:?}");
-        assert_eq!(device(&ns, DEV6)["address"], mac6.as_str());
-        assert_eq!(
-            v6_addresses(&ns, DEV6),
-            vec!["fc00:0:0:1::/128".to_string()]
-        );
-        assert_peer6(
-            &ns,
-            "fc00:0:0:5::/64",
-            "fc00:0:0:5::",
-            MAC_C6,
-            "2001:db8::5",
-        );
+        assert_eq!(device(ns, DEV6)["address"], mac6.as_str());
+        assert_eq!(v6_addresses(ns, DEV6), vec!["fc00:0:0:1::/128".to_string()]);
+        assert_peer_d6(ns);
+    });
+}
 
+#[test]
+fn vxlan_dual_stack_restart_adopts_both_devices() {
+    netns_tests::require_root!();
+    let (_guard, bed) = dual_stack_bed("vx6r");
+    bed.ns.clone().run(move || async move {
+        let ns = &bed.ns;
+        let (be, publish, peers) = bed.with_peers().await;
         // A restart adopts both devices untouched.
-        let ifindex = device(&ns, DEV6)["ifindex"].clone();
+        let ifindex = device(ns, DEV6)["ifindex"].clone();
         drop(be);
-        let mut be = backend::create(ctx).expect("vxlan backend");
+        let mut be = backend::create(bed.ctx.clone()).expect("vxlan backend");
         assert_eq!(be.prepare().await.unwrap(), publish);
-        be.lease_acquired(&own).await.unwrap();
+        be.lease_acquired(&bed.own).await.unwrap();
         assert_eq!(be.reconcile(&peers).await.unwrap(), report(0, 0, 0));
         assert_eq!(
-            device(&ns, DEV6)["ifindex"],
+            device(ns, DEV6)["ifindex"],
             ifindex,
             "device was re-created"
         );
@@ -322,9 +388,7 @@ fn vxlan_dual_stack_programs_both_devices() {
 
 #[test]
 fn vxlan_ipv6_only_has_only_the_v6_device() {
-    if !have_root("vxlan_ipv6_only_has_only_the_v6_device") {
-        return;
-    }
+    netns_tests::require_root!();
     backend_netns::init_logs();
     let guard = NetnsGuard::new("vx6o");
     let ns = guard.ns.clone();
@@ -386,9 +450,7 @@ fn vxlan_ipv6_only_has_only_the_v6_device() {
 
 #[test]
 fn vxlan_ipv6_direct_routing() {
-    if !have_root("vxlan_ipv6_direct_routing") {
-        return;
-    }
+    netns_tests::require_root!();
     backend_netns::init_logs();
     let guard = NetnsGuard::new("vx6d");
     let ns = guard.ns.clone();

@@ -4,16 +4,14 @@ mod common;
 
 use std::time::Duration;
 
-use common::{etcd_available, key_of_subnet, poll, subnet_keys, Etcd, Flanneld};
+use common::{key_of_subnet, poll, subnet_keys, Etcd, Flanneld};
 
 const CONFIG: &str = r#"{"Network":"10.5.0.0/16","SubnetLen":24,"Backend":{"Type":"alloc"}}"#;
 const WAIT: Duration = Duration::from_secs(20);
 
 #[test]
 fn two_daemons_get_distinct_subnets_see_each_other_and_keep_subnet_on_restart() {
-    if !etcd_available() {
-        return;
-    }
+    netns_tests::require_etcd!();
     let etcd = Etcd::start();
     etcd.config(CONFIG);
     let a = Flanneld::start(&etcd.endpoint(), "198.18.7.1", &[]);
@@ -58,9 +56,7 @@ fn two_daemons_get_distinct_subnets_see_each_other_and_keep_subnet_on_restart() 
 
 #[test]
 fn old_subnet_file_is_preferred_when_its_subnet_is_free() {
-    if !etcd_available() {
-        return;
-    }
+    netns_tests::require_etcd!();
     let etcd = Etcd::start();
     etcd.config(CONFIG);
     let mut a = Flanneld::start(&etcd.endpoint(), "198.18.7.5", &[]);
@@ -77,9 +73,7 @@ fn old_subnet_file_is_preferred_when_its_subnet_is_free() {
 
 #[test]
 fn reservation_is_never_taken_and_is_a_peer() {
-    if !etcd_available() {
-        return;
-    }
+    netns_tests::require_etcd!();
     let etcd = Etcd::start();
     // 10.5.0.0/26 in /28s: 4 subnets, 3 free by default (the first is never handed out).
     etcd.config(r#"{"Network":"10.5.0.0/26","SubnetLen":28,"Backend":{"Type":"alloc"}}"#);
@@ -116,9 +110,7 @@ fn reservation_is_never_taken_and_is_a_peer() {
 
 #[test]
 fn expired_peer_is_removed_after_its_ttl() {
-    if !etcd_available() {
-        return;
-    }
+    netns_tests::require_etcd!();
     let etcd = Etcd::start();
     etcd.config(CONFIG);
     let ttl = ["--subnet-lease-ttl=4s"];
@@ -146,9 +138,7 @@ fn expired_peer_is_removed_after_its_ttl() {
 
 #[test]
 fn own_lease_deleted_is_reacquired_with_the_same_subnet() {
-    if !etcd_available() {
-        return;
-    }
+    netns_tests::require_etcd!();
     let etcd = Etcd::start();
     etcd.config(CONFIG);
     let a = Flanneld::start(&etcd.endpoint(), "198.18.7.1", &[]);
@@ -164,9 +154,7 @@ fn own_lease_deleted_is_reacquired_with_the_same_subnet() {
 
 #[test]
 fn etcd_outage_longer_than_a_renewal_period_is_survived() {
-    if !etcd_available() {
-        return;
-    }
+    netns_tests::require_etcd!();
     let mut etcd = Etcd::start();
     etcd.config(CONFIG);
     // TTL 6 s: renewal every 2 s.
@@ -200,9 +188,7 @@ fn etcd_outage_longer_than_a_renewal_period_is_survived() {
 
 #[test]
 fn daemon_waits_for_etcd_that_is_down_at_start() {
-    if !etcd_available() {
-        return;
-    }
+    netns_tests::require_etcd!();
     let mut etcd = Etcd::start();
     etcd.config(CONFIG);
     etcd.kill();
@@ -216,9 +202,7 @@ fn daemon_waits_for_etcd_that_is_down_at_start() {
 
 #[test]
 fn bad_configs_are_named_and_fixing_them_needs_no_restart() {
-    if !etcd_available() {
-        return;
-    }
+    netns_tests::require_etcd!();
     let etcd = Etcd::start();
     let mut a = Flanneld::start(&etcd.endpoint(), "198.18.7.1", &[]);
     poll("the wait for a config", WAIT, || {
@@ -261,9 +245,7 @@ fn bad_configs_are_named_and_fixing_them_needs_no_restart() {
 
 #[test]
 fn garbage_peer_lease_is_skipped_and_counted() {
-    if !etcd_available() {
-        return;
-    }
+    netns_tests::require_etcd!();
     let etcd = Etcd::start();
     etcd.config(CONFIG);
     etcd.put("/coreos.com/network/subnets/10.5.200.0-24", "{garbage");
@@ -325,9 +307,7 @@ fn bad_flags_exit_with_a_message_naming_the_flag() {
 
 #[test]
 fn systemd_is_told_ready_once_the_subnet_file_is_written() {
-    if !etcd_available() {
-        return;
-    }
+    netns_tests::require_etcd!();
     let etcd = Etcd::start();
     etcd.config(CONFIG);
     let dir = tempfile::tempdir().unwrap();
@@ -353,9 +333,7 @@ fn systemd_is_told_ready_once_the_subnet_file_is_written() {
 
 #[test]
 fn a_flood_of_large_malformed_leases_is_logged_briefly_and_rarely() {
-    if !etcd_available() {
-        return;
-    }
+    netns_tests::require_etcd!();
     let etcd = Etcd::start();
     etcd.config(CONFIG);
     let flanneld = Flanneld::start(&etcd.endpoint(), "198.18.7.1", &[]);

@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{etcd_available, issue, make_ca, poll, CertKey, Etcd, Flanneld, ServerTls};
+use common::{issue, make_ca, poll, CertKey, Etcd, Flanneld, ServerTls};
 
 const CONFIG: &str = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"alloc"}}"#;
 const WAIT: Duration = Duration::from_secs(20);
@@ -19,9 +19,7 @@ fn tls_flags(ca: &std::path::Path, client: &CertKey) -> Vec<String> {
 
 #[test]
 fn tls_with_client_certificates() {
-    if !etcd_available() {
-        return;
-    }
+    netns_tests::require_etcd!();
     let pki = tempfile::tempdir().unwrap();
     let ca = make_ca(pki.path(), "ca");
     let server = issue(pki.path(), &ca, "server");
@@ -71,9 +69,7 @@ const FLANNEL_USER: [&str; 3] = [
 
 #[test]
 fn password_authentication() {
-    if !etcd_available() {
-        return;
-    }
+    netns_tests::require_etcd!();
     let mut etcd = Etcd::start();
     etcd.config(CONFIG);
     etcd.enable_auth();
@@ -135,9 +131,7 @@ fn lease_comes_back(etcd: &Etcd, flanneld: &Flanneld, when: &str) {
 
 #[test]
 fn password_auth_survives_token_expiry_and_etcd_restart() {
-    if !etcd_available() {
-        return;
-    }
+    netns_tests::require_etcd!();
     // Simple tokens that etcd forgets 3 s after their last use, and on restart.
     let mut etcd = Etcd::start_with_args(&common::SHORT_LIVED_TOKENS);
     etcd.config(CONFIG);
@@ -169,9 +163,7 @@ fn password_auth_survives_token_expiry_and_etcd_restart() {
 
 #[test]
 fn https_without_cafile_trusts_the_system_roots() {
-    if !etcd_available() {
-        return;
-    }
+    netns_tests::require_etcd!();
     let pki = tempfile::tempdir().unwrap();
     let ca = make_ca(pki.path(), "ca");
     let server = issue(pki.path(), &ca, "server");

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{etcd_available, poll, root_available, Etcd, Flanneld, Netns};
+use common::{poll, Etcd, Flanneld, Netns};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -28,9 +28,7 @@ fn start(ns: &Netns, config: &str) -> (Etcd, Flanneld, String) {
 
 #[test]
 fn iptables_rules_are_installed_and_restored() {
-    if !root_available() || !etcd_available() {
-        return;
-    }
+    netns_tests::require!(netns_tests::Need::Root, netns_tests::Need::Etcd);
     let ns = Netns::new("fw");
     let (_etcd, f, subnet) = start(
         &ns,
@@ -105,9 +103,7 @@ fn iptables_rules_are_installed_and_restored() {
 
 #[test]
 fn nftables_rules_are_installed_and_restored() {
-    if !root_available() || !etcd_available() {
-        return;
-    }
+    netns_tests::require!(netns_tests::Need::Root, netns_tests::Need::Etcd);
     let ns = Netns::new("nf");
     let (_etcd, _f, subnet) = start(
         &ns,

@@ -5,11 +5,12 @@ mod common;
 
 use std::fs::File;
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{etcd_available, http_get, poll, root_available, Etcd, Netns};
+use netns_tests::FlanneldCommand;
+
+use common::{http_get, poll, Etcd, Netns};
 
 const CONFIG: &str = r#"{"Network":"10.5.0.0/16","SubnetLen":24,"Backend":{"Type":"alloc"}}"#;
 const WAIT: Duration = Duration::from_secs(20);
@@ -34,25 +35,14 @@ impl LimitedFlanneld {
     fn start(netns: Option<&str>, nofile: &str, args: &[String]) -> LimitedFlanneld {
         let dir = tempfile::tempdir().unwrap();
         let log = File::create(dir.path().join("flanneld.log")).unwrap();
-        let mut cmd = match netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, "prlimit"]);
-                c
-            }
-            None => Command::new("prlimit"),
-        };
+        let mut flanneld = FlanneldCommand::new(env!("CARGO_BIN_EXE_flanneld"));
+        flanneld.netns = netns.map(String::from);
         // `ip netns exec` and `prlimit` both exec what follows: the child's pid is flanneld's.
-        let child = cmd
-            .arg(format!("--nofile={nofile}"))
-            .arg(env!("CARGO_BIN_EXE_flanneld"))
-            .args(args)
-            .arg(format!(
-                "--subnet-file={}",
-                dir.path().join("subnet.env").display()
-            ))
-            .env_remove("NOTIFY_SOCKET")
-            .env("RUST_LOG", "info")
+        flanneld.wrapper = vec!["prlimit".into(), format!("--nofile={nofile}").into()];
+        flanneld.args = args.to_vec();
+        flanneld.subnet_file = Some(dir.path().join("subnet.env"));
+        let child = flanneld
+            .command()
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .stdin(Stdio::null())
@@ -113,15 +103,7 @@ fn clock_ticks_per_second() -> u64 {
 
 /// Runs `f` on a thread that entered `ns`: the sockets it opens live in that namespace.
 fn in_namespace<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> T {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            let netns = File::open(Path::new("/run/netns").join(&ns.name)).unwrap();
-            nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            f()
-        })
-        .join()
-        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    })
+    netns_tests::netns::run_in(&ns.name, f).unwrap()
 }
 
 /// This test process must hold the whole flood open.
@@ -179,9 +161,7 @@ fn idle_connection_flood_beyond_the_open_file_limit_costs_little_cpu_and_probes_
 }
 
 fn idle_connection_flood(daemon_nofile: u64) {
-    if !root_available() || !etcd_available() {
-        return;
-    }
+    netns_tests::require!(netns_tests::Need::Root, netns_tests::Need::Etcd);
     raise_own_open_file_limit(FLOOD as u64 + 256);
     let host = Netns::new("hh");
     let client = Netns::new("hc");
@@ -291,9 +271,7 @@ fn idle_connection_flood(daemon_nofile: u64) {
 
 #[test]
 fn soft_open_file_limit_is_raised_to_the_hard_limit_at_start() {
-    if !etcd_available() {
-        return;
-    }
+    netns_tests::require_etcd!();
     let etcd = Etcd::start();
     etcd.config(CONFIG);
     let daemon = LimitedFlanneld::start(

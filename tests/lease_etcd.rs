@@ -6,7 +6,7 @@ use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{etcd_available, Etcd};
+use common::Etcd;
 use flannel::config::NetworkConfig;
 use flannel::metrics::Metrics;
 use flannel::subnet::acquire::{acquire, AcquireError, AcquireRequest};
@@ -49,9 +49,7 @@ async fn racing_dual_stack_acquirers_never_share_an_ipv4_subnet() {
 }
 
 async fn race(config_json: &[u8]) {
-    if !etcd_available() {
-        return;
-    }
+    netns_tests::require_etcd!();
     let etcd = Etcd::start();
     let config = NetworkConfig::parse(config_json).unwrap();
     let reg = registry(&etcd).await;
@@ -107,9 +105,7 @@ async fn race(config_json: &[u8]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_resumed_behind_a_compaction_loses_no_change() {
-    if !etcd_available() {
-        return;
-    }
+    netns_tests::require_etcd!();
     let etcd = Etcd::start();
     let reg = registry(&etcd).await;
     let put = |k: &str, ip: &str| {
@@ -215,9 +211,7 @@ fn lease_json(ip: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subnets_listing_over_the_message_limit_still_grants_leases() {
-    if !etcd_available() {
-        return;
-    }
+    netns_tests::require_etcd!();
     let etcd = Etcd::start();
     let reg = registry(&etcd).await;
     let config =
@@ -293,9 +287,7 @@ async fn subnets_listing_over_the_message_limit_still_grants_leases() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_leases_list_completely() {
-    if !etcd_available() {
-        return;
-    }
+    netns_tests::require_etcd!();
     let etcd = Etcd::start();
     let reg = registry(&etcd).await;
     let mut client = reg.client();
@@ -332,9 +324,7 @@ async fn ten_thousand_leases_list_completely() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_opened_after_the_token_expired_is_not_refused() {
-    if !etcd_available() {
-        return;
-    }
+    netns_tests::require_etcd!();
     let mut etcd = Etcd::start_with_args(&common::SHORT_LIVED_TOKENS);
     etcd.enable_auth();
     let reg = Registry::connect(&EtcdOptions {

@@ -6,9 +6,7 @@
 //! namespaces. Native and reference use their own bridge, subnet and store. Each pair of
 //! operations is interleaved (native, reference) so drift hits both alike.
 
-use std::fs::File;
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Barrier;
@@ -61,62 +59,17 @@ fn parse(args: &[String]) -> Result<Opts, String> {
     Ok(o)
 }
 
-fn sh(args: &[&str]) -> Result<(), String> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .map_err(|e| format!("{args:?}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
-/// A named network namespace, deleted on drop.
-struct Netns(String);
+/// A named network namespace, deleted on drop (by the test bed's guard).
+struct Netns(netns_tests::Netns);
 
 impl Netns {
     fn new(name: String) -> Result<Netns, String> {
-        sh(&["ip", "netns", "add", &name])?;
-        Ok(Netns(name))
+        netns_tests::Netns::create(&name)
+            .map(Netns)
+            .map_err(|e| e.to_string())
     }
     fn path(&self) -> String {
-        format!("/var/run/netns/{}", self.0)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = sh(&["ip", "netns", "del", &self.0]);
-    }
-}
-
-/// The bench process inside the host namespace for as long as this lives.
-struct Entered {
-    orig: File,
-}
-
-impl Entered {
-    fn enter(ns: &Netns) -> Result<Entered, String> {
-        let orig = File::open("/proc/thread-self/ns/net").map_err(|e| e.to_string())?;
-        let target = File::open(ns.path()).map_err(|e| e.to_string())?;
-        // SAFETY: setns(2) with an open namespace fd; only this thread's namespace changes,
-        // and threads spawned later (the workers) inherit it. `Drop` switches back.
-        if unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(format!("setns: {}", std::io::Error::last_os_error()));
-        }
-        Ok(Entered { orig })
-    }
-}
-
-impl Drop for Entered {
-    fn drop(&mut self) {
-        // SAFETY: as above, back to the namespace we came from.
-        unsafe { libc::setns(self.orig.as_raw_fd(), libc::CLONE_NEWNET) };
+        format!("/var/run/netns/{}", self.0.name())
     }
 }
 
@@ -200,8 +153,7 @@ pub fn main(args: &[String]) -> i32 {
             return 2;
         }
     };
-    // SAFETY: geteuid(2) has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !netns_tests::privileges::is_root() {
         eprintln!("flannel-bench cni: needs root (network namespaces); skipped");
         return 0;
     }
@@ -265,7 +217,8 @@ fn bench(opts: &Opts) -> Result<(), String> {
             Netns::new(format!("fbr{tag}x{i}"))?,
         ));
     }
-    let _inside = Entered::enter(&host)?;
+    // The bench inside the host namespace from here on; the workers spawned later inherit it.
+    let _inside = netns_tests::netns::enter_scoped(host.0.name()).map_err(|e| e.to_string())?;
 
     // Warm-up: creates the bridges, fills caches.
     for (i, (n, r)) in pods.iter().take(3).enumerate() {

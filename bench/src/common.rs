@@ -18,25 +18,5 @@ pub fn default_flanneld() -> PathBuf {
 /// Arguments for a one-member etcd named `name` with its data in `data_dir`, serving clients
 /// on `client_url` (its peer port stays on loopback).
 pub fn etcd_args(name: &str, data_dir: &Path, client_url: &str) -> Vec<String> {
-    let data_dir = data_dir.display().to_string();
-    let cluster = format!("{name}=http://127.0.0.1:2380");
-    [
-        "--name",
-        name,
-        "--data-dir",
-        &data_dir,
-        "--listen-client-urls",
-        client_url,
-        "--advertise-client-urls",
-        client_url,
-        "--listen-peer-urls",
-        "http://127.0.0.1:2380",
-        "--initial-advertise-peer-urls",
-        "http://127.0.0.1:2380",
-        "--initial-cluster",
-        &cluster,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    netns_tests::EtcdSpec::single(name, data_dir, client_url, "http://127.0.0.1:2380").args()
 }

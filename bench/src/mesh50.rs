@@ -88,8 +88,7 @@ pub fn main(args: &[String]) -> i32 {
             return usage();
         }
     };
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
+    if !netns_tests::privileges::is_root() {
         eprintln!("mesh50: needs root (network namespaces)");
         return 1;
     }

@@ -20,7 +20,6 @@ use std::collections::HashMap;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpStream};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -31,6 +30,8 @@ use serde_json::json;
 
 const ETCD_IP: &str = "198.18.0.2";
 const ETCD_PORT: u16 = 2379;
+/// etcd's peer port stays on its namespace's loopback.
+const ETCD_PEER_URL: &str = "http://127.0.0.1:2380";
 const PREFIX: &str = "/coreos.com/network";
 
 struct Opts {
@@ -99,7 +100,7 @@ pub fn main(args: &[String]) -> i32 {
             return usage();
         }
     };
-    if unsafe_geteuid() != 0 {
+    if !netns_tests::privileges::is_root() {
         eprintln!("scale: needs root (network namespaces)");
         return 1;
     }
@@ -119,11 +120,6 @@ pub fn main(args: &[String]) -> i32 {
     }
 }
 
-fn unsafe_geteuid() -> u32 {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Namespaces, processes, commands
 
@@ -132,16 +128,18 @@ static COUNTER: AtomicUsize = AtomicUsize::new(0);
 /// A network namespace, deleted on drop.
 struct Ns {
     name: String,
+    _guard: netns_tests::Netns,
 }
 
 impl Ns {
     fn new(tag: &str) -> Result<Ns, String> {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let name = format!("fbs-{tag}-{}-{n}", std::process::id());
-        sh("ip", &["netns", "add", &name])?;
-        let ns = Ns { name };
-        ns.ip(&["link", "set", "lo", "up"])?;
-        Ok(ns)
+        let guard = netns_tests::Netns::create(&name).map_err(|e| e.to_string())?;
+        Ok(Ns {
+            name,
+            _guard: guard,
+        })
     }
 
     fn ip(&self, args: &[&str]) -> Result<String, String> {
@@ -152,15 +150,6 @@ impl Ns {
 
     fn path(&self) -> String {
         format!("/var/run/netns/{}", self.name)
-    }
-}
-
-impl Drop for Ns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .stderr(Stdio::null())
-            .status();
     }
 }
 
@@ -195,13 +184,7 @@ fn sh(prog: &str, args: &[&str]) -> Result<String, String> {
 /// Enters namespace `path` on the calling thread.
 fn setns(path: &str) -> Result<(), String> {
     let f = fs::File::open(path).map_err(|e| format!("{path}: {e}"))?;
-    // SAFETY: the fd is valid for the duration of the call; setns only changes this thread's
-    // network namespace.
-    let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
-    if rc != 0 {
-        return Err(format!("setns {path}: {}", std::io::Error::last_os_error()));
-    }
-    Ok(())
+    netns_tests::netns::enter_file(&f, path).map_err(|e| e.to_string())
 }
 
 /// Runs `f` on a new thread inside namespace `ns` (`f` is not run when entering fails).
@@ -216,29 +199,16 @@ fn in_ns<T: Send + 'static>(
     })
 }
 
-/// Starts `prog` inside namespace `ns` (entered between fork and exec).
-fn spawn_in(ns: &Ns, prog: &Path, args: &[String], log: &Path, what: &str) -> Result<Proc, String> {
-    let f = fs::File::open(ns.path()).map_err(|e| format!("{}: {e}", ns.path()))?;
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+/// Starts `cmd` (built to run inside a namespace: `ip netns exec` execs the program, so the
+/// child's pid is the program's) with its output in `log`.
+fn spawn_logged(mut cmd: Command, log: &Path, what: &str) -> Result<Proc, String> {
     let logf = fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
-    let mut cmd = Command::new(prog);
-    cmd.args(args)
+    let child = cmd
         .stdin(Stdio::null())
         .stdout(logf.try_clone().map_err(|e| e.to_string())?)
-        .stderr(logf);
-    // SAFETY: setns is async-signal-safe; `fd` stays open (owned by `f`) until after spawn.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let child = cmd
+        .stderr(logf)
         .spawn()
-        .map_err(|e| format!("starting {}: {e}", prog.display()))?;
-    drop(f);
+        .map_err(|e| format!("starting {what}: {e}"))?;
     Ok(Proc {
         child,
         what: what.to_string(),
@@ -314,20 +284,18 @@ impl Etcd {
     fn start(ns: &Ns) -> Result<Etcd, String> {
         let dir = TempDir::new("etcd")?;
         let url = format!("http://{ETCD_IP}:{ETCD_PORT}");
-        let mut args = crate::common::etcd_args("default", &dir.0.join("data"), &url);
-        args.extend(
-            [
-                "--max-txn-ops",
-                "1024",
-                "--quota-backend-bytes",
-                "1073741824",
-            ]
-            .map(String::from),
-        );
-        let proc = spawn_in(
-            ns,
-            Path::new("etcd"),
-            &args,
+        let mut spec =
+            netns_tests::EtcdSpec::single("default", dir.0.join("data"), &url, ETCD_PEER_URL);
+        spec.extra_args = [
+            "--max-txn-ops",
+            "1024",
+            "--quota-backend-bytes",
+            "1073741824",
+        ]
+        .map(String::from)
+        .to_vec();
+        let proc = spawn_logged(
+            spec.command(Some(&ns.name)),
             &dir.0.join("etcd.log"),
             "etcd",
         )?;
@@ -727,13 +695,20 @@ fn status_kb(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn flanneld_args(iface: &str, dir: &Path) -> Vec<String> {
-    vec![
+/// flanneld in `ns` on `iface`, its subnet file in `dir`, no health server.
+fn flanneld(opts: &Opts, ns: &Ns, iface: &str, dir: &Path) -> Command {
+    let mut f = netns_tests::FlanneldCommand::new(&opts.flanneld);
+    f.netns = Some(ns.name.clone());
+    f.args = vec![
         format!("--etcd-endpoints=http://{ETCD_IP}:{ETCD_PORT}"),
         format!("--iface={iface}"),
         format!("--subnet-file={}", dir.join("subnet.env").display()),
         "--healthz-port=0".into(),
-    ]
+    ];
+    if let Ok(level) = std::env::var("RUST_LOG") {
+        f.rust_log = level;
+    }
+    f.command()
 }
 
 /// One daemon start with `peers` leases in etcd (already there); etcd lives in `etcd_ns`.
@@ -758,10 +733,8 @@ fn daemon_round(
     let hdir = dir.join(format!("start-{round}"));
     fs::create_dir_all(&hdir).map_err(|e| e.to_string())?;
     let t0 = Instant::now();
-    let proc = spawn_in(
-        &host,
-        &opts.flanneld,
-        &flanneld_args("e0", &hdir),
+    let proc = spawn_logged(
+        flanneld(opts, &host, "e0", &hdir),
         &hdir.join("flanneld.log"),
         "flanneld",
     )?;
@@ -1011,10 +984,8 @@ fn join_latency(opts: &Opts, etcd_ns: &Ns, etcd: &Etcd, dir: &Path) -> Result<Jo
         let mon = Monitor::start(&ns)?;
         let hdir = dir.join(format!("join-h{i}"));
         fs::create_dir_all(&hdir).map_err(|e| e.to_string())?;
-        let proc = spawn_in(
-            &ns,
-            &opts.flanneld,
-            &flanneld_args("e0", &hdir),
+        let proc = spawn_logged(
+            flanneld(opts, &ns, "e0", &hdir),
             &hdir.join("flanneld.log"),
             &format!("flanneld h{i}"),
         )?;

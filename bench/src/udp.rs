@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use netns_tests::privileges::{self, Need};
 use serde_json::{json, Value};
 
 /// flannel's C udp proxy, one TCP stream on these machines (the figure, upper end).
@@ -165,7 +166,8 @@ fn ns_cmd(ns: &str, args: &[&str]) -> Result<String, String> {
 /// Namespaces and processes of the run; removed on drop.
 struct Bed {
     p: String,
-    names: Vec<String>,
+    /// Dropped first to last (after the children are stopped): newest namespace first.
+    guards: Vec<netns_tests::Netns>,
     children: Vec<Child>,
     dir: PathBuf,
 }
@@ -174,9 +176,6 @@ impl Drop for Bed {
     fn drop(&mut self) {
         for c in &mut self.children {
             stop(c);
-        }
-        for n in self.names.iter().rev() {
-            let _ = Command::new("ip").args(["netns", "del", n]).output();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -205,7 +204,7 @@ impl Bed {
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let mut bed = Bed {
             p,
-            names: Vec::new(),
+            guards: Vec::new(),
             children: Vec::new(),
             dir,
         };
@@ -233,15 +232,15 @@ impl Bed {
     fn add_ns(&mut self, short: &str) -> Result<String, String> {
         let n = self.ns(short);
         let _ = Command::new("ip").args(["netns", "del", &n]).output();
-        cmd(&["ip", "netns", "add", &n])?;
-        self.names.push(n.clone());
+        let guard = netns_tests::Netns::create(&n).map_err(|e| e.to_string())?;
+        self.guards.insert(0, guard);
         Ok(n)
     }
 
     fn del_ns(&mut self, short: &str) {
         let n = self.ns(short);
-        let _ = Command::new("ip").args(["netns", "del", &n]).output();
-        self.names.retain(|x| *x != n);
+        // Dropping its guard deletes it.
+        self.guards.retain(|g| g.name() != n);
     }
 
     /// A pod namespace behind host `h`: `<net>.2/24` via `<net>.1`, with `mtu`.
@@ -286,18 +285,24 @@ impl Bed {
         env: &[(&str, &str)],
         log: &str,
     ) -> Result<u32, String> {
-        let log = std::fs::File::create(self.dir.join(log)).map_err(|e| e.to_string())?;
         let mut c = Command::new("ip");
         c.args(["netns", "exec", ns]).args(args);
         for (k, v) in env {
             c.env(k, v);
         }
+        self.spawn_cmd(c, log)
+    }
+
+    /// Starts `c` (built to run in one of this bed's namespaces) with its output in `log`
+    /// (under the bed's directory); returns its pid.
+    fn spawn_cmd(&mut self, mut c: Command, log: &str) -> Result<u32, String> {
+        let log = std::fs::File::create(self.dir.join(log)).map_err(|e| e.to_string())?;
         let child = c
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| e.to_string())?)
             .stderr(log)
             .spawn()
-            .map_err(|e| format!("{}: {e}", args.join(" ")))?;
+            .map_err(|e| format!("{c:?}: {e}"))?;
         let pid = child.id();
         self.children.push(child);
         Ok(pid)
@@ -749,7 +754,8 @@ fn start_etcd(bed: &mut Bed) -> Result<(), String> {
     let data = bed.dir.join("etcd");
     let url = format!("http://{A_IP}:2379");
     let args = crate::common::etcd_args("bench", &data, &url);
-    let mut argv = vec!["etcd"];
+    let etcd = netns_tests::etcd_bin().display().to_string();
+    let mut argv = vec![etcd.as_str()];
     argv.extend(args.iter().map(String::as_str));
     bed.spawn(&a, &argv, &[], "etcd.log")?;
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -783,32 +789,22 @@ fn start_flanneld(
 ) -> Result<(Vec<u32>, Vec<String>), String> {
     let mut pids = Vec::new();
     let mut nets = Vec::new();
-    let env: Vec<(&str, &str)> = if plain {
-        vec![("FLANNEL_UDP_PLAIN", "1"), ("RUST_LOG", "info")]
-    } else {
-        vec![("RUST_LOG", "info")]
-    };
-    let bin_s = bin.display().to_string();
     let tag = if plain { "plain" } else { "fast" };
     for h in ["a", "b"] {
         let ns = bed.ns(h);
         let file = bed.dir.join(format!("subnet-{h}.env"));
         let _ = std::fs::remove_file(&file);
-        let file_s = file.display().to_string();
-        let pid = bed.spawn(
-            &ns,
-            &[
-                &bin_s,
-                "--etcd-endpoints",
-                &format!("http://{A_IP}:2379"),
-                "--iface",
-                "eth0",
-                "--subnet-file",
-                &file_s,
-            ],
-            &env,
-            &format!("flanneld-{h}-{tag}.log"),
-        )?;
+        let mut flanneld = netns_tests::FlanneldCommand::new(bin);
+        flanneld.netns = Some(ns.clone());
+        flanneld.args = vec![
+            format!("--etcd-endpoints=http://{A_IP}:2379"),
+            "--iface=eth0".into(),
+        ];
+        flanneld.subnet_file = Some(file.clone());
+        if plain {
+            flanneld.env = vec![("FLANNEL_UDP_PLAIN".into(), "1".into())];
+        }
+        let pid = bed.spawn_cmd(flanneld.command(), &format!("flanneld-{h}-{tag}.log"))?;
         pids.push(pid);
         let deadline = Instant::now() + Duration::from_secs(30);
         let subnet = loop {
@@ -867,18 +863,16 @@ fn build_flanneld() -> Result<PathBuf, String> {
 }
 
 fn run(opts: &Opts) -> Result<(), String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err("needs root (network namespaces)".into());
-    }
-    for tool in ["iperf3", "etcd", "etcdctl", "ip", "bridge"] {
-        if Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .map_or(true, |o| !o.status.success())
-        {
-            return Err(format!("{tool} is not installed"));
-        }
+    let missing = privileges::missing(&[
+        Need::Root,
+        Need::Tool("iperf3"),
+        Need::Etcd,
+        Need::Tool("etcdctl"),
+        Need::Tool("ip"),
+        Need::Tool("bridge"),
+    ]);
+    if !missing.is_empty() {
+        return Err(format!("needs {}", missing.join(", ")));
     }
     let flanneld = match &opts.flanneld {
         Some(p) => p.clone(),

@@ -11,9 +11,7 @@ use serde_json::{json, Value};
 
 #[test]
 fn add_check_del_in_a_pod() {
-    if !privileged() {
-        return;
-    }
+    netns_tests::require_all!(common::PRIVILEGED);
     let host = Host::new("1.0.0");
     let pod = Netns::new("fcp");
     let res = host.add("c0ffee01", &pod).expect_ok();
@@ -99,9 +97,7 @@ fn add_check_del_in_a_pod() {
 
 #[test]
 fn result_shape_follows_conf_version() {
-    if !privileged() {
-        return;
-    }
+    netns_tests::require_all!(common::PRIVILEGED);
     for version in ["0.3.0", "0.3.1", "0.4.0", "1.1.0"] {
         let host = Host::new(version);
         let pod = Netns::new("fcp");
@@ -130,9 +126,7 @@ fn result_shape_follows_conf_version() {
 
 #[test]
 fn sixty_four_parallel_adds_get_distinct_addresses() {
-    if !privileged() {
-        return;
-    }
+    netns_tests::require_all!(common::PRIVILEGED);
     let host = Host::new("1.0.0");
     let pods: Vec<Netns> = (0..64).map(|_| Netns::new("fcp")).collect();
     let results: Vec<Run> = std::thread::scope(|s| {
@@ -193,9 +187,7 @@ fn host_local(host: &Host, cmd: &str, id: &str, subnet: &str) -> Run {
 
 #[test]
 fn shares_the_store_with_reference_host_local() {
-    if !privileged() {
-        return;
-    }
+    netns_tests::require_all!(common::PRIVILEGED);
     // A /28: .2 … .14 are usable (13 addresses), so both allocators must interleave.
     let env = "FLANNEL_NETWORK=10.5.0.0/16\nFLANNEL_SUBNET=10.5.72.1/28\nFLANNEL_MTU=1450\n\
                FLANNEL_IPMASQ=true\n";
@@ -271,9 +263,7 @@ fn shares_the_store_with_reference_host_local() {
 
 #[test]
 fn delegate_path_with_reference_bridge() {
-    if !privileged() {
-        return;
-    }
+    netns_tests::require_all!(common::PRIVILEGED);
     let mut host = Host::new("1.0.0");
     host.conf["delegate"]["type"] = json!("bridge");
     let pod = Netns::new("fcp");
@@ -322,9 +312,7 @@ fn delegate_path_with_reference_bridge() {
 #[test]
 fn native_del_undoes_a_delegate_add() {
     // A pod made by flannel's own plugin (saved conf) is torn down after switching to native.
-    if !privileged() {
-        return;
-    }
+    netns_tests::require_all!(common::PRIVILEGED);
     let mut host = Host::new("1.0.0");
     let native_conf = host.conf.clone();
     host.conf["delegate"]["type"] = json!("bridge");
@@ -358,9 +346,7 @@ fn assert_clean(host: &Host, pod: &Netns) {
 
 #[test]
 fn bad_input_gets_its_code_and_leaves_nothing() {
-    if !privileged() {
-        return;
-    }
+    netns_tests::require_all!(common::PRIVILEGED);
     let host = Host::new("1.0.0");
     let pod = Netns::new("fcp");
     let full_env = |cmd: &'static str, pod: &Netns| -> Vec<(&'static str, String)> {
@@ -485,9 +471,7 @@ fn bad_input_gets_its_code_and_leaves_nothing() {
 
 #[test]
 fn version_status_and_gc() {
-    if !privileged() {
-        return;
-    }
+    netns_tests::require_all!(common::PRIVILEGED);
     let host = Host::new("1.1.0");
     let v = host.run_bin(
         PLUGIN,
@@ -541,9 +525,7 @@ fn version_status_and_gc() {
 
 #[test]
 fn ip_masq_rules_come_and_go() {
-    if !privileged() {
-        return;
-    }
+    netns_tests::require_all!(common::PRIVILEGED);
     let mut host = Host::new("1.0.0");
     host.conf["delegate"]["ipMasq"] = json!(true);
     let pod = Netns::new("fcp");
@@ -608,9 +590,7 @@ fn del_runs_every_step_when_one_fails() {
 
 #[test]
 fn dual_stack_lease() {
-    if !privileged() {
-        return;
-    }
+    netns_tests::require_all!(common::PRIVILEGED);
     let env = "FLANNEL_NETWORK=10.5.0.0/16\nFLANNEL_SUBNET=10.5.72.1/24\n\
                FLANNEL_IPV6_NETWORK=fd00:5::/56\nFLANNEL_IPV6_SUBNET=fd00:5:0:48::1/64\n\
                FLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n";
@@ -656,9 +636,7 @@ fn bridge_state(host: &Host) -> (String, String) {
 fn a_new_lease_subnet_replaces_the_bridge_gateway() {
     // flanneld restarted and leased other subnets: the next pod must get a working gateway,
     // and the old subnets must not stay routed to the bridge (they are someone else's now).
-    if !privileged() {
-        return;
-    }
+    netns_tests::require_all!(common::PRIVILEGED);
     let lease_a = "FLANNEL_NETWORK=10.5.0.0/16\nFLANNEL_SUBNET=10.5.72.1/24\n\
                    FLANNEL_IPV6_NETWORK=fd00:5::/56\nFLANNEL_IPV6_SUBNET=fd00:5:0:48::1/64\n\
                    FLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n";
@@ -744,9 +722,7 @@ fn a_new_lease_subnet_replaces_the_bridge_gateway() {
 fn del_survives_a_saved_conf_left_half_written() {
     // A crash while the conf was written in place left a truncated file: DEL must still
     // undo the pod, or the runtime retries it for ever.
-    if !privileged() {
-        return;
-    }
+    netns_tests::require_all!(common::PRIVILEGED);
     let mut host = Host::new("1.0.0");
     host.conf["delegate"]["type"] = json!("bridge");
     let pod = Netns::new("fcp");
@@ -788,9 +764,7 @@ fn gc_runs_the_delegate_del_of_stale_containers() {
     // The delegate's IPAM is not host-local as far as we know (here: the real host-local
     // under another name, as a third-party IPAM would be): only its own DEL frees what it
     // holds, so GC must run the delegate's DEL with each stale saved conf.
-    if !privileged() {
-        return;
-    }
+    netns_tests::require_all!(common::PRIVILEGED);
     let mut host = Host::new("1.0.0");
     let bins = host.dir.path().join("bin");
     std::fs::create_dir(&bins).unwrap();
@@ -852,9 +826,7 @@ impl Drop for Background {
 fn gc_keeps_a_pod_added_while_it_runs() {
     // The runtime listed the valid attachments before calling GC; a pod added while the GC
     // runs its delegates' DELs is not in that list, yet alive: GC must leave it alone.
-    if !privileged() {
-        return;
-    }
+    netns_tests::require_all!(common::PRIVILEGED);
     use std::io::Write;
     use std::process::{Command, Stdio};
     use std::time::{Duration, Instant};

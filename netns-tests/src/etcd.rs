@@ -11,7 +11,7 @@ use std::time::Duration;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use crate::{cmd, wait_until, Error, Netns, Result, Underlay};
+use crate::{cmd, wait_until, Error, EtcdSpec, Netns, Result, Underlay};
 
 /// One etcd member in its own namespace on the underlay. A single-member cluster ([`Etcd::start_on`])
 /// lives in `<prefix>-etcd` with client URL `http://198.18.0.2:2379`; member `i` of a
@@ -170,24 +170,16 @@ impl Etcd {
         let log2 = log.try_clone().map_err(|e| Error::io("dup log fd", e))?;
         let client = self.endpoint();
         let m = &self.member;
-        let mut c = self.ns.command("etcd");
-        c.args([
-            &format!("--name={}", m.name),
-            &format!("--data-dir={}", self.data_dir.display()),
-            &format!("--listen-client-urls={client},http://127.0.0.1:2379"),
-            &format!("--advertise-client-urls={client}"),
-            &format!("--listen-peer-urls={}", m.peer_url),
-            &format!("--initial-advertise-peer-urls={}", m.peer_url),
-            &format!("--initial-cluster={}", m.initial_cluster),
-            &format!("--initial-cluster-token={}", m.token),
-            "--initial-cluster-state=new",
-            "--logger=zap",
-            "--log-outputs=stderr",
-        ])
-        .stdin(Stdio::null())
-        .stdout(log)
-        .stderr(log2)
-        .process_group(0);
+        let mut spec = EtcdSpec::single(&m.name, &self.data_dir, &client, &m.peer_url);
+        spec.listen_client_urls.push("http://127.0.0.1:2379".into());
+        spec.initial_cluster = m.initial_cluster.clone();
+        spec.cluster_token = Some(m.token.clone());
+        spec.extra_args = vec!["--logger=zap".into(), "--log-outputs=stderr".into()];
+        let mut c = spec.command(Some(self.ns.name()));
+        c.stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .process_group(0);
         for (k, _) in std::env::vars_os() {
             if k.to_string_lossy().starts_with("ETCD") {
                 c.env_remove(k);

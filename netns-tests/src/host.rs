@@ -12,7 +12,9 @@ use std::time::Duration;
 use ipnetwork::Ipv4Network;
 
 use crate::etcd::stop_child;
-use crate::{cmd, http_get, wait_for, Error, Netns, Pod, PodMode, Result, Underlay, Wait};
+use crate::{
+    cmd, http_get, wait_for, Error, FlanneldCommand, Netns, Pod, PodMode, Result, Underlay, Wait,
+};
 
 /// How flanneld is run on a host.
 #[derive(Debug, Clone)]
@@ -172,25 +174,21 @@ impl Host {
             .open(&log_path)
             .map_err(|e| Error::io(format!("opening {}", log_path.display()), e))?;
         let log2 = log.try_clone().map_err(|e| Error::io("dup log fd", e))?;
-        let mut c = self.ns.command(&self.bin);
-        c.args(self.args())
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            .process_group(0);
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("FLANNELD_") {
-                c.env_remove(k);
-            }
-        }
-        let rust_log = self
+        let mut flanneld = FlanneldCommand::new(&self.bin);
+        flanneld.netns = Some(self.ns.name().to_string());
+        flanneld.args = self.args();
+        flanneld.rust_log = self
             .opts
             .rust_log
             .clone()
             .or_else(|| std::env::var("NETNS_TESTS_RUST_LOG").ok())
             .or_else(|| std::env::var("RUST_LOG").ok())
             .unwrap_or_else(|| "info".to_string());
-        c.env("RUST_LOG", rust_log);
+        let mut c = flanneld.command();
+        c.stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .process_group(0);
         let spawned = c
             .spawn()
             .map_err(|e| Error::io(format!("starting `{}`", cmd::show(&c)), e))?;

@@ -18,16 +18,21 @@
 //! the `flannel` CNI plugin ([`cni_plugin_bin`], `$FLANNEL_CNI_BIN`, same rule) unless
 //! `NETNS_TESTS_CNI=0`, which makes them by hand (see [`PodMode`]).
 //!
-//! Everything needs root. Tests call [`require_root`] first: without root it prints a skip note
-//! and returns `false`, unless `CI` is set, where it panics.
+//! Everything needs root. Tests start with [`require_test_bed!`] (or [`require_root!`],
+//! [`require!`]): without root it prints a skip note and returns from the test, unless `CI` is
+//! set, where it panics (see [`privileges`]).
 
 pub mod bins;
 pub mod cluster;
 pub mod cmd;
 pub mod etcd;
+pub mod etcd_cmd;
+pub mod flanneld_cmd;
+pub mod hash;
 pub mod host;
 pub mod netns;
 pub mod pod;
+pub mod privileges;
 pub mod traffic;
 pub mod underlay;
 
@@ -36,9 +41,12 @@ use std::time::{Duration, Instant};
 pub use bins::{cni_plugin_bin, flanneld_bin};
 pub use cluster::{par_map, ping_pairs, Backend, Cluster, ClusterBuilder, KernelState, LeaseInfo};
 pub use etcd::{Etcd, WatchEvent, WatchLog};
+pub use etcd_cmd::{etcd_bin, EtcdSpec, EtcdTls};
+pub use flanneld_cmd::FlanneldCommand;
 pub use host::{Host, HostOptions, ProcStats};
 pub use netns::{sweep_stale, unique_prefix, Netns};
 pub use pod::{Pod, PodMode};
+pub use privileges::Need;
 pub use traffic::{
     http_get, tcp_transfer, PacedReport, PacedTransfer, PingRun, PingStats, Transfer,
 };
@@ -183,31 +191,4 @@ pub fn wait_for<T>(
         }
         std::thread::sleep(every);
     }
-}
-
-/// Whether privileged tests can run here. Not root: panics when `CI` is set (a test that cannot
-/// run in CI must fail), otherwise prints a skip note and returns `false`. Also checks that the
-/// tools the test bed runs exist (same rule).
-pub fn require_root(test: &str) -> bool {
-    let mut missing = Vec::new();
-    if !nix::unistd::geteuid().is_root() {
-        missing.push("root".to_string());
-    }
-    for tool in ["ip", "bridge", "etcd", "etcdctl", "ping", "iptables"] {
-        if !cmd::on_path(tool) {
-            missing.push(format!("`{tool}` on PATH"));
-        }
-    }
-    if missing.is_empty() {
-        return true;
-    }
-    let msg = format!(
-        "{test}: needs {} (run as root with etcd-server, etcd-client, iproute2, iptables, iputils-ping)",
-        missing.join(", ")
-    );
-    if std::env::var_os("CI").is_some() {
-        panic!("{msg}; CI is set, so this is a failure, not a skip");
-    }
-    eprintln!("SKIPPED {msg}");
-    false
 }

@@ -100,24 +100,12 @@ impl Netns {
     /// Moves the *calling thread* into this namespace. Only call it on a thread you spawned
     /// for that purpose (never the test's main thread); [`Netns::run_in`] does it for you.
     pub fn enter_current_thread(&self) -> Result<()> {
-        let file = File::open(self.path())
-            .map_err(|e| Error::io(format!("opening {}", self.path().display()), e))?;
-        nix::sched::setns(&file, CloneFlags::CLONE_NEWNET)
-            .map_err(|e| Error::Other(format!("setns into {}: {e}", self.name)))
+        enter(&self.name)
     }
 
     /// Runs `f` on a fresh thread that has entered this namespace (sockets it opens live there).
     pub fn run_in<T: Send, F: FnOnce() -> T + Send>(&self, f: F) -> Result<T> {
-        std::thread::scope(|s| {
-            let h = s.spawn(|| -> Result<T> {
-                self.enter_current_thread()?;
-                Ok(f())
-            });
-            match h.join() {
-                Ok(r) => r,
-                Err(panic) => std::panic::resume_unwind(panic),
-            }
-        })
+        run_in(&self.name, f)
     }
 
     /// Leaves the namespace (and whatever runs inside) in place when the guard is dropped.
@@ -134,6 +122,65 @@ impl Drop for Netns {
             }
         }
     }
+}
+
+/// Opens `/run/netns/<name>`, to enter it later with [`enter_file`] (e.g. from a thread that
+/// must not fail half-way).
+pub fn open(name: &str) -> Result<File> {
+    let path = PathBuf::from("/run/netns").join(name);
+    File::open(&path).map_err(|e| Error::io(format!("opening {}", path.display()), e))
+}
+
+/// Moves the *calling thread* into the network namespace `file` (opened by [`open`]); `what`
+/// names it in the error. The one `setns` of the test bed: only the thread changes namespace,
+/// so call it on a thread spawned for that purpose.
+pub fn enter_file(file: &File, what: &str) -> Result<()> {
+    nix::sched::setns(file, CloneFlags::CLONE_NEWNET)
+        .map_err(|e| Error::Other(format!("setns into {what}: {e}")))
+}
+
+/// The calling thread inside a network namespace until this is dropped, then back in the one
+/// it came from (see [`enter_scoped`]).
+#[derive(Debug)]
+pub struct EnteredNetns {
+    orig: File,
+}
+
+/// Moves the calling thread into the named namespace until the returned guard is dropped.
+/// Threads spawned meanwhile start in the namespace (and stay there).
+pub fn enter_scoped(name: &str) -> Result<EnteredNetns> {
+    let orig = File::open("/proc/thread-self/ns/net")
+        .map_err(|e| Error::io("opening /proc/thread-self/ns/net", e))?;
+    enter(name)?;
+    Ok(EnteredNetns { orig })
+}
+
+impl Drop for EnteredNetns {
+    fn drop(&mut self) {
+        if let Err(e) = enter_file(&self.orig, "the original namespace") {
+            eprintln!("netns-tests: {e}");
+        }
+    }
+}
+
+/// Moves the *calling thread* into the named network namespace `/run/netns/<name>`.
+pub fn enter(name: &str) -> Result<()> {
+    enter_file(&open(name)?, name)
+}
+
+/// Runs `f` on a fresh thread that has entered the named namespace (sockets and netlink
+/// handles it opens live there); a panic in `f` is re-raised here.
+pub fn run_in<T: Send, F: FnOnce() -> T + Send>(name: &str, f: F) -> Result<T> {
+    std::thread::scope(|s| {
+        let h = s.spawn(|| -> Result<T> {
+            enter(name)?;
+            Ok(f())
+        });
+        match h.join() {
+            Ok(r) => r,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    })
 }
 
 fn parse_json(out: &str) -> Result<serde_json::Value> {

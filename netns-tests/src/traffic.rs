@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+use crate::hash::{fnv1a as fnv, FNV_OFFSET};
 use crate::{cmd, Error, Pod, Result};
 
 /// What a ping run counted.
@@ -139,9 +140,6 @@ impl Transfer {
     }
 }
 
-const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-const FNV_PRIME: u64 = 0x0100_0000_01b3;
-
 /// Ends the sending side of a transfer and checks the receiver's receipt (bytes and hash)
 /// against what was sent.
 fn finish_and_check(st: &mut TcpStream, addr: SocketAddr, sent: u64, h: u64) -> Result<(u64, u64)> {
@@ -158,14 +156,6 @@ fn finish_and_check(st: &mut TcpStream, addr: SocketAddr, sent: u64, h: u64) -> 
         )));
     }
     Ok((n, h))
-}
-
-fn fnv(mut h: u64, data: &[u8]) -> u64 {
-    for &b in data {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(FNV_PRIME);
-    }
-    h
 }
 
 /// Sends `bytes` pseudo-random bytes over TCP from pod `from` to a listener in pod `to` (both on
@@ -304,13 +294,7 @@ pub struct PacedTransfer {
 }
 
 fn open_netns(ns: &crate::Netns) -> Result<std::fs::File> {
-    std::fs::File::open(ns.path())
-        .map_err(|e| Error::io(format!("opening {}", ns.path().display()), e))
-}
-
-fn enter(file: &std::fs::File, what: &str) -> Result<()> {
-    nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
-        .map_err(|e| Error::Other(format!("setns into {what}: {e}")))
+    crate::netns::open(ns.name())
 }
 
 impl PacedTransfer {
@@ -324,7 +308,7 @@ impl PacedTransfer {
         let (tx, rx) = mpsc::channel::<Result<u16>>();
         let server = std::thread::spawn(move || -> Result<(u64, u64, Duration)> {
             let listen = || -> Result<TcpListener> {
-                enter(&to_ns, &to_name)?;
+                crate::netns::enter_file(&to_ns, &to_name)?;
                 TcpListener::bind((dst_ip, 0))
                     .map_err(|e| Error::io(format!("listen on {dst_ip}"), e))
             };
@@ -389,7 +373,7 @@ impl PacedTransfer {
         let stop = std::sync::Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
         let client = std::thread::spawn(move || -> Result<(u64, u64)> {
-            enter(&from_ns, &from_name)?;
+            crate::netns::enter_file(&from_ns, &from_name)?;
             let addr = SocketAddr::from((dst_ip, port));
             let mut st = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
                 .map_err(|e| Error::io(format!("connect {addr}"), e))?;

@@ -10,7 +10,7 @@ use std::net::Ipv6Addr;
 use std::time::Duration;
 
 use ipnetwork::Ipv6Network;
-use netns_tests::{require_root, wait_until, Cluster, Host, Netns, PodMode};
+use netns_tests::{wait_until, Cluster, Host, Netns, PodMode};
 
 const CONVERGE: Duration = Duration::from_secs(30);
 
@@ -217,25 +217,19 @@ fn dual_stack_pods_reach_each_other(backend: &str, mtu: &str) {
 
 #[test]
 fn dual_stack_vxlan_pods_reach_each_other_over_ipv6() {
-    if !require_root("dual_stack_vxlan_pods_reach_each_other_over_ipv6") {
-        return;
-    }
+    netns_tests::require_test_bed!();
     dual_stack_pods_reach_each_other("vxlan", "1430");
 }
 
 #[test]
 fn dual_stack_hostgw_pods_reach_each_other_over_ipv6() {
-    if !require_root("dual_stack_hostgw_pods_reach_each_other_over_ipv6") {
-        return;
-    }
+    netns_tests::require_test_bed!();
     dual_stack_pods_reach_each_other("host-gw", "1500");
 }
 
 #[test]
 fn ipv6_only_vxlan_cluster() {
-    if !require_root("ipv6_only_vxlan_cluster") {
-        return;
-    }
+    netns_tests::require_test_bed!();
     let c = dual_cluster(
         r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fc00::/48","Backend":{"Type":"vxlan"}}"#,
         3,

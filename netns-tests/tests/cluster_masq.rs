@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
 use ipnetwork::Ipv6Network;
-use netns_tests::{require_root, wait_until, Cluster, Host, Netns, PodMode};
+use netns_tests::{wait_until, Cluster, Host, Netns, PodMode};
 
 const CONVERGE: Duration = Duration::from_secs(30);
 const OUTSIDE4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 200);
@@ -86,9 +86,7 @@ fn assert_source(listen: &Netns, to: IpAddr, from: &Netns, want: IpAddr) {
 
 #[test]
 fn ip_masq_hides_pods_outside_the_network_but_not_between_pods() {
-    if !require_root("ip_masq_hides_pods_outside_the_network_but_not_between_pods") {
-        return;
-    }
+    netns_tests::require_test_bed!();
     let c = Cluster::builder()
         .hosts(2)
         .config_json(

@@ -9,7 +9,7 @@ use std::net::{Ipv4Addr, UdpSocket};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use netns_tests::{require_root, Cluster, Pod};
+use netns_tests::{Cluster, Pod};
 use serde_json::json;
 
 const REACH: Duration = Duration::from_secs(20);
@@ -95,16 +95,14 @@ fn every_pod_reaches_every_pod(plain: bool) {
 
 #[test]
 fn udp_fast_every_pod_reaches_every_pod() {
-    if require_root("udp_fast_every_pod_reaches_every_pod") {
-        every_pod_reaches_every_pod(false);
-    }
+    netns_tests::require_test_bed!();
+    every_pod_reaches_every_pod(false);
 }
 
 #[test]
 fn udp_plain_every_pod_reaches_every_pod() {
-    if require_root("udp_plain_every_pod_reaches_every_pod") {
-        every_pod_reaches_every_pod(true);
-    }
+    netns_tests::require_test_bed!();
+    every_pod_reaches_every_pod(true);
 }
 
 /// An IPv4/UDP packet to `dst`:`port` (no UDP checksum) with a correct header checksum.
@@ -204,16 +202,14 @@ fn non_peer_datagram_is_dropped(plain: bool) {
 
 #[test]
 fn udp_fast_datagram_from_a_non_peer_is_not_delivered() {
-    if require_root("udp_fast_datagram_from_a_non_peer_is_not_delivered") {
-        non_peer_datagram_is_dropped(false);
-    }
+    netns_tests::require_test_bed!();
+    non_peer_datagram_is_dropped(false);
 }
 
 #[test]
 fn udp_plain_datagram_from_a_non_peer_is_not_delivered() {
-    if require_root("udp_plain_datagram_from_a_non_peer_is_not_delivered") {
-        non_peer_datagram_is_dropped(true);
-    }
+    netns_tests::require_test_bed!();
+    non_peer_datagram_is_dropped(true);
 }
 
 fn leave_and_join(plain: bool) {
@@ -257,14 +253,12 @@ fn leave_and_join(plain: bool) {
 
 #[test]
 fn udp_fast_host_leaves_unreachable_then_joins_reachable() {
-    if require_root("udp_fast_host_leaves_unreachable_then_joins_reachable") {
-        leave_and_join(false);
-    }
+    netns_tests::require_test_bed!();
+    leave_and_join(false);
 }
 
 #[test]
 fn udp_plain_host_leaves_unreachable_then_joins_reachable() {
-    if require_root("udp_plain_host_leaves_unreachable_then_joins_reachable") {
-        leave_and_join(true);
-    }
+    netns_tests::require_test_bed!();
+    leave_and_join(true);
 }

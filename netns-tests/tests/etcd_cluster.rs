@@ -11,8 +11,7 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use netns_tests::{
-    heavy_lock, require_root, wait_until, Backend, Cluster, LeaseInfo, PacedTransfer, PingStats,
-    Pod,
+    heavy_lock, wait_until, Backend, Cluster, LeaseInfo, PacedTransfer, PingStats, Pod,
 };
 
 use common::CONVERGE;
@@ -102,9 +101,7 @@ fn connections(c: &Cluster) -> Vec<Vec<Ipv4Addr>> {
 
 #[test]
 fn etcd_member_killed_leases_renew_hosts_join_no_pod_connection_breaks() {
-    if !require_root("etcd_member_killed_leases_renew_hosts_join_no_pod_connection_breaks") {
-        return;
-    }
+    netns_tests::require_test_bed!();
     let _heavy = heavy_lock();
     let mut c = cluster();
     c.wait_converged(CONVERGE).expect("converged");
@@ -210,9 +207,7 @@ fn etcd_member_killed_leases_renew_hosts_join_no_pod_connection_breaks() {
 
 #[test]
 fn etcd_quorum_lost_data_plane_kept_ready_outage_in_metrics_then_converges() {
-    if !require_root("etcd_quorum_lost_data_plane_kept_ready_outage_in_metrics_then_converges") {
-        return;
-    }
+    netns_tests::require_test_bed!();
     let _heavy = heavy_lock();
     let mut c = cluster();
     c.wait_converged(CONVERGE).expect("converged");

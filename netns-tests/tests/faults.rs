@@ -4,7 +4,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use netns_tests::{require_root, Backend, Cluster, PingStats};
+use netns_tests::{Backend, Cluster, PingStats};
 
 use common::CONVERGE;
 
@@ -44,25 +44,19 @@ fn host_leaves(backend: Backend) {
 
 #[test]
 fn vxlan_host_leaves_peers_drop_neighbour_fdb_route() {
-    if !require_root("vxlan_host_leaves_peers_drop_neighbour_fdb_route") {
-        return;
-    }
+    netns_tests::require_test_bed!();
     host_leaves(Backend::Vxlan);
 }
 
 #[test]
 fn hostgw_host_leaves_peers_drop_route() {
-    if !require_root("hostgw_host_leaves_peers_drop_route") {
-        return;
-    }
+    netns_tests::require_test_bed!();
     host_leaves(Backend::HostGw);
 }
 
 #[test]
 fn kill9_and_restart_keeps_subnet_mac_and_traffic() {
-    if !require_root("kill9_and_restart_keeps_subnet_mac_and_traffic") {
-        return;
-    }
+    netns_tests::require_test_bed!();
     let c = Cluster::new(3, Backend::Vxlan).expect("cluster");
     c.wait_converged(CONVERGE).expect("converged");
     let a = c.add_pod(0).unwrap();
@@ -113,9 +107,7 @@ fn kill9_and_restart_keeps_subnet_mac_and_traffic() {
 
 #[test]
 fn vxlan_device_deleted_by_hand_is_recreated() {
-    if !require_root("vxlan_device_deleted_by_hand_is_recreated") {
-        return;
-    }
+    netns_tests::require_test_bed!();
     let c = Cluster::new(3, Backend::Vxlan).expect("cluster");
     c.wait_converged(CONVERGE).expect("converged");
     let pods: Vec<_> = (0..3).map(|i| c.add_pod(i).unwrap()).collect();
@@ -193,17 +185,13 @@ fn deleted_route_is_restored(backend: Backend) {
 
 #[test]
 fn vxlan_route_deleted_by_hand_is_restored() {
-    if !require_root("vxlan_route_deleted_by_hand_is_restored") {
-        return;
-    }
+    netns_tests::require_test_bed!();
     deleted_route_is_restored(Backend::Vxlan);
 }
 
 #[test]
 fn hostgw_route_deleted_by_hand_is_restored() {
-    if !require_root("hostgw_route_deleted_by_hand_is_restored") {
-        return;
-    }
+    netns_tests::require_test_bed!();
     deleted_route_is_restored(Backend::HostGw);
 }
 
@@ -344,17 +332,13 @@ fn repairs_only_its_own_state(backend: Backend, delete: Ours) {
 
 #[test]
 fn hostgw_repairs_only_its_own_state_and_keeps_hand_made_routes() {
-    if !require_root("hostgw_repairs_only_its_own_state_and_keeps_hand_made_routes") {
-        return;
-    }
+    netns_tests::require_test_bed!();
     repairs_only_its_own_state(Backend::HostGw, Ours::Route);
 }
 
 #[test]
 fn vxlan_repairs_only_its_own_state_and_keeps_hand_made_routes() {
-    if !require_root("vxlan_repairs_only_its_own_state_and_keeps_hand_made_routes") {
-        return;
-    }
+    netns_tests::require_test_bed!();
     repairs_only_its_own_state(Backend::Vxlan, Ours::Neighbour);
 }
 
@@ -369,9 +353,7 @@ fn outage() -> Duration {
 
 #[test]
 fn etcd_down_traffic_flows_then_new_host_joins() {
-    if !require_root("etcd_down_traffic_flows_then_new_host_joins") {
-        return;
-    }
+    netns_tests::require_test_bed!();
     let mut c = Cluster::new(3, Backend::Vxlan).expect("cluster");
     c.wait_converged(CONVERGE).expect("converged");
     let a = c.add_pod(0).unwrap();

@@ -3,13 +3,17 @@
 //! The network has room for exactly four /28 subnets, so every host that joins while the cut-off
 //! host's lease is alive is pushed towards its subnet: the only thing that keeps them off it is
 //! the lease in etcd.
+//!
+//! Each phase of the story (the cut, the expiry, the return) is its own test on its own cluster,
+//! so that one failure does not hide the others.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
 use netns_tests::{
-    heavy_lock, require_root, wait_until, Cluster, LeaseInfo, PingStats, WatchEvent,
+    heavy_lock, wait_until, Cluster, HeavyLock, LeaseInfo, PingRun, PingStats, Pod, WatchEvent,
+    WatchLog,
 };
 
 use common::CONVERGE;
@@ -36,15 +40,30 @@ fn assert_no_loss(st: &PingStats, what: &str) {
     assert!(st.lost() * 100 <= st.transmitted, "{what}: {st}");
 }
 
-#[test]
-fn partitioned_host_keeps_data_plane_and_its_subnet_which_no_one_takes_while_leased() {
-    if !require_root(
-        "partitioned_host_keeps_data_plane_and_its_subnet_which_no_one_takes_while_leased",
-    ) {
-        return;
-    }
-    let _heavy = heavy_lock();
-    let mut c = Cluster::builder()
+/// Three hosts with a pod each (pods reach each other), then host 2 cut off the underlay; the
+/// watch on the subnets and a ping h0 → h1 every 20 ms started before the cut.
+struct Partitioned {
+    c: Cluster,
+    a: Pod,
+    b: Pod,
+    p: Pod,
+    victim: usize,
+    /// Every lease before the cut.
+    leases: Vec<LeaseInfo>,
+    /// Host 2's lease before the cut.
+    old: LeaseInfo,
+    /// flanneld's pid on host 2 before the cut.
+    pid: Option<u32>,
+    log: WatchLog,
+    ping: PingRun,
+    /// When host 2 was cut off.
+    t0: Instant,
+    _heavy: HeavyLock,
+}
+
+fn partitioned() -> Partitioned {
+    let heavy = heavy_lock();
+    let c = Cluster::builder()
         .hosts(3)
         .config_json(CONFIG)
         .flanneld_arg(&format!("--subnet-lease-ttl={TTL_SECS}s"))
@@ -61,7 +80,6 @@ fn partitioned_host_keeps_data_plane_and_its_subnet_which_no_one_takes_while_lea
     let victim = 2;
     let leases = c.leases().unwrap();
     let old = c.lease_of(victim).unwrap().expect("host 2 has a lease");
-    let subnet = old.subnet;
     let pid = c.host(victim).pid();
     let log = c
         .etcd()
@@ -71,7 +89,56 @@ fn partitioned_host_keeps_data_plane_and_its_subnet_which_no_one_takes_while_lea
 
     c.partition(victim).expect("cut host 2 off");
     let t0 = Instant::now();
-    eprintln!("host {victim} ({subnet}) cut off the underlay");
+    eprintln!("host {victim} ({}) cut off the underlay", old.subnet);
+    Partitioned {
+        c,
+        a,
+        b,
+        p,
+        victim,
+        leases,
+        old,
+        pid,
+        log,
+        ping,
+        t0,
+        _heavy: heavy,
+    }
+}
+
+impl Partitioned {
+    /// While cut off, host 2 keeps its data plane and its daemon; its lease expires in etcd
+    /// and the others drop it. Returns when they did.
+    fn wait_lease_expired_and_dropped(&self) {
+        let (c, victim, leases) = (&self.c, self.victim, &self.leases);
+        let expired = wait_until(
+            Duration::from_secs(TTL_SECS + 10),
+            "host 2's lease to expire in etcd",
+            || {
+                assert_keeps_peers(c, victim, leases, "while cut off");
+                match c.lease_of(victim).map_err(|e| e.to_string())? {
+                    None => Ok(self.t0.elapsed()),
+                    Some(l) => Err(format!("still there: {l:?}")),
+                }
+            },
+        )
+        .expect("the lease expires");
+        let dropped = c
+            .wait_peer_gone(&self.old, Duration::from_secs(10))
+            .expect("the other hosts drop the expired lease");
+        eprintln!(
+            "lease {} expired {expired:?} after the cut; the others dropped it {dropped:?} later",
+            self.old.subnet
+        );
+    }
+}
+
+#[test]
+fn partitioned_hosts_leased_subnet_is_taken_by_no_one_while_the_lease_lives() {
+    netns_tests::require_test_bed!();
+    let mut bed = partitioned();
+    let (subnet, victim, t0) = (bed.old.subnet, bed.victim, bed.t0);
+    let c = &mut bed.c;
 
     // A host joins while the lease is alive: it gets the one free subnet, not host 2's.
     let h3 = c.add_host().expect("host 3 joins during the partition");
@@ -114,36 +181,30 @@ fn partitioned_host_keeps_data_plane_and_its_subnet_which_no_one_takes_while_lea
          held by host 2",
         t0.elapsed()
     );
+}
 
-    // Host 3 leaves (its lease deleted), so that when host 2 returns it has a choice of two
-    // free subnets: its own and host 3's.
-    c.host(h3).stop();
-    let l3 = c.lease_of(h3).unwrap().expect("host 3's lease");
-    c.etcd().del(&l3.key).unwrap();
-
-    // While cut off, host 2 keeps its data plane and its daemon; when its lease expires in
-    // etcd the others drop it.
-    let expired = wait_until(
-        Duration::from_secs(TTL_SECS + 10),
-        "host 2's lease to expire in etcd",
-        || {
-            assert_keeps_peers(&c, victim, &leases, "while cut off");
-            match c.lease_of(victim).map_err(|e| e.to_string())? {
-                None => Ok(t0.elapsed()),
-                Some(l) => Err(format!("still there: {l:?}")),
-            }
-        },
-    )
-    .expect("the lease expires");
-    let dropped = c
-        .wait_peer_gone(&old, Duration::from_secs(10))
-        .expect("the other hosts drop the expired lease");
+#[test]
+fn partitioned_host_keeps_its_data_plane_after_its_lease_expired_and_the_others_dropped_it() {
+    netns_tests::require_test_bed!();
+    let bed = partitioned();
+    bed.wait_lease_expired_and_dropped();
     std::thread::sleep(Duration::from_secs(2));
-    assert_keeps_peers(&c, victim, &leases, "cut off, after the lease expired");
-    eprintln!(
-        "lease {subnet} expired {expired:?} after the cut; the others dropped it {dropped:?} \
-         later; host 2 still holds every peer"
+    assert_keeps_peers(
+        &bed.c,
+        bed.victim,
+        &bed.leases,
+        "cut off, after the lease expired",
     );
+    eprintln!("host 2 still holds every peer after its lease expired");
+}
+
+#[test]
+fn healed_host_takes_its_old_subnet_back_without_a_restart_and_no_other_traffic_is_lost() {
+    netns_tests::require_test_bed!();
+    let bed = partitioned();
+    let (c, victim, subnet) = (&bed.c, bed.victim, bed.old.subnet);
+    // When host 2 returns it has a choice of two free subnets: its own and the fourth.
+    bed.wait_lease_expired_and_dropped();
 
     c.heal(victim).expect("plug host 2 back");
     let t1 = Instant::now();
@@ -161,13 +222,13 @@ fn partitioned_host_keeps_data_plane_and_its_subnet_which_no_one_takes_while_lea
     c.wait_converged(CONVERGE)
         .expect("converged after the partition");
     let converged = t1.elapsed();
-    for x in [&a, &b] {
-        x.wait_reaches(p.ip(), Duration::from_secs(5)).unwrap();
-        p.wait_reaches(x.ip(), Duration::from_secs(5)).unwrap();
+    for x in [&bed.a, &bed.b] {
+        x.wait_reaches(bed.p.ip(), Duration::from_secs(5)).unwrap();
+        bed.p.wait_reaches(x.ip(), Duration::from_secs(5)).unwrap();
     }
     let reachable = t1.elapsed();
     let h = c.host(victim);
-    assert_eq!(h.pid(), pid, "flanneld on host 2 was not restarted");
+    assert_eq!(h.pid(), bed.pid, "flanneld on host 2 was not restarted");
     assert_eq!(h.subnet().unwrap(), subnet, "subnet file unchanged");
     assert_eq!(h.metric("flannel_lease_acquisitions_total").unwrap(), 2.0);
     let how = if h.log_tail(400).contains("expired in etcd") {
@@ -175,7 +236,7 @@ fn partitioned_host_keeps_data_plane_and_its_subnet_which_no_one_takes_while_lea
     } else {
         "the watch saw the lease deleted"
     };
-    let st = ping.stop().unwrap();
+    let st = bed.ping.stop().unwrap();
     eprintln!(
         "healed: host 2 re-acquired {subnet} after {reacquired:?} ({how}), cluster converged \
          after {converged:?}, pods reach each other after {reachable:?}; \
@@ -186,8 +247,9 @@ fn partitioned_host_keeps_data_plane_and_its_subnet_which_no_one_takes_while_lea
 
     // The whole history of host 2's key: only host 2 ever wrote it, and it was deleted (the
     // expiry) before host 2 wrote it again.
-    let key = old.key.clone();
-    let events: Vec<WatchEvent> = log
+    let key = bed.old.key.clone();
+    let events: Vec<WatchEvent> = bed
+        .log
         .events()
         .unwrap()
         .into_iter()

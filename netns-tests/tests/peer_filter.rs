@@ -9,7 +9,7 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use ipnetwork::Ipv4Network;
-use netns_tests::{require_root, wait_until, Backend, Cluster, Host, LeaseInfo};
+use netns_tests::{wait_until, Backend, Cluster, Host, LeaseInfo};
 use serde_json::json;
 
 use common::CONVERGE;
@@ -72,9 +72,7 @@ fn free_subnets(c: &Cluster, n: usize) -> Vec<Ipv4Network> {
 
 #[test]
 fn vxlan_overlapping_and_oversized_leases_are_refused() {
-    if !require_root("vxlan_overlapping_and_oversized_leases_are_refused") {
-        return;
-    }
+    netns_tests::require_test_bed!();
     let c = Cluster::new(3, Backend::Vxlan).expect("cluster");
     c.wait_converged(CONVERGE).expect("converged");
     let pods = common::pods(&c);
@@ -176,9 +174,7 @@ fn vxlan_overlapping_and_oversized_leases_are_refused() {
 
 #[test]
 fn udp_catch_all_lease_is_refused() {
-    if !require_root("udp_catch_all_lease_is_refused") {
-        return;
-    }
+    netns_tests::require_test_bed!();
     let c = Cluster::builder()
         .hosts(2)
         .backend(Backend::Udp)

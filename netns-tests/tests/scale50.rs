@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use netns_tests::{heavy_lock, par_map, ping_pairs, require_root, Backend, Cluster, Pod};
+use netns_tests::{heavy_lock, par_map, ping_pairs, Backend, Cluster, Pod};
 
 fn hosts() -> usize {
     std::env::var("NETNS_TESTS_SCALE_HOSTS")
@@ -29,9 +29,7 @@ impl Rng {
 
 #[test]
 fn fifty_hosts_at_once_get_distinct_subnets_and_pods_reach_across_the_mesh() {
-    if !require_root("fifty_hosts_at_once_get_distinct_subnets_and_pods_reach_across_the_mesh") {
-        return;
-    }
+    netns_tests::require_test_bed!();
     let _heavy = heavy_lock();
     let n = hosts();
     let t = Instant::now();

@@ -12,21 +12,7 @@ use flannel::backend::{BackendContext, BackendType};
 use flannel::config::NetworkConfig;
 use flannel::iface::ExternalInterface;
 use flannel::subnet::{Lease, LeaseAttrs, PeerSet, SubnetKey};
-use nix::sched::CloneFlags;
 use serde_json::Value;
-
-/// Whether the test can run: root is needed for namespaces. Without root, a test fails when
-/// `CI` is set and is skipped (with a line saying so) otherwise.
-pub fn have_root(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("{test}: needs root to create network namespaces, and CI is set");
-    }
-    eprintln!("SKIP {test}: needs root to create network namespaces");
-    false
-}
 
 /// The name of a namespace, usable from any thread.
 #[derive(Debug, Clone)]
@@ -38,6 +24,7 @@ pub struct Ns {
 #[derive(Debug)]
 pub struct NetnsGuard {
     pub ns: Ns,
+    _guard: netns_tests::Netns,
 }
 
 impl NetnsGuard {
@@ -45,16 +32,11 @@ impl NetnsGuard {
         static COUNTER: AtomicUsize = AtomicUsize::new(0);
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let name = format!("flb-{tag}-{}-{n}", std::process::id());
-        run("ip", &["netns", "add", &name]);
-        NetnsGuard { ns: Ns { name } }
-    }
-}
-
-impl Drop for NetnsGuard {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.ns.name])
-            .status();
+        let guard = netns_tests::Netns::create(&name).unwrap();
+        NetnsGuard {
+            ns: Ns { name },
+            _guard: guard,
+        }
     }
 }
 
@@ -193,11 +175,9 @@ impl Ns {
         Fut: Future<Output = T>,
         T: Send + 'static,
     {
-        let path = format!("/var/run/netns/{}", self.name);
+        let name = self.name.clone();
         let thread = std::thread::spawn(move || {
-            let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-            nix::sched::setns(&file, CloneFlags::CLONE_NEWNET)
-                .unwrap_or_else(|e| panic!("setns {path}: {e}"));
+            netns_tests::netns::enter(&name).unwrap();
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()

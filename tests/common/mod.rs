@@ -8,23 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Whether tests that need `etcd` can run; when `CI` is set a missing etcd fails the test.
-pub fn etcd_available() -> bool {
-    let found = Command::new("etcd")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !found {
-        if std::env::var_os("CI").is_some() {
-            panic!("etcd is not installed, and CI is set: install etcd-server (the README's test command does)");
-        }
-        eprintln!("SKIP: etcd is not installed");
-    }
-    found
-}
+use netns_tests::{EtcdSpec, EtcdTls, FlanneldCommand};
 
 pub fn free_port() -> u16 {
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
@@ -237,31 +221,20 @@ impl Etcd {
             .append(true)
             .open(self.dir.path().join("etcd.log"))
             .unwrap();
-        let mut cmd = in_netns(self.netns.as_deref(), "etcd");
-        cmd.arg("--name=t")
-            .arg(format!(
-                "--data-dir={}",
-                self.dir.path().join("data").display()
-            ))
-            .arg(format!("--listen-client-urls={}", self.endpoint()))
-            .arg(format!("--advertise-client-urls={}", self.endpoint()))
-            .arg(format!("--listen-peer-urls={peer}"))
-            .arg(format!("--initial-advertise-peer-urls={peer}"))
-            .arg(format!("--initial-cluster=t={peer}"))
-            .arg("--log-level=warn")
-            .args(&self.extra_args)
-            .env("ETCD_UNSUPPORTED_ARCH", "")
+        let mut spec = EtcdSpec::single("t", self.dir.path().join("data"), &self.endpoint(), &peer);
+        spec.tls = self.tls.as_ref().map(|tls| EtcdTls {
+            cert: tls.server.cert.clone(),
+            key: tls.server.key.clone(),
+            client_ca: tls.client.as_ref().map(|_| tls.ca.clone()),
+        });
+        spec.extra_args = std::iter::once("--log-level=warn".to_string())
+            .chain(self.extra_args.iter().cloned())
+            .collect();
+        let mut cmd = spec.command(self.netns.as_deref());
+        cmd.env("ETCD_UNSUPPORTED_ARCH", "")
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .stdin(Stdio::null());
-        if let Some(tls) = &self.tls {
-            cmd.arg(format!("--cert-file={}", tls.server.cert.display()))
-                .arg(format!("--key-file={}", tls.server.key.display()));
-            if tls.client.is_some() {
-                cmd.arg("--client-cert-auth")
-                    .arg(format!("--trusted-ca-file={}", tls.ca.display()));
-            }
-        }
         self.child = Some(cmd.spawn().expect("start etcd"));
         poll("etcd to answer", Duration::from_secs(20), || {
             self.etcdctl(&["endpoint", "health"]).ok()
@@ -433,14 +406,14 @@ impl Flanneld {
             .append(true)
             .open(self.dir.path().join("flanneld.log"))
             .unwrap();
-        let child = in_netns(self.netns.as_deref(), env!("CARGO_BIN_EXE_flanneld"))
-            .args(&self.args)
-            .arg(format!("--subnet-file={}", self.subnet_file().display()))
-            .arg("--healthz-ip=127.0.0.1")
-            .arg(format!("--healthz-port={}", self.health_port))
-            .env_remove("NOTIFY_SOCKET")
-            .env("RUST_LOG", "info")
-            .envs(self.envs.iter().map(|(k, v)| (k, v)))
+        let mut flanneld = FlanneldCommand::new(env!("CARGO_BIN_EXE_flanneld"));
+        flanneld.netns = self.netns.clone();
+        flanneld.args = self.args.clone();
+        flanneld.subnet_file = Some(self.subnet_file());
+        flanneld.healthz = Some((Ipv4Addr::LOCALHOST.into(), self.health_port));
+        flanneld.env = self.envs.clone();
+        let child = flanneld
+            .command()
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .stdin(Stdio::null())
@@ -534,21 +507,10 @@ pub fn in_netns(netns: Option<&str>, program: &str) -> Command {
     }
 }
 
-/// Whether tests that need root (namespaces) can run; with `CI` set, not being root fails.
-pub fn root_available() -> bool {
-    let root = nix::unistd::Uid::effective().is_root();
-    if !root {
-        if std::env::var_os("CI").is_some() {
-            panic!("this test needs root (network namespaces), and CI is set");
-        }
-        eprintln!("SKIP: not root");
-    }
-    root
-}
-
 /// A network namespace with its loopback up, deleted (with its processes) on drop.
 pub struct Netns {
     pub name: String,
+    _guard: netns_tests::Netns,
 }
 
 impl Netns {
@@ -560,14 +522,11 @@ impl Netns {
             std::process::id(),
             N.fetch_add(1, Ordering::Relaxed)
         );
-        let ok = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .unwrap();
-        assert!(ok.success(), "ip netns add {name}");
-        let ns = Netns { name };
-        ns.run(&["ip", "link", "set", "lo", "up"]).unwrap();
-        ns
+        let guard = netns_tests::Netns::create(&name).unwrap();
+        Netns {
+            name,
+            _guard: guard,
+        }
     }
 
     /// Runs a command in the namespace: Ok(stdout) or Err(stderr).
@@ -581,22 +540,6 @@ impl Netns {
         } else {
             Err(String::from_utf8_lossy(&out.stderr).into_owned())
         }
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        if let Ok(out) = Command::new("ip")
-            .args(["netns", "pids", &self.name])
-            .output()
-        {
-            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                let _ = Command::new("kill").args(["-9", pid]).status();
-            }
-        }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
     }
 }
 

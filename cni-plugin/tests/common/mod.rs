@@ -4,10 +4,11 @@
 
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use netns_tests::Need;
 use serde_json::{json, Value};
 
 pub const PLUGIN: &str = env!("CARGO_BIN_EXE_flannel");
@@ -21,29 +22,14 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}{}x{n}", std::process::id() % 100_000)
 }
 
-/// Root and the reference plugins are needed. Not there: fail under CI, skip otherwise.
-pub fn privileged() -> bool {
-    // SAFETY: geteuid(2) has no preconditions and cannot fail.
-    let root = unsafe { libc::geteuid() } == 0;
-    let have = |p: &str| Path::new(p).exists();
-    let why = if !root {
-        Some("needs root")
-    } else if !have("/usr/sbin/ip") && !have("/sbin/ip") && !have("/usr/bin/ip") {
-        Some("needs iproute2")
-    } else if !have(&format!("{CNI_DIR}/bridge")) || !have(&format!("{CNI_DIR}/host-local")) {
-        Some("needs containernetworking-plugins in /usr/lib/cni")
-    } else {
-        None
-    };
-    match why {
-        None => true,
-        Some(why) if std::env::var_os("CI").is_some() => panic!("CI: this test {why}"),
-        Some(why) => {
-            eprintln!("SKIP: this test {why}");
-            false
-        }
-    }
-}
+/// What the plugin tests need: root, iproute2 and the reference plugins. Not there: fail under
+/// CI, skip otherwise (`netns_tests::require_all!(common::PRIVILEGED)`).
+pub const PRIVILEGED: &[Need] = &[
+    Need::Root,
+    Need::Tool("ip"),
+    Need::File("/usr/lib/cni/bridge"),
+    Need::File("/usr/lib/cni/host-local"),
+];
 
 pub fn sh(args: &[&str]) -> Output {
     Command::new(args[0])
@@ -63,16 +49,20 @@ pub fn sh_ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// A network namespace, deleted on drop.
+/// A network namespace, deleted on drop (by the test bed's guard).
 pub struct Netns {
     pub name: String,
+    _guard: netns_tests::Netns,
 }
 
 impl Netns {
     pub fn new(prefix: &str) -> Netns {
         let name = unique(prefix);
-        sh_ok(&["ip", "netns", "add", &name]);
-        Netns { name }
+        let guard = netns_tests::Netns::create(&name).unwrap();
+        Netns {
+            name,
+            _guard: guard,
+        }
     }
     pub fn path(&self) -> String {
         format!("/var/run/netns/{}", self.name)
@@ -96,12 +86,6 @@ impl Netns {
     }
     pub fn ping(&self, ip: &str) -> bool {
         self.exec(&["ping", "-c1", "-W1", ip]).status.success()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = sh(&["ip", "netns", "del", &self.name]);
     }
 }
 

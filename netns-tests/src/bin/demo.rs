@@ -90,7 +90,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if !nix::unistd::geteuid().is_root() {
+    if !netns_tests::privileges::is_root() {
         eprintln!("netns-demo needs root (it creates network namespaces)");
         return ExitCode::from(2);
     }
