@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{etcd_available, Etcd};
+use common::Etcd;
 use flannel::config::NetworkConfig;
 use flannel::metrics::Metrics;
 use flannel::subnet::acquire::{AcquireRequest, Renewal};
@@ -53,9 +53,7 @@ fn request(ip: &str) -> AcquireRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemon_reads_acquires_renews_and_watches_through_the_trait() {
-    if !etcd_available() {
-        return;
-    }
+    netns_tests::require_etcd!();
     let etcd = Etcd::start();
     let (raw, reg, metrics) = connect(&etcd).await;
     assert_eq!(reg.config_location(), CONFIG_KEY);
@@ -108,9 +106,7 @@ async fn the_daemon_reads_acquires_renews_and_watches_through_the_trait() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_network_is_no_lease_not_a_registry_failure() {
-    if !etcd_available() {
-        return;
-    }
+    netns_tests::require_etcd!();
     let etcd = Etcd::start();
     let (_raw, reg, metrics) = connect(&etcd).await;
     // Four /26s, the first never handed out: room for three hosts.
@@ -134,9 +130,7 @@ async fn a_full_network_is_no_lease_not_a_registry_failure() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_config_write_ends_the_wait_for_a_change() {
-    if !etcd_available() {
-        return;
-    }
+    netns_tests::require_etcd!();
     let etcd = Etcd::start();
     let (raw, reg, _metrics) = connect(&etcd).await;
     let read = reg.read_config().await.unwrap();

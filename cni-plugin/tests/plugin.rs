@@ -547,9 +547,7 @@ fn ip_masq_rules_come_and_go() {
 
 #[test]
 fn del_runs_every_step_when_one_fails() {
-    if !privileged() {
-        return;
-    }
+    netns_tests::require_all!(common::PRIVILEGED);
     let mut host = Host::new("1.0.0");
     host.conf["delegate"]["ipMasq"] = json!(true);
     let pod = Netns::new("fcp");
