@@ -92,6 +92,7 @@ pub async fn run(opts: Opts) -> Result<(), DaemonError> {
     let mut backend = backend::create(BackendContext {
         config: config.clone(),
         ext: ext.clone(),
+        metrics: metrics.clone(),
     })?;
     let publish = backend.prepare().await?;
     let attrs = lease_attrs(&config, &ext, &publish);

@@ -56,8 +56,6 @@ pub const OVERHEAD: u32 = 28;
 /// Frames (datagrams) per batch on the fast path.
 const BATCH: usize = 64;
 
-pub use counters::current as current_counters;
-
 /// The data path while it runs.
 struct Running {
     shared: Arc<Shared>,
@@ -165,7 +163,7 @@ impl UdpBackend {
                 ))
             })?;
         let counters = Arc::new(Counters::default());
-        counters::publish(&counters);
+        ctx.metrics.udp.store(Some(counters.clone()));
         Ok(UdpBackend {
             ctx,
             network,
@@ -445,5 +443,61 @@ impl Backend for UdpBackend {
         self.program_device(&mut tally).await?;
         self.publish_table(peers, &mut tally);
         tally.finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::NetworkConfig;
+    use crate::iface::ExternalInterface;
+
+    fn context() -> BackendContext {
+        let config =
+            NetworkConfig::parse(br#"{"Network":"10.5.0.0/16","Backend":{"Type":"udp"}}"#).unwrap();
+        let public = Some("198.18.0.1".parse().unwrap());
+        let ext = ExternalInterface {
+            name: "eth0".into(),
+            index: 2,
+            iface_addr: public,
+            iface_v6_addr: None,
+            public_ip: public,
+            public_ipv6: None,
+            mtu: 1500,
+        };
+        BackendContext::new(config, ext)
+    }
+
+    #[test]
+    fn counters_reach_the_metrics_of_their_own_context() {
+        let (a, b) = (context(), context());
+        let backend_a = UdpBackend::new(a.clone()).unwrap();
+        let _backend_b = UdpBackend::new(b.clone()).unwrap();
+        backend_a
+            .counters()
+            .tx
+            .packets
+            .fetch_add(5, Ordering::Relaxed);
+        let tx = |ctx: &BackendContext| {
+            let text = ctx.metrics.render();
+            text.lines()
+                .find_map(|l| l.strip_prefix(r#"flannel_udp_packets_total{direction="tx"} "#))
+                .map(str::to_string)
+        };
+        assert_eq!(
+            tx(&a).as_deref(),
+            Some("5"),
+            "backend A's counters at A's /metrics"
+        );
+        assert_eq!(
+            tx(&b).as_deref(),
+            Some("0"),
+            "backend B's counters at B's /metrics"
+        );
+        // Other backends have no udp data path: no udp lines.
+        assert_eq!(
+            tx(&BackendContext::new(a.config.clone(), a.ext.clone())),
+            None
+        );
     }
 }
