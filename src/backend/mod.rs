@@ -59,6 +59,8 @@ pub trait Backend: Send {
     /// Our lease is (re)acquired: give the devices their addresses and routes.
     async fn lease_acquired(&mut self, own: &Lease) -> Result<(), BackendError>;
     /// Makes kernel state match `peers`, adding what is missing and removing what is stale.
+    /// `peers` are the leases `crate::subnet::peers::filter` accepted: inside the Network,
+    /// never our own subnet or public IP; each backend only picks those of its type.
     async fn reconcile(&mut self, peers: &PeerSet) -> Result<ReconcileReport, BackendError>;
 }
 
