@@ -1,7 +1,7 @@
-//! Pieces the kernel backends share: option lookup in the `Backend` object, what one IP family
-//! means for a lease and the config ([`LeaseFamily`]), which peers a backend
-//! programs ([`candidates`]) and the log of those it skips, the plan of one reconciliation pass and its
-//! tally, and the route diff.
+//! Pieces the backends share: option lookup in the `Backend` object, what one IP family means
+//! for a lease and the config ([`LeaseFamily`]), which peers a backend programs
+//! ([`candidates`]) and the log of those it skips, the plan of one reconciliation pass and its
+//! tally, the address and the route diff.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
