@@ -3,6 +3,9 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 
+use arc_swap::ArcSwapOption;
+
+use crate::backend::udp::counters::Counters as UdpCounters;
 use crate::subnet::peers::Reason;
 
 /// Shared, lock-free daemon state for the health server.
@@ -26,6 +29,9 @@ pub struct Metrics {
     pub firewall_restores: AtomicU64,
     /// By [`Reason::index`].
     pub rejected_leases: [AtomicU64; Reason::ALL.len()],
+    /// The udp backend's data-path counters, set by the backend built with this `Metrics` in
+    /// its context; none for the other backends.
+    pub udp: ArcSwapOption<UdpCounters>,
 }
 
 struct Line {
@@ -169,7 +175,7 @@ impl Metrics {
             );
         }
         // The udp backend's data path, per direction: tx = TUN → peers, rx = peers → TUN.
-        if let Some(udp) = crate::backend::udp::current_counters() {
+        if let Some(udp) = self.udp.load_full() {
             let dirs = [("tx", udp.tx.snapshot()), ("rx", udp.rx.snapshot())];
             let header = |out: &mut String, name: &str, help: &str| {
                 let _ = writeln!(out, "# HELP {name} {help}");

@@ -64,7 +64,9 @@ fn hostgw_routes_peers_via_public_ip_and_converges() {
             "10.5.4.0-24",
             r#"{"PublicIP":"198.18.0.4","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:00:00:00:00:04"}}"#,
         );
-        let peers = peer_set([a.clone(), b.clone(), vx, own.clone()]);
+        // As the daemon does: the backend programs what the peer filter accepts.
+        let all = peer_set([a.clone(), b.clone(), vx, own.clone()]);
+        let peers = flannel::subnet::peers::filter(&all, &ctx.config, &own).accepted;
         assert_eq!(be.reconcile(&peers).await.unwrap(), report(2, 0, 0));
         let routes = ns.routes("e0");
         assert_eq!(route_to(&routes, "10.5.2.0/24").unwrap()["gateway"], "198.18.0.2");

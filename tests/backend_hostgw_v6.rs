@@ -57,7 +57,9 @@ fn hostgw_dual_stack_routes_both_families() {
         let c = hg("fc00:0:0:4::-64", None, Some("fd00:18::4"));
         // A dual-stack key without PublicIPv6: its IPv6 subnet cannot be routed.
         let d = hg("10.5.5.0-24&fc00:0:0:5::-64", Some("198.18.0.5"), None);
-        let peers = peer_set([a.clone(), b.clone(), c.clone(), d.clone(), own.clone()]);
+        // As the daemon does: the backend programs what the peer filter accepts.
+        let all = peer_set([a.clone(), b.clone(), c.clone(), d.clone(), own.clone()]);
+        let peers = flannel::subnet::peers::filter(&all, &ctx.config, &own).accepted;
         assert_eq!(
             be.reconcile(&peers).await.unwrap(),
             report(2 + 1 + 1 + 1, 0, 0)

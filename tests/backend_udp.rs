@@ -229,7 +229,7 @@ impl Node {
                 public_ipv6: None,
                 mtu: 1500,
             };
-            let mut b = match UdpBackend::new(BackendContext { config, ext }) {
+            let mut b = match UdpBackend::new(BackendContext::new(config, ext)) {
                 Ok(b) => b,
                 Err(e) => {
                     ready_tx.send(Err(e.to_string())).unwrap();

@@ -402,6 +402,7 @@ fn vxlan_ipv6_only_has_only_the_v6_device() {
         ext,
     );
     ns.clone().run(move || async move {
+        let config = ctx.config.clone();
         let mut be = backend::create(ctx).expect("vxlan backend");
         let publish = be.prepare().await.expect("prepare");
         assert!(
@@ -416,9 +417,8 @@ fn vxlan_ipv6_only_has_only_the_v6_device() {
             publish.backend_v6_data,
             Some(json!({"VNI": 7, "VtepMAC": dev6["address"]}))
         );
-        be.lease_acquired(&vx("fc00:0:0:1::-64", None, Some("fd00:18::1"), None, None))
-            .await
-            .unwrap();
+        let own = vx("fc00:0:0:1::-64", None, Some("fd00:18::1"), None, None);
+        be.lease_acquired(&own).await.unwrap();
         assert_eq!(
             v6_addresses(&ns, DEV6),
             vec!["fc00:0:0:1::/128".to_string()]
@@ -441,6 +441,8 @@ fn vxlan_ipv6_only_has_only_the_v6_device() {
                 Some(MAC_C6),
             ),
         ]);
+        // As the daemon does: the backend programs what the peer filter accepts.
+        let peers = flannel::subnet::peers::filter(&peers, &config, &own).accepted;
         assert_eq!(be.reconcile(&peers).await.unwrap(), report(3, 0, 0));
         assert_peer6(&ns, "fc00:0:0:2::/64", "fc00:0:0:2::", MAC_A6, "fd00:18::2");
         assert_no_peer6(&ns, "fc00:0:0:3::/64", "fc00:0:0:3::", MAC_C6);

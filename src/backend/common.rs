@@ -1,6 +1,7 @@
-//! Pieces the kernel backends share: option lookup in the `Backend` object, what one IP family
-//! means for a lease and the config ([`Family`]), the plan of one reconciliation pass and its
-//! tally, and the route diff.
+//! Pieces the backends share: option lookup in the `Backend` object, what one IP family means
+//! for a lease and the config ([`LeaseFamily`]), which peers a backend programs
+//! ([`candidates`]) and the log of those it skips, the plan of one reconciliation pass and its
+//! tally, the address and the route diff.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -77,7 +78,7 @@ pub(super) fn within<N: Net>(inner: &N, outer: &N) -> bool {
 }
 
 /// What an IP family means for leases, the config and the external interface.
-pub(super) trait Family: Net {
+pub(super) trait LeaseFamily: Net {
     /// The subnet of this family in a lease key.
     fn subnet(key: &SubnetKey) -> Option<Self>;
     /// The overlay network of this family, when the config enables it.
@@ -96,7 +97,7 @@ pub(super) trait Family: Net {
     const DATA_FIELD: &'static str;
 }
 
-impl Family for Ipv4Network {
+impl LeaseFamily for Ipv4Network {
     fn subnet(key: &SubnetKey) -> Option<Self> {
         key.ipv4
     }
@@ -119,7 +120,7 @@ impl Family for Ipv4Network {
     const DATA_FIELD: &'static str = "BackendData";
 }
 
-impl Family for Ipv6Network {
+impl LeaseFamily for Ipv6Network {
     fn subnet(key: &SubnetKey) -> Option<Self> {
         key.ipv6
     }
@@ -146,68 +147,58 @@ impl Family for Ipv6Network {
     const DATA_FIELD: &'static str = "BackendV6Data";
 }
 
-/// A peer lease a kernel backend programs in family `N`.
-pub(super) struct Candidate<'a, N: Family> {
+/// A peer lease a backend programs in family `N`.
+pub(super) struct Candidate<'a, N: LeaseFamily> {
     pub key: SubnetKey,
     pub subnet: N,
     pub lease: &'a Lease,
     pub public_ip: N::Addr,
 }
 
-/// The peers of backend type `backend` with a subnet of family `N` inside `network`, other than
-/// our own subnet and our own public address. Every other peer with a subnet of this family goes
-/// into `skipped` with the reason.
-pub(super) fn candidates<'a, N: Family>(
+/// Why peers were not programmed, by key; logged by [`log_skipped`] when it changes.
+pub(super) type Skipped = BTreeMap<SubnetKey, String>;
+
+/// The per-backend part of choosing peers: of the `peers` the peer filter accepted
+/// (`crate::subnet::peers::filter`), those of backend type `backend` (flannel's untyped leases
+/// count as udp) with a subnet of family `N` and a public IP of that family. Every other peer
+/// with a subnet of this family goes into `skipped` with the reason.
+///
+/// The filter has already refused every lease outside the Network or of the wrong prefix
+/// length, overlapping our own subnet, or carrying our own public IP; the backends rely on it
+/// (see [`owned_route`]) and do not check again.
+pub(super) fn candidates<'a, N: LeaseFamily>(
     peers: &'a PeerSet,
     backend: &str,
-    network: &N,
-    own: Option<&N>,
-    own_public: N::Addr,
-    skipped: &mut BTreeMap<SubnetKey, String>,
+    skipped: &mut Skipped,
 ) -> Vec<Candidate<'a, N>> {
     let mut out = Vec::new();
     for (key, lease) in peers {
         let Some(subnet) = N::subnet(key) else {
             continue; // No subnet of this family: nothing to program here.
         };
-        if own == Some(&subnet) {
+        let kind = lease.attrs.effective_backend_type();
+        if kind != backend {
+            skipped.insert(*key, format!("backend type {kind:?} is not {backend}"));
             continue;
         }
-        let why = if !subnet.within(network) {
-            format!("{} subnet outside the network {network}", N::NAME)
-        } else if lease.attrs.effective_backend_type() != backend {
-            let kind = lease.attrs.effective_backend_type();
-            format!("backend type {kind:?} is not {backend}")
-        } else {
-            match N::public_ip(&lease.attrs) {
-                None => format!("lease has no {}", N::PUBLIC_FIELD),
-                Some(ip) if ip == own_public => {
-                    format!("lease has our own {} {ip}", N::PUBLIC_FIELD)
-                }
-                Some(public_ip) => {
-                    out.push(Candidate {
-                        key: *key,
-                        subnet,
-                        lease,
-                        public_ip,
-                    });
-                    continue;
-                }
+        match N::public_ip(&lease.attrs) {
+            None => {
+                skipped.insert(*key, format!("lease has no {}", N::PUBLIC_FIELD));
             }
-        };
-        skipped.insert(*key, why);
+            Some(public_ip) => out.push(Candidate {
+                key: *key,
+                subnet,
+                lease,
+                public_ip,
+            }),
+        }
     }
     out
 }
 
 /// Logs the peers skipped now for a reason they were not skipped for last time, then remembers
 /// the new set: one line per change, not one per reconciliation pass.
-pub(super) fn log_skipped(
-    backend: &str,
-    on: &str,
-    last: &mut BTreeMap<SubnetKey, String>,
-    now: BTreeMap<SubnetKey, String>,
-) {
+pub(super) fn log_skipped(backend: &str, on: &str, last: &mut Skipped, now: Skipped) {
     for (key, why) in &now {
         if last.get(key) != Some(why) {
             tracing::info!("{backend}: ignoring peer {key}{on}: {why}");
@@ -237,7 +228,7 @@ impl fmt::Display for Effect {
 #[derive(Debug, Clone, Copy)]
 struct Planned {
     effect: Effect,
-    /// The peer the change is for (`None` for stale entries).
+    /// The peer the change is for (`None` for stale entries and a device's own route).
     peer: Option<SubnetKey>,
 }
 
@@ -324,7 +315,8 @@ impl Tally {
                 Err(e) => {
                     let context = match p.peer {
                         Some(k) => format!("peer {k}"),
-                        None => "stale entry".to_string(),
+                        None if p.effect == Effect::Removed => "stale entry".to_string(),
+                        None => op.to_string(),
                     };
                     self.failed(&context, e);
                 }
@@ -385,11 +377,69 @@ pub(super) fn connect(
     Ok(nl.clone().expect("set above"))
 }
 
+/// What [`ensure_address`] changed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(super) struct AddressChange {
+    pub added: bool,
+    pub removed: usize,
+}
+
+impl AddressChange {
+    pub fn any(&self) -> bool {
+        self.added || self.removed > 0
+    }
+}
+
+/// Gives device `index` (named `device` in messages) exactly the address `want`, besides
+/// link-local ones. Reading the addresses and adding `want` are steps the pass cannot go on
+/// without; a removal that fails is recorded in `tally` and the pass goes on, like every other
+/// kernel change. Removing an address that is already gone counts as nothing.
+pub(super) async fn ensure_address<N: Net>(
+    h: &Handle,
+    device: &str,
+    index: u32,
+    want: N,
+    tally: &mut Tally,
+) -> Result<AddressChange, BackendError> {
+    let backend = tally.backend;
+    let context = format!("address {want} on device {device}");
+    let have = netlink::addresses::<N>(h, index)
+        .await
+        .map_err(fatal(backend, &context))?;
+    let mut change = AddressChange::default();
+    if !have.contains(&want) {
+        netlink::replace_address(h, index, want)
+            .await
+            .map_err(fatal(backend, &context))?;
+        tracing::info!("{backend}: {context} set");
+        change.added = true;
+    }
+    for old in have
+        .into_iter()
+        .filter(|a| *a != want && !N::is_link_local(a.ip_addr()))
+    {
+        match netlink::delete_address(h, index, old).await {
+            Ok(()) => {
+                tracing::info!("{backend}: removed old address {old} from device {device}");
+                change.removed += 1;
+            }
+            Err(e) if e.is_not_found() => {}
+            Err(e) => tally.failed(&format!("removing old address {old}"), e),
+        }
+    }
+    Ok(change)
+}
+
 /// The routes a backend owns: in the main table, inside `network` but not inside our own
 /// subnet, not the kernel's connected routes, and either on `device` (every such route on a
 /// device of ours is ours) or on the external interface, installed by us (carrying our protocol
 /// number) and shaped like ours (a gateway, a part of the network). A route someone else made on
 /// the external interface is never ours, whatever its shape.
+///
+/// A route is removed when stale only if it is owned, so every route a backend installs must
+/// be owned: the peer filter guarantees it by accepting only subnets inside the Network with
+/// the configured prefix length, never overlapping ours (pinned by the test
+/// `routes_of_accepted_peers_are_owned`).
 pub(super) fn owned_route<N: Net>(
     route: &Route<N>,
     network: &N,
@@ -420,11 +470,12 @@ pub(super) fn owned_route<N: Net>(
 /// deletes the rest of the owned ones, leaves correct ones untouched. A route at a desired
 /// destination and metric that is not ours (an older flanneld's, made by hand) is replaced:
 /// the kernel identifies routes by table, destination and metric, so ours takes its place.
-/// Only routes through `oifs` are read (the kernel filters the dump by device).
-pub(super) async fn plan_routes<N: Net>(
+/// Only routes through `oifs` are read (the kernel filters the dump by device). Each desired
+/// route names the peer it is for, or `None` for a device's own route.
+pub(super) async fn plan_routes<N: Net, P: Into<Option<SubnetKey>> + Copy>(
     h: &Handle,
     backend: &'static str,
-    desired: &BTreeMap<N, (Route<N>, SubnetKey)>,
+    desired: &BTreeMap<N, (Route<N>, P)>,
     oifs: &[u32],
     owned: impl Fn(&Route<N>) -> bool,
     plan: &mut Plan,
@@ -460,7 +511,7 @@ pub(super) async fn plan_routes<N: Net>(
         } else {
             Effect::Added
         };
-        plan.change(effect, Some(*key), |b| b.replace_route(want));
+        plan.change(effect, (*key).into(), |b| b.replace_route(want));
     }
     for have in actual.iter().filter(|r| owned(r)) {
         if have.priority == N::DEFAULT_METRIC && desired.contains_key(&have.dst) {
@@ -579,6 +630,141 @@ mod tests {
         assert!(!owned(&r("fc00:0:0:1::/64", None, 7)));
         assert!(!owned(&r("fd00::/64", Some("fd00::"), 7)));
         assert!(!owned(&r("fc00:0:0:2::/64", None, 2)));
+    }
+
+    fn peer(key: &str, json: &str, create_revision: i64) -> (SubnetKey, Lease) {
+        let key: SubnetKey = key.parse().unwrap();
+        let attrs = LeaseAttrs::from_json("k", json.as_bytes()).unwrap();
+        let lease = Lease {
+            key,
+            attrs,
+            etcd_lease: Some(1),
+            revision: create_revision,
+            create_revision,
+        };
+        (key, lease)
+    }
+
+    #[test]
+    fn candidates_are_peers_of_the_backend_type_with_a_public_ip() {
+        let peers: PeerSet = [
+            peer(
+                "10.5.2.0-24",
+                r#"{"PublicIP":"198.18.0.2","BackendType":"host-gw"}"#,
+                1,
+            ),
+            peer(
+                "10.5.3.0-24",
+                r#"{"PublicIP":"198.18.0.3","BackendType":"vxlan"}"#,
+                1,
+            ),
+            peer("10.5.4.0-24", r#"{"PublicIP":"198.18.0.4"}"#, 1),
+            peer(
+                "10.5.5.0-24",
+                r#"{"PublicIP":null,"BackendType":"host-gw"}"#,
+                1,
+            ),
+            peer(
+                "fc00:0:0:6::-64",
+                r#"{"PublicIPv6":"fd00::6","BackendType":"host-gw"}"#,
+                1,
+            ),
+        ]
+        .into_iter()
+        .collect();
+        let mut skipped = Skipped::new();
+        let got: Vec<String> = candidates::<Ipv4Network>(&peers, "host-gw", &mut skipped)
+            .iter()
+            .map(|c| format!("{} via {}", c.subnet, c.public_ip))
+            .collect();
+        assert_eq!(got, ["10.5.2.0/24 via 198.18.0.2"]);
+        let why: Vec<(String, String)> = skipped
+            .iter()
+            .map(|(k, w)| (k.to_string(), w.clone()))
+            .collect();
+        assert_eq!(
+            why,
+            [
+                (
+                    "10.5.3.0-24".into(),
+                    r#"backend type "vxlan" is not host-gw"#.into()
+                ),
+                (
+                    "10.5.4.0-24".into(),
+                    r#"backend type "udp" is not host-gw"#.into()
+                ),
+                ("10.5.5.0-24".into(), "lease has no PublicIP".into()),
+            ] as [(String, String); 3]
+        );
+        let mut skipped = Skipped::new();
+        let v6 = candidates::<Ipv6Network>(&peers, "host-gw", &mut skipped);
+        assert_eq!(v6.len(), 1);
+        assert!(skipped.is_empty(), "{skipped:?}");
+    }
+
+    /// The backends do not check that a peer's subnet is inside the Network: the peer filter
+    /// does, and `owned_route` relies on it, since a route it does not own is never removed.
+    #[test]
+    fn routes_of_accepted_peers_are_owned() {
+        let config =
+            NetworkConfig::parse(br#"{"Network":"10.5.0.0/16","Backend":{"Type":"host-gw"}}"#)
+                .unwrap();
+        let (own_key, own) = peer("10.5.1.0-24", r#"{"PublicIP":"198.18.0.1"}"#, 1);
+        let leases: PeerSet = [
+            (own_key, own.clone()),
+            peer(
+                "10.5.2.0-24",
+                r#"{"PublicIP":"198.18.0.2","BackendType":"host-gw"}"#,
+                2,
+            ),
+            peer(
+                "10.6.3.0-24",
+                r#"{"PublicIP":"198.18.0.3","BackendType":"host-gw"}"#,
+                3,
+            ),
+            peer(
+                "0.0.0.0-0",
+                r#"{"PublicIP":"198.18.0.4","BackendType":"host-gw"}"#,
+                4,
+            ),
+            peer(
+                "10.5.0.0-16",
+                r#"{"PublicIP":"198.18.0.5","BackendType":"host-gw"}"#,
+                5,
+            ),
+            peer(
+                "10.5.1.128-25",
+                r#"{"PublicIP":"198.18.0.6","BackendType":"host-gw"}"#,
+                6,
+            ),
+        ]
+        .into_iter()
+        .collect();
+        let accepted = crate::subnet::peers::filter(&leases, &config, &own).accepted;
+        let network = config.network.unwrap();
+        let own_subnet = own_key.ipv4;
+        let (device, ext_index) = (7, 2);
+        let mut skipped = Skipped::new();
+        let peers = candidates::<Ipv4Network>(&accepted, "host-gw", &mut skipped);
+        let subnets: Vec<String> = peers.iter().map(|c| c.subnet.to_string()).collect();
+        assert_eq!(subnets, ["10.5.2.0/24"]);
+        for c in &peers {
+            // As host-gw installs it, and as vxlan does (through its device, onlink).
+            let via_ext = Route4::new(c.subnet, Some(c.public_ip), ext_index, false);
+            let via_dev = Route4::new(c.subnet, Some(c.subnet.network()), device, true);
+            for route in [via_ext, via_dev] {
+                assert!(
+                    owned_route(
+                        &route,
+                        &network,
+                        own_subnet.as_ref(),
+                        Some(device),
+                        ext_index
+                    ),
+                    "{route:?} installed but never removable"
+                );
+            }
+        }
     }
 
     #[test]

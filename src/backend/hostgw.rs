@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use ipnetwork::{Ipv4Network, Ipv6Network};
 
-use super::common::{self, Family, Plan, Tally};
+use super::common::{self, LeaseFamily, Plan, Tally};
 use super::{Backend, BackendContext, BackendError, Publish, ReconcileReport};
 use crate::iface::ExternalInterface;
 use crate::netlink::{Netlink, Route};
@@ -16,14 +16,14 @@ use crate::subnet::{Lease, PeerSet, SubnetKey};
 const BACKEND: &str = "host-gw";
 
 /// The routes of one IP family.
-struct Routes<N: Family> {
+struct Routes<N: LeaseFamily> {
     network: N,
     own: Option<N>,
     /// Peers not programmed, with the reason; logged when it changes.
     skipped: BTreeMap<SubnetKey, String>,
 }
 
-impl<N: Family> Routes<N> {
+impl<N: LeaseFamily> Routes<N> {
     fn new(network: N) -> Self {
         Routes {
             network,
@@ -64,22 +64,16 @@ impl<N: Family> Routes<N> {
         peers: &PeerSet,
         plan: &mut Plan,
     ) -> Result<(), BackendError> {
-        let public_ip = Self::check_no_nat(ext)?;
+        Self::check_no_nat(ext)?;
         let mut skipped = BTreeMap::new();
-        let want: BTreeMap<N, (Route<N>, SubnetKey)> = common::candidates(
-            peers,
-            BACKEND,
-            &self.network,
-            self.own.as_ref(),
-            public_ip,
-            &mut skipped,
-        )
-        .into_iter()
-        .map(|c| {
-            let route = Route::new(c.subnet, Some(c.public_ip), ext.index, false);
-            (c.subnet, (route, c.key))
-        })
-        .collect();
+        let want: BTreeMap<N, (Route<N>, SubnetKey)> =
+            common::candidates(peers, BACKEND, &mut skipped)
+                .into_iter()
+                .map(|c| {
+                    let route = Route::new(c.subnet, Some(c.public_ip), ext.index, false);
+                    (c.subnet, (route, c.key))
+                })
+                .collect();
         common::log_skipped(BACKEND, "", &mut self.skipped, skipped);
 
         let (network, own, ext_index) = (self.network, self.own, ext.index);
@@ -131,7 +125,10 @@ impl HostGwBackend {
     }
 }
 
-fn own_subnet<N: Family>(routes: &mut Option<Routes<N>>, own: &Lease) -> Result<(), BackendError> {
+fn own_subnet<N: LeaseFamily>(
+    routes: &mut Option<Routes<N>>,
+    own: &Lease,
+) -> Result<(), BackendError> {
     if let Some(r) = routes {
         let subnet = N::subnet(&own.key).ok_or_else(|| BackendError::Setup {
             backend: BACKEND,

@@ -1,11 +1,13 @@
 //! Data planes: the [`Backend`] trait and the registry by type name.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 
 use crate::config::NetworkConfig;
 use crate::iface::ExternalInterface;
+use crate::metrics::Metrics;
 use crate::subnet::{Lease, PeerSet};
 
 mod alloc;
@@ -58,6 +60,8 @@ pub trait Backend: Send {
     /// Our lease is (re)acquired: give the devices their addresses and routes.
     async fn lease_acquired(&mut self, own: &Lease) -> Result<(), BackendError>;
     /// Makes kernel state match `peers`, adding what is missing and removing what is stale.
+    /// `peers` are the leases `crate::subnet::peers::filter` accepted: inside the Network,
+    /// never our own subnet or public IP; each backend only picks those of its type.
     async fn reconcile(&mut self, peers: &PeerSet) -> Result<ReconcileReport, BackendError>;
 }
 
@@ -66,9 +70,20 @@ pub trait Backend: Send {
 pub struct BackendContext {
     pub config: NetworkConfig,
     pub ext: ExternalInterface,
+    /// Where the backend's own counters (the udp data path's) are shown at `/metrics`.
+    pub metrics: Arc<Metrics>,
 }
 
 impl BackendContext {
+    /// A context whose backend counters go to a `Metrics` of its own (tests, tools).
+    pub fn new(config: NetworkConfig, ext: ExternalInterface) -> Self {
+        BackendContext {
+            config,
+            ext,
+            metrics: Arc::default(),
+        }
+    }
+
     pub fn public_ip(&self) -> Option<Ipv4Addr> {
         self.ext.public_ip
     }

@@ -25,7 +25,7 @@ use async_trait::async_trait;
 use ipnetwork::{Ipv4Network, Ipv6Network};
 use serde_json::json;
 
-use super::common::{self, fatal, Effect, Family, Plan, Tally};
+use super::common::{self, fatal, Effect, LeaseFamily, Plan, Tally};
 use super::{Backend, BackendContext, BackendError, Publish, ReconcileReport};
 use crate::iface::ExternalInterface;
 use crate::netlink::{self, format_mac, parse_mac, Link, Mac, Netlink, Route, VxlanSpec};
@@ -127,7 +127,7 @@ struct Shared<'a> {
 }
 
 /// The VXLAN device of one IP family and the peers programmed on it.
-struct Vtep<N: Family> {
+struct Vtep<N: LeaseFamily> {
     name: String,
     network: N,
     /// The address advertised to peers (lease `PublicIP` / `PublicIPv6`).
@@ -145,7 +145,7 @@ struct Vtep<N: Family> {
 }
 
 /// The kernel state wanted for the peers of one family.
-struct Desired<N: Family> {
+struct Desired<N: LeaseFamily> {
     /// Neighbour entries on the device: VTEP address → MAC, with the peer.
     neigh: BTreeMap<N::Addr, (Mac, SubnetKey)>,
     /// FDB entries on the device: MAC → remote (peer public IP), with the peer.
@@ -153,7 +153,7 @@ struct Desired<N: Family> {
     routes: BTreeMap<N, (Route<N>, SubnetKey)>,
 }
 
-impl<N: Family> Vtep<N> {
+impl<N: LeaseFamily> Vtep<N> {
     fn new(
         name: String,
         network: N,
@@ -340,41 +340,18 @@ impl<N: Family> Vtep<N> {
 
     /// Gives the device exactly the address `<own subnet network>/32` (`/128`), besides
     /// link-local ones. Returns whether anything changed.
-    async fn ensure_address(&mut self, s: &Shared<'_>, dev: &Link) -> Result<bool, BackendError> {
+    async fn ensure_address(
+        &mut self,
+        s: &Shared<'_>,
+        dev: &Link,
+        tally: &mut Tally,
+    ) -> Result<bool, BackendError> {
         let Some(own) = self.own else {
             return Ok(false);
         };
-        let h = &s.nl.h;
         let want = N::host(own.net_addr());
-        let ctx = format!("address {want} on device {}", self.name);
-        let have = netlink::addresses::<N>(h, dev.index)
-            .await
-            .map_err(fatal(BACKEND, &ctx))?;
-        let mut changed = false;
-        if !have.contains(&want) {
-            netlink::replace_address(h, dev.index, want)
-                .await
-                .map_err(fatal(BACKEND, &ctx))?;
-            tracing::info!("{BACKEND}: {ctx} set");
-            changed = true;
-        }
-        for other in have
-            .into_iter()
-            .filter(|a| *a != want && !N::is_link_local(a.ip_addr()))
-        {
-            match netlink::delete_address(h, dev.index, other).await {
-                Ok(()) => {
-                    tracing::info!(
-                        "{BACKEND}: removed old address {other} from device {}",
-                        self.name
-                    );
-                    changed = true;
-                }
-                Err(e) if e.is_not_found() => {}
-                Err(e) => return Err(fatal(BACKEND, "removing an old address")(e)),
-            }
-        }
-        Ok(changed)
+        let change = common::ensure_address(&s.nl.h, &self.name, dev.index, want, tally).await?;
+        Ok(change.any())
     }
 
     /// What the peers want on this device.
@@ -391,14 +368,7 @@ impl<N: Family> Vtep<N> {
             routes: BTreeMap::new(),
         };
         let mut skipped = BTreeMap::new();
-        let peers = common::candidates(
-            peers,
-            BACKEND,
-            &self.network,
-            self.own.as_ref(),
-            self.public_ip,
-            &mut skipped,
-        );
+        let peers = common::candidates::<N>(peers, BACKEND, &mut skipped);
         for common::Candidate {
             key,
             subnet,
@@ -588,7 +558,7 @@ impl<N: Family> Vtep<N> {
         if change != DeviceChange::Unchanged {
             tally.report.repaired += 1;
         }
-        if self.ensure_address(s, &dev).await? {
+        if self.ensure_address(s, &dev, tally).await? {
             tally.report.repaired += 1;
         }
         self.plan(s, &dev, peers, plan).await
@@ -682,17 +652,18 @@ impl Backend for VxlanBackend {
             ext: &self.ext,
             nl: &nl,
         };
+        let mut tally = Tally::new(BACKEND);
         if let Some(v4) = &mut self.v4 {
             v4.set_own(own)?;
             let (link, _) = v4.ensure_device(&s).await?;
-            v4.ensure_address(&s, &link).await?;
+            v4.ensure_address(&s, &link, &mut tally).await?;
         }
         if let Some(v6) = &mut self.v6 {
             v6.set_own(own)?;
             let (link, _) = v6.ensure_device(&s).await?;
-            v6.ensure_address(&s, &link).await?;
+            v6.ensure_address(&s, &link, &mut tally).await?;
         }
-        Ok(())
+        tally.finish().map(|_| ())
     }
 
     async fn reconcile(&mut self, peers: &PeerSet) -> Result<ReconcileReport, BackendError> {

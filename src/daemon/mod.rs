@@ -110,6 +110,7 @@ async fn run_with<R: LeaseRegistry>(
     let mut backend = backend::create(BackendContext {
         config: config.clone(),
         ext: ext.clone(),
+        metrics: metrics.clone(),
     })?;
     let publish = backend.prepare().await?;
     let attrs = lease_attrs(&config, &ext, &publish);

@@ -242,7 +242,7 @@ pub fn config_v6(network4: Option<&str>, network6: &str, backend: Value) -> Netw
 }
 
 pub fn context(config: NetworkConfig, ext: ExternalInterface) -> BackendContext {
-    BackendContext { config, ext }
+    BackendContext::new(config, ext)
 }
 
 /// A lease as read from etcd: `key` like `10.5.2.0-24`, `value` flannel's JSON.

@@ -1,12 +1,10 @@
-//! Per-direction counters of the udp data path, shared with `/metrics`.
+//! Per-direction counters of the udp data path, shown at `/metrics` through the
+//! [`Metrics`](crate::metrics::Metrics) of the backend's context.
 //!
 //! The data-path threads count into a plain [`DirStats`] per batch and add it to the atomics
 //! once per batch, so counting costs nothing per packet.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-
-use arc_swap::ArcSwapOption;
 
 use super::wire::Drop;
 
@@ -98,16 +96,4 @@ pub struct Counters {
     pub rx: DirCounters,
     /// ICMP "net unreachable" replies written into the TUN device.
     pub icmp_unreachable: AtomicU64,
-}
-
-static CURRENT: ArcSwapOption<Counters> = ArcSwapOption::const_empty();
-
-/// The counters of the udp backend running in this process, if any (for `/metrics`).
-pub fn current() -> Option<Arc<Counters>> {
-    CURRENT.load_full()
-}
-
-/// Makes `c` the counters `/metrics` shows.
-pub fn publish(c: &Arc<Counters>) {
-    CURRENT.store(Some(c.clone()));
 }

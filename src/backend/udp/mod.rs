@@ -24,7 +24,7 @@ pub mod pipeline;
 pub mod socket;
 pub mod wire;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -32,17 +32,14 @@ use std::thread::JoinHandle;
 
 use async_trait::async_trait;
 use ipnetwork::Ipv4Network;
-use netlink_packet_route::route::RouteProtocol;
-use rtnetlink::Handle;
 
-use super::common;
+use super::common::{self, fatal, Plan, Skipped, Tally};
 use super::{Backend, BackendContext, BackendError, Publish, ReconcileReport};
-use crate::netlink::{self, Route4, RT_TABLE_MAIN};
+use crate::netlink::{self, Netlink, Route4};
 use crate::subnet::{Lease, PeerSet};
 use counters::Counters;
 use device::Tun;
 use fastpath::{Features, Shared};
-use kernel::KernelError;
 use peers::PeerTable;
 use socket::UdpSock;
 
@@ -56,8 +53,6 @@ pub const PLAIN_ENV: &str = "FLANNEL_UDP_PLAIN";
 pub const OVERHEAD: u32 = 28;
 /// Frames (datagrams) per batch on the fast path.
 const BATCH: usize = 64;
-
-pub use counters::current as current_counters;
 
 /// The data path while it runs.
 struct Running {
@@ -86,11 +81,11 @@ pub struct UdpBackend {
     port: u16,
     plain: bool,
     mtu: u32,
-    nl: Option<Handle>,
+    nl: Option<Netlink>,
     run: Option<Running>,
     own: Option<Ipv4Network>,
     table: Arc<PeerTable>,
-    skipped: BTreeMap<String, String>,
+    skipped: Skipped,
     counters: Arc<Counters>,
 }
 
@@ -98,42 +93,6 @@ fn setup(why: String) -> BackendError {
     BackendError::Setup {
         backend: BACKEND,
         why,
-    }
-}
-
-fn nl_err(e: KernelError) -> BackendError {
-    BackendError::Netlink {
-        backend: BACKEND,
-        why: e.to_string(),
-    }
-}
-
-/// What one pass changed, and the changes that failed (the pass goes on after a failure).
-#[derive(Default)]
-struct Tally {
-    report: ReconcileReport,
-    errors: Vec<String>,
-}
-
-impl Tally {
-    fn failed(&mut self, e: KernelError) {
-        tracing::warn!("udp: {e}");
-        self.errors.push(e.to_string());
-    }
-
-    fn finish(self) -> Result<ReconcileReport, BackendError> {
-        if self.errors.is_empty() {
-            Ok(self.report)
-        } else {
-            Err(BackendError::Netlink {
-                backend: BACKEND,
-                why: format!(
-                    "{} change(s) failed (the others were applied): {}",
-                    self.errors.len(),
-                    self.errors.join("; ")
-                ),
-            })
-        }
     }
 }
 
@@ -166,7 +125,7 @@ impl UdpBackend {
                 ))
             })?;
         let counters = Arc::new(Counters::default());
-        counters::publish(&counters);
+        ctx.metrics.udp.store(Some(counters.clone()));
         Ok(UdpBackend {
             ctx,
             network,
@@ -177,7 +136,7 @@ impl UdpBackend {
             run: None,
             own: None,
             table: Arc::new(PeerTable::default()),
-            skipped: BTreeMap::new(),
+            skipped: Skipped::new(),
             counters,
         })
     }
@@ -190,13 +149,6 @@ impl UdpBackend {
     /// The data-path features in use, once started.
     pub fn features(&self) -> Option<Features> {
         self.run.as_ref().map(|r| r.features)
-    }
-
-    fn handle(&mut self) -> Result<Handle, BackendError> {
-        if self.nl.is_none() {
-            self.nl = Some(kernel::connect().map_err(nl_err)?);
-        }
-        Ok(self.nl.clone().expect("set above"))
     }
 
     fn bind_socket(&self) -> Result<UdpSock, BackendError> {
@@ -235,10 +187,10 @@ impl UdpBackend {
             format!("/proc/sys/net/ipv6/conf/{DEVICE}/disable_ipv6"),
             "1",
         );
-        let h = self.handle()?;
-        kernel::set_up(&h, DEVICE, index, self.mtu)
+        let nl = common::connect(BACKEND, &mut self.nl)?;
+        kernel::set_up(&nl.h, DEVICE, index, self.mtu)
             .await
-            .map_err(nl_err)?;
+            .map_err(fatal(BACKEND, "setting the device up"))?;
         let sock = self.bind_socket()?;
         let features = if self.plain {
             Features::PLAIN
@@ -281,74 +233,38 @@ impl UdpBackend {
         let (Some(own), Some(index)) = (self.own, self.run.as_ref().map(|r| r.index)) else {
             return Ok(());
         };
-        let h = self.handle()?;
+        let nl = common::connect(BACKEND, &mut self.nl)?;
         let want = Ipv4Network::new(own.network(), 32).expect("/32 is valid");
-        let have = netlink::addresses_v4(&h, index).await.map_err(nl_err)?;
-        if !have.contains(&want) {
-            netlink::replace_address_v4(&h, index, want)
-                .await
-                .map_err(nl_err)?;
-            tracing::info!("udp: address {want} on {DEVICE}");
-            tally.report.added += 1;
-        }
-        for stale in have.iter().filter(|a| **a != want) {
-            match netlink::delete_address_v4(&h, index, *stale).await {
-                Ok(()) => {
-                    tracing::info!("udp: stale address {stale} removed from {DEVICE}");
-                    tally.report.removed += 1;
-                }
-                Err(e) if e.is_not_found() => {}
-                Err(e) => tally.failed(e),
-            }
-        }
+        let change = common::ensure_address(&nl.h, DEVICE, index, want, tally).await?;
+        tally.report.added += usize::from(change.added);
+        tally.report.removed += change.removed;
+
+        // The one route of the device: the whole Network. Every other route inside the
+        // Network through flannel0 is stale.
         let network = self.network;
-        let want = Route4::new(network, None, index, false);
-        // Device routes through flannel0 that someone made (not the kernel's own).
-        let routes: Vec<Route4> = netlink::routes::<Ipv4Network>(&h, RT_TABLE_MAIN, Some(index))
-            .await
-            .map_err(nl_err)?
-            .into_iter()
-            .filter(|r| r.gateway.is_none() && r.protocol != RouteProtocol::Kernel)
-            .collect();
-        // The kernel identifies a route by destination and metric: a route there without our
-        // protocol number (an older flanneld's, one made by hand) is rewritten as ours.
-        let is_want = |r: &Route4| r.dst == want.dst && r.priority == want.priority;
-        let have = routes.iter().find(|r| is_want(r));
-        if !have.is_some_and(|r| r.protocol == want.protocol) {
-            match netlink::replace_route(&h, &want).await {
-                Ok(()) => {
-                    tracing::info!("udp: route {network} dev {DEVICE}");
-                    if have.is_some() {
-                        tally.report.repaired += 1;
-                    } else {
-                        tally.report.added += 1;
-                    }
-                }
-                Err(e) => tally.failed(e),
-            }
-        }
-        for stale in routes.iter().filter(|r| !is_want(r)) {
-            let dst = stale.dst;
-            if dst.prefix() < network.prefix() || !network.contains(dst.network()) {
-                continue;
-            }
-            match netlink::delete_route(&h, stale).await {
-                Ok(()) => {
-                    tracing::info!("udp: stale route {dst} dev {DEVICE} removed");
-                    tally.report.removed += 1;
-                }
-                Err(e) if e.is_not_found() => {}
-                Err(e) => tally.failed(e),
-            }
-        }
+        let route = Route4::new(network, None, index, false);
+        let desired = [(network, (route, None))].into_iter().collect();
+        let mut plan = Plan::default();
+        common::plan_routes(
+            &nl.h,
+            BACKEND,
+            &desired,
+            &[index],
+            |r| common::owned_route(r, &network, None, Some(index), self.ctx.ext.index),
+            &mut plan,
+        )
+        .await?;
+        tally.apply(&nl, plan).await;
         Ok(())
     }
 
     /// Brings the device and threads back when the device was deleted or a thread ended, and
     /// the device up with the right MTU when someone changed it.
     async fn repair_device(&mut self, tally: &mut Tally) -> Result<(), BackendError> {
-        let h = self.handle()?;
-        let link = netlink::link_by_name(&h, DEVICE).await.map_err(nl_err)?;
+        let nl = common::connect(BACKEND, &mut self.nl)?;
+        let link = netlink::link_by_name(&nl.h, DEVICE)
+            .await
+            .map_err(fatal(BACKEND, "reading the device"))?;
         let healthy = self
             .run
             .as_ref()
@@ -361,9 +277,9 @@ impl UdpBackend {
         }
         let link = link.expect("healthy implies present");
         if !link.up || link.mtu != Some(self.mtu) {
-            kernel::set_up(&h, DEVICE, link.index, self.mtu)
+            kernel::set_up(&nl.h, DEVICE, link.index, self.mtu)
                 .await
-                .map_err(nl_err)?;
+                .map_err(fatal(BACKEND, "setting the device up"))?;
             tracing::info!("udp: {DEVICE} set up again with MTU {}", self.mtu);
             tally.report.repaired += 1;
         }
@@ -371,7 +287,8 @@ impl UdpBackend {
     }
 
     fn publish_table(&mut self, peers: &PeerSet, tally: &mut Tally) {
-        let (table, skipped) = PeerTable::build(peers, self.port, self.own);
+        let mut skipped = Skipped::new();
+        let table = peer_table(peers, self.port, self.own, &mut skipped);
         let old: BTreeSet<_> = self.table.entries().iter().copied().collect();
         let new: BTreeSet<_> = table.entries().iter().copied().collect();
         for e in new.difference(&old) {
@@ -382,13 +299,7 @@ impl UdpBackend {
             tracing::info!("udp: peer {} via {} removed", fmt_route(e), e.2);
             tally.report.removed += 1;
         }
-        let skipped: BTreeMap<String, String> = skipped.into_iter().collect();
-        for (key, why) in &skipped {
-            if self.skipped.get(key) != Some(why) {
-                tracing::info!("udp: ignoring peer {key}: {why}");
-            }
-        }
-        self.skipped = skipped;
+        common::log_skipped(BACKEND, "", &mut self.skipped, skipped);
         // Also when only our own subnet changed: the table rejects inner sources inside it.
         if *self.table != table {
             self.table = Arc::new(table);
@@ -397,6 +308,22 @@ impl UdpBackend {
             }
         }
     }
+}
+
+/// The peer table of the udp peers among `peers` (the ones the peer filter accepted): flannel's
+/// untyped leases and those of type udp with an IPv4 `PublicIP`. The others go into `skipped`.
+fn peer_table(
+    peers: &PeerSet,
+    port: u16,
+    own: Option<Ipv4Network>,
+    skipped: &mut Skipped,
+) -> PeerTable {
+    let candidates = common::candidates::<Ipv4Network>(peers, BACKEND, skipped);
+    PeerTable::new(
+        candidates.iter().map(|c| (c.subnet, c.public_ip)),
+        port,
+        own,
+    )
 }
 
 fn fmt_route(e: &(u32, u32, SocketAddrV4)) -> String {
@@ -435,16 +362,125 @@ impl Backend for UdpBackend {
         if self.run.is_none() {
             self.start().await?;
         }
-        let mut tally = Tally::default();
+        let mut tally = Tally::new(BACKEND);
         self.program_device(&mut tally).await?;
         tally.finish().map(|_| ())
     }
 
     async fn reconcile(&mut self, peers: &PeerSet) -> Result<ReconcileReport, BackendError> {
-        let mut tally = Tally::default();
+        let mut tally = Tally::new(BACKEND);
         self.repair_device(&mut tally).await?;
         self.program_device(&mut tally).await?;
         self.publish_table(peers, &mut tally);
         tally.finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::NetworkConfig;
+    use crate::iface::ExternalInterface;
+
+    fn context() -> BackendContext {
+        let config =
+            NetworkConfig::parse(br#"{"Network":"10.5.0.0/16","Backend":{"Type":"udp"}}"#).unwrap();
+        let public = Some("198.18.0.1".parse().unwrap());
+        let ext = ExternalInterface {
+            name: "eth0".into(),
+            index: 2,
+            iface_addr: public,
+            iface_v6_addr: None,
+            public_ip: public,
+            public_ipv6: None,
+            mtu: 1500,
+        };
+        BackendContext::new(config, ext)
+    }
+
+    fn lease(key: &str, json: &str) -> (crate::subnet::SubnetKey, Lease) {
+        let key: crate::subnet::SubnetKey = key.parse().unwrap();
+        let attrs = crate::subnet::LeaseAttrs::from_json("k", json.as_bytes()).unwrap();
+        let lease = Lease {
+            key,
+            attrs,
+            etcd_lease: Some(1),
+            revision: 1,
+            create_revision: 1,
+        };
+        (key, lease)
+    }
+
+    #[test]
+    fn udp_and_untyped_leases_are_peers_others_are_not() {
+        let peers: PeerSet = [
+            lease("10.5.2.0-24", r#"{"PublicIP":"198.18.0.2"}"#),
+            lease(
+                "10.5.3.0-24",
+                r#"{"PublicIP":"198.18.0.3","BackendType":"udp"}"#,
+            ),
+            lease(
+                "10.5.4.0-24",
+                r#"{"PublicIP":"198.18.0.4","BackendType":"vxlan"}"#,
+            ),
+            lease("10.5.5.0-24", r#"{"PublicIP":null}"#),
+        ]
+        .into_iter()
+        .collect();
+        let own: Ipv4Network = "10.5.1.0/24".parse().unwrap();
+        let mut skipped = Skipped::new();
+        let t = peer_table(&peers, 8285, Some(own), &mut skipped);
+        assert_eq!(t.len(), 2);
+        let why = |k: &str| skipped[&k.parse().unwrap()].clone();
+        assert_eq!(why("10.5.4.0-24"), r#"backend type "vxlan" is not udp"#);
+        assert_eq!(why("10.5.5.0-24"), "lease has no PublicIP");
+        assert_eq!(skipped.len(), 2, "{skipped:?}");
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        assert_eq!(
+            t.lookup(ip("10.5.2.77")),
+            Some("198.18.0.2:8285".parse().unwrap())
+        );
+        assert_eq!(
+            t.lookup(ip("10.5.3.1")),
+            Some("198.18.0.3:8285".parse().unwrap())
+        );
+        assert_eq!(t.lookup(ip("10.5.4.1")), None);
+        assert!(t.is_peer(ip("198.18.0.2")) && t.is_peer(ip("198.18.0.3")));
+        assert!(!t.is_peer(ip("198.18.0.4")) && !t.is_peer(ip("198.18.0.9")));
+        // Our own subnet stays ours for the reverse path check.
+        assert!(!t.sent_by("198.18.0.2:8285".parse().unwrap(), ip("10.5.1.7")));
+    }
+
+    #[test]
+    fn counters_reach_the_metrics_of_their_own_context() {
+        let (a, b) = (context(), context());
+        let backend_a = UdpBackend::new(a.clone()).unwrap();
+        let _backend_b = UdpBackend::new(b.clone()).unwrap();
+        backend_a
+            .counters()
+            .tx
+            .packets
+            .fetch_add(5, Ordering::Relaxed);
+        let tx = |ctx: &BackendContext| {
+            let text = ctx.metrics.render();
+            text.lines()
+                .find_map(|l| l.strip_prefix(r#"flannel_udp_packets_total{direction="tx"} "#))
+                .map(str::to_string)
+        };
+        assert_eq!(
+            tx(&a).as_deref(),
+            Some("5"),
+            "backend A's counters at A's /metrics"
+        );
+        assert_eq!(
+            tx(&b).as_deref(),
+            Some("0"),
+            "backend B's counters at B's /metrics"
+        );
+        // Other backends have no udp data path: no udp lines.
+        assert_eq!(
+            tx(&BackendContext::new(a.config.clone(), a.ext.clone())),
+            None
+        );
     }
 }

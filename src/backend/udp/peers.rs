@@ -7,8 +7,6 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use ipnetwork::Ipv4Network;
 
-use crate::subnet::PeerSet;
-
 /// One immutable snapshot of the peers.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PeerTable {
@@ -24,42 +22,28 @@ pub struct PeerTable {
 }
 
 impl PeerTable {
-    /// The table for `peers` that are udp peers (including flannel's leases without a
-    /// `BackendType`), sending to their `port`; `own` (our subnet) is never a peer. Returns
-    /// the table and, for logging, the peers that were left out with the reason.
-    pub fn build(
-        peers: &PeerSet,
+    /// The table sending each peer subnet to its holder's public IP and `port`; `own` (our
+    /// subnet) is the one inner sources no peer may send from. Which leases are peers is
+    /// decided before (the peer filter, then `backend::common::candidates`).
+    pub fn new(
+        peers: impl IntoIterator<Item = (Ipv4Network, Ipv4Addr)>,
         port: u16,
         own: Option<Ipv4Network>,
-    ) -> (PeerTable, Vec<(String, String)>) {
-        let mut skipped = Vec::new();
-        let mut routes = Vec::new();
-        for (key, lease) in peers {
-            let Some(subnet) = key.ipv4 else {
-                continue;
-            };
-            if Some(subnet) == own {
-                continue;
-            }
-            let kind = lease.attrs.effective_backend_type();
-            if kind != "udp" {
-                skipped.push((key.to_string(), format!("backend type {kind:?} is not udp")));
-                continue;
-            }
-            let Some(ip) = lease.attrs.public_ip else {
-                skipped.push((key.to_string(), "lease has no IPv4 PublicIP".into()));
-                continue;
-            };
-            let mask = u32::from(subnet.mask());
-            routes.push((
-                u32::from(subnet.network()),
-                mask,
-                SocketAddrV4::new(ip, port),
-            ));
-        }
+    ) -> PeerTable {
+        let routes = peers
+            .into_iter()
+            .map(|(subnet, ip)| {
+                let mask = u32::from(subnet.mask());
+                (
+                    u32::from(subnet.network()),
+                    mask,
+                    SocketAddrV4::new(ip, port),
+                )
+            })
+            .collect();
         let mut table = Self::from_routes(routes);
         table.own = own.map(|n| (u32::from(n.network()), u32::from(n.mask())));
-        (table, skipped)
+        table
     }
 
     /// A table from (network, mask, peer) entries.
@@ -133,63 +117,9 @@ impl PeerTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::subnet::{Lease, LeaseAttrs, SubnetKey};
 
-    fn lease(key: &str, json: &str) -> (SubnetKey, Lease) {
-        let key: SubnetKey = key.parse().unwrap();
-        let attrs = LeaseAttrs::from_json("k", json.as_bytes()).unwrap();
-        (
-            key,
-            Lease {
-                key,
-                attrs,
-                etcd_lease: Some(1),
-                revision: 1,
-                create_revision: 1,
-            },
-        )
-    }
-
-    #[test]
-    fn udp_and_untyped_leases_are_peers_others_are_not() {
-        let peers: PeerSet = [
-            lease(
-                "10.5.2.0-24",
-                r#"{"PublicIP":"198.18.0.2","PublicIPv6":null}"#,
-            ),
-            lease(
-                "10.5.3.0-24",
-                r#"{"PublicIP":"198.18.0.3","PublicIPv6":null,"BackendType":"udp"}"#,
-            ),
-            lease(
-                "10.5.4.0-24",
-                r#"{"PublicIP":"198.18.0.4","PublicIPv6":null,"BackendType":"vxlan"}"#,
-            ),
-            lease("10.5.5.0-24", r#"{"PublicIP":null,"PublicIPv6":null}"#),
-            lease(
-                "10.5.1.0-24",
-                r#"{"PublicIP":"198.18.0.1","PublicIPv6":null}"#,
-            ),
-        ]
-        .into_iter()
-        .collect();
-        let own: Ipv4Network = "10.5.1.0/24".parse().unwrap();
-        let (t, skipped) = PeerTable::build(&peers, 8285, Some(own));
-        assert_eq!(t.len(), 2);
-        assert_eq!(skipped.len(), 2, "{skipped:?}");
-        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
-        assert_eq!(
-            t.lookup(ip("10.5.2.77")),
-            Some("198.18.0.2:8285".parse().unwrap())
-        );
-        assert_eq!(
-            t.lookup(ip("10.5.3.1")),
-            Some("198.18.0.3:8285".parse().unwrap())
-        );
-        assert_eq!(t.lookup(ip("10.5.4.1")), None);
-        assert_eq!(t.lookup(ip("10.5.1.1")), None);
-        assert!(t.is_peer(ip("198.18.0.2")) && t.is_peer(ip("198.18.0.3")));
-        assert!(!t.is_peer(ip("198.18.0.4")) && !t.is_peer(ip("198.18.0.9")));
+    fn peer(subnet: &str, public_ip: &str) -> (Ipv4Network, Ipv4Addr) {
+        (subnet.parse().unwrap(), public_ip.parse().unwrap())
     }
 
     #[test]
@@ -211,25 +141,14 @@ mod tests {
 
     #[test]
     fn inner_sources_must_be_the_sending_peers() {
-        let peers: PeerSet = [
-            lease(
-                "10.5.2.0-24",
-                r#"{"PublicIP":"198.18.0.2","PublicIPv6":null}"#,
-            ),
-            lease(
-                "10.5.3.0-24",
-                r#"{"PublicIP":"198.18.0.3","PublicIPv6":null}"#,
-            ),
+        let peers = [
+            peer("10.5.2.0/24", "198.18.0.2"),
+            peer("10.5.3.0/24", "198.18.0.3"),
             // A peer may hold more than one subnet.
-            lease(
-                "10.5.4.0-24",
-                r#"{"PublicIP":"198.18.0.2","PublicIPv6":null}"#,
-            ),
-        ]
-        .into_iter()
-        .collect();
+            peer("10.5.4.0/24", "198.18.0.2"),
+        ];
         let own: Ipv4Network = "10.5.1.0/24".parse().unwrap();
-        let (t, _) = PeerTable::build(&peers, 8285, Some(own));
+        let t = PeerTable::new(peers, 8285, Some(own));
         let from = |s: &str| s.parse::<SocketAddrV4>().unwrap();
         let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
         let b = from("198.18.0.2:8285");
@@ -247,16 +166,7 @@ mod tests {
         // it, comes from 10.5.3.7: accepted from that peer, from no other.
         assert!(t.sent_by(from("198.18.0.3:8285"), ip("10.5.3.7")));
         // Our own subnet stays ours even under a lease that covers it.
-        let (t, _) = PeerTable::build(
-            &[lease(
-                "10.5.0.0-16",
-                r#"{"PublicIP":"198.18.0.2","PublicIPv6":null}"#,
-            )]
-            .into_iter()
-            .collect(),
-            8285,
-            Some(own),
-        );
+        let t = PeerTable::new([peer("10.5.0.0/16", "198.18.0.2")], 8285, Some(own));
         assert!(t.sent_by(b, ip("10.5.2.7")));
         assert!(!t.sent_by(b, ip("10.5.1.2")));
     }
