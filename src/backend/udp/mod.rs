@@ -282,16 +282,18 @@ impl UdpBackend {
         };
         let h = self.handle()?;
         let want = Ipv4Network::new(own.network(), 32).expect("/32 is valid");
-        let have = netlink::addresses_v4(&h, index).await.map_err(nl_err)?;
+        let have = netlink::addresses::<Ipv4Network>(&h, index)
+            .await
+            .map_err(nl_err)?;
         if !have.contains(&want) {
-            netlink::replace_address_v4(&h, index, want)
+            netlink::replace_address(&h, index, want)
                 .await
                 .map_err(nl_err)?;
             tracing::info!("udp: address {want} on {DEVICE}");
             tally.report.added += 1;
         }
         for stale in have.iter().filter(|a| **a != want) {
-            match netlink::delete_address_v4(&h, index, *stale).await {
+            match netlink::delete_address(&h, index, *stale).await {
                 Ok(()) => {
                     tracing::info!("udp: stale address {stale} removed from {DEVICE}");
                     tally.report.removed += 1;
