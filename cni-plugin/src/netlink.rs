@@ -421,21 +421,23 @@ impl Netlink {
         flags: u16,
     ) -> Result<Vec<RouteNetlinkMessage>> {
         let seq = self.send(msg, flags)?;
-        let malformed = || NetlinkError::Malformed(op.to_string());
+        // What could not be decoded is kept: it names the attribute a newer kernel sent.
+        let malformed =
+            |e: netlink_packet_core::DecodeError| NetlinkError::Malformed(format!("{op} ({e})"));
         let mut out = Vec::new();
         loop {
             self.recv()?;
             let mut rest = &self.buf[..];
             while !rest.is_empty() {
-                let header = NetlinkBuffer::new_checked(rest).map_err(|_| malformed())?;
+                let header = NetlinkBuffer::new_checked(rest).map_err(malformed)?;
                 let len = header.length() as usize;
                 let (this, mseq) = (&rest[..len], header.sequence_number());
                 rest = rest.get(len.next_multiple_of(4)..).unwrap_or_default();
                 if mseq != seq {
                     continue; // a stale reply
                 }
-                let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(this)
-                    .map_err(|_| malformed())?;
+                let reply =
+                    NetlinkMessage::<RouteNetlinkMessage>::deserialize(this).map_err(malformed)?;
                 match reply.payload {
                     NetlinkPayload::Error(e) => match e.code {
                         None => return Ok(out),
