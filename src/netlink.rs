@@ -809,23 +809,6 @@ pub async fn link_by_name(h: &Handle, name: &str) -> Result<Option<Link>, Netlin
     }
 }
 
-/// The device with index `index`, or `None` when there is none.
-pub async fn link_by_index(h: &Handle, index: u32) -> Result<Option<Link>, NetlinkError> {
-    let res = h.link().get().match_index(index).execute().try_next().await;
-    match res {
-        Ok(Some(msg)) => Ok(Some(link_from_message(msg))),
-        Ok(None) => Ok(None),
-        Err(e) => {
-            let e = NetlinkError::new(format!("get link ifindex {index}"), e);
-            if e.is_not_found() {
-                Ok(None)
-            } else {
-                Err(e)
-            }
-        }
-    }
-}
-
 /// What a new VXLAN device looks like.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VxlanSpec {
@@ -930,29 +913,6 @@ pub async fn addresses<N: Net>(h: &Handle, index: u32) -> Result<Vec<N>, Netlink
         }
     }
     Ok(out)
-}
-
-/// The IPv4 addresses on device `index`.
-pub async fn addresses_v4(h: &Handle, index: u32) -> Result<Vec<Ipv4Network>, NetlinkError> {
-    addresses::<Ipv4Network>(h, index).await
-}
-
-/// Adds an IPv4 address to a device, or refreshes it when present (`ip addr replace`).
-pub async fn replace_address_v4(
-    h: &Handle,
-    index: u32,
-    addr: Ipv4Network,
-) -> Result<(), NetlinkError> {
-    replace_address(h, index, addr).await
-}
-
-/// Removes an IPv4 address from a device.
-pub async fn delete_address_v4(
-    h: &Handle,
-    index: u32,
-    addr: Ipv4Network,
-) -> Result<(), NetlinkError> {
-    delete_address(h, index, addr).await
 }
 
 /// Adds an address to a device, or refreshes it when present (`ip addr replace`). IPv6
@@ -1202,11 +1162,6 @@ pub async fn routes<N: Net>(
     Ok(out)
 }
 
-/// The IPv4 unicast routes of table `table`.
-pub async fn routes_v4(h: &Handle, table: u32) -> Result<Vec<Route4>, NetlinkError> {
-    routes::<Ipv4Network>(h, table, None).await
-}
-
 /// Adds a route, or replaces the one with the same table, destination and metric
 /// (`ip route replace`).
 pub async fn replace_route<N: Net>(h: &Handle, route: &Route<N>) -> Result<(), NetlinkError> {
@@ -1238,9 +1193,6 @@ pub struct Neigh<A> {
     pub mac: Option<Mac>,
     pub permanent: bool,
 }
-
-/// An IPv4 neighbour entry.
-pub type Neigh4 = Neigh<Ipv4Addr>;
 
 fn neighbour_message(ifindex: u32, dst: IpAddr, mac: Option<Mac>) -> NeighbourMessage {
     let mut msg = NeighbourMessage::default();
@@ -1304,64 +1256,6 @@ pub async fn neighbours<N: Net>(
         }
     }
     Ok(out)
-}
-
-/// The IPv4 neighbour entries of device `ifindex`.
-pub async fn neighbours_v4(h: &Handle, ifindex: u32) -> Result<Vec<Neigh4>, NetlinkError> {
-    neighbours::<Ipv4Network>(h, ifindex).await
-}
-
-async fn single(
-    h: &Handle,
-    op: Op,
-    msg: RouteNetlinkMessage,
-    replace: bool,
-) -> Result<(), NetlinkError> {
-    let mut h = h.clone();
-    let mut stream = h
-        .request(request(msg, replace))
-        .map_err(|e| NetlinkError::new(op.to_string(), e))?;
-    while let Some(msg) = stream.next().await {
-        if let NetlinkPayload::Error(e) = msg.payload {
-            if e.code.is_some() {
-                return Err(NetlinkError::new(
-                    op.to_string(),
-                    rtnetlink::Error::NetlinkError(e),
-                ));
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Adds or replaces a permanent neighbour entry (`ip neigh replace DST lladdr MAC nud
-/// permanent dev IFINDEX`).
-pub async fn replace_neighbour(
-    h: &Handle,
-    ifindex: u32,
-    dst: IpAddr,
-    mac: Mac,
-) -> Result<(), NetlinkError> {
-    let op = Op::Neighbour {
-        replace: true,
-        ifindex,
-        dst,
-        mac: Some(mac),
-    };
-    let msg = RouteNetlinkMessage::NewNeighbour(neighbour_message(ifindex, dst, Some(mac)));
-    single(h, op, msg, true).await
-}
-
-/// Deletes a neighbour entry.
-pub async fn delete_neighbour(h: &Handle, ifindex: u32, dst: IpAddr) -> Result<(), NetlinkError> {
-    let op = Op::Neighbour {
-        replace: false,
-        ifindex,
-        dst,
-        mac: None,
-    };
-    let msg = RouteNetlinkMessage::DelNeighbour(neighbour_message(ifindex, dst, None));
-    single(h, op, msg, false).await
 }
 
 /// One forwarding-database entry of a device (`bridge fdb show dev …`).
@@ -1449,46 +1343,6 @@ pub async fn fdb_entries(h: &Handle, ifindex: u32) -> Result<Vec<FdbEntry>, Netl
         }
     }
     Ok(out)
-}
-
-/// Adds or replaces a permanent FDB entry in the device's own table (`bridge fdb replace MAC
-/// dev IFINDEX dst DST self permanent`).
-pub async fn replace_fdb(
-    h: &Handle,
-    ifindex: u32,
-    mac: Mac,
-    dst: IpAddr,
-) -> Result<(), NetlinkError> {
-    let op = Op::Fdb {
-        replace: true,
-        ifindex,
-        mac,
-        dst: Some(dst),
-    };
-    let msg = RouteNetlinkMessage::NewNeighbour(fdb_message(ifindex, mac, Some(dst), true));
-    single(h, op, msg, true).await
-}
-
-/// Deletes an FDB entry from the device's own table; with `dst`, only that remote.
-pub async fn delete_fdb(
-    h: &Handle,
-    ifindex: u32,
-    mac: Mac,
-    dst: Option<IpAddr>,
-) -> Result<(), NetlinkError> {
-    let op = Op::Fdb {
-        replace: false,
-        ifindex,
-        mac,
-        dst,
-    };
-    let msg = RouteNetlinkMessage::DelNeighbour(fdb_message(ifindex, mac, dst, false));
-    single(h, op, msg, false).await
-}
-
-/// Indexes `items` by `key` (for diffs of thousands of entries without quadratic scans).
-pub fn index_by<K: Hash + Eq, T>(items: &[T], key: impl Fn(&T) -> K) -> HashMap<K, &T> {
-    items.iter().map(|t| (key(t), t)).collect()
 }
 
 #[cfg(test)]
