@@ -3,9 +3,8 @@
 
 mod common;
 
-use std::fs::File;
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use netns_tests::FlanneldCommand;
@@ -34,7 +33,6 @@ struct LimitedFlanneld {
 impl LimitedFlanneld {
     fn start(netns: Option<&str>, nofile: &str, args: &[String]) -> LimitedFlanneld {
         let dir = tempfile::tempdir().unwrap();
-        let log = File::create(dir.path().join("flanneld.log")).unwrap();
         let mut flanneld = FlanneldCommand::new(env!("CARGO_BIN_EXE_flanneld"));
         flanneld.netns = netns.map(String::from);
         // `ip netns exec` and `prlimit` both exec what follows: the child's pid is flanneld's.
@@ -42,11 +40,7 @@ impl LimitedFlanneld {
         flanneld.args = args.to_vec();
         flanneld.subnet_file = Some(dir.path().join("subnet.env"));
         let child = flanneld
-            .command()
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
+            .spawn_logged(&dir.path().join("flanneld.log"))
             .expect("start prlimit flanneld");
         LimitedFlanneld { dir, child }
     }

@@ -4,9 +4,10 @@
 //! `tests/health_limits.rs`) and the benchmarks build their command with [`FlanneldCommand`].
 
 use std::ffi::OsString;
+use std::fs::File;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 
 /// How to start one flanneld. Fields left empty add nothing to the command line.
 #[derive(Debug, Clone)]
@@ -79,6 +80,17 @@ impl FlanneldCommand {
             .env("RUST_LOG", &self.rust_log)
             .envs(self.env.iter().map(|(k, v)| (k, v)));
         c
+    }
+
+    /// Starts it with stdin closed and stdout and stderr appended to `log`.
+    pub fn spawn_logged(&self, log: &Path) -> std::io::Result<Child> {
+        let out = File::options().create(true).append(true).open(log)?;
+        let err = out.try_clone()?;
+        self.command()
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
     }
 }
 

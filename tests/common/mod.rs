@@ -401,11 +401,6 @@ impl Flanneld {
 
     pub fn resume(&mut self) {
         assert!(self.child.is_none());
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("flanneld.log"))
-            .unwrap();
         let mut flanneld = FlanneldCommand::new(env!("CARGO_BIN_EXE_flanneld"));
         flanneld.netns = self.netns.clone();
         flanneld.args = self.args.clone();
@@ -413,11 +408,7 @@ impl Flanneld {
         flanneld.healthz = Some((Ipv4Addr::LOCALHOST.into(), self.health_port));
         flanneld.env = self.envs.clone();
         let child = flanneld
-            .command()
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
+            .spawn_logged(&self.dir.path().join("flanneld.log"))
             .expect("start flanneld");
         self.child = Some(child);
     }
