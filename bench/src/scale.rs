@@ -167,18 +167,7 @@ impl Drop for Proc {
 }
 
 fn sh(prog: &str, args: &[&str]) -> Result<String, String> {
-    let out = Command::new(prog)
-        .args(args)
-        .output()
-        .map_err(|e| format!("running {prog}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "`{prog} {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    netns_tests::cmd::run(prog, args).map_err(|e| e.to_string())
 }
 
 /// Enters namespace `path` on the calling thread.

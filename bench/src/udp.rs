@@ -143,18 +143,7 @@ pub fn main(args: &[String]) -> i32 {
 // Processes and namespaces
 
 fn cmd(args: &[&str]) -> Result<String, String> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .map_err(|e| format!("{}: {e}", args.join(" ")))?;
-    if !out.status.success() {
-        return Err(format!(
-            "`{}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    netns_tests::cmd::run(args[0], &args[1..]).map_err(|e| e.to_string())
 }
 
 fn ns_cmd(ns: &str, args: &[&str]) -> Result<String, String> {
