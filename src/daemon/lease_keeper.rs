@@ -154,21 +154,12 @@ impl<R: LeaseRegistry> LeaseKeeper<R> {
 mod tests {
     use super::*;
     use crate::daemon::memory_registry::{self, script, MemoryRegistry, Unreachable};
-    use crate::subnet::{LeaseAttrs, PeerSet};
+    use crate::subnet::PeerSet;
 
     fn lease(key: &str, etcd_lease: Option<i64>, revision: i64) -> Lease {
         Lease {
-            key: key.parse().unwrap(),
-            attrs: LeaseAttrs {
-                public_ip: Some("198.18.0.1".parse().unwrap()),
-                public_ipv6: None,
-                backend_type: "vxlan".into(),
-                backend_data: None,
-                backend_v6_data: None,
-            },
             etcd_lease,
-            revision,
-            create_revision: revision,
+            ..memory_registry::lease(key, revision)
         }
     }
 

@@ -476,12 +476,9 @@ impl Drop for Flanneld {
             let _ = c.wait();
         }
         if std::thread::panicking() {
-            let log = self.log();
-            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            let log = self.dir.path().join("flanneld.log");
             eprintln!("--- flanneld log tail ({}) ---", self.dir.path().display());
-            for l in tail.into_iter().rev() {
-                eprintln!("{l}");
-            }
+            eprintln!("{}", netns_tests::cmd::tail(&log, 30));
         }
     }
 }
