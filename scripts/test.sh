@@ -5,6 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh
 need_pkgs
+# flannel's own flanneld and CNI plugin, the interop tests' peers (built once per machine).
+GO_PEERS_DIR="$(bash scripts/go-peers.sh)"
+export GO_PEERS_DIR
 
 echo "== format and lints"
 cargo fmt --all -- --check
