@@ -49,6 +49,8 @@ impl Default for HostOptions {
 pub struct Host {
     child: Mutex<Option<Child>>,
     pods: Mutex<usize>,
+    /// flannel's Go flanneld to run instead of ours (see [`Host::set_go_flanneld`]).
+    go_flanneld: Mutex<Option<PathBuf>>,
     index: usize,
     public_ip: Ipv4Addr,
     bin: PathBuf,
@@ -84,6 +86,7 @@ impl Host {
         Ok(Host {
             child: Mutex::new(None),
             pods: Mutex::new(0),
+            go_flanneld: Mutex::new(None),
             index,
             public_ip,
             bin: bin.to_path_buf(),
@@ -133,8 +136,39 @@ impl Host {
         &self.pod_mode
     }
 
+    /// From the next [`Host::start`] on, run flannel's Go flanneld at `bin` (`None`: ours again).
+    /// The namespace, the subnet file and the lease in etcd stay, so stopping one daemon and
+    /// starting the other replaces it in place. Go flanneld gets only the flags it has (see
+    /// [`crate::go_peers::go_flanneld_args`]).
+    pub fn set_go_flanneld(&self, bin: Option<&Path>) {
+        *self.go_flanneld.lock().unwrap() = bin.map(Path::to_path_buf);
+    }
+
+    /// Whether [`Host::start`] runs flannel's Go flanneld.
+    pub fn runs_go(&self) -> bool {
+        self.go_flanneld.lock().unwrap().is_some()
+    }
+
+    /// The flanneld binary [`Host::start`] runs.
+    fn daemon_bin(&self) -> PathBuf {
+        self.go_flanneld
+            .lock()
+            .unwrap()
+            .clone()
+            .unwrap_or_else(|| self.bin.clone())
+    }
+
     /// The flags flanneld is started with.
     pub fn args(&self) -> Vec<String> {
+        let a = self.our_args();
+        if self.runs_go() {
+            crate::go_peers::go_flanneld_args(&a)
+        } else {
+            a
+        }
+    }
+
+    fn our_args(&self) -> Vec<String> {
         let mut a = vec![
             format!("--etcd-endpoints={}", self.etcd_endpoint),
             format!("--etcd-prefix={}", self.etcd_prefix),
@@ -154,7 +188,7 @@ impl Host {
         format!(
             "ip netns exec {} {} {}",
             self.name(),
-            self.bin.display(),
+            self.daemon_bin().display(),
             self.args().join(" ")
         )
     }
@@ -174,7 +208,7 @@ impl Host {
             .open(&log_path)
             .map_err(|e| Error::io(format!("opening {}", log_path.display()), e))?;
         let log2 = log.try_clone().map_err(|e| Error::io("dup log fd", e))?;
-        let mut flanneld = FlanneldCommand::new(&self.bin);
+        let mut flanneld = FlanneldCommand::new(self.daemon_bin());
         flanneld.netns = Some(self.ns.name().to_string());
         flanneld.args = self.args();
         flanneld.rust_log = self

@@ -28,6 +28,7 @@ pub mod cmd;
 pub mod etcd;
 pub mod etcd_cmd;
 pub mod flanneld_cmd;
+pub mod go_peers;
 pub mod hash;
 pub mod host;
 pub mod netns;
@@ -43,6 +44,7 @@ pub use cluster::{par_map, ping_pairs, Backend, Cluster, ClusterBuilder, KernelS
 pub use etcd::{Etcd, WatchEvent, WatchLog};
 pub use etcd_cmd::{etcd_bin, EtcdSpec, EtcdTls};
 pub use flanneld_cmd::FlanneldCommand;
+pub use go_peers::{go_peers, GoPeers};
 pub use host::{Host, HostOptions, ProcStats};
 pub use netns::{sweep_stale, unique_prefix, Netns};
 pub use pod::{Pod, PodMode};
