@@ -48,14 +48,12 @@ struct Switch {
 /// Replaces host [`MIGRATED`]'s daemon and checks what the module doc promises.
 fn switch(c: &Cluster, peers: &GoPeers, pods: &[Pod], before: &LeaseInfo) -> Switch {
     let h = c.host(MIGRATED);
-    let what = format!("{} → {}", interop::daemon(h), {
-        let other = if h.runs_go() {
-            "our flanneld"
-        } else {
-            "Go flanneld"
-        };
-        other
-    });
+    let next = if h.runs_go() {
+        "our flanneld"
+    } else {
+        "Go flanneld"
+    };
+    let what = format!("{} → {next}", interop::daemon(h));
     let (here, ours_peer, go_peer) = (&pods[MIGRATED], &pods[1], &pods[2]);
     let background = ours_peer
         .start_ping(here.ip(), PING_EVERY)
@@ -70,7 +68,7 @@ fn switch(c: &Cluster, peers: &GoPeers, pods: &[Pod], before: &LeaseInfo) -> Swi
         Duration::from_millis(10),
         &format!("{what}: pod traffic across {} both ways", h.name()),
         || {
-            h.check_alive().map_err(|e| Wait::NotYet(e))?;
+            h.check_alive().map_err(Wait::NotYet)?;
             for (a, b) in [
                 (here, ours_peer),
                 (ours_peer, here),
