@@ -1,0 +1,203 @@
+//! `--ip-masq` on a Go host and a Rust host (root only, flannel's Go peers from
+//! `scripts/go-peers.sh`): both leave exactly the same chains and rules in the `nat` and
+//! `filter` tables (the host's own subnet aside), no rule twice, also after each host switched
+//! to the other daemon; and pod traffic to an address outside the Network leaves with the
+//! host's address on both.
+
+mod interop;
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::time::Duration;
+
+use netns_tests::{wait_until, Backend, Cluster, GoPeers, Host, Netns, Pod};
+
+/// A machine on the underlay, outside the Network.
+const OUTSIDE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 200);
+const PORT: u16 = 7412;
+
+/// `iptables-save` of the `nat` and `filter` tables as a user compares them: no comments, no
+/// counters, the host's own subnet written `<own subnet>`.
+fn rules(h: &Host) -> Result<Vec<String>, String> {
+    let own = h.subnet().map_err(|e| e.to_string())?.to_string();
+    let mut lines = Vec::new();
+    for table in ["nat", "filter"] {
+        let out = h
+            .netns()
+            .exec("iptables-save", &["-t", table])
+            .map_err(|e| e.to_string())?;
+        for l in out.lines().filter(|l| !l.starts_with('#')) {
+            let l = match l.split_once(" [") {
+                Some((chain, _)) if l.starts_with(':') => chain.to_string(),
+                _ => l.to_string(),
+            };
+            lines.push(l.replace(&own, "<own subnet>"));
+        }
+    }
+    Ok(lines)
+}
+
+/// The rules that appear more than once.
+fn twice(rules: &[String]) -> Vec<String> {
+    let mut seen = std::collections::BTreeMap::<&str, usize>::new();
+    for r in rules.iter().filter(|r| r.starts_with("-A ")) {
+        *seen.entry(r).or_default() += 1;
+    }
+    seen.into_iter()
+        .filter(|(_, n)| *n > 1)
+        .map(|(r, n)| format!("{r} ×{n}"))
+        .collect()
+}
+
+/// How long the rules are watched once in place: two resync periods of `--iptables-resync=1`,
+/// so a daemon that re-adds what it finds would be caught doing it.
+const WATCH: Duration = Duration::from_millis(2500);
+
+/// Both hosts have flannel's whole set (the last rule of each chain is there), the same rules
+/// in the same order (own subnet aside) and none twice; watched for [`WATCH`].
+fn assert_same_rules(c: &Cluster, when: &str) {
+    let (a, b) = (c.host(0), c.host(1));
+    let complete = |r: &[String]| {
+        r.iter()
+            .any(|l| l.starts_with("-A FLANNEL-POSTRTG ! -s 10.5.0.0/16 -d 10.5.0.0/16"))
+            && r.iter()
+                .any(|l| l.starts_with("-A FLANNEL-FWD -d 10.5.0.0/16"))
+    };
+    wait_until(
+        interop::CONVERGE,
+        &format!("{when}: the rules on both hosts"),
+        || {
+            let (ra, rb) = (rules(a)?, rules(b)?);
+            if complete(&ra) && complete(&rb) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{}:\n{}\n{}:\n{}",
+                    a.name(),
+                    ra.join("\n"),
+                    b.name(),
+                    rb.join("\n")
+                ))
+            }
+        },
+    )
+    .unwrap();
+    let until = std::time::Instant::now() + WATCH;
+    let mut looks = 0;
+    while std::time::Instant::now() < until {
+        let (ra, rb) = (rules(a).unwrap(), rules(b).unwrap());
+        assert_eq!(
+            ra,
+            rb,
+            "{when}: {} ({}) and {} ({}) differ",
+            a.name(),
+            interop::daemon(a),
+            b.name(),
+            interop::daemon(b)
+        );
+        for (h, r) in [(a, &ra), (b, &rb)] {
+            let dup = twice(r);
+            assert!(
+                dup.is_empty(),
+                "{when}: {} ({}) has rules twice: {dup:?}",
+                h.name(),
+                interop::daemon(h)
+            );
+        }
+        looks += 1;
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    eprintln!(
+        "{when}: {} ({}) and {} ({}) have the same {} lines of nat and filter in each of {looks} looks:\n{}",
+        a.name(),
+        interop::daemon(a),
+        b.name(),
+        interop::daemon(b),
+        rules(a).unwrap().len(),
+        rules(a).unwrap().join("\n")
+    );
+}
+
+/// Connects from `from` to `to:PORT` (listening in `listen`); the source address seen there.
+fn observed_source(listen: &Netns, to: Ipv4Addr, from: &Netns) -> Result<Ipv4Addr, String> {
+    let addr = SocketAddr::from((to, PORT));
+    let listener = listen
+        .run_in(|| TcpListener::bind(addr))
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("listen on {addr} in {}: {e}", listen.name()))?;
+    let conn = from
+        .run_in(|| TcpStream::connect_timeout(&addr, Duration::from_secs(1)))
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("{} → {addr}: {e}", from.name()))?;
+    let (_, peer) = listener
+        .accept()
+        .map_err(|e| format!("accept on {addr}: {e}"))?;
+    drop(conn);
+    match peer.ip() {
+        std::net::IpAddr::V4(ip) => Ok(ip),
+        other => Err(format!("an IPv6 source {other}")),
+    }
+}
+
+/// Each pod's connection to the outside arrives from its host's address; pod to pod keeps the
+/// pod's address.
+fn assert_masquerade(c: &Cluster, outside: &Netns, pods: &[Pod], when: &str) {
+    for p in pods {
+        let h = c.host(p.host_index());
+        let what = format!(
+            "{when}: {} on {} ({}) → {OUTSIDE}",
+            p.ip(),
+            h.name(),
+            interop::daemon(h)
+        );
+        wait_until(interop::CONVERGE, &what, || {
+            match observed_source(outside, OUTSIDE, p.netns())? {
+                src if src == h.public_ip() => Ok(()),
+                src => Err(format!("arrived from {src}, not {}", h.public_ip())),
+            }
+        })
+        .unwrap();
+        eprintln!("{what}: arrives from {}", h.public_ip());
+    }
+    let (p0, p1) = (&pods[0], &pods[1]);
+    for (a, b) in [(p0, p1), (p1, p0)] {
+        let src = observed_source(b.netns(), b.ip(), a.netns()).unwrap();
+        assert_eq!(src, a.ip(), "{when}: pod to pod keeps the pod's address");
+    }
+}
+
+#[test]
+fn ip_masq_go_and_ours_leave_the_same_rules_and_masquerade() {
+    netns_tests::require_test_bed!();
+    let peers = netns_tests::require_go_peers!();
+    let c = interop::mixed_cluster(
+        peers,
+        Backend::Vxlan,
+        2,
+        |i| i == 0,
+        &["--ip-masq", "--iptables-resync=1"],
+    );
+    for h in c.hosts() {
+        assert_eq!(
+            h.subnet_env().unwrap()["FLANNEL_IPMASQ"],
+            "true",
+            "{}",
+            interop::daemon(h)
+        );
+    }
+    let outside = Netns::create(&format!("{}-out", c.name())).expect("outside namespace");
+    c.underlay()
+        .attach(&outside, "out0", OUTSIDE)
+        .expect("attach the outside namespace");
+    let pods = c.add_pods(&[0, 1]).expect("one pod per host");
+
+    assert_same_rules(&c, "Go on h0, ours on h1");
+    assert_masquerade(&c, &outside, &pods, "Go on h0, ours on h1");
+
+    interop::swap_daemon(&c, peers, 0);
+    interop::swap_daemon(&c, peers, 1);
+    c.wait_all_ready(0..2).expect("both ready after the switch");
+    c.wait_converged(interop::CONVERGE)
+        .expect("converged after the switch");
+    assert_same_rules(&c, "ours on h0, Go on h1");
+    assert_masquerade(&c, &outside, &pods, "ours on h0, Go on h1");
+}
