@@ -9,7 +9,7 @@ mod interop;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
-use netns_tests::{wait_until, Backend, Cluster, GoPeers, Host, Netns, Pod};
+use netns_tests::{wait_until, Backend, Cluster, Host, Netns, Pod};
 
 /// A machine on the underlay, outside the Network.
 const OUTSIDE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 200);

@@ -5,7 +5,8 @@
 
 mod interop;
 
-use netns_tests::Backend;
+use netns_tests::{Backend, Cluster, Host};
+use serde_json::Value;
 
 const HOSTS: usize = 4;
 const TCP_BYTES: u64 = 1 << 20;
@@ -25,6 +26,9 @@ fn every_pod_reaches_every_pod(backend: Backend) {
             h.name(),
             interop::daemon(h)
         );
+    }
+    if backend == Backend::Vxlan {
+        assert_same_vxlan_device(&c);
     }
     let pods = c
         .add_pods(&(0..HOSTS).collect::<Vec<_>>())
@@ -54,4 +58,53 @@ fn mixed_host_gw_every_pod_reaches_every_pod() {
 #[test]
 fn mixed_udp_every_pod_reaches_every_pod() {
     every_pod_reaches_every_pod(Backend::Udp);
+}
+
+/// What a user compares of two hosts' vxlan devices: `ip -d link` (MTU, flags, the vxlan
+/// attributes but the local address) and the device's IPv6 `accept_ra`. flannel's device
+/// ignores router advertisements; so must ours.
+fn vxlan_device(c: &Cluster, h: &Host) -> Value {
+    let dev = c.vxlan_dev();
+    let link = &h
+        .netns()
+        .ip_json(&["-d", "link", "show", "dev", &dev])
+        .unwrap()[0];
+    let mut vxlan = link["linkinfo"]["info_data"].clone();
+    vxlan
+        .as_object_mut()
+        .expect("vxlan attributes")
+        .remove("local");
+    let accept_ra = h
+        .netns()
+        .exec(
+            "cat",
+            &[&format!("/proc/sys/net/ipv6/conf/{dev}/accept_ra")],
+        )
+        .unwrap();
+    serde_json::json!({
+        "mtu": link["mtu"],
+        "flags": link["flags"],
+        "kind": link["linkinfo"]["info_kind"],
+        "vxlan": vxlan,
+        "accept_ra": accept_ra.trim(),
+    })
+}
+
+fn assert_same_vxlan_device(c: &Cluster) {
+    let go = c.hosts().iter().find(|h| h.runs_go()).expect("a Go host");
+    let ours = c
+        .hosts()
+        .iter()
+        .find(|h| !h.runs_go())
+        .expect("a Rust host");
+    let (g, o) = (vxlan_device(c, go), vxlan_device(c, ours));
+    assert_eq!(
+        o,
+        g,
+        "{} (ours) and {} (Go): {} differs",
+        ours.name(),
+        go.name(),
+        c.vxlan_dev()
+    );
+    eprintln!("{} on Go's host and ours: {g}", c.vxlan_dev());
 }

@@ -78,6 +78,17 @@ impl VxlanOptions {
     }
 }
 
+/// Sets `net.ipv6.conf.<dev>.accept_ra` to 0, as flannel does for its vxlan devices: a router
+/// advertisement that reaches the overlay must not give the host an IPv6 address or default
+/// route through it. Best effort, like flannel's: the file is missing when the kernel has no
+/// IPv6, and the device works without it.
+fn ignore_router_advertisements(dev: &str) {
+    let path = format!("/proc/sys/net/ipv6/conf/{dev}/accept_ra");
+    if let Err(e) = std::fs::write(&path, "0") {
+        tracing::debug!("{BACKEND}: writing 0 to {path}: {e}");
+    }
+}
+
 /// The VTEP MAC of this host for `vni`: derived from the public IP (IPv4 for `flannel.<VNI>`,
 /// IPv6 for `flannel-v6.<VNI>`) and the VNI, so it is the same after a restart, a reboot or a
 /// re-created device.
@@ -280,6 +291,7 @@ impl<N: LeaseFamily> Vtep<N> {
                             );
                         }
                     }
+                    ignore_router_advertisements(&name);
                     return Ok((link, change));
                 }
                 Some(why) => {
@@ -325,6 +337,7 @@ impl<N: LeaseFamily> Vtep<N> {
                 why: format!("device {name} vanished right after it was created"),
             })?;
         self.mac = Some(link.mac.unwrap_or(mac));
+        ignore_router_advertisements(&name);
         tracing::info!(
             "{BACKEND}: created device {name} (ifindex {}, vni {}, local {}, dev {}, dstport {}, mtu {}, VtepMAC {})",
             link.index,
