@@ -2,7 +2,8 @@
 //! of Go flanneld and ours, the daemon of one host is stopped and the other one started in its
 //! place (same namespace, subnet file and etcd), Go → ours, then back ours → Go. The host keeps
 //! its subnet (and VTEP MAC), pod traffic across it recovers within 2 s, and no host is left
-//! with a route, neighbour or FDB entry twice.
+//! with a route, neighbour or FDB entry twice. For vxlan, host-gw and udp (whose TUN device goes
+//! with the daemon that opened it: the new daemon makes its own).
 
 mod interop;
 
@@ -143,9 +144,7 @@ fn assert_nothing_twice(c: &Cluster, what: &str) {
     );
 }
 
-fn migrate_and_back(backend: Backend) {
-    netns_tests::require_test_bed!();
-    let peers = netns_tests::require_go_peers!();
+fn migrate_and_back(peers: &GoPeers, backend: Backend) {
     let c = interop::mixed_cluster(peers, backend, HOSTS, |i| i != 1, &[]);
     let pods = c.add_pods(&[0, 1, 2]).expect("one pod per host");
     for a in &pods {
@@ -175,10 +174,21 @@ fn migrate_and_back(backend: Backend) {
 
 #[test]
 fn vxlan_go_host_migrates_to_ours_and_back() {
-    migrate_and_back(Backend::Vxlan);
+    netns_tests::require_test_bed!();
+    let peers = netns_tests::require_go_peers!();
+    migrate_and_back(peers, Backend::Vxlan);
 }
 
 #[test]
 fn host_gw_go_host_migrates_to_ours_and_back() {
-    migrate_and_back(Backend::HostGw);
+    netns_tests::require_test_bed!();
+    let peers = netns_tests::require_go_peers!();
+    migrate_and_back(peers, Backend::HostGw);
+}
+
+#[test]
+fn udp_go_host_migrates_to_ours_and_back() {
+    netns_tests::require_test_bed!();
+    let peers = netns_tests::require_go_peers!();
+    migrate_and_back(peers, Backend::Udp);
 }

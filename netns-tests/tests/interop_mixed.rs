@@ -5,15 +5,13 @@
 
 mod interop;
 
-use netns_tests::{Backend, Cluster, Host};
+use netns_tests::{Backend, Cluster, GoPeers, Host};
 use serde_json::Value;
 
 const HOSTS: usize = 4;
 const TCP_BYTES: u64 = 1 << 20;
 
-fn every_pod_reaches_every_pod(backend: Backend) {
-    netns_tests::require_test_bed!();
-    let peers = netns_tests::require_go_peers!();
+fn every_pod_reaches_every_pod(peers: &GoPeers, backend: Backend) {
     let c = interop::mixed_cluster(peers, backend, HOSTS, |i| i % 2 == 0, &[]);
     let leases = c.leases().expect("leases");
     assert_eq!(leases.len(), HOSTS, "one lease per host: {leases:?}");
@@ -47,17 +45,23 @@ fn every_pod_reaches_every_pod(backend: Backend) {
 
 #[test]
 fn mixed_vxlan_every_pod_reaches_every_pod() {
-    every_pod_reaches_every_pod(Backend::Vxlan);
+    netns_tests::require_test_bed!();
+    let peers = netns_tests::require_go_peers!();
+    every_pod_reaches_every_pod(peers, Backend::Vxlan);
 }
 
 #[test]
 fn mixed_host_gw_every_pod_reaches_every_pod() {
-    every_pod_reaches_every_pod(Backend::HostGw);
+    netns_tests::require_test_bed!();
+    let peers = netns_tests::require_go_peers!();
+    every_pod_reaches_every_pod(peers, Backend::HostGw);
 }
 
 #[test]
 fn mixed_udp_every_pod_reaches_every_pod() {
-    every_pod_reaches_every_pod(Backend::Udp);
+    netns_tests::require_test_bed!();
+    let peers = netns_tests::require_go_peers!();
+    every_pod_reaches_every_pod(peers, Backend::Udp);
 }
 
 /// What a user compares of two hosts' vxlan devices: `ip -d link` (MTU, flags, the vxlan
