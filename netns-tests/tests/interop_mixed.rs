@@ -25,6 +25,7 @@ fn every_pod_reaches_every_pod(peers: &GoPeers, backend: Backend) {
             interop::daemon(h)
         );
     }
+    assert_same_subnet_file_and_lease(&c);
     if backend == Backend::Vxlan {
         assert_same_vxlan_device(&c);
     }
@@ -111,4 +112,48 @@ fn assert_same_vxlan_device(c: &Cluster) {
         c.vxlan_dev()
     );
     eprintln!("{} on Go's host and ours: {g}", c.vxlan_dev());
+}
+
+/// A Go host and a Rust host write the same subnet file (same lines in the same order, the
+/// subnet aside) and publish the same lease JSON (the public IP and VTEP MAC aside).
+fn assert_same_subnet_file_and_lease(c: &Cluster) {
+    let go = c.hosts().iter().find(|h| h.runs_go()).expect("a Go host");
+    let ours = c
+        .hosts()
+        .iter()
+        .find(|h| !h.runs_go())
+        .expect("a Rust host");
+    let file = |h: &Host| {
+        let subnet = h.subnet_env().unwrap()["FLANNEL_SUBNET"].clone();
+        std::fs::read_to_string(h.subnet_file())
+            .unwrap()
+            .replace(&subnet, "<subnet>")
+    };
+    assert_eq!(
+        file(ours),
+        file(go),
+        "subnet files of {} (ours) and {} (Go)",
+        ours.name(),
+        go.name()
+    );
+    let lease = |h: &Host| {
+        let mut v = c.lease_of(h.index()).unwrap().expect("a lease").value;
+        v["PublicIP"] = "<public IP>".into();
+        if v["BackendData"].get("VtepMAC").is_some() {
+            v["BackendData"]["VtepMAC"] = "<VTEP MAC>".into();
+        }
+        v
+    };
+    let (g, o) = (lease(go), lease(ours));
+    assert_eq!(
+        o,
+        g,
+        "leases of {} (ours) and {} (Go)",
+        ours.name(),
+        go.name()
+    );
+    eprintln!(
+        "subnet file of Go's host and ours:\n{}lease of both: {g}",
+        file(go)
+    );
 }
