@@ -1,8 +1,11 @@
 //! `--ip-masq` on a Go host and a Rust host (root only, flannel's Go peers from
 //! `scripts/go-peers.sh`): both leave exactly the same chains and rules in the `nat` and
 //! `filter` tables (the host's own subnet aside), no rule twice, also after each host switched
-//! to the other daemon; and pod traffic to an address outside the Network leaves with the
-//! host's address on both.
+//! to the other daemon; pod traffic to an address outside the Network leaves with the host's
+//! address on both, and a connection from outside forwarded to a pod on another host is
+//! masqueraded by both. With `EnableNFTables` the same, except for the two rules where
+//! flannel's nftables rules mean something else than its iptables rules (README, "What it does
+//! differently from flannel"): flannel's let the forwarded connection through unmasqueraded.
 
 mod interop;
 
@@ -192,6 +195,7 @@ fn ip_masq_go_and_ours_leave_the_same_rules_and_masquerade() {
 
     assert_same_rules(&c, "Go on h0, ours on h1");
     assert_masquerade(&c, &outside, &pods, "Go on h0, ours on h1");
+    assert_forwarded_source(&c, &outside, &pods, true, "Go on h0, ours on h1");
 
     interop::swap_daemon(&c, peers, 0);
     interop::swap_daemon(&c, peers, 1);
@@ -200,4 +204,205 @@ fn ip_masq_go_and_ours_leave_the_same_rules_and_masquerade() {
         .expect("converged after the switch");
     assert_same_rules(&c, "ours on h0, Go on h1");
     assert_masquerade(&c, &outside, &pods, "ours on h0, Go on h1");
+    assert_forwarded_source(&c, &outside, &pods, true, "ours on h0, Go on h1");
+}
+
+/// The rules of table `ip flannel-ipv4` per chain (`postrtg: <rule>`), comments left out and
+/// the host's own subnet written `<own subnet>`; empty when there is no such table.
+fn nft_rules(h: &Host) -> Result<Vec<String>, String> {
+    let own = h.subnet().map_err(|e| e.to_string())?.to_string();
+    let out = match h
+        .netns()
+        .exec("nft", &["list", "table", "ip", "flannel-ipv4"])
+    {
+        Ok(out) => out,
+        Err(netns_tests::Error::Command { .. }) => return Ok(Vec::new()),
+        Err(e) => return Err(e.to_string()),
+    };
+    let mut chain = "";
+    let mut rules = Vec::new();
+    for l in out.lines().map(str::trim) {
+        if let Some(name) = l.strip_prefix("chain ") {
+            chain = name.trim_end_matches(" {");
+        } else if l.is_empty()
+            || l == "}"
+            || l.starts_with("table ")
+            || l.starts_with("type ")
+            || l.starts_with("comment ")
+        {
+            continue;
+        } else {
+            let rule = l.split(" comment \"").next().unwrap_or(l);
+            rules.push(format!("{chain}: {}", rule.replace(&own, "<own subnet>")));
+        }
+    }
+    Ok(rules)
+}
+
+/// flannel's nftables rules that mean something else than its iptables rules, and ours in
+/// their place (see README, "What it does differently from flannel").
+const GO_ONLY: [&str; 2] = [
+    "postrtg: meta mark 0x00004000 return",
+    "postrtg: ip saddr != <own subnet> ip daddr 10.5.0.0/16 return",
+];
+const OURS_ONLY: [&str; 2] = [
+    "postrtg: meta mark & 0x00004000 == 0x00004000 return",
+    "postrtg: ip saddr != 10.5.0.0/16 ip daddr <own subnet> return",
+];
+
+/// Both hosts have their 6 + 2 rules, none twice, and differ in exactly the documented two;
+/// watched for [`WATCH`].
+fn assert_nft_rules(c: &Cluster, when: &str) {
+    let complete = |r: &[String]| {
+        r.iter().filter(|l| l.starts_with("postrtg: ")).count() >= 6
+            && r.iter().filter(|l| l.starts_with("forward: ")).count() >= 2
+    };
+    for h in c.hosts() {
+        wait_until(
+            interop::CONVERGE,
+            &format!("{when}: nftables rules on {}", h.name()),
+            || {
+                let r = nft_rules(h)?;
+                if complete(&r) {
+                    Ok(())
+                } else {
+                    Err(r.join("\n"))
+                }
+            },
+        )
+        .unwrap();
+    }
+    let until = std::time::Instant::now() + WATCH;
+    while std::time::Instant::now() < until {
+        for h in c.hosts() {
+            let r = nft_rules(h).unwrap();
+            let mut unique = r.clone();
+            unique.sort();
+            unique.dedup();
+            assert_eq!(
+                unique.len(),
+                r.len(),
+                "{when}: {} ({}) has a rule twice: {r:#?}",
+                h.name(),
+                interop::daemon(h)
+            );
+            assert_eq!(
+                r.len(),
+                8,
+                "{when}: {} ({}): {r:#?}",
+                h.name(),
+                interop::daemon(h)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let go = c.hosts().iter().find(|h| h.runs_go()).expect("a Go host");
+    let ours = c
+        .hosts()
+        .iter()
+        .find(|h| !h.runs_go())
+        .expect("a Rust host");
+    let (g, o) = (nft_rules(go).unwrap(), nft_rules(ours).unwrap());
+    let only = |a: &[String], b: &[String]| -> Vec<String> {
+        a.iter().filter(|l| !b.contains(l)).cloned().collect()
+    };
+    assert_eq!(
+        only(&g, &o),
+        GO_ONLY,
+        "{when}: flannel's rules beside ours: {g:#?}\n{o:#?}"
+    );
+    assert_eq!(
+        only(&o, &g),
+        OURS_ONLY,
+        "{when}: our rules beside flannel's: {o:#?}\n{g:#?}"
+    );
+    eprintln!(
+        "{when}: nftables, ours:\n{}\nflannel's differ in:\n{}",
+        o.join("\n"),
+        GO_ONLY.join("\n")
+    );
+}
+
+/// A connection from outside the Network to a pod, forwarded by the other pod's host (as a
+/// NodePort connection to a pod elsewhere is): our rules masquerade it on the forwarding host
+/// (it reaches the pod from that host's `flannel.1` address, so the reply comes back the same
+/// way); so do flannel's iptables rules, but its nftables rules (`go_masquerades` false) let it
+/// through with the outside address.
+fn assert_forwarded_source(
+    c: &Cluster,
+    outside: &Netns,
+    pods: &[Pod],
+    go_masquerades: bool,
+    when: &str,
+) {
+    for (p, via) in [(&pods[1], c.host(0)), (&pods[0], c.host(1))] {
+        let route = [
+            "route",
+            "replace",
+            &p.subnet().to_string(),
+            "via",
+            &via.public_ip().to_string(),
+        ];
+        outside.ip(&route).unwrap();
+        let want = if via.runs_go() && !go_masquerades {
+            OUTSIDE
+        } else {
+            via.subnet().unwrap().network()
+        };
+        let what = format!(
+            "{when}: {OUTSIDE} → {} forwarded by {} ({})",
+            p.ip(),
+            via.name(),
+            interop::daemon(via)
+        );
+        wait_until(interop::CONVERGE, &what, || {
+            match observed_source(p.netns(), p.ip(), outside)? {
+                src if src == want => Ok(()),
+                src => Err(format!("arrived from {src}, not {want}")),
+            }
+        })
+        .unwrap();
+        eprintln!("{what}: arrives from {want}");
+    }
+}
+
+#[test]
+fn ip_masq_nftables_go_and_ours_switch_without_duplicates_and_masquerade() {
+    netns_tests::require_test_bed!();
+    netns_tests::require!(netns_tests::Need::Tool("nft"));
+    let peers = netns_tests::require_go_peers!();
+    let c = Cluster::builder()
+        .hosts(2)
+        .config_json(
+            r#"{"Network":"10.5.0.0/16","SubnetLen":24,"EnableNFTables":true,"Backend":{"Type":"vxlan"}}"#,
+        )
+        .flanneld_arg("--ip-masq")
+        .flanneld_arg("--iptables-resync=1")
+        .no_start()
+        .build()
+        .expect("cluster");
+    c.host(0).set_go_flanneld(Some(&peers.flanneld));
+    for h in c.hosts() {
+        h.start().expect("start flanneld");
+    }
+    c.wait_all_ready(0..2).expect("both ready");
+    c.wait_converged(interop::CONVERGE).expect("converged");
+    let outside = Netns::create(&format!("{}-out", c.name())).expect("outside namespace");
+    c.underlay()
+        .attach(&outside, "out0", OUTSIDE)
+        .expect("attach the outside namespace");
+    let pods = c.add_pods(&[0, 1]).expect("one pod per host");
+
+    assert_nft_rules(&c, "Go on h0, ours on h1");
+    assert_masquerade(&c, &outside, &pods, "nftables, Go on h0, ours on h1");
+    assert_forwarded_source(&c, &outside, &pods, false, "nftables, Go on h0, ours on h1");
+
+    interop::swap_daemon(&c, peers, 0);
+    interop::swap_daemon(&c, peers, 1);
+    c.wait_all_ready(0..2).expect("both ready after the switch");
+    c.wait_converged(interop::CONVERGE)
+        .expect("converged after the switch");
+    assert_nft_rules(&c, "ours on h0, Go on h1");
+    assert_masquerade(&c, &outside, &pods, "nftables, ours on h0, Go on h1");
+    assert_forwarded_source(&c, &outside, &pods, false, "nftables, ours on h0, Go on h1");
 }
