@@ -192,3 +192,45 @@ fn udp_go_host_migrates_to_ours_and_back() {
     let peers = netns_tests::require_go_peers!();
     migrate_and_back(peers, Backend::Udp);
 }
+
+/// The subnet file is the other daemon's memory: with its lease gone from etcd while it was
+/// stopped, a host that switches daemons takes the subnet its subnet file names (when free),
+/// Go → ours and ours → Go.
+#[test]
+fn the_other_daemons_subnet_file_brings_back_the_subnet() {
+    netns_tests::require_test_bed!();
+    let peers = netns_tests::require_go_peers!();
+    let c = interop::mixed_cluster(peers, Backend::HostGw, 2, |i| i == 0, &[]);
+    for round in 0..2 {
+        let h = c.host(MIGRATED);
+        let before = c.lease_of(MIGRATED).unwrap().expect("a lease");
+        let from = interop::daemon(h);
+        h.stop();
+        assert_eq!(
+            c.etcd().del(&before.key).unwrap(),
+            1,
+            "deleting {}",
+            before.key
+        );
+        h.set_go_flanneld(if h.runs_go() {
+            None
+        } else {
+            Some(&peers.flanneld)
+        });
+        h.start().unwrap();
+        h.wait_ready(interop::CONVERGE).unwrap();
+        let after = c.lease_of(MIGRATED).unwrap().expect("a lease again");
+        assert_eq!(
+            after.subnet,
+            before.subnet,
+            "round {round}: {} after {from} takes the subnet of the subnet file",
+            interop::daemon(h)
+        );
+        eprintln!(
+            "round {round}: {} took {} from {from}'s subnet file",
+            interop::daemon(h),
+            after.subnet
+        );
+    }
+    c.wait_converged(interop::CONVERGE).unwrap();
+}
