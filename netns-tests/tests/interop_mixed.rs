@@ -1,7 +1,8 @@
 //! Mixed clusters (root only, flannel's Go peers from `scripts/go-peers.sh`): 4 hosts, Go
 //! flanneld and ours alternating, one pod per host, for each backend. Every pod reaches every
 //! other by ping and by a TCP transfer checked by checksum at both ends, so each pair of a Go
-//! host and a Rust host is crossed in both directions.
+//! host and a Rust host is crossed in both directions. Both kinds of host write the same subnet
+//! file and lease JSON and (vxlan) make the same device; a host leaving is dropped by both.
 
 mod interop;
 
@@ -156,4 +157,32 @@ fn assert_same_subnet_file_and_lease(c: &Cluster) {
         "subnet file of Go's host and ours:\n{}lease of both: {g}",
         file(go)
     );
+}
+
+/// A host that leaves (daemon stopped, lease expired: deleted here) is dropped by every peer,
+/// Go and ours alike: no route, neighbour or FDB entry for it is left, nothing twice.
+#[test]
+fn mixed_vxlan_a_host_leaving_is_dropped_by_every_peer() {
+    netns_tests::require_test_bed!();
+    let peers = netns_tests::require_go_peers!();
+    let c = interop::mixed_cluster(peers, Backend::Vxlan, HOSTS, |i| i % 2 == 0, &[]);
+    for leaving in [0, 1] {
+        let h = c.host(leaving);
+        let lease = c.lease_of(leaving).unwrap().expect("a lease");
+        let who = interop::daemon(h);
+        h.stop();
+        assert_eq!(c.etcd().del(&lease.key).unwrap(), 1);
+        let took = c
+            .wait_peer_gone(&lease, interop::CONVERGE)
+            .unwrap_or_else(|e| panic!("{who}'s host left: {e}\n{}", interop::table(&c)));
+        eprintln!(
+            "{} ({who}) left: every peer dropped it in {took:?}",
+            h.name()
+        );
+    }
+    c.wait_converged(interop::CONVERGE).unwrap();
+    for h in c.hosts().iter().filter(|h| h.pid().is_some()) {
+        let dup = interop::duplicates(h, Some(&c.vxlan_dev()));
+        assert!(dup.is_empty(), "{dup:?}");
+    }
 }
