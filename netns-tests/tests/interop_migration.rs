@@ -64,8 +64,9 @@ fn switch(c: &Cluster, peers: &GoPeers, pods: &[Pod], before: &LeaseInfo) -> Swi
     h.wait_ready(interop::CONVERGE)
         .unwrap_or_else(|e| panic!("{what}: {e}"));
     let to_ready = t0.elapsed();
+    // The deadline counts from SIGTERM: the new daemon's start-up is part of the outage.
     wait_for(
-        RECOVERY,
+        RECOVERY.saturating_sub(to_ready),
         Duration::from_millis(10),
         &format!("{what}: pod traffic across {} both ways", h.name()),
         || {
