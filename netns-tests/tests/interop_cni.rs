@@ -458,3 +458,92 @@ fn each_plugin_deletes_what_the_other_added() {
         cni(deleter, "DEL", n.ns.name(), &pod, "pod-2", &conf).unwrap();
     }
 }
+
+/// The chain name versions of our plugin before it named chains as `bridge` does used
+/// (`CNI-FL-` + FNV-1a of network name, a zero byte and container ID).
+fn legacy_chain(network: &str, container_id: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in network.bytes().chain([0u8]).chain(container_id.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("CNI-FL-{h:016x}")
+}
+
+/// A pod set up by an earlier version of our plugin (its masquerade chain named the old way)
+/// is cleaned up by today's DEL: upgrading the plugin leaves no rules behind.
+#[test]
+fn del_removes_masquerade_chains_of_the_old_naming() {
+    require_all!(TEST_BED);
+    let ours = cni_plugin_bin().expect("our CNI plugin");
+    let prefix = unique_prefix();
+    let dir = tempfile::tempdir().unwrap();
+    let n = node(&prefix, dir.path(), V4_SUBNET_ENV);
+    let conf = n.conf("1.0.0");
+    let pod = Netns::create(&format!("{prefix}-p")).unwrap();
+    let added = cni(&ours, "ADD", n.ns.name(), &pod, "old-pod", &conf).unwrap();
+    let ip = v4_address(&added);
+    // Replace today's chain with the old one, as the old version left it.
+    let iptables = |args: &[&str]| n.ns.exec("iptables", args).unwrap();
+    let current = n.masq_chains();
+    assert_eq!(current.len(), 1);
+    iptables(&["-t", "nat", "-F", "POSTROUTING"]);
+    iptables(&["-t", "nat", "-F", &current[0]]);
+    iptables(&["-t", "nat", "-X", &current[0]]);
+    let chain = legacy_chain(&n.name, "old-pod");
+    let comment = format!("flannel-cni name={} id=old-pod", n.name);
+    let subnet = format!("{}/{}", ip.network(), ip.prefix());
+    iptables(&["-t", "nat", "-N", &chain]);
+    iptables(&[
+        "-t",
+        "nat",
+        "-A",
+        &chain,
+        "-d",
+        &subnet,
+        "-m",
+        "comment",
+        "--comment",
+        &comment,
+        "-j",
+        "ACCEPT",
+    ]);
+    iptables(&[
+        "-t",
+        "nat",
+        "-A",
+        &chain,
+        "!",
+        "-d",
+        "224.0.0.0/4",
+        "-m",
+        "comment",
+        "--comment",
+        &comment,
+        "-j",
+        "MASQUERADE",
+    ]);
+    iptables(&[
+        "-t",
+        "nat",
+        "-A",
+        "POSTROUTING",
+        "-s",
+        &ip.ip().to_string(),
+        "-m",
+        "comment",
+        "--comment",
+        &comment,
+        "-j",
+        &chain,
+    ]);
+    assert_eq!(n.masq_chains(), std::slice::from_ref(&chain));
+    cni(&ours, "DEL", n.ns.name(), &pod, "old-pod", &conf).unwrap();
+    assert_eq!(
+        n.masq_chains(),
+        Vec::<String>::new(),
+        "old chain {chain} left"
+    );
+    let postrouting = iptables(&["-t", "nat", "-S", "POSTROUTING"]);
+    assert!(!postrouting.contains(&chain), "{postrouting}");
+}
