@@ -295,6 +295,10 @@ fn each_plugin_works_with_the_other_sides_flanneld() {
 const V4_SUBNET_ENV: &str =
     "FLANNEL_NETWORK=10.5.0.0/16\nFLANNEL_SUBNET=10.5.3.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n";
 
+const DUAL_SUBNET_ENV: &str = "FLANNEL_NETWORK=10.5.0.0/16\nFLANNEL_SUBNET=10.5.3.1/24\n\
+    FLANNEL_IPV6_NETWORK=fc00:5::/48\nFLANNEL_IPV6_SUBNET=fc00:5:0:3::1/64\nFLANNEL_MTU=1450\n\
+    FLANNEL_IPMASQ=false\n";
+
 /// The fields of an ADD result that must differ between two pods on one bridge, replaced by
 /// placeholders: each veth's MAC (random), the host end's name (random), the pod's namespace
 /// (one per pod), and the address, which the second pod gets as the next one from the same
@@ -320,8 +324,8 @@ fn normalized(result: &Value) -> Value {
 }
 
 /// The pod's routes as the kernel has them, with its own address left out.
-fn pod_routes(pod: &Netns) -> Vec<Value> {
-    let routes = pod.ip_json(&["-4", "route", "show"]).unwrap();
+fn pod_routes(pod: &Netns, family: &str) -> Vec<Value> {
+    let routes = pod.ip_json(&[family, "route", "show"]).unwrap();
     routes
         .as_array()
         .unwrap()
@@ -363,10 +367,14 @@ fn masq_rules(node: &Node, id: &str, ip: Ipv4Addr) -> Vec<String> {
 #[test]
 fn add_results_match_field_for_field() {
     let p = plugins!("add_results_match_field_for_field");
-    for version in ["0.3.1", "0.4.0"] {
+    for (version, subnet_env) in [
+        ("0.3.1", V4_SUBNET_ENV),
+        ("0.4.0", V4_SUBNET_ENV),
+        ("0.4.0", DUAL_SUBNET_ENV),
+    ] {
         let prefix = unique_prefix();
         let dir = tempfile::tempdir().unwrap();
-        let n = node(&prefix, dir.path(), V4_SUBNET_ENV);
+        let n = node(&prefix, dir.path(), subnet_env);
         let conf = n.conf(version);
         let go_pod = Netns::create(&format!("{prefix}-pg")).unwrap();
         let our_pod = Netns::create(&format!("{prefix}-pr")).unwrap();
@@ -386,11 +394,13 @@ fn add_results_match_field_for_field() {
             "{version}: ADD results differ (ours left)"
         );
         assert_eq!(ours["interfaces"][2]["sandbox"], json!(our_pod.path()));
-        assert_eq!(
-            pod_routes(&our_pod),
-            pod_routes(&go_pod),
-            "{version}: pod routes"
-        );
+        for family in ["-4", "-6"] {
+            assert_eq!(
+                pod_routes(&our_pod, family),
+                pod_routes(&go_pod, family),
+                "{version} {family}: pod routes"
+            );
+        }
         assert_eq!(mtu_of(&our_pod, "eth0"), mtu_of(&go_pod, "eth0"));
         // ipMasq (flanneld does not masquerade): the same chain and rules, by bridge's names.
         let go_rules = masq_rules(&n, "go-pod", go_ip.ip());
