@@ -115,6 +115,12 @@ pub fn remove_saved(conf: &NetConf, env: &Env) -> CniResult<()> {
 /// `path`, fsync the directory. rename(2) replaces a symlink planted at `path` rather than
 /// writing through it, and O_EXCL never follows one at the temp path.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    write_replacing(path, bytes, true)
+}
+
+/// [`write_atomically`], with the two fsyncs only when `durable`: a reader still sees the old
+/// content or the new, but after a power cut the file may be missing.
+fn write_replacing(path: &Path, bytes: &[u8], durable: bool) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = temp_path(path);
     match fs::remove_file(&tmp) {
@@ -130,12 +136,18 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
         .open(&tmp)
         .and_then(|mut f| {
             f.write_all(bytes)?;
-            f.sync_all()
+            if durable {
+                f.sync_all()?;
+            }
+            Ok(())
         })
         .and_then(|()| fs::rename(&tmp, path));
     if let Err(e) = written {
         let _ = fs::remove_file(&tmp);
         return Err(e);
+    }
+    if !durable {
+        return Ok(());
     }
     // The rename itself must survive a power cut, or the next boot finds the old conf.
     fs::File::open(dir)?.sync_all()
@@ -243,6 +255,22 @@ pub fn is_native(saved: &Map<String, Value>) -> bool {
 
 /// Saves `d` as this container's conf (`dataDir/<containerID>`), as flannel does before ADD.
 pub fn save(conf: &NetConf, env: &Env, d: &Map<String, Value>) -> CniResult<PathBuf> {
+    save_with(conf, env, d, true)
+}
+
+/// [`save`] without fsync, for the native path: our own DEL does not need the conf (a pod
+/// without one is undone with the current config), only flannel's plugin after a rollback
+/// does, so losing it to a power cut costs less than two fsyncs on every ADD.
+pub fn save_native(conf: &NetConf, env: &Env, senv: &SubnetEnv) -> CniResult<PathBuf> {
+    save_with(conf, env, &native_conf(conf, senv), false)
+}
+
+fn save_with(
+    conf: &NetConf,
+    env: &Env,
+    d: &Map<String, Value>,
+    durable: bool,
+) -> CniResult<PathBuf> {
     let path = saved_path(conf, env);
     fs::DirBuilder::new()
         .recursive(true)
@@ -250,7 +278,8 @@ pub fn save(conf: &NetConf, env: &Env, d: &Map<String, Value>) -> CniResult<Path
         .create(&conf.data_dir)
         .map_err(|e| io_error("create data dir", &conf.data_dir, e))?;
     let bytes = serde_json::to_vec(d).expect("serializable");
-    write_atomically(&path, &bytes).map_err(|e| io_error("save delegate conf", &path, e))?;
+    write_replacing(&path, &bytes, durable)
+        .map_err(|e| io_error("save delegate conf", &path, e))?;
     Ok(path)
 }
 

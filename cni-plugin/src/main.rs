@@ -102,7 +102,7 @@ fn cmd_add(conf: &NetConf, env: &Env) -> CniResult<Vec<u8>> {
     }
     // Saved like flannel's delegate conf, so that flannel's own plugin can DEL this pod too
     // (after a rollback to it, or with both installed on one node).
-    delegate::save(conf, env, &delegate::native_conf(conf, &senv))?;
+    delegate::save_native(conf, env, &senv)?;
     let result = match bridge::add(conf, env, &senv) {
         Ok(r) => r,
         Err(e) => {
