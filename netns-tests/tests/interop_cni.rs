@@ -164,6 +164,19 @@ fn cni(
     container_id: &str,
     conf: &Value,
 ) -> Result<Value, String> {
+    cni_with_path(plugin, command, node_ns, pod, container_id, conf, CNI_PATH)
+}
+
+/// [`cni`] with `CNI_PATH` = `cni_path`.
+fn cni_with_path(
+    plugin: &Path,
+    command: &str,
+    node_ns: &str,
+    pod: &Netns,
+    container_id: &str,
+    conf: &Value,
+    cni_path: &str,
+) -> Result<Value, String> {
     use std::io::Write;
     let mut child = Command::new("ip")
         .args(["netns", "exec", node_ns])
@@ -172,7 +185,7 @@ fn cni(
         .env("CNI_CONTAINERID", container_id)
         .env("CNI_NETNS", pod.path())
         .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", CNI_PATH)
+        .env("CNI_PATH", cni_path)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -556,4 +569,49 @@ fn del_removes_masquerade_chains_of_the_old_naming() {
     );
     let postrouting = iptables(&["-t", "nat", "-S", "POSTROUTING"]);
     assert!(!postrouting.contains(&chain), "{postrouting}");
+}
+
+/// The conf the native path saves (for flannel's plugin) does not make our GC exec `bridge`:
+/// a stale native pod's saved conf is forgotten and its address freed with no delegate
+/// plugin installed.
+#[test]
+fn gc_forgets_the_saved_conf_of_a_stale_native_pod_without_delegates() {
+    require_all!(TEST_BED);
+    let ours = cni_plugin_bin().expect("our CNI plugin");
+    let prefix = unique_prefix();
+    let dir = tempfile::tempdir().unwrap();
+    let n = node(&prefix, dir.path(), V4_SUBNET_ENV);
+    let conf = n.conf("1.1.0");
+    let stale = Netns::create(&format!("{prefix}-ps")).unwrap();
+    let live = Netns::create(&format!("{prefix}-pl")).unwrap();
+    cni(&ours, "ADD", n.ns.name(), &stale, "stale", &conf).unwrap();
+    let kept = cni(&ours, "ADD", n.ns.name(), &live, "live", &conf).unwrap();
+    let saved = || {
+        let mut ids: Vec<String> = std::fs::read_dir(dir.path().join("flannel"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        ids.sort();
+        ids
+    };
+    assert_eq!(saved(), ["live", "stale"], "ADD saves flannel's conf");
+    let mut gc = conf.clone();
+    gc["cni.dev/valid-attachments"] = json!([{"containerID": "live", "ifname": "eth0"}]);
+    let no_delegates = dir.path().join("empty-cni-path");
+    std::fs::create_dir(&no_delegates).unwrap();
+    cni_with_path(
+        &ours,
+        "GC",
+        n.ns.name(),
+        &live,
+        "",
+        &gc,
+        no_delegates.to_str().unwrap(),
+    )
+    .unwrap();
+    assert_eq!(saved(), ["live"]);
+    assert_eq!(n.allocated(), [IpAddr::V4(v4_address(&kept).ip())]);
+    cni(&ours, "DEL", n.ns.name(), &live, "live", &conf).unwrap();
+    assert_eq!(saved(), Vec::<String>::new());
 }
