@@ -8,6 +8,7 @@ pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod docker_opts;
 pub mod firewall;
 pub mod health;
 pub mod iface;

@@ -5,6 +5,10 @@ use flannel::cli::{normalize_args, Opts};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("mk-docker-opts") {
+        return flannel::docker_opts::main(&args[2..]);
+    }
     let opts = Opts::parse_from(normalize_args(std::env::args()));
     let default_level = match opts.verbosity {
         0 => "info",

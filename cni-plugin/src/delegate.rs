@@ -115,6 +115,12 @@ pub fn remove_saved(conf: &NetConf, env: &Env) -> CniResult<()> {
 /// `path`, fsync the directory. rename(2) replaces a symlink planted at `path` rather than
 /// writing through it, and O_EXCL never follows one at the temp path.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    write_replacing(path, bytes, true)
+}
+
+/// [`write_atomically`], with the two fsyncs only when `durable`: a reader still sees the old
+/// content or the new, but after a power cut the file may be missing.
+fn write_replacing(path: &Path, bytes: &[u8], durable: bool) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = temp_path(path);
     match fs::remove_file(&tmp) {
@@ -130,12 +136,18 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
         .open(&tmp)
         .and_then(|mut f| {
             f.write_all(bytes)?;
-            f.sync_all()
+            if durable {
+                f.sync_all()?;
+            }
+            Ok(())
         })
         .and_then(|()| fs::rename(&tmp, path));
     if let Err(e) = written {
         let _ = fs::remove_file(&tmp);
         return Err(e);
+    }
+    if !durable {
+        return Ok(());
     }
     // The rename itself must survive a power cut, or the next boot finds the old conf.
     fs::File::open(dir)?.sync_all()
@@ -231,16 +243,57 @@ fn bridge_gateways(d: &Map<String, Value>, senv: &SubnetEnv) -> Vec<(IpAddr, u8)
         .collect()
 }
 
-pub fn add(conf: &NetConf, env: &Env, senv: &SubnetEnv, plugin: &str) -> CniResult<Vec<u8>> {
-    let d = build_conf(conf, senv, plugin);
+/// Set in the conf the native path saves. flannel's own plugin, reading the same `dataDir`
+/// after a rollback, DELs such a pod with the `bridge` conf it finds, as if it had ADDed it;
+/// we undo it natively. (`bridge` and `host-local` ignore keys they do not know.)
+pub const NATIVE_MARK: &str = "flannelRsNative";
+
+/// Whether the native path saved this conf (see [`NATIVE_MARK`]).
+pub fn is_native(saved: &Map<String, Value>) -> bool {
+    saved.get(NATIVE_MARK).and_then(Value::as_bool) == Some(true)
+}
+
+/// Saves `d` as this container's conf (`dataDir/<containerID>`), as flannel does before ADD.
+pub fn save(conf: &NetConf, env: &Env, d: &Map<String, Value>) -> CniResult<PathBuf> {
+    save_with(conf, env, d, true)
+}
+
+/// [`save`] without fsync, for the native path: our own DEL does not need the conf (a pod
+/// without one is undone with the current config), only flannel's plugin after a rollback
+/// does, so losing it to a power cut costs less than two fsyncs on every ADD.
+pub fn save_native(conf: &NetConf, env: &Env, senv: &SubnetEnv) -> CniResult<PathBuf> {
+    save_with(conf, env, &native_conf(conf, senv), false)
+}
+
+fn save_with(
+    conf: &NetConf,
+    env: &Env,
+    d: &Map<String, Value>,
+    durable: bool,
+) -> CniResult<PathBuf> {
     let path = saved_path(conf, env);
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(&conf.data_dir)
         .map_err(|e| io_error("create data dir", &conf.data_dir, e))?;
-    let bytes = serde_json::to_vec(&d).expect("serializable");
-    write_atomically(&path, &bytes).map_err(|e| io_error("save delegate conf", &path, e))?;
+    let bytes = serde_json::to_vec(d).expect("serializable");
+    write_replacing(&path, &bytes, durable)
+        .map_err(|e| io_error("save delegate conf", &path, e))?;
+    Ok(path)
+}
+
+/// The conf the native path saves before ADD: what flannel's plugin would have saved for the
+/// reference `bridge` (whose result the native path gives), marked as ours.
+pub fn native_conf(conf: &NetConf, senv: &SubnetEnv) -> Map<String, Value> {
+    let mut d = build_conf(conf, senv, "bridge");
+    d.insert(NATIVE_MARK.into(), json!(true));
+    d
+}
+
+pub fn add(conf: &NetConf, env: &Env, senv: &SubnetEnv, plugin: &str) -> CniResult<Vec<u8>> {
+    let d = build_conf(conf, senv, plugin);
+    let path = save(conf, env, &d)?;
     if plugin == "bridge" {
         // The reference plugin fails on a bridge that still has the gateway of a subnet
         // flanneld no longer holds; retire it first.
@@ -336,7 +389,13 @@ pub fn gc_saved(conf: &NetConf, env: &Env, listed: &[String], valid_ids: &[&str]
         if saved.get("name").and_then(Value::as_str) != Some(conf.name.as_str()) {
             continue;
         }
-        if let Err(e) = del(conf, &stale, &saved) {
+        // The native GC frees a native pod's addresses (and rules) from the store itself.
+        let undone = if is_native(&saved) {
+            remove_saved(conf, &stale)
+        } else {
+            del(conf, &stale, &saved)
+        };
+        if let Err(e) = undone {
             failures.push(CniError::new(
                 e.code,
                 format!("GC of container {id}: {}", e.msg),

@@ -100,7 +100,16 @@ fn cmd_add(conf: &NetConf, env: &Env) -> CniResult<Vec<u8>> {
     if let Some(plugin) = conf.delegate_plugin() {
         return delegate::add(conf, env, &senv, &plugin);
     }
-    let result = bridge::add(conf, env, &senv)?;
+    // Saved like flannel's delegate conf, so that flannel's own plugin can DEL this pod too
+    // (after a rollback to it, or with both installed on one node).
+    delegate::save_native(conf, env, &senv)?;
+    let result = match bridge::add(conf, env, &senv) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = delegate::remove_saved(conf, env);
+            return Err(e);
+        }
+    };
     Ok(serde_json::to_vec(&result.to_json(&conf.cni_version)).expect("serializable"))
 }
 
@@ -108,6 +117,11 @@ fn cmd_del(conf: &NetConf, env: &Env) -> CniResult<()> {
     // A conf saved at ADD (by us on the delegate path, or by flannel's own plugin before
     // this one was installed) says exactly how to undo it.
     match delegate::load_saved(conf, env)? {
+        delegate::Saved::Conf(saved) if delegate::is_native(&saved) => {
+            let senv = SubnetEnv::load(&conf.subnet_file).ok();
+            bridge::del(conf, env, senv.as_ref())?;
+            return delegate::remove_saved(conf, env);
+        }
         delegate::Saved::Conf(saved) => return delegate::del(conf, env, &saved),
         delegate::Saved::Corrupt(why) => return del_with_current_conf(conf, env, &why),
         delegate::Saved::Missing => {}

@@ -10,9 +10,43 @@ use ipnetwork::IpNetwork;
 
 use crate::spec::{code, CniError, CniResult};
 
-/// Chain name: `CNI-FL-` + 16 hex digits of a hash of network name and container ID.
+/// Chain name, as the reference `bridge` plugin names it (`utils.FormatChainName`): `CNI-` and
+/// the first 24 hex digits of SHA-512 of network name and container ID. The same name and
+/// comment make flannel's own plugin (through `bridge`) able to remove what we set up.
 pub fn chain_name(network: &str, container_id: &str) -> String {
-    // FNV-1a, 64 bits: stable across versions and platforms.
+    use sha2::{Digest, Sha512};
+    let digest = Sha512::new()
+        .chain_update(network)
+        .chain_update(container_id)
+        .finalize();
+    let hex: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
+    format!("CNI-{hex}")
+}
+
+/// `bridge`'s rule comment (`utils.FormatComment`: Go's `%q` of both).
+pub fn comment(network: &str, container_id: &str) -> String {
+    format!("name: {} id: {}", go_quote(network), go_quote(container_id))
+}
+
+/// Go's `%q` of the names a runtime passes (CNI allows printable ASCII in them): quoted,
+/// with `"` and `\` escaped.
+fn go_quote(s: &str) -> String {
+    let mut q = String::with_capacity(s.len() + 2);
+    q.push('"');
+    for c in s.chars() {
+        if c == '"' || c == '\\' {
+            q.push('\\');
+        }
+        q.push(c);
+    }
+    q.push('"');
+    q
+}
+
+/// The chain and comment this plugin used before it named them as `bridge` does: pods set
+/// up by such a version are still torn down.
+fn legacy_chain_name(network: &str, container_id: &str) -> String {
+    // FNV-1a, 64 bits.
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in network.bytes().chain([0u8]).chain(container_id.bytes()) {
         h ^= b as u64;
@@ -21,7 +55,7 @@ pub fn chain_name(network: &str, container_id: &str) -> String {
     format!("CNI-FL-{h:016x}")
 }
 
-pub fn comment(network: &str, container_id: &str) -> String {
+fn legacy_comment(network: &str, container_id: &str) -> String {
     format!("flannel-cni name={network} id={container_id}")
 }
 
@@ -37,7 +71,8 @@ fn tool(v6: bool, restore: bool) -> &'static str {
 /// Install masquerading for `addr` (the pod's address with its subnet's prefix).
 pub fn setup(network: &str, container_id: &str, addr: IpNetwork) -> CniResult<()> {
     let chain = chain_name(network, container_id);
-    let comment = comment(network, container_id);
+    // Inside the double quotes of an iptables-restore line, a quote is escaped.
+    let comment = comment(network, container_id).replace('"', "\\\"");
     let subnet = IpNetwork::new(addr.network(), addr.prefix()).expect("valid prefix");
     let multicast = if addr.is_ipv4() {
         "224.0.0.0/4"
@@ -78,41 +113,73 @@ pub fn setup(network: &str, container_id: &str, addr: IpNetwork) -> CniResult<()
     Ok(())
 }
 
-/// Remove what `setup` made; missing rules are not an error.
+/// Remove what `setup` made (or an older version of this plugin); missing rules are not an
+/// error.
 pub fn teardown(network: &str, container_id: &str, ips: &[IpAddr], v6: bool) {
-    let chain = chain_name(network, container_id);
-    let comment = comment(network, container_id);
     let bin = tool(v6, false);
     let run = |args: &[&str]| {
-        let _ = Command::new(bin)
+        Command::new(bin)
             .args(["-w", "5", "-t", "nat"])
             .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
-            .status();
+            .status()
+            .is_ok_and(|s| s.success())
     };
-    for ip in ips.iter().filter(|ip| ip.is_ipv6() == v6) {
-        let src = ip.to_string();
-        run(&[
-            "-D",
-            "POSTROUTING",
-            "-s",
-            &src,
-            "-m",
-            "comment",
-            "--comment",
-            &comment,
-            "-j",
-            &chain,
-        ]);
+    let current = (
+        chain_name(network, container_id),
+        comment(network, container_id),
+    );
+    let legacy = (
+        legacy_chain_name(network, container_id),
+        legacy_comment(network, container_id),
+    );
+    for (i, (chain, comment)) in [current, legacy].iter().enumerate() {
+        let mut jumped = false;
+        for ip in ips.iter().filter(|ip| ip.is_ipv6() == v6) {
+            let src = ip.to_string();
+            jumped |= run(&[
+                "-D",
+                "POSTROUTING",
+                "-s",
+                &src,
+                "-m",
+                "comment",
+                "--comment",
+                comment,
+                "-j",
+                chain,
+            ]);
+        }
+        // The legacy chain only when a jump to it was there: one call, not three, per DEL.
+        if i == 0 || jumped {
+            run(&["-F", chain]);
+            run(&["-X", chain]);
+        }
     }
-    run(&["-F", &chain]);
-    run(&["-X", &chain]);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chain_and_comment_are_bridges() {
+        // As the reference plugin names them (utils.FormatChainName / FormatComment), e.g.
+        // in `iptables -t nat -S` after `bridge` ADDed container pod-1 to network n.
+        assert_eq!(chain_name("n", "pod-1"), {
+            use sha2::{Digest, Sha512};
+            let d = Sha512::digest(b"npod-1");
+            let hex: String = d.iter().map(|b| format!("{b:02x}")).collect();
+            format!("CNI-{}", &hex[..24])
+        });
+        assert_eq!(
+            chain_name("nt22267x1-node", "pod-1"),
+            "CNI-c57275748d203cc3d0aad7e2"
+        );
+        assert_eq!(comment("cbr0", "c1"), r#"name: "cbr0" id: "c1""#);
+        assert_eq!(comment("a\"b", "c"), r#"name: "a\"b" id: "c""#);
+    }
 
     #[test]
     fn chain_names_fit_iptables() {

@@ -539,7 +539,7 @@ fn ip_masq_rules_come_and_go() {
     assert!(r.contains(&format!("-A POSTROUTING -s {ip}/32")), "{r}");
     assert!(r.contains("-j MASQUERADE"), "{r}");
     assert!(r.contains("-d 10.5.72.0/24"), "{r}");
-    assert!(r.contains("id=masq0001"), "{r}");
+    assert!(r.contains(r#"id: \"masq0001\""#), "{r}");
     host.del("masq0001", &pod).expect_ok();
     let r = rules();
     assert!(!r.contains("masq0001") && !r.contains("MASQUERADE"), "{r}");
@@ -557,7 +557,7 @@ fn del_runs_every_step_when_one_fails() {
         String::from_utf8_lossy(&host.ns.exec(&["iptables", "-w", "-t", "nat", "-S"]).stdout)
             .into_owned()
     };
-    assert!(rules().contains("id=brok0001"), "{}", rules());
+    assert!(rules().contains(r#"id: \"brok0001\""#), "{}", rules());
 
     // A netns path that opens but is no namespace: removing the pod's interface fails.
     let not_a_netns = host.dir.path().join("not-a-netns");

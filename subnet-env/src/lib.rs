@@ -93,6 +93,23 @@ impl SubnetEnv {
         })
     }
 
+    /// The value of `key` as [`SubnetEnv::parse_lenient`] reads it (unquoted; the last line for
+    /// the key wins; empty is `None`), as written: for tools that pass values on as text, such
+    /// as `flanneld mk-docker-opts`, which must tell an absent `FLANNEL_IPMASQ` from `false`.
+    pub fn raw_value_lenient<'a>(text: &'a str, key: &str) -> Result<Option<&'a str>, EnvError> {
+        let mut found = None;
+        for entry in parse::entries(text, parse::Rules::FLANNELD) {
+            let (k, v) = entry.map_err(|problem| EnvError::Invalid {
+                path: None,
+                problem,
+            })?;
+            if k == key {
+                found = v;
+            }
+        }
+        Ok(found)
+    }
+
     /// `KEY=VALUE` lines in flannel's order and spelling; the IPv4 and IPv6 lines only when
     /// present.
     pub fn render(&self) -> String {

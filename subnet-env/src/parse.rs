@@ -47,22 +47,9 @@ pub(crate) fn parse(text: &str, rules: Rules) -> Result<SubnetEnv, EnvProblem> {
     };
     let mut mtu = None;
     let mut ipmasq = None;
-    for (i, raw) in text.lines().enumerate() {
-        let line = raw.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let Some((key, value)) = line.split_once('=') else {
-            return Err(EnvProblem::NotKeyValue {
-                line: i + 1,
-                text: raw.to_string(),
-            });
-        };
-        let value = value.trim();
-        let value = if rules.unquote { unquote(value) } else { value };
-        // An empty value reads as "not set", as it does when a shell sources the file.
-        let set = (!value.is_empty()).then_some(value);
-        match key.trim() {
+    for entry in entries(text, rules) {
+        let (key, set) = entry?;
+        match key {
             NETWORK => env.network = set.map(|v| cidr(NETWORK, v)).transpose()?,
             SUBNET => env.subnet = set.map(|v| cidr(SUBNET, v)).transpose()?,
             IPV6_NETWORK => env.ipv6_network = set.map(|v| cidr(IPV6_NETWORK, v)).transpose()?,
@@ -84,6 +71,30 @@ pub(crate) fn parse(text: &str, rules: Rules) -> Result<SubnetEnv, EnvProblem> {
     env.mtu = mtu.unwrap_or_default();
     env.ipmasq = ipmasq.unwrap_or(false);
     Ok(env)
+}
+
+/// The `KEY=VALUE` lines of `text` in order, as `rules` read them: key and value trimmed, the
+/// value unquoted for flanneld, an empty value as `None` ("not set", as when a shell sources
+/// the file). Blank lines and `#` comments are skipped; any other line without `=` is an error.
+pub(crate) fn entries(
+    text: &str,
+    rules: Rules,
+) -> impl Iterator<Item = Result<(&str, Option<&str>), EnvProblem>> {
+    text.lines().enumerate().filter_map(move |(i, raw)| {
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with('#') {
+            return None;
+        }
+        let Some((key, value)) = line.split_once('=') else {
+            return Some(Err(EnvProblem::NotKeyValue {
+                line: i + 1,
+                text: raw.to_string(),
+            }));
+        };
+        let value = value.trim();
+        let value = if rules.unquote { unquote(value) } else { value };
+        Some(Ok((key.trim(), (!value.is_empty()).then_some(value))))
+    })
 }
 
 /// In the order and grouping of flannel's plugin: a family-less key is missing only when
