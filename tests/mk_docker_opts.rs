@@ -11,41 +11,6 @@ use netns_tests::{require_root, Netns};
 const FLANNELD: &str = env!("CARGO_BIN_EXE_flanneld");
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// The folder of flannel's Go peers: `$GO_PEERS_DIR`, else what `scripts/go-peers.sh` prints
-/// (it returns at once when they are built). Missing: `None` with a skip line, or a panic
-/// under `CI`, as `netns_tests::privileges` does. (To become `netns_tests::go_peers`.)
-fn go_peers_dir(test: &str) -> Option<PathBuf> {
-    let dir = std::env::var_os("GO_PEERS_DIR")
-        .map(PathBuf::from)
-        .or_else(|| {
-            let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-            let out = Command::new("bash")
-                .arg(root.join("scripts/go-peers.sh"))
-                .output()
-                .ok()
-                .filter(|o| o.status.success())?;
-            let text = String::from_utf8_lossy(&out.stdout);
-            text.lines().last().map(PathBuf::from)
-        })
-        .filter(|d| d.join("VERSIONS").is_file());
-    match dir {
-        Some(d) => {
-            let versions = std::fs::read_to_string(d.join("VERSIONS")).unwrap_or_default();
-            eprintln!("{test}: Go peers in {}:\n{versions}", d.display());
-            Some(d)
-        }
-        None if std::env::var_os("CI").is_some() => {
-            panic!("{test}: needs flannel's Go peers (GO_PEERS_DIR or scripts/go-peers.sh); CI is set, so this is a failure, not a skip")
-        }
-        None => {
-            eprintln!(
-                "SKIPPED {test}: needs flannel's Go peers (GO_PEERS_DIR or scripts/go-peers.sh)"
-            );
-            None
-        }
-    }
-}
-
 /// What one run left: exit code and the output file (`None`: not written).
 #[derive(Debug, PartialEq, Eq)]
 struct Outcome {
@@ -61,9 +26,9 @@ struct Runner {
 }
 
 impl Runner {
-    fn new(go_peers: &Path) -> Runner {
+    fn new(script: &Path) -> Runner {
         Runner {
-            script: go_peers.join("mk-docker-opts.sh"),
+            script: script.to_path_buf(),
             dir: tempfile::tempdir().unwrap(),
             netns: None,
             runs: 0,
@@ -159,10 +124,8 @@ fn option_sets() -> Vec<Vec<&'static str>> {
 
 #[test]
 fn same_file_as_flannels_script_for_every_option_combination() {
-    let Some(go) = go_peers_dir("same_file_as_flannels_script_for_every_option_combination") else {
-        return;
-    };
-    let mut r = Runner::new(&go);
+    let go = netns_tests::require_go_peers!();
+    let mut r = Runner::new(&go.mk_docker_opts);
     let envs: [&[(&str, &str)]; 2] = [
         &[],
         // The combined key's value in the environment comes first; DOCKER_OPT_* are added.
@@ -208,10 +171,8 @@ fn same_file_as_flannels_script_for_every_option_combination() {
 
 #[test]
 fn bad_command_lines_and_values_fail_alike_and_write_nothing() {
-    let Some(go) = go_peers_dir("bad_command_lines_and_values_fail_alike_and_write_nothing") else {
-        return;
-    };
-    let mut r = Runner::new(&go);
+    let go = netns_tests::require_go_peers!();
+    let mut r = Runner::new(&go.mk_docker_opts);
     let file = r.subnet_file("v4", V4);
     let file = file.to_str().unwrap();
     let bad_masq = r.subnet_file("bad-masq", &V4.replace("IPMASQ=false", "IPMASQ=yes"));
@@ -244,12 +205,8 @@ fn bad_command_lines_and_values_fail_alike_and_write_nothing() {
 /// and writes nothing.
 #[test]
 fn a_missing_subnet_file_is_an_error_where_flannels_script_writes_empty_options() {
-    let Some(go) = go_peers_dir(
-        "a_missing_subnet_file_is_an_error_where_flannels_script_writes_empty_options",
-    ) else {
-        return;
-    };
-    let mut r = Runner::new(&go);
+    let go = netns_tests::require_go_peers!();
+    let mut r = Runner::new(&go.mk_docker_opts);
     let missing = r.dir.path().join("no-such-subnet.env");
     let args = ["-f", missing.to_str().unwrap(), "-d", "{out}"];
     let theirs = r.theirs(&args, &[]);
@@ -275,10 +232,7 @@ fn a_missing_subnet_file_is_an_error_where_flannels_script_writes_empty_options(
 #[test]
 fn a_gateway_route_to_the_own_subnet_fails_both_after_writing() {
     require_root!();
-    let Some(go) = go_peers_dir("a_gateway_route_to_the_own_subnet_fails_both_after_writing")
-    else {
-        return;
-    };
+    let go = netns_tests::require_go_peers!();
     let ns = Netns::create(&format!("{}-dopts", netns_tests::unique_prefix())).unwrap();
     ns.ip(&["link", "add", "d0", "type", "veth", "peer", "name", "d1"])
         .unwrap();
@@ -287,7 +241,7 @@ fn a_gateway_route_to_the_own_subnet_fails_both_after_writing() {
     ns.ip(&["link", "set", "d0", "up"]).unwrap();
     ns.ip(&["link", "set", "d1", "up"]).unwrap();
     ns.ip(&["addr", "add", "10.5.3.1/24", "dev", "d1"]).unwrap();
-    let mut r = Runner::new(&go);
+    let mut r = Runner::new(&go.mk_docker_opts);
     r.netns = Some(ns.name().to_string());
     let file = r.subnet_file("v4", V4);
     let args = ["-f", file.to_str().unwrap(), "-d", "{out}"];

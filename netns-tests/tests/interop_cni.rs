@@ -19,41 +19,6 @@ use serde_json::{json, Value};
 /// Where the delegates flannel's plugin execs (`bridge`, `host-local`) are.
 const CNI_PATH: &str = "/usr/lib/cni";
 
-/// The folder of flannel's Go peers: `$GO_PEERS_DIR`, else what `scripts/go-peers.sh` prints
-/// (it returns at once when they are built). Missing: `None` with a skip line, or a panic
-/// under `CI`, as `netns_tests::privileges` does. (To become `netns_tests::go_peers`.)
-fn go_peers_dir(test: &str) -> Option<PathBuf> {
-    let dir = std::env::var_os("GO_PEERS_DIR")
-        .map(PathBuf::from)
-        .or_else(|| {
-            let script = netns_tests::bins::workspace_dir().join("scripts/go-peers.sh");
-            let out = Command::new("bash")
-                .arg(script)
-                .output()
-                .ok()
-                .filter(|o| o.status.success())?;
-            let text = String::from_utf8_lossy(&out.stdout);
-            text.lines().last().map(PathBuf::from)
-        })
-        .filter(|d| d.join("VERSIONS").is_file());
-    match dir {
-        Some(d) => {
-            let versions = std::fs::read_to_string(d.join("VERSIONS")).unwrap_or_default();
-            eprintln!("{test}: Go peers in {}:\n{versions}", d.display());
-            Some(d)
-        }
-        None if std::env::var_os("CI").is_some() => {
-            panic!("{test}: needs flannel's Go peers (GO_PEERS_DIR or scripts/go-peers.sh); CI is set, so this is a failure, not a skip")
-        }
-        None => {
-            eprintln!(
-                "SKIPPED {test}: needs flannel's Go peers (GO_PEERS_DIR or scripts/go-peers.sh)"
-            );
-            None
-        }
-    }
-}
-
 /// What every test here needs: the test bed, the reference delegates, both plugins.
 const NEEDS: &[Need<'static>] = &[
     Need::File("/usr/lib/cni/bridge"),
@@ -64,13 +29,13 @@ macro_rules! plugins {
     ($test:literal) => {{
         require_all!(TEST_BED);
         require_all!(NEEDS);
-        let Some(go) = go_peers_dir($test) else {
+        let Some(go) = netns_tests::go_peers::require($test) else {
             return;
         };
         Plugins {
             ours: cni_plugin_bin().expect("our CNI plugin"),
-            go: go.join("flannel"),
-            go_flanneld: go.join("flanneld"),
+            go: go.cni_plugin.clone(),
+            go_flanneld: go.flanneld.clone(),
         }
     }};
 }
