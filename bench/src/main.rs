@@ -14,6 +14,7 @@ mod cni;
 mod common;
 mod mesh50;
 mod scale;
+mod side_by_side;
 mod udp;
 
 fn usage() -> ! {
