@@ -822,7 +822,13 @@ impl Figures {
     }
 
     fn prog_ms(&self) -> f64 {
-        median(&mut self.starts.iter().map(|s| s.programming).collect::<Vec<_>>()) * 1e3
+        median(
+            &mut self
+                .starts
+                .iter()
+                .map(|s| s.programming)
+                .collect::<Vec<_>>(),
+        ) * 1e3
     }
 
     fn hwm_kb(&self) -> u64 {
