@@ -1068,6 +1068,7 @@ fn daemon_json(opts: &Opts, f: &Figures, ipb_ms: f64) -> serde_json::Value {
             "last_host_median_ms": join.last_median_ms,
             "last_host_p99_ms": join.last_p99_ms,
             "missed": join.missed,
+            "cpu_ms_per_join_and_host": join.cpu_ms_per_join,
         },
     })
 }
@@ -1119,6 +1120,13 @@ fn side_by_side_table(opts: &Opts, r: &Figures, g: &Figures) -> serde_json::Valu
             want: Some(Want::AtMost(1.0)),
         },
         Row {
+            name: "join: watcher CPU per join (incl. children)",
+            unit: "ms",
+            rust: r.join.cpu_ms_per_join,
+            go: g.join.cpu_ms_per_join,
+            want: None,
+        },
+        Row {
             name: "join → route, max",
             unit: "ms",
             rust: r.join.max_ms,
@@ -1144,6 +1152,9 @@ struct JoinResult {
     last_median_ms: f64,
     last_p99_ms: f64,
     missed: usize,
+    /// The hosts' daemons' CPU time (with waited-for children) over all joins, per join and
+    /// host: what each watcher spends to program one new peer.
+    cpu_ms_per_join: f64,
 }
 
 fn join_latency(
@@ -1182,6 +1193,13 @@ fn join_latency(
         mon.wait_count(opts.hosts - 1, Duration::from_secs(60))
             .map_err(|e| format!("{} ({}): {e}", ns.name, proc.what))?;
     }
+    let hosts_cpu = || -> f64 {
+        hosts
+            .iter()
+            .filter_map(|(_, _, p)| side_by_side::cpu_with_children(p.child.id()))
+            .sum()
+    };
+    let cpu0 = hosts_cpu();
     let mut all = Vec::new();
     let mut last = Vec::new();
     let mut missed = 0;
@@ -1220,7 +1238,10 @@ fn join_latency(
         }
         all.extend(lat);
     }
+    let cpu_ms_per_join =
+        (hosts_cpu() - cpu0) * 1e3 / (opts.joins.max(1) * hosts.len().max(1)) as f64;
     Ok(JoinResult {
+        cpu_ms_per_join,
         samples: all.len(),
         median_ms: median(&mut all.clone()),
         p99_ms: percentile(&mut all.clone(), 99.0),
