@@ -1069,6 +1069,7 @@ fn daemon_json(opts: &Opts, f: &Figures, ipb_ms: f64) -> serde_json::Value {
             "last_host_p99_ms": join.last_p99_ms,
             "missed": join.missed,
             "cpu_ms_per_join_and_host": join.cpu_ms_per_join,
+            "per_join_ms": join.per_join_ms,
         },
     })
 }
@@ -1155,6 +1156,9 @@ struct JoinResult {
     /// The hosts' daemons' CPU time (with waited-for children) over all joins, per join and
     /// host: what each watcher spends to program one new peer.
     cpu_ms_per_join: f64,
+    /// Per join, per host: put → route, ms (`None`: not seen within 5 s). Kept in the JSON
+    /// to see whether a slow join was slow everywhere (etcd, the machine) or on one host.
+    per_join_ms: Vec<Vec<Option<f64>>>,
 }
 
 fn join_latency(
@@ -1203,6 +1207,7 @@ fn join_latency(
     let mut all = Vec::new();
     let mut last = Vec::new();
     let mut missed = 0;
+    let mut per_join_ms = Vec::new();
     for j in 0..opts.joins {
         let subnet = Ipv4Addr::new(10, 250, j as u8, 0);
         let key = format!("{PREFIX}/subnets/{subnet}-24");
@@ -1228,10 +1233,12 @@ fn join_latency(
             }
             std::thread::sleep(Duration::from_micros(200));
         }
-        let lat: Vec<f64> = times
+        let row: Vec<Option<f64>> = times
             .iter()
-            .filter_map(|x| x.map(|x| x.saturating_duration_since(t).as_secs_f64() * 1e3))
+            .map(|x| x.map(|x| x.saturating_duration_since(t).as_secs_f64() * 1e3))
             .collect();
+        let lat: Vec<f64> = row.iter().flatten().copied().collect();
+        per_join_ms.push(row);
         missed += hosts.len() - lat.len();
         if let Some(m) = lat.iter().copied().reduce(f64::max) {
             last.push(m);
@@ -1242,6 +1249,7 @@ fn join_latency(
         (hosts_cpu() - cpu0) * 1e3 / (opts.joins.max(1) * hosts.len().max(1)) as f64;
     Ok(JoinResult {
         cpu_ms_per_join,
+        per_join_ms,
         samples: all.len(),
         median_ms: median(&mut all.clone()),
         p99_ms: percentile(&mut all.clone(), 99.0),
