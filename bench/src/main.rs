@@ -8,12 +8,17 @@
 //!   backend (fast and plain path) against kernel VXLAN and a raw veth, iperf3 pod to pod.
 //! - `flannel-bench mesh50 [--hosts N] [--rounds R] [--json FILE]`: N hosts started at once
 //!   against a 3-member etcd: time until the whole mesh is programmed, flanneld RSS and CPU.
+//!
+//! `scale` and `mesh50` run flannel's own Go flanneld beside ours in the same run
+//! (`--daemons flanneld,go-flanneld`, the default), `udp` has a `go-udp` mode; each prints the
+//! Rust/Go ratios (`side_by_side.rs`).
 
 mod blast;
 mod cni;
 mod common;
 mod mesh50;
 mod scale;
+mod side_by_side;
 mod udp;
 
 fn usage() -> ! {
@@ -22,12 +27,15 @@ fn usage() -> ! {
          subcommands:\n  \
          cni [--json FILE] [--plugin PATH] [-n N] [--rounds R]\n      \
          ADD/DEL latency: native flannel CNI plugin vs bridge + host-local\n  \
-         scale [--peers N] [--joins N] [--hosts N] [--rounds R] [--json FILE] [--flanneld PATH]\n      \
-         start-up with N peers vs ip -batch, RSS, join latency on watching hosts\n  \
-         udp [--json FILE] [--secs N] [--repeat N] [--flanneld PATH] [--modes veth,vxlan,flannel-vxlan,udp,udp-plain]\n      \
-         udp backend and flanneld's vxlan vs hand-made kernel VXLAN vs raw veth: 1 and 4 TCP streams, 64-byte UDP pps, CPU\n  \
-         mesh50 [--hosts N] [--rounds R] [--backend vxlan|host-gw] [--json FILE] [--flanneld PATH]\n      \
-         N hosts at once on a 3-member etcd: time to the full mesh, flanneld RSS and CPU"
+         scale [--peers N] [--joins N] [--hosts N] [--rounds R] [--json FILE] [--flanneld PATH]\n        \
+         [--daemons flanneld,go-flanneld] [--go-flanneld PATH]\n      \
+         start-up with N peers vs ip -batch, RSS, join latency on watching hosts; ours vs Go flanneld\n  \
+         udp [--json FILE] [--secs N] [--repeat N] [--flanneld PATH] [--go-flanneld PATH]\n        \
+         [--modes veth,vxlan,flannel-vxlan,udp,udp-plain,go-udp]\n      \
+         udp backend and flanneld's vxlan vs hand-made kernel VXLAN vs raw veth vs Go flanneld's udp: 1 and 4 TCP streams, 64-byte UDP pps, CPU\n  \
+         mesh50 [--hosts N] [--rounds R] [--backend vxlan|host-gw] [--json FILE] [--flanneld PATH]\n        \
+         [--daemons flanneld,go-flanneld] [--go-flanneld PATH] [--idle-secs N]\n      \
+         N hosts at once on a 3-member etcd: time to the full mesh, flanneld RSS, CPU to converge and idle; ours vs Go flanneld"
     );
     std::process::exit(2)
 }

@@ -15,6 +15,10 @@
 //!    a time; for each, the time from the put to its route on every host (median, p99).
 //!
 //! Rounds of 1 and 2 alternate, so a noisy machine affects both alike; medians are reported.
+//!
+//! With `--daemons flanneld,go-flanneld` (the default) flannel's own Go flanneld runs 2 and 3
+//! right after ours in every round, against the same etcd content with the same flags, and 4 after
+//! ours on fresh hosts; a side-by-side table gives the Rust/Go ratios and the issue's targets.
 
 use std::collections::HashMap;
 use std::fs;
@@ -27,6 +31,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+
+use crate::side_by_side::{self, Daemon, Row, Want};
 
 const ETCD_IP: &str = "198.18.0.2";
 const ETCD_PORT: u16 = 2379;
@@ -41,14 +47,17 @@ struct Opts {
     rounds: usize,
     json: Option<PathBuf>,
     flanneld: PathBuf,
+    daemons: Vec<Daemon>,
+    go_flanneld: Option<PathBuf>,
 }
 
 fn usage() -> i32 {
     eprintln!(
         "usage: flannel-bench scale [--peers N] [--joins N] [--hosts N] [--rounds R] \
-         [--json FILE] [--flanneld PATH]\n\
-         defaults: --peers 2000 --joins 200 --hosts 10 --rounds 3; flanneld: $FLANNELD_BIN, \
-         else target/release/flanneld next to this binary"
+         [--json FILE] [--flanneld PATH] [--daemons flanneld,go-flanneld] [--go-flanneld PATH]\n\
+         defaults: --peers 2000 --joins 200 --hosts 10 --rounds 3, both daemons; flanneld: \
+         $FLANNELD_BIN, else target/release/flanneld next to this binary; go-flanneld: \
+         $GO_PEERS_DIR/flanneld, else what scripts/go-peers.sh builds"
     );
     2
 }
@@ -61,6 +70,8 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         rounds: 3,
         json: None,
         flanneld: crate::common::default_flanneld(),
+        daemons: Daemon::BOTH.to_vec(),
+        go_flanneld: None,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -80,11 +91,16 @@ fn parse(args: &[String]) -> Result<Opts, String> {
             "--rounds" => o.rounds = num(val()?)?.max(1),
             "--json" => o.json = Some(PathBuf::from(val()?)),
             "--flanneld" => o.flanneld = PathBuf::from(val()?),
+            "--daemons" => o.daemons = Daemon::parse_list(&val()?)?,
+            "--go-flanneld" => o.go_flanneld = Some(PathBuf::from(val()?)),
             other => return Err(format!("unknown option {other:?}")),
         }
     }
     if o.peers == 0 || o.peers > 60_000 {
         return Err("--peers must be between 1 and 60000".into());
+    }
+    if o.rounds * o.daemons.len() > 150 {
+        return Err("--rounds: at most 150 daemon starts (rounds × daemons)".into());
     }
     if o.joins > 250 || o.hosts == 0 || o.hosts > 200 {
         return Err("--joins must be at most 250, --hosts between 1 and 200".into());
@@ -111,7 +127,18 @@ pub fn main(args: &[String]) -> i32 {
         );
         return 1;
     }
-    match run(&opts) {
+    let go = if opts.daemons.contains(&Daemon::Go) {
+        match side_by_side::resolve_go(opts.go_flanneld.as_deref(), "scale") {
+            Ok(p) => Some(p),
+            Err(e) => {
+                eprintln!("scale: {e}");
+                return 1;
+            }
+        }
+    } else {
+        None
+    };
+    match run(&opts, go.as_deref()) {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("scale: {e}");
@@ -665,6 +692,7 @@ fn ip_batch_round(peers: usize, dir: &Path) -> Result<f64, String> {
     Ok(secs)
 }
 
+#[derive(Clone, Copy)]
 struct StartResult {
     start_to_last_route: f64,
     programming: f64,
@@ -684,9 +712,10 @@ fn status_kb(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// flanneld in `ns` on `iface`, its subnet file in `dir`, no health server.
-fn flanneld(opts: &Opts, ns: &Ns, iface: &str, dir: &Path) -> Command {
-    let mut f = netns_tests::FlanneldCommand::new(&opts.flanneld);
+/// flanneld `bin` (ours or flannel's: both take these flags) in `ns` on `iface`, its subnet
+/// file in `dir`, no health server.
+fn flanneld(bin: &Path, ns: &Ns, iface: &str, dir: &Path) -> Command {
+    let mut f = netns_tests::FlanneldCommand::new(bin);
     f.netns = Some(ns.name.clone());
     f.args = vec![
         format!("--etcd-endpoints=http://{ETCD_IP}:{ETCD_PORT}"),
@@ -700,30 +729,32 @@ fn flanneld(opts: &Opts, ns: &Ns, iface: &str, dir: &Path) -> Command {
     f.command()
 }
 
-/// One daemon start with `peers` leases in etcd (already there); etcd lives in `etcd_ns`.
+/// One start of daemon `bin` with `peers` leases in etcd (already there); etcd lives in
+/// `etcd_ns`. `slot` numbers the start (its host address and link); `hdir` gets the log and
+/// subnet file.
 fn daemon_round(
     opts: &Opts,
+    bin: &Path,
     etcd_ns: &Ns,
-    round: usize,
-    dir: &Path,
+    slot: usize,
+    hdir: &Path,
 ) -> Result<StartResult, String> {
     let host = Ns::new("host")?;
-    let dev = format!("eh{round}");
+    let dev = format!("eh{slot}");
     veth(&host, "e0", etcd_ns, &dev)?;
     etcd_ns.ip(&["link", "set", &dev, "master", "br0"])?;
     host.ip(&[
         "addr",
         "add",
-        &format!("198.18.0.{}/16", 100 + round),
+        &format!("198.18.0.{}/16", 100 + slot),
         "dev",
         "e0",
     ])?;
     let mon = Monitor::start(&host)?;
-    let hdir = dir.join(format!("start-{round}"));
-    fs::create_dir_all(&hdir).map_err(|e| e.to_string())?;
+    fs::create_dir_all(hdir).map_err(|e| e.to_string())?;
     let t0 = Instant::now();
     let proc = spawn_logged(
-        flanneld(opts, &host, "e0", &hdir),
+        flanneld(bin, &host, "e0", hdir),
         &hdir.join("flanneld.log"),
         "flanneld",
     )?;
@@ -772,15 +803,81 @@ fn lease_json(public: Ipv4Addr, mac: &str) -> String {
     .to_string()
 }
 
-fn run(opts: &Opts) -> Result<(), String> {
+/// One daemon's figures in this run.
+struct Figures {
+    daemon: Daemon,
+    starts: Vec<StartResult>,
+    join: JoinResult,
+}
+
+impl Figures {
+    fn start_ms(&self) -> f64 {
+        median(
+            &mut self
+                .starts
+                .iter()
+                .map(|s| s.start_to_last_route)
+                .collect::<Vec<_>>(),
+        ) * 1e3
+    }
+
+    fn prog_ms(&self) -> f64 {
+        median(
+            &mut self
+                .starts
+                .iter()
+                .map(|s| s.programming)
+                .collect::<Vec<_>>(),
+        ) * 1e3
+    }
+
+    fn hwm_kb(&self) -> u64 {
+        self.starts.iter().map(|s| s.hwm_kb).max().unwrap_or(0)
+    }
+
+    fn rss_kb(&self) -> u64 {
+        self.starts.iter().map(|s| s.rss_kb).max().unwrap_or(0)
+    }
+}
+
+/// Deletes the lease the daemon whose subnet file is in `hdir` took, so that the next start
+/// finds the same etcd content.
+fn delete_own_lease(etcd: &Etcd, hdir: &Path) -> Result<(), String> {
+    let own: Vec<String> = fs::read_to_string(hdir.join("subnet.env"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_prefix("FLANNEL_SUBNET="))
+        .map(String::from)
+        .collect();
+    for s in own {
+        if let Some((ip, len)) = s.split_once('/') {
+            let ip: Ipv4Addr = ip.parse().map_err(|e| format!("{s}: {e}"))?;
+            let net = Ipv4Addr::from(
+                u32::from(ip) & !((1u32 << (32 - len.parse::<u32>().unwrap_or(24))) - 1),
+            );
+            etcd.delete_prefix(&format!("{PREFIX}/subnets/{net}-{len}"))?;
+        }
+    }
+    Ok(())
+}
+
+fn run(opts: &Opts, go: Option<&Path>) -> Result<(), String> {
     let dir = TempDir::new("scale")?;
+    let bin_of = |d: Daemon| match d {
+        Daemon::Rust => opts.flanneld.as_path(),
+        Daemon::Go => go.expect("main resolves go-flanneld when it runs"),
+    };
     eprintln!(
-        "scale: {} peers, {} rounds; join latency: {} hosts × {} joins; flanneld {}",
+        "scale: {} peers, {} rounds; join latency: {} hosts × {} joins; {}",
         opts.peers,
         opts.rounds,
         opts.hosts,
         opts.joins,
-        opts.flanneld.display()
+        opts.daemons
+            .iter()
+            .map(|&d| format!("{} {}", d.name(), bin_of(d).display()))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
 
     // The underlay: a bridge in the etcd namespace; hosts hang off it by veth.
@@ -804,7 +901,8 @@ fn run(opts: &Opts) -> Result<(), String> {
     etcd.put_many(&leases)?;
 
     let mut ipb = Vec::new();
-    let mut starts = Vec::new();
+    let mut starts: Vec<(Daemon, StartResult)> = Vec::new();
+    let mut slot = 0;
     for round in 0..opts.rounds {
         let b = ip_batch_round(opts.peers, &dir.0)?;
         eprintln!(
@@ -812,51 +910,79 @@ fn run(opts: &Opts) -> Result<(), String> {
             b * 1e3
         );
         ipb.push(b);
-        let s = daemon_round(opts, &etcd_ns, round, &dir.0)?;
-        eprintln!(
-            "  round {round}: flanneld start → last route {:.1} ms, programming {:.1} ms, \
-             VmHWM {} kB",
-            s.start_to_last_route * 1e3,
-            s.programming * 1e3,
-            s.hwm_kb
-        );
-        starts.push(s);
-        // The next round's daemon starts without a lease of its own.
-        let own: Vec<String> = fs::read_to_string(dir.0.join(format!("start-{round}/subnet.env")))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.strip_prefix("FLANNEL_SUBNET="))
-            .map(String::from)
-            .collect();
-        for s in own {
-            if let Some((ip, len)) = s.split_once('/') {
-                let ip: Ipv4Addr = ip.parse().map_err(|e| format!("{s}: {e}"))?;
-                let net = Ipv4Addr::from(
-                    u32::from(ip) & !((1u32 << (32 - len.parse::<u32>().unwrap_or(24))) - 1),
-                );
-                etcd.delete_prefix(&format!("{PREFIX}/subnets/{net}-{len}"))?;
-            }
+        for &d in &opts.daemons {
+            let hdir = dir.0.join(format!("start-{}-{round}", d.name()));
+            let s = daemon_round(opts, bin_of(d), &etcd_ns, slot, &hdir)?;
+            slot += 1;
+            eprintln!(
+                "  round {round}: {} start → last route {:.1} ms, programming {:.1} ms, \
+                 VmHWM {} kB",
+                d.name(),
+                s.start_to_last_route * 1e3,
+                s.programming * 1e3,
+                s.hwm_kb
+            );
+            starts.push((d, s));
+            // The next daemon starts without a lease of its own.
+            delete_own_lease(&etcd, &hdir)?;
         }
     }
     etcd.delete_prefix(&format!("{PREFIX}/subnets/"))?;
 
-    // Join latency.
-    let join = join_latency(opts, &etcd_ns, &etcd, &dir.0)?;
+    // Join latency, one daemon's hosts after the other's, each from an empty subnets prefix.
+    let mut figures = Vec::new();
+    for &d in &opts.daemons {
+        let join = join_latency(opts, d, bin_of(d), &etcd_ns, &etcd, &dir.0)?;
+        etcd.delete_prefix(&format!("{PREFIX}/subnets/"))?;
+        let mine = starts
+            .iter()
+            .filter(|(x, _)| *x == d)
+            .map(|(_, s)| *s)
+            .collect();
+        figures.push(Figures {
+            daemon: d,
+            starts: mine,
+            join,
+        });
+    }
 
     let ipb_ms = median(&mut ipb.clone()) * 1e3;
-    let start_ms = median(
-        &mut starts
-            .iter()
-            .map(|s| s.start_to_last_route)
-            .collect::<Vec<_>>(),
-    ) * 1e3;
-    let prog_ms = median(&mut starts.iter().map(|s| s.programming).collect::<Vec<_>>()) * 1e3;
-    let hwm_kb = starts.iter().map(|s| s.hwm_kb).max().unwrap_or(0);
-    let rss_kb = starts.iter().map(|s| s.rss_kb).max().unwrap_or(0);
+    let mut by_daemon = serde_json::Map::new();
+    for f in &figures {
+        print_daemon_table(opts, f, ipb_ms);
+        by_daemon.insert(f.daemon.name().into(), daemon_json(opts, f, ipb_ms));
+    }
+    // The top-level figures stay ours (or the only daemon's), as before the side by side.
+    let main = figures
+        .iter()
+        .find(|f| f.daemon == Daemon::Rust)
+        .unwrap_or(&figures[0]);
+    let mut report = daemon_json(opts, main, ipb_ms);
+    report["peers"] = json!(opts.peers);
+    report["rounds"] = json!(opts.rounds);
+    report["ip_batch_ms"] =
+        json!({"median": ipb_ms, "rounds": ipb.iter().map(|s| s * 1e3).collect::<Vec<_>>()});
+    report["daemons"] = serde_json::Value::Object(by_daemon);
+    let rust = figures.iter().find(|f| f.daemon == Daemon::Rust);
+    let go = figures.iter().find(|f| f.daemon == Daemon::Go);
+    if let (Some(r), Some(g)) = (rust, go) {
+        report["side_by_side"] = side_by_side_table(opts, r, g);
+    }
+    if let Some(path) = &opts.json {
+        fs::write(path, serde_json::to_string_pretty(&report).expect("JSON"))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        eprintln!("scale: wrote {}", path.display());
+    }
+    Ok(())
+}
 
+fn print_daemon_table(opts: &Opts, f: &Figures, ipb_ms: f64) {
+    let (start_ms, prog_ms) = (f.start_ms(), f.prog_ms());
+    let name = f.daemon.name();
+    let join = &f.join;
     println!();
     println!(
-        "scale: {} peers ({} neighbours + {} FDB entries + {} routes)",
+        "scale, {name}: {} peers ({} neighbours + {} FDB entries + {} routes)",
         opts.peers, opts.peers, opts.peers, opts.peers
     );
     println!("{:<52} {:>12} {:>10}", "measure", "value", "ratio");
@@ -866,26 +992,30 @@ fn run(opts: &Opts) -> Result<(), String> {
     );
     println!(
         "{:<52} {:>9.1} ms {:>9.2}x",
-        "flanneld programming (first neighbour → last route)",
+        format!("{name} programming (first neighbour → last route)"),
         prog_ms,
         prog_ms / ipb_ms
     );
     println!(
         "{:<52} {:>9.1} ms {:>9.2}x",
-        "flanneld process start → last route",
+        format!("{name} process start → last route"),
         start_ms,
         start_ms / ipb_ms
     );
     println!(
         "{:<52} {:>9.1} MB {:>10}",
-        "flanneld peak RSS (VmHWM), limit 20 MB",
-        hwm_kb as f64 / 1024.0,
+        if f.daemon == Daemon::Rust {
+            format!("{name} peak RSS (VmHWM), limit 20 MB")
+        } else {
+            format!("{name} peak RSS (VmHWM)")
+        },
+        f.hwm_kb() as f64 / 1024.0,
         ""
     );
     println!(
         "{:<52} {:>9.1} MB {:>10}",
-        "flanneld RSS after start (VmRSS)",
-        rss_kb as f64 / 1024.0,
+        format!("{name} RSS after start (VmRSS)"),
+        f.rss_kb() as f64 / 1024.0,
         ""
     );
     println!(
@@ -909,23 +1039,25 @@ fn run(opts: &Opts) -> Result<(), String> {
         "{:<52} {:>9.1} ms {:>10}",
         "join → route, max", join.max_ms, ""
     );
+}
 
-    let report = json!({
-        "peers": opts.peers,
-        "rounds": opts.rounds,
-        "ip_batch_ms": {"median": ipb_ms, "rounds": ipb.iter().map(|s| s * 1e3).collect::<Vec<_>>()},
+/// One daemon's figures as JSON (the keys the report had before the side by side).
+fn daemon_json(opts: &Opts, f: &Figures, ipb_ms: f64) -> serde_json::Value {
+    let (start_ms, prog_ms) = (f.start_ms(), f.prog_ms());
+    let join = &f.join;
+    json!({
         "flanneld_programming_ms": {
             "median": prog_ms,
-            "rounds": starts.iter().map(|s| s.programming * 1e3).collect::<Vec<_>>(),
+            "rounds": f.starts.iter().map(|s| s.programming * 1e3).collect::<Vec<_>>(),
         },
         "flanneld_start_to_last_route_ms": {
             "median": start_ms,
-            "rounds": starts.iter().map(|s| s.start_to_last_route * 1e3).collect::<Vec<_>>(),
+            "rounds": f.starts.iter().map(|s| s.start_to_last_route * 1e3).collect::<Vec<_>>(),
         },
         "ratio_programming_vs_ip_batch": prog_ms / ipb_ms,
         "ratio_start_vs_ip_batch": start_ms / ipb_ms,
-        "flanneld_vmhwm_kb": hwm_kb,
-        "flanneld_vmrss_kb": rss_kb,
+        "flanneld_vmhwm_kb": f.hwm_kb(),
+        "flanneld_vmrss_kb": f.rss_kb(),
         "join": {
             "hosts": opts.hosts,
             "joins": opts.joins,
@@ -936,14 +1068,81 @@ fn run(opts: &Opts) -> Result<(), String> {
             "last_host_median_ms": join.last_median_ms,
             "last_host_p99_ms": join.last_p99_ms,
             "missed": join.missed,
+            "cpu_ms_per_join_and_host": join.cpu_ms_per_join,
+            "per_join_ms": join.per_join_ms,
         },
-    });
-    if let Some(path) = &opts.json {
-        fs::write(path, serde_json::to_string_pretty(&report).expect("JSON"))
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        eprintln!("scale: wrote {}", path.display());
-    }
-    Ok(())
+    })
+}
+
+/// Ours against flannel's Go flanneld, with the targets of issue #13.
+fn side_by_side_table(opts: &Opts, r: &Figures, g: &Figures) -> serde_json::Value {
+    let mb = |kb: u64| kb as f64 / 1024.0;
+    let rows = [
+        Row {
+            name: "start-up: process start → last route",
+            unit: "ms",
+            rust: r.start_ms(),
+            go: g.start_ms(),
+            want: Some(Want::AtMost(0.5)),
+        },
+        Row {
+            name: "programming: first neighbour → last route",
+            unit: "ms",
+            rust: r.prog_ms(),
+            go: g.prog_ms(),
+            want: None,
+        },
+        Row {
+            name: "peak RSS (VmHWM)",
+            unit: "MB",
+            rust: mb(r.hwm_kb()),
+            go: mb(g.hwm_kb()),
+            want: Some(Want::AtMost(0.5)),
+        },
+        Row {
+            name: "RSS after start (VmRSS)",
+            unit: "MB",
+            rust: mb(r.rss_kb()),
+            go: mb(g.rss_kb()),
+            want: None,
+        },
+        Row {
+            name: "join → route, p50",
+            unit: "ms",
+            rust: r.join.median_ms,
+            go: g.join.median_ms,
+            want: None,
+        },
+        Row {
+            name: "join → route, p99",
+            unit: "ms",
+            rust: r.join.p99_ms,
+            go: g.join.p99_ms,
+            want: Some(Want::AtMost(1.0)),
+        },
+        Row {
+            name: "join: watcher CPU per join (incl. children)",
+            unit: "ms",
+            rust: r.join.cpu_ms_per_join,
+            go: g.join.cpu_ms_per_join,
+            want: None,
+        },
+        Row {
+            name: "join → route, max",
+            unit: "ms",
+            rust: r.join.max_ms,
+            go: g.join.max_ms,
+            want: None,
+        },
+    ];
+    side_by_side::table(
+        &format!(
+            "scale side by side: {} peers, median of {} starts each (alternating); join: {} \
+             hosts × {} joins each",
+            opts.peers, opts.rounds, opts.hosts, opts.joins
+        ),
+        &rows,
+    )
 }
 
 struct JoinResult {
@@ -954,9 +1153,22 @@ struct JoinResult {
     last_median_ms: f64,
     last_p99_ms: f64,
     missed: usize,
+    /// The hosts' daemons' CPU time (with waited-for children) over all joins, per join and
+    /// host: what each watcher spends to program one new peer.
+    cpu_ms_per_join: f64,
+    /// Per join, per host: put → route, ms (`None`: not seen within 5 s). Kept in the JSON
+    /// to see whether a slow join was slow everywhere (etcd, the machine) or on one host.
+    per_join_ms: Vec<Vec<Option<f64>>>,
 }
 
-fn join_latency(opts: &Opts, etcd_ns: &Ns, etcd: &Etcd, dir: &Path) -> Result<JoinResult, String> {
+fn join_latency(
+    opts: &Opts,
+    daemon: Daemon,
+    bin: &Path,
+    etcd_ns: &Ns,
+    etcd: &Etcd,
+    dir: &Path,
+) -> Result<JoinResult, String> {
     let mut hosts = Vec::new();
     for i in 0..opts.hosts {
         let ns = Ns::new(&format!("j{i}"))?;
@@ -971,12 +1183,12 @@ fn join_latency(opts: &Opts, etcd_ns: &Ns, etcd: &Etcd, dir: &Path) -> Result<Jo
             "e0",
         ])?;
         let mon = Monitor::start(&ns)?;
-        let hdir = dir.join(format!("join-h{i}"));
+        let hdir = dir.join(format!("join-{}-h{i}", daemon.name()));
         fs::create_dir_all(&hdir).map_err(|e| e.to_string())?;
         let proc = spawn_logged(
-            flanneld(opts, &ns, "e0", &hdir),
+            flanneld(bin, &ns, "e0", &hdir),
             &hdir.join("flanneld.log"),
-            &format!("flanneld h{i}"),
+            &format!("{} h{i}", daemon.name()),
         )?;
         hosts.push((ns, mon, proc));
     }
@@ -985,9 +1197,17 @@ fn join_latency(opts: &Opts, etcd_ns: &Ns, etcd: &Etcd, dir: &Path) -> Result<Jo
         mon.wait_count(opts.hosts - 1, Duration::from_secs(60))
             .map_err(|e| format!("{} ({}): {e}", ns.name, proc.what))?;
     }
+    let hosts_cpu = || -> f64 {
+        hosts
+            .iter()
+            .filter_map(|(_, _, p)| side_by_side::cpu_with_children(p.child.id()))
+            .sum()
+    };
+    let cpu0 = hosts_cpu();
     let mut all = Vec::new();
     let mut last = Vec::new();
     let mut missed = 0;
+    let mut per_join_ms = Vec::new();
     for j in 0..opts.joins {
         let subnet = Ipv4Addr::new(10, 250, j as u8, 0);
         let key = format!("{PREFIX}/subnets/{subnet}-24");
@@ -1013,17 +1233,23 @@ fn join_latency(opts: &Opts, etcd_ns: &Ns, etcd: &Etcd, dir: &Path) -> Result<Jo
             }
             std::thread::sleep(Duration::from_micros(200));
         }
-        let lat: Vec<f64> = times
+        let row: Vec<Option<f64>> = times
             .iter()
-            .filter_map(|x| x.map(|x| x.saturating_duration_since(t).as_secs_f64() * 1e3))
+            .map(|x| x.map(|x| x.saturating_duration_since(t).as_secs_f64() * 1e3))
             .collect();
+        let lat: Vec<f64> = row.iter().flatten().copied().collect();
+        per_join_ms.push(row);
         missed += hosts.len() - lat.len();
         if let Some(m) = lat.iter().copied().reduce(f64::max) {
             last.push(m);
         }
         all.extend(lat);
     }
+    let cpu_ms_per_join =
+        (hosts_cpu() - cpu0) * 1e3 / (opts.joins.max(1) * hosts.len().max(1)) as f64;
     Ok(JoinResult {
+        cpu_ms_per_join,
+        per_join_ms,
         samples: all.len(),
         median_ms: median(&mut all.clone()),
         p99_ms: percentile(&mut all.clone(), 99.0),

@@ -9,7 +9,10 @@
 //!   `flannel.1`, VNI 1, port 8472, nolearning, neighbour + FDB entry + onlink route);
 //! - `udp`: the real `flanneld` (release build) on each host with the udp backend, etcd in
 //!   host A's namespace; its fast path;
-//! - `udp-plain`: the same with `FLANNEL_UDP_PLAIN=1`, flannel's one-packet-per-syscall path.
+//! - `udp-plain`: the same with `FLANNEL_UDP_PLAIN=1`, flannel's one-packet-per-syscall path;
+//! - `go-udp`: flannel's own Go flanneld (`$GO_PEERS_DIR/flanneld`, or `--go-flanneld`) on each
+//!   host with the udp backend (its C proxy), same flags and config: the anchor of the
+//!   "≥ 8× flannel's udp" target, measured in the same run.
 //!
 //! The daemons' CPU use (both hosts, from /proc/<pid>/stat) and the whole machine's are
 //! measured during each figure. Every link and process lives in namespaces this run creates
@@ -33,6 +36,7 @@ struct Opts {
     /// Runs per figure; the median is kept.
     repeat: u32,
     flanneld: Option<PathBuf>,
+    go_flanneld: Option<PathBuf>,
     modes: Vec<Mode>,
 }
 
@@ -44,15 +48,18 @@ enum Mode {
     FlannelVxlan,
     Udp,
     UdpPlain,
+    /// flannel's Go flanneld with the udp backend.
+    GoUdp,
 }
 
 impl Mode {
-    const ALL: [Mode; 5] = [
+    const ALL: [Mode; 6] = [
         Mode::Veth,
         Mode::Vxlan,
         Mode::FlannelVxlan,
         Mode::Udp,
         Mode::UdpPlain,
+        Mode::GoUdp,
     ];
 
     fn name(self) -> &'static str {
@@ -62,6 +69,7 @@ impl Mode {
             Mode::FlannelVxlan => "flannel-vxlan",
             Mode::Udp => "udp",
             Mode::UdpPlain => "udp-plain",
+            Mode::GoUdp => "go-udp",
         }
     }
 
@@ -72,6 +80,7 @@ impl Mode {
             Mode::FlannelVxlan => "flanneld vxlan",
             Mode::Udp => "udp fast path",
             Mode::UdpPlain => "udp plain path",
+            Mode::GoUdp => "Go flanneld udp",
         }
     }
 }
@@ -79,7 +88,7 @@ impl Mode {
 fn usage() -> i32 {
     eprintln!(
         "usage: flannel-bench udp [--json FILE] [--secs N] [--repeat N] [--flanneld PATH] \
-         [--modes veth,vxlan,flannel-vxlan,udp,udp-plain]"
+         [--go-flanneld PATH] [--modes veth,vxlan,flannel-vxlan,udp,udp-plain,go-udp]"
     );
     2
 }
@@ -90,6 +99,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         secs: 5,
         repeat: 1,
         flanneld: None,
+        go_flanneld: None,
         modes: Mode::ALL.to_vec(),
     };
     let mut it = args.iter();
@@ -105,6 +115,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
                     .max(1)
             }
             "--flanneld" => o.flanneld = Some(val()?.into()),
+            "--go-flanneld" => o.go_flanneld = Some(val()?.into()),
             "--modes" => {
                 o.modes = val()?
                     .split(',')
@@ -774,11 +785,12 @@ fn start_etcd(bed: &mut Bed) -> Result<(), String> {
 fn start_flanneld(
     bed: &mut Bed,
     bin: &Path,
-    plain: bool,
+    mode: Mode,
 ) -> Result<(Vec<u32>, Vec<String>), String> {
     let mut pids = Vec::new();
     let mut nets = Vec::new();
-    let tag = if plain { "plain" } else { "fast" };
+    let plain = mode == Mode::UdpPlain;
+    let tag = log_tag(mode);
     for h in ["a", "b"] {
         let ns = bed.ns(h);
         let file = bed.dir.join(format!("subnet-{h}.env"));
@@ -823,8 +835,17 @@ fn start_flanneld(
     Ok((pids, nets))
 }
 
-fn which_path(bed: &Bed, h: &str, plain: bool) -> String {
-    let tag = if plain { "plain" } else { "fast" };
+/// The part of a daemon's log name that tells the modes apart.
+fn log_tag(mode: Mode) -> &'static str {
+    match mode {
+        Mode::UdpPlain => "plain",
+        Mode::GoUdp => "go",
+        _ => "fast",
+    }
+}
+
+fn which_path(bed: &Bed, h: &str, mode: Mode) -> String {
+    let tag = log_tag(mode);
     let log = std::fs::read_to_string(bed.dir.join(format!("flanneld-{h}-{tag}.log")))
         .unwrap_or_default();
     log.lines()
@@ -874,6 +895,11 @@ fn run(opts: &Opts) -> Result<(), String> {
         }
         None => PathBuf::new(),
     };
+    let go_flanneld = if opts.modes.contains(&Mode::GoUdp) {
+        crate::side_by_side::resolve_go(opts.go_flanneld.as_deref(), "flannel-bench udp")?
+    } else {
+        PathBuf::new()
+    };
     let mut bed = Bed::new()?;
     let mut results: Vec<ModeResult> = Vec::new();
     let mut etcd_started = false;
@@ -917,14 +943,18 @@ fn run(opts: &Opts) -> Result<(), String> {
                         .into(),
                 )
             }
-            Mode::FlannelVxlan | Mode::Udp | Mode::UdpPlain => {
-                let plain = mode == Mode::UdpPlain;
+            Mode::FlannelVxlan | Mode::Udp | Mode::UdpPlain | Mode::GoUdp => {
+                let bin = if mode == Mode::GoUdp {
+                    &go_flanneld
+                } else {
+                    &flanneld
+                };
                 if !etcd_started {
                     start_etcd(&mut bed)?;
                     etcd_started = true;
                 }
                 put_config(&bed, mode)?;
-                let (pids, nets) = start_flanneld(&mut bed, &flanneld, plain)?;
+                let (pids, nets) = start_flanneld(&mut bed, bin, mode)?;
                 let mtu = if mode == Mode::FlannelVxlan {
                     1450
                 } else {
@@ -941,14 +971,19 @@ fn run(opts: &Opts) -> Result<(), String> {
                     daemons: &pids,
                 };
                 let r = measure_all(&mut bed, &target, opts);
-                let note = if mode == Mode::FlannelVxlan {
-                    format!("flanneld {}: vxlan backend, flannel.1", flanneld.display())
-                } else {
-                    format!(
+                let note = match mode {
+                    Mode::FlannelVxlan => {
+                        format!("flanneld {}: vxlan backend, flannel.1", bin.display())
+                    }
+                    Mode::GoUdp => format!(
+                        "flannel's Go flanneld {}: udp backend (its C proxy), flannel0",
+                        bin.display()
+                    ),
+                    _ => format!(
                         "flanneld {}: {}",
-                        flanneld.display(),
-                        which_path(&bed, "a", plain)
-                    )
+                        bin.display(),
+                        which_path(&bed, "a", mode)
+                    ),
                 };
                 bed.remove_pods();
                 for pid in pids {
@@ -966,6 +1001,41 @@ fn run(opts: &Opts) -> Result<(), String> {
         });
     }
     report(opts, &results)
+}
+
+/// Our udp backend's fast path against flannel's Go flanneld udp backend, when both ran.
+fn side_by_side(get: &dyn Fn(Mode, &str) -> Option<Figure>) -> Option<Value> {
+    use crate::side_by_side::{table, Row, Want};
+    let row = |name, unit, load: Load, scale: f64, want| -> Option<Row> {
+        Some(Row {
+            name,
+            unit,
+            rust: get(Mode::Udp, load.name())?.value / scale,
+            go: get(Mode::GoUdp, load.name())?.value / scale,
+            want,
+        })
+    };
+    let rows: Vec<Row> = [
+        row(
+            "udp backend: 1 TCP stream",
+            "Gb/s",
+            Load::Tcp1,
+            1.0,
+            Some(Want::AtLeast(8.0)),
+        ),
+        row("udp backend: 4 TCP streams", "Gb/s", Load::Tcp4, 1.0, None),
+        row(
+            "udp backend: 64-byte datagrams",
+            "kpps",
+            Load::Udp64,
+            1e3,
+            None,
+        ),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    (!rows.is_empty()).then(|| table("udp side by side: pod → pod, same run", &rows))
 }
 
 fn report(opts: &Opts, results: &[ModeResult]) -> Result<(), String> {
@@ -1066,6 +1136,27 @@ fn report(opts: &Opts, results: &[ModeResult]) -> Result<(), String> {
         "×",
     );
     line(
+        "1 TCP stream vs Go flanneld udp (same run)",
+        ratio(tcp1(Mode::Udp), tcp1(Mode::GoUdp)),
+        Some(8.0),
+        "×",
+    );
+    line(
+        "4 TCP streams vs Go flanneld udp (same run)",
+        ratio(
+            get(Mode::Udp, Load::Tcp4.name()),
+            get(Mode::GoUdp, Load::Tcp4.name()),
+        ),
+        None,
+        "×",
+    );
+    line(
+        "64-byte packets/s vs Go flanneld udp (same run)",
+        ratio(pps(Mode::Udp), pps(Mode::GoUdp)),
+        None,
+        "×",
+    );
+    line(
         "64-byte packets/s vs plain path",
         ratio(pps(Mode::Udp), pps(Mode::UdpPlain)),
         Some(3.0),
@@ -1084,8 +1175,10 @@ fn report(opts: &Opts, results: &[ModeResult]) -> Result<(), String> {
         None,
         "×",
     );
+    let side = side_by_side(&get);
     if let Some(path) = &opts.json {
         let doc = json!({
+            "side_by_side": side,
             "benchmark": "udp",
             "seconds_per_figure": opts.secs,
             "runs_per_figure_median_kept": opts.repeat,
