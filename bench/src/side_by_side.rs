@@ -46,34 +46,11 @@ impl Daemon {
     }
 }
 
-/// flannel's Go flanneld and its `VERSIONS` text: from `$GO_PEERS_DIR`, else the folder
-/// `scripts/go-peers.sh` prints (it builds the Go peers once per machine).
-// The test bed's `go_peers()` (helper `interop`) does the same; this becomes a call to it.
+/// flannel's Go flanneld and its `VERSIONS` text, from the test bed's one lookup of the Go peers
+/// (`$GO_PEERS_DIR`, else what `scripts/go-peers.sh` prints).
 pub fn go_flanneld() -> Result<(PathBuf, String), String> {
-    let dir = match std::env::var_os("GO_PEERS_DIR").filter(|d| !d.is_empty()) {
-        Some(d) => PathBuf::from(d),
-        None => {
-            let script = netns_tests::bins::workspace_dir().join("scripts/go-peers.sh");
-            let out = netns_tests::cmd::run("bash", &[script.as_os_str()])
-                .map_err(|e| format!("finding flannel's Go flanneld: {e}"))?;
-            PathBuf::from(out.lines().last().unwrap_or("").trim())
-        }
-    };
-    let bin = dir.join("flanneld");
-    if !is_executable(&bin) {
-        return Err(format!(
-            "flannel's Go flanneld: {} is not an executable file (GO_PEERS_DIR, or run \
-             scripts/go-peers.sh)",
-            bin.display()
-        ));
-    }
-    let versions = std::fs::read_to_string(dir.join("VERSIONS")).unwrap_or_default();
-    Ok((bin, versions.trim_end().to_string()))
-}
-
-fn is_executable(p: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    let peers = netns_tests::go_peers::go_peers()?;
+    Ok((peers.flanneld.clone(), peers.versions.clone()))
 }
 
 /// The Go flanneld a benchmark runs: `explicit` (`--go-flanneld PATH`) or [`go_flanneld`];
