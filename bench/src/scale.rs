@@ -62,27 +62,18 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         json: None,
         flanneld: crate::common::default_flanneld(),
     };
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut val = || {
-            it.next()
-                .cloned()
-                .ok_or_else(|| format!("{a} needs a value"))
-        };
-        let num = |v: String| {
-            v.parse::<usize>()
-                .map_err(|_| format!("{a}: {v:?} is not a number"))
-        };
-        match a.as_str() {
-            "--peers" => o.peers = num(val()?)?,
-            "--joins" => o.joins = num(val()?)?,
-            "--hosts" => o.hosts = num(val()?)?,
-            "--rounds" => o.rounds = num(val()?)?.max(1),
+    crate::common::each_option(args, |flag, val| {
+        match flag {
+            "--peers" => o.peers = crate::common::count(flag, val()?)?,
+            "--joins" => o.joins = crate::common::count(flag, val()?)?,
+            "--hosts" => o.hosts = crate::common::count(flag, val()?)?,
+            "--rounds" => o.rounds = crate::common::count(flag, val()?)?.max(1),
             "--json" => o.json = Some(PathBuf::from(val()?)),
             "--flanneld" => o.flanneld = PathBuf::from(val()?),
             other => return Err(format!("unknown option {other:?}")),
         }
-    }
+        Ok(())
+    })?;
     if o.peers == 0 || o.peers > 60_000 {
         return Err("--peers must be between 1 and 60000".into());
     }
@@ -607,22 +598,7 @@ fn ip_batch_round(peers: usize, dir: &Path) -> Result<f64, String> {
     let peer = Ns::new("ipbp")?;
     veth(&ns, "e0", &peer, "e1")?;
     ns.ip(&["addr", "add", "198.18.0.1/24", "dev", "e0"])?;
-    ns.ip(&[
-        "link",
-        "add",
-        "flannel.1",
-        "type",
-        "vxlan",
-        "id",
-        "1",
-        "local",
-        "198.18.0.1",
-        "dev",
-        "e0",
-        "dstport",
-        "8472",
-        "nolearning",
-    ])?;
+    ns.ip(&crate::common::vxlan_link_args("198.18.0.1", "e0"))?;
     ns.ip(&["link", "set", "flannel.1", "mtu", "1450", "up"])?;
     ns.ip(&["addr", "add", "10.0.0.0/32", "dev", "flannel.1"])?;
     let mut ipf = String::new();

@@ -92,10 +92,8 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         flanneld: None,
         modes: Mode::ALL.to_vec(),
     };
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut val = || it.next().cloned().ok_or(format!("{a} needs a value"));
-        match a.as_str() {
+    crate::common::each_option(args, |flag, val| {
+        match flag {
             "--json" => o.json = Some(val()?.into()),
             "--secs" => o.secs = val()?.parse().map_err(|e| format!("--secs: {e}"))?,
             "--repeat" => {
@@ -118,7 +116,8 @@ fn parse(args: &[String]) -> Result<Opts, String> {
             }
             other => return Err(format!("unknown option {other:?}")),
         }
-    }
+        Ok(())
+    })?;
     Ok(o)
 }
 
@@ -610,26 +609,8 @@ fn setup_vxlan(bed: &mut Bed) -> Result<(), String> {
     let hosts = [("a", A_IP, "10.5.1"), ("b", B_IP, "10.5.2")];
     for (h, ip, _) in hosts {
         let ns = bed.ns(h);
-        ns_cmd(
-            &ns,
-            &[
-                "ip",
-                "link",
-                "add",
-                "flannel.1",
-                "type",
-                "vxlan",
-                "id",
-                "1",
-                "local",
-                ip,
-                "dev",
-                "eth0",
-                "dstport",
-                "8472",
-                "nolearning",
-            ],
-        )?;
+        let link = crate::common::vxlan_link_args(ip, "eth0");
+        ns_cmd(&ns, &[&["ip"][..], &link].concat())?;
         ns_cmd(
             &ns,
             &["ip", "link", "set", "flannel.1", "mtu", "1450", "up"],
