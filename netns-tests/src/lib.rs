@@ -25,6 +25,7 @@
 pub mod bins;
 pub mod cluster;
 pub mod cmd;
+pub mod daemon;
 pub mod etcd;
 pub mod etcd_cmd;
 pub mod flanneld_cmd;
@@ -40,7 +41,8 @@ use std::time::{Duration, Instant};
 
 pub use bins::{cni_plugin_bin, flanneld_bin};
 pub use cluster::{par_map, ping_pairs, Backend, Cluster, ClusterBuilder, KernelState, LeaseInfo};
-pub use etcd::{Etcd, WatchEvent, WatchLog};
+pub use daemon::Daemon;
+pub use etcd::{free_port, CertKey, Etcd, LocalEtcd, ServerTls, WatchEvent, WatchLog};
 pub use etcd_cmd::{etcd_bin, EtcdSpec, EtcdTls};
 pub use flanneld_cmd::FlanneldCommand;
 pub use host::{Host, HostOptions, ProcStats};
