@@ -32,6 +32,7 @@ pub mod flanneld_cmd;
 pub mod hash;
 pub mod host;
 pub mod netns;
+pub mod packet;
 pub mod pod;
 pub mod privileges;
 pub mod traffic;
@@ -50,7 +51,8 @@ pub use netns::{sweep_stale, unique_prefix, Netns};
 pub use pod::{Pod, PodMode};
 pub use privileges::Need;
 pub use traffic::{
-    http_get, tcp_transfer, PacedReport, PacedTransfer, PingRun, PingStats, Transfer,
+    fill_pseudo_random, http_get, tcp_transfer, PacedReport, PacedTransfer, PingRun, PingStats,
+    Transfer,
 };
 pub use underlay::Underlay;
 
