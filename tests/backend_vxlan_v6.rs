@@ -3,8 +3,8 @@
 
 mod backend_netns;
 
-use backend_netns::{config_v6, context, lease, peer_set, route_to, NetnsGuard, Ns};
-use flannel::backend::{self, Backend, BackendContext, Publish, ReconcileReport};
+use backend_netns::{config_v6, context, lease, peer_set, report, route_to, NetnsGuard, Ns};
+use flannel::backend::{self, Backend, BackendContext, Publish};
 use flannel::subnet::{Lease, PeerSet};
 use serde_json::{json, Value};
 
@@ -16,14 +16,6 @@ const MAC_A4: &str = "02:aa:00:00:00:04";
 const MAC_A6: &str = "02:aa:00:00:00:06";
 const MAC_B4: &str = "02:bb:00:00:00:04";
 const MAC_C6: &str = "02:cc:00:00:00:06";
-
-fn report(added: usize, removed: usize, repaired: usize) -> ReconcileReport {
-    ReconcileReport {
-        added,
-        removed,
-        repaired,
-    }
-}
 
 /// A vxlan lease; `None` leaves a field out (`PublicIP` becomes `0.0.0.0`, as flannel writes
 /// it for IPv6-only hosts).
@@ -270,40 +262,15 @@ fn vxlan_dual_stack_undoes_hand_made_ipv6_changes_and_keeps_foreign_routes() {
         let ns = &bed.ns;
         let (mut be, _, peers) = bed.with_peers().await;
         // Hand-made changes inside the IPv6 network are undone; foreign routes stay.
-        ns.ip(&[
-            "-6",
-            "route",
-            "add",
-            "fc00:0:0:99::/64",
-            "via",
-            "fc00:0:0:99::",
-            "dev",
-            DEV6,
-            "onlink",
-        ]);
-        ns.ip(&[
-            "-6",
-            "route",
-            "add",
-            "fd99::/64",
-            "via",
-            "fc00:0:0:2::",
-            "dev",
-            DEV6,
-            "onlink",
-        ]);
-        ns.ip(&[
-            "-6",
-            "neigh",
-            "replace",
-            "fc00:0:0:2::",
-            "lladdr",
-            "02:99:00:00:00:01",
-            "dev",
-            DEV6,
-            "nud",
-            "permanent",
-        ]);
+        ns.ip_line(&format!(
+            "-6 route add fc00:0:0:99::/64 via fc00:0:0:99:: dev {DEV6} onlink"
+        ));
+        ns.ip_line(&format!(
+            "-6 route add fd99::/64 via fc00:0:0:2:: dev {DEV6} onlink"
+        ));
+        ns.ip_line(&format!(
+            "-6 neigh replace fc00:0:0:2:: lladdr 02:99:00:00:00:01 dev {DEV6} nud permanent"
+        ));
         ns.bridge(&[
             "fdb",
             "replace",

@@ -8,7 +8,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use flannel::backend::{BackendContext, BackendType};
+use flannel::backend::{self, BackendContext, BackendType, ReconcileReport};
 use flannel::config::NetworkConfig;
 use flannel::iface::ExternalInterface;
 use flannel::subnet::{Lease, LeaseAttrs, PeerSet, SubnetKey};
@@ -55,6 +55,23 @@ fn run(prog: &str, args: &[&str]) -> String {
 }
 
 impl Ns {
+    /// `ip -n NS` with the words of `line` (`"-6 route add fc00::/64 via fd00::1 dev e0"`),
+    /// panicking on failure.
+    pub fn ip_line(&self, line: &str) -> String {
+        self.ip(&line.split_whitespace().collect::<Vec<_>>())
+    }
+
+    /// The destinations of the routes of `family` (`-4`, `-6`) carrying flanneld's protocol
+    /// number (`ip route show proto 102`), sorted.
+    pub fn routes_of_flanneld(&self, family: &str) -> Vec<String> {
+        let mut dsts: Vec<String> = array(self.ip_json(&[family, "route", "show", "proto", "102"]))
+            .iter()
+            .map(|r| r["dst"].as_str().unwrap().to_string())
+            .collect();
+        dsts.sort();
+        dsts
+    }
+
     /// `ip -n NS ARGS`, panicking on failure.
     pub fn ip(&self, args: &[&str]) -> String {
         let mut all = vec!["-n", &self.name];
@@ -275,4 +292,46 @@ pub fn init_logs() {
         )
         .with_test_writer()
         .try_init();
+}
+
+/// What a reconcile did.
+pub fn report(added: usize, removed: usize, repaired: usize) -> ReconcileReport {
+    ReconcileReport {
+        added,
+        removed,
+        repaired,
+    }
+}
+
+/// An external interface `e0` that no kernel holds, for checks made before any netlink call.
+pub fn external_interface(
+    iface_addr: &str,
+    public_ip: &str,
+    v6: Option<(&str, &str)>,
+) -> ExternalInterface {
+    ExternalInterface {
+        name: "e0".into(),
+        index: 1,
+        iface_addr: Some(iface_addr.parse().unwrap()),
+        iface_v6_addr: v6.map(|(iface, _)| iface.parse().unwrap()),
+        public_ip: Some(public_ip.parse().unwrap()),
+        public_ipv6: v6.map(|(_, public)| public.parse().unwrap()),
+        mtu: 1500,
+    }
+}
+
+/// The backend's refusal to prepare under `ctx` (a panic when it prepares), as text that
+/// must name each of `parts`.
+pub fn assert_prepare_refused(ctx: BackendContext, parts: &[&str]) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let err = rt
+        .block_on(async move { backend::create(ctx).unwrap().prepare().await })
+        .expect_err("prepare must be refused");
+    let msg = err.to_string();
+    for part in parts {
+        assert!(msg.contains(part), "{part:?} missing from: {msg}");
+    }
 }
