@@ -3,9 +3,11 @@
 
 mod backend_netns;
 
-use backend_netns::{config, context, lease, peer_set, report, route_to, NetnsGuard, Ns};
-use flannel::backend::{self, Backend, BackendContext, Publish};
-use flannel::subnet::{Lease, PeerSet};
+use backend_netns::{
+    config, context, lease, peer_set, report, route_to, BackendBed, NetnsGuard, Ns,
+};
+use flannel::backend::{self, BackendContext};
+use flannel::subnet::Lease;
 use serde_json::{json, Value};
 
 const NETWORK: &str = "10.5.0.0/16";
@@ -34,97 +36,33 @@ fn device(ns: &Ns) -> Value {
         .unwrap_or_else(|| panic!("device {DEV} missing"))
 }
 
-/// Asserts the three entries of a vxlan peer: neighbour, FDB, onlink route.
 fn assert_peer(ns: &Ns, subnet: &str, vtep: &str, mac: &str, public_ip: &str) {
-    let neigh = ns.neighbours(DEV);
-    let n = neigh
-        .iter()
-        .find(|n| n["dst"] == vtep)
-        .unwrap_or_else(|| panic!("no neighbour {vtep} on {DEV}: {neigh:?}"));
-    assert_eq!(n["lladdr"], mac, "{n}");
-    assert_eq!(n["state"], json!(["PERMANENT"]), "{n}");
-
-    let fdb = ns.fdb(DEV);
-    let f = fdb
-        .iter()
-        .find(|f| f["mac"] == mac)
-        .unwrap_or_else(|| panic!("no FDB entry {mac} on {DEV}: {fdb:?}"));
-    assert_eq!(f["dst"], public_ip, "{f}");
-    assert_eq!(f["state"], "permanent", "{f}");
-    assert!(
-        f["flags"].as_array().unwrap().contains(&json!("self")),
-        "{f}"
-    );
-
-    let routes = ns.routes(DEV);
-    let r = route_to(&routes, subnet).unwrap_or_else(|| panic!("no route {subnet}: {routes:?}"));
-    assert_eq!(r["gateway"], vtep, "{r}");
-    assert!(
-        r["flags"].as_array().unwrap().contains(&json!("onlink")),
-        "{r}"
-    );
+    backend_netns::assert_vxlan_peer(ns, "-4", DEV, subnet, (vtep, mac, public_ip));
 }
 
 fn assert_no_peer(ns: &Ns, subnet: &str, vtep: &str, mac: &str) {
-    assert!(
-        !ns.neighbours(DEV).iter().any(|n| n["dst"] == vtep),
-        "neighbour {vtep} still there"
-    );
-    assert!(
-        !ns.fdb(DEV).iter().any(|f| f["mac"] == mac),
-        "FDB entry {mac} still there"
-    );
-    assert!(
-        route_to(&ns.routes(DEV), subnet).is_none(),
-        "route {subnet} still there"
-    );
+    backend_netns::assert_no_vxlan_peer(ns, "-4", DEV, subnet, vtep, mac);
 }
 
-/// The v4 bed: a namespace with an underlay, and a vxlan backend (VNI 7) that prepares and
-/// acquires its own lease `10.5.1.0/24`; with [`V4Bed::with_peers`] also two vxlan peers (A,
-/// B) and two leases it must ignore. Each test of one behaviour starts from it, so that one
-/// failure does not hide the others.
-struct V4Bed {
-    ns: Ns,
-    ctx: BackendContext,
-    own: Lease,
-}
-
-fn v4_bed(tag: &str) -> (NetnsGuard, V4Bed) {
+/// The v4 bed: a namespace with an underlay and a vxlan config (VNI 7), the own lease
+/// `10.5.1.0/24`, two vxlan peers (A, B) and two leases the backend must ignore (a host-gw
+/// one and one with broken BackendData).
+fn v4_bed(tag: &str) -> BackendBed {
     let (guard, ctx) = setup(tag, json!({"Type": "vxlan", "VNI": 7}));
     let own = lease(
         "10.5.1.0-24",
         r#"{"PublicIP":"198.18.0.1","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":7,"VtepMAC":"02:00:00:00:00:01"}}"#,
     );
-    let ns = guard.ns.clone();
-    (guard, V4Bed { ns, ctx, own })
-}
-
-impl V4Bed {
-    /// A backend that has prepared and acquired the own lease.
-    async fn started(&self) -> (Box<dyn Backend>, Publish) {
-        let mut be = backend::create(self.ctx.clone()).expect("vxlan backend");
-        let publish = be.prepare().await.expect("prepare");
-        be.lease_acquired(&self.own).await.expect("lease_acquired");
-        (be, publish)
-    }
-
-    /// [`V4Bed::started`] with peers A and B programmed; a host-gw lease and one with broken
-    /// BackendData are among the peers and ignored.
-    async fn with_peers(&self) -> (Box<dyn Backend>, Publish, PeerSet) {
-        let (mut be, publish) = self.started().await;
-        let hostgw = lease(
-            "10.5.4.0-24",
-            r#"{"PublicIP":"198.18.0.4","PublicIPv6":null,"BackendType":"host-gw"}"#,
-        );
-        let broken = lease(
-            "10.5.5.0-24",
-            r#"{"PublicIP":"198.18.0.5","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":7}}"#,
-        );
-        let peers = peer_set([peer_a(), peer_b(), hostgw, broken]);
-        assert_eq!(be.reconcile(&peers).await.unwrap(), report(6, 0, 0));
-        (be, publish, peers)
-    }
+    let hostgw = lease(
+        "10.5.4.0-24",
+        r#"{"PublicIP":"198.18.0.4","PublicIPv6":null,"BackendType":"host-gw"}"#,
+    );
+    let broken = lease(
+        "10.5.5.0-24",
+        r#"{"PublicIP":"198.18.0.5","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":7}}"#,
+    );
+    let peers = vec![peer_a(), peer_b(), hostgw, broken];
+    BackendBed::new(guard, ctx, own, peers, report(6, 0, 0))
 }
 
 fn peer_a() -> Lease {
@@ -146,8 +84,7 @@ fn assert_peer_b(ns: &Ns) {
 #[test]
 fn vxlan_device_address_and_published_data_are_flannels() {
     netns_tests::require_root!();
-    let (_guard, bed) = v4_bed("vx");
-    bed.ns.clone().run(move || async move {
+    v4_bed("vx").run(|bed| async move {
         let ns = &bed.ns;
         let (_be, publish) = bed.started().await;
         // The device as a user sees it.
@@ -183,10 +120,8 @@ fn vxlan_device_address_and_published_data_are_flannels() {
 #[test]
 fn vxlan_programs_only_vxlan_peers_idempotently() {
     netns_tests::require_root!();
-    let (_guard, bed) = v4_bed("vxp");
-    bed.ns.clone().run(move || async move {
+    v4_bed("vxp").run_with_peers(|bed, mut be, peers| async move {
         let ns = &bed.ns;
-        let (mut be, _, peers) = bed.with_peers().await;
         assert_peer_a(ns);
         assert_peer_b(ns);
         assert_no_peer(ns, "10.5.4.0/24", "10.5.4.0", "00:00:00:00:00:00");
@@ -199,10 +134,8 @@ fn vxlan_programs_only_vxlan_peers_idempotently() {
 #[test]
 fn vxlan_removes_hand_made_entries_inside_the_network_and_keeps_foreign_ones() {
     netns_tests::require_root!();
-    let (_guard, bed) = v4_bed("vxh");
-    bed.ns.clone().run(move || async move {
+    v4_bed("vxh").run_with_peers(|bed, mut be, peers| async move {
         let ns = &bed.ns;
-        let (mut be, _, peers) = bed.with_peers().await;
         // Entries added by hand inside the Network on our device are removed, others are not.
         ns.ip_line(&format!(
             "route add 10.5.99.0/24 via 10.5.99.0 dev {DEV} onlink"
@@ -254,10 +187,8 @@ fn vxlan_removes_hand_made_entries_inside_the_network_and_keeps_foreign_ones() {
 #[test]
 fn vxlan_corrects_wrong_entries_in_place_and_drops_flooding_remotes() {
     netns_tests::require_root!();
-    let (_guard, bed) = v4_bed("vxw");
-    bed.ns.clone().run(move || async move {
+    v4_bed("vxw").run_with_peers(|bed, mut be, peers| async move {
         let ns = &bed.ns;
-        let (mut be, _, peers) = bed.with_peers().await;
         // A wrong neighbour entry and a wrong FDB remote are corrected in place.
         ns.ip_line(&format!(
             "neigh replace 10.5.2.0 lladdr 02:99:00:00:00:01 dev {DEV} nud permanent"
@@ -300,10 +231,8 @@ fn vxlan_corrects_wrong_entries_in_place_and_drops_flooding_remotes() {
 #[test]
 fn vxlan_removed_peer_loses_its_entries_and_the_other_keeps_them() {
     netns_tests::require_root!();
-    let (_guard, bed) = v4_bed("vxr");
-    bed.ns.clone().run(move || async move {
+    v4_bed("vxr").run_with_peers(|bed, mut be, _| async move {
         let ns = &bed.ns;
-        let (mut be, _, _) = bed.with_peers().await;
         let peers = peer_set([peer_a()]);
         assert_eq!(be.reconcile(&peers).await.unwrap(), report(0, 3, 0));
         assert_no_peer(ns, "10.5.3.0/24", "10.5.3.0", MAC_B);
@@ -314,10 +243,8 @@ fn vxlan_removed_peer_loses_its_entries_and_the_other_keeps_them() {
 #[test]
 fn vxlan_deleted_device_comes_back_with_its_mac_address_and_entries() {
     netns_tests::require_root!();
-    let (_guard, bed) = v4_bed("vxd");
-    bed.ns.clone().run(move || async move {
+    v4_bed("vxd").run_with_peers(|bed, mut be, _| async move {
         let ns = &bed.ns;
-        let (mut be, _, _) = bed.with_peers().await;
         let peers = peer_set([peer_a()]);
         be.reconcile(&peers).await.unwrap();
         let mac = device(ns)["address"].clone();
@@ -338,8 +265,7 @@ fn vxlan_deleted_device_comes_back_with_its_mac_address_and_entries() {
 #[test]
 fn vxlan_restart_adopts_the_device_and_after_a_reboot_recreates_it_with_the_same_mac() {
     netns_tests::require_root!();
-    let (_guard, bed) = v4_bed("vxa");
-    bed.ns.clone().run(move || async move {
+    v4_bed("vxa").run(|bed| async move {
         let ns = &bed.ns;
         let (be, publish, peers) = bed.with_peers().await;
         let mac = device(ns)["address"].clone();
