@@ -2,7 +2,7 @@
 //! caller made), or in a namespace of its own on the underlay; with etcdctl helpers.
 
 use std::fs::File;
-use std::net::{IpAddr, Ipv4Addr, TcpListener};
+use std::net::{Ipv4Addr, TcpListener};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -11,9 +11,9 @@ use std::time::Duration;
 use crate::{cmd, wait_until, Daemon, Error, EtcdSpec, EtcdTls, Netns, Result, Underlay};
 
 /// One etcd member. Where it runs is chosen by its constructor:
-/// - [`Etcd::start_local`]: on `127.0.0.1` at free ports, in the caller's namespace or a named
-///   one, data in a temporary directory it owns; TLS, extra flags and authentication
-///   ([`Etcd::enable_auth`]) as the test asks.
+/// - [`Etcd::start_local`]: on `127.0.0.1` at free ports (or where [`LocalEtcd`] says), in the
+///   caller's namespace or a named one, data in a temporary directory it owns; TLS, extra
+///   flags and authentication ([`Etcd::enable_auth`]) as the test asks.
 /// - [`Etcd::start_on`]: a single-member cluster in `<prefix>-etcd` on the underlay, client URL
 ///   `http://198.18.0.2:2379`.
 /// - [`Etcd::start_cluster`]: member `i` in `<prefix>-etcd` (i = 0) or `<prefix>-etcd<i>`, at
@@ -28,7 +28,7 @@ pub struct Etcd {
     ns: Option<Netns>,
     /// The namespace etcd and etcdctl run in (`None`: the caller's).
     netns_name: Option<String>,
-    ip: IpAddr,
+    ip: Ipv4Addr,
     client_port: u16,
     member: Member,
     tls: Option<ServerTls>,
@@ -60,8 +60,12 @@ pub struct ServerTls {
 /// How to start a member on loopback (see [`Etcd::start_local`]).
 #[derive(Debug, Clone, Default)]
 pub struct LocalEtcd {
-    /// A named namespace to run in (its loopback); `None`: the caller's.
+    /// A named namespace to run in; `None`: the caller's.
     pub netns: Option<String>,
+    /// The client address (it must be on a link of that namespace); `None`: `127.0.0.1`.
+    pub ip: Option<Ipv4Addr>,
+    /// The client port; `None`: a free one.
+    pub client_port: Option<u16>,
     pub tls: Option<ServerTls>,
     /// More etcd flags (e.g. `--auth-token-ttl=3`), kept for restarts.
     pub extra_args: Vec<String>,
@@ -90,8 +94,8 @@ impl Etcd {
     /// At most this many members fit below the hosts' addresses (`.2` .. `.9`).
     pub const MAX_MEMBERS: usize = 8;
 
-    /// Starts a one-member etcd on `127.0.0.1` (free client and peer ports) and waits until it
-    /// answers.
+    /// Starts a one-member etcd on `127.0.0.1` (free client and peer ports, unless `opts` says
+    /// otherwise) and waits until it answers.
     pub fn start_local(opts: LocalEtcd) -> Result<Etcd> {
         let temp = tempfile::tempdir().map_err(|e| Error::io("making a temporary directory", e))?;
         let peer_url = format!("http://127.0.0.1:{}", free_port());
@@ -111,8 +115,8 @@ impl Etcd {
             process: Daemon::new("etcd", temp.path().join("etcd.log"), 15),
             ns: None,
             netns_name: opts.netns,
-            ip: Ipv4Addr::LOCALHOST.into(),
-            client_port: free_port(),
+            ip: opts.ip.unwrap_or(Ipv4Addr::LOCALHOST),
+            client_port: opts.client_port.unwrap_or_else(free_port),
             member: Member {
                 name: "t".into(),
                 initial_cluster: format!("t={peer_url}"),
@@ -209,7 +213,7 @@ impl Etcd {
             ),
             netns_name: Some(ns.name().to_string()),
             ns: Some(ns),
-            ip: ip.into(),
+            ip,
             client_port: Self::CLIENT_PORT,
             member,
             tls: None,
@@ -227,7 +231,7 @@ impl Etcd {
     }
 
     /// The member's address (the underlay address, or `127.0.0.1`).
-    pub fn ip(&self) -> IpAddr {
+    pub fn ip(&self) -> Ipv4Addr {
         self.ip
     }
 
