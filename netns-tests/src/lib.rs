@@ -8,7 +8,9 @@
 //! ```
 //!
 //! Every object is owned by a guard ([`Netns`], [`Etcd`], [`Host`], [`Pod`], [`Cluster`]) whose
-//! `Drop` kills the processes inside and deletes the namespace, also when a test panics. Names
+//! `Drop` kills the processes inside and deletes the namespace, also when a test panics. Every
+//! long-lived process (etcd, flanneld) runs as a [`Daemon`]; [`Etcd`] also runs on loopback for
+//! the integration tests ([`Etcd::start_local`]). Names
 //! carry the test process's pid and a counter, so tests run in parallel; namespaces left behind
 //! by a process that died (SIGKILL, Ctrl-C) are swept at the next start ([`sweep_stale`]).
 //!
