@@ -8,7 +8,7 @@ use std::process::ExitStatus;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use ipnetwork::{Ipv4Network, Ipv6Network};
+use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 
 use crate::{
     http_get, wait_for, Daemon, Error, FlanneldCommand, Netns, Pod, PodMode, Result, Underlay, Wait,
@@ -254,33 +254,34 @@ impl Host {
 
     /// The lease subnet (network address form, e.g. `10.5.3.0/24`) from `FLANNEL_SUBNET`.
     pub fn subnet(&self) -> Result<Ipv4Network> {
-        let env = self.subnet_env()?;
-        let s = env.get("FLANNEL_SUBNET").ok_or_else(|| {
-            Error::Other(format!(
-                "{}: no FLANNEL_SUBNET",
-                self.subnet_file().display()
-            ))
-        })?;
-        let n: Ipv4Network = s
-            .parse()
-            .map_err(|e| Error::Other(format!("FLANNEL_SUBNET={s}: {e}")))?;
-        Ipv4Network::new(n.network(), n.prefix()).map_err(|e| Error::Other(e.to_string()))
+        match self.lease_subnet("FLANNEL_SUBNET")? {
+            IpNetwork::V4(n) => Ok(n),
+            n => Err(Error::Other(format!("FLANNEL_SUBNET={n} is not IPv4"))),
+        }
     }
 
     /// The IPv6 lease subnet (network address form, e.g. `fc00:0:0:3::/64`) from
     /// `FLANNEL_IPV6_SUBNET`.
     pub fn subnet_v6(&self) -> Result<Ipv6Network> {
+        match self.lease_subnet("FLANNEL_IPV6_SUBNET")? {
+            IpNetwork::V6(n) => Ok(n),
+            n => Err(Error::Other(format!("FLANNEL_IPV6_SUBNET={n} is not IPv6"))),
+        }
+    }
+
+    /// The subnet file's `key` (the lease's first address) as the lease's network.
+    fn lease_subnet(&self, key: &str) -> Result<IpNetwork> {
         let env = self.subnet_env()?;
-        let s = env.get("FLANNEL_IPV6_SUBNET").ok_or_else(|| {
+        let s = env.get(key).ok_or_else(|| {
             Error::Other(format!(
-                "{}: no FLANNEL_IPV6_SUBNET in {env:?}",
+                "{}: no {key} in {env:?}",
                 self.subnet_file().display()
             ))
         })?;
-        let n: Ipv6Network = s
+        let n: IpNetwork = s
             .parse()
-            .map_err(|e| Error::Other(format!("FLANNEL_IPV6_SUBNET={s}: {e}")))?;
-        Ipv6Network::new(n.network(), n.prefix()).map_err(|e| Error::Other(e.to_string()))
+            .map_err(|e| Error::Other(format!("{key}={s}: {e}")))?;
+        IpNetwork::new(n.network(), n.prefix()).map_err(|e| Error::Other(e.to_string()))
     }
 
     /// `FLANNEL_MTU` from the subnet file.
