@@ -15,12 +15,6 @@ pub fn default_flanneld() -> PathBuf {
         .join("flanneld")
 }
 
-/// Arguments for a one-member etcd named `name` with its data in `data_dir`, serving clients
-/// on `client_url` (its peer port stays on loopback).
-pub fn etcd_args(name: &str, data_dir: &Path, client_url: &str) -> Vec<String> {
-    netns_tests::EtcdSpec::single(name, data_dir, client_url, "http://127.0.0.1:2380").args()
-}
-
 /// Walks `--flag value` options: `on_flag` gets each flag and a function that takes its value
 /// (an error naming the flag when there is none).
 pub fn each_option(
