@@ -8,7 +8,9 @@
 //! ```
 //!
 //! Every object is owned by a guard ([`Netns`], [`Etcd`], [`Host`], [`Pod`], [`Cluster`]) whose
-//! `Drop` kills the processes inside and deletes the namespace, also when a test panics. Names
+//! `Drop` kills the processes inside and deletes the namespace, also when a test panics. Every
+//! long-lived process (etcd, flanneld) runs as a [`Daemon`]; [`Etcd`] also runs on loopback for
+//! the integration tests ([`Etcd::start_local`]). Names
 //! carry the test process's pid and a counter, so tests run in parallel; namespaces left behind
 //! by a process that died (SIGKILL, Ctrl-C) are swept at the next start ([`sweep_stale`]).
 //!
@@ -25,6 +27,7 @@
 pub mod bins;
 pub mod cluster;
 pub mod cmd;
+pub mod daemon;
 pub mod etcd;
 pub mod etcd_cmd;
 pub mod flanneld_cmd;
@@ -32,6 +35,7 @@ pub mod go_peers;
 pub mod hash;
 pub mod host;
 pub mod netns;
+pub mod packet;
 pub mod pod;
 pub mod privileges;
 pub mod traffic;
@@ -41,7 +45,8 @@ use std::time::{Duration, Instant};
 
 pub use bins::{cni_plugin_bin, flanneld_bin};
 pub use cluster::{par_map, ping_pairs, Backend, Cluster, ClusterBuilder, KernelState, LeaseInfo};
-pub use etcd::{Etcd, WatchEvent, WatchLog};
+pub use daemon::Daemon;
+pub use etcd::{free_port, CertKey, Etcd, LocalEtcd, ServerTls, WatchEvent, WatchLog};
 pub use etcd_cmd::{etcd_bin, EtcdSpec, EtcdTls};
 pub use flanneld_cmd::FlanneldCommand;
 pub use go_peers::{go_peers, GoPeers};
@@ -50,7 +55,8 @@ pub use netns::{sweep_stale, unique_prefix, Netns};
 pub use pod::{Pod, PodMode};
 pub use privileges::Need;
 pub use traffic::{
-    http_get, tcp_transfer, PacedReport, PacedTransfer, PingRun, PingStats, Transfer,
+    fill_pseudo_random, http_get, tcp_transfer, PacedReport, PacedTransfer, PingRun, PingStats,
+    Transfer,
 };
 pub use underlay::Underlay;
 
