@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::hash::Hash;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -555,9 +555,7 @@ impl BatchSocket {
             .map_err(|e| io_error(op, e))?;
         // Errors echo only the header of the failed message, not all of it.
         let _ = raw.set_cap_ack(true);
-        let fd = raw.as_raw_fd();
-        // SAFETY: `fd` belongs to `sock`, which outlives this borrow (it is used right here).
-        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        let fd = raw.as_fd();
         use nix::sys::socket::{getsockopt, setsockopt, sockopt};
         // Over rmem_max needs CAP_NET_ADMIN; without it, ask for what is allowed.
         if setsockopt(&fd, sockopt::RcvBufForce, &BATCH_RCVBUF).is_err() {
