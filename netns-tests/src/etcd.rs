@@ -414,8 +414,8 @@ impl Drop for WatchLog {
     }
 }
 
-/// SIGTERM, wait up to `grace`, then SIGKILL; always reaps.
-pub(crate) fn stop_child(c: &mut Child, grace: Duration) {
+/// SIGTERM, wait up to `grace`, then SIGKILL; always reaps. For any child process.
+pub fn stop_child(c: &mut Child, grace: Duration) {
     let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
     let deadline = std::time::Instant::now() + grace;
     while std::time::Instant::now() < deadline {
