@@ -257,6 +257,15 @@ fn default_route_iface() -> Option<String> {
 mod tests {
     use super::*;
 
+    /// `--iface` entries, as the flag gives them.
+    async fn select_iface(iface: &[&str]) -> Result<ExternalInterface, IfaceError> {
+        select(&IfaceChoice {
+            iface: iface.iter().map(|i| i.to_string()).collect(),
+            ..Default::default()
+        })
+        .await
+    }
+
     #[tokio::test]
     async fn loopback_by_name_with_public_ip() {
         let ext = select(&IfaceChoice {
@@ -269,23 +278,13 @@ mod tests {
         assert_eq!(ext.name, "lo");
         assert_eq!(ext.iface_addr, Some(Ipv4Addr::LOCALHOST));
         assert_eq!(ext.public_ip, Some(Ipv4Addr::new(198, 18, 9, 1)));
-        let by_ip = select(&IfaceChoice {
-            iface: vec!["127.0.0.1".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+        let by_ip = select_iface(&["127.0.0.1"]).await.unwrap();
         assert_eq!(by_ip.name, "lo");
     }
 
     #[tokio::test]
     async fn unknown_iface_is_named() {
-        let err = select(&IfaceChoice {
-            iface: vec!["nosuch0".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+        let err = select_iface(&["nosuch0"]).await.unwrap_err();
         assert!(err.to_string().contains("--iface nosuch0"), "{err}");
     }
 
@@ -302,12 +301,7 @@ mod tests {
 
     #[tokio::test]
     async fn index_and_mtu_are_the_kernels() {
-        let ext = select(&IfaceChoice {
-            iface: vec!["lo".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+        let ext = select_iface(&["lo"]).await.unwrap();
         // This test runs in the namespace sysfs was mounted for.
         let sysfs = |attr: &str| {
             std::fs::read_to_string(format!("/sys/class/net/lo/{attr}"))
