@@ -18,11 +18,12 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
 
-use crate::metrics::Metrics;
+use crate::metrics::{self, Metrics};
 
 /// What one client, or many, may take from the health server.
 #[derive(Debug, Clone, Copy)]
@@ -61,6 +62,7 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
 }
 
 async fn serve_with(listener: TcpListener, metrics: Arc<Metrics>, limits: Limits) {
+    let registry = Arc::new(metrics::registry(metrics.clone()));
     let open = Arc::new(OpenConnections::default());
     let mut backoff = AcceptBackoff::default();
     loop {
@@ -72,10 +74,11 @@ async fn serve_with(listener: TcpListener, metrics: Arc<Metrics>, limits: Limits
                     );
                 }
                 let metrics = metrics.clone();
+                let registry = registry.clone();
                 open.admit(limits.max_connections, async move {
                     let _ = tokio::time::timeout(
                         limits.request_deadline,
-                        answer(stream, &metrics, &limits),
+                        answer(stream, &metrics, &registry, &limits),
                     )
                     .await;
                 });
@@ -230,7 +233,7 @@ fn is_per_connection(err: &std::io::Error) -> bool {
 /// One connection, served by hyper's HTTP/1 server: it enforces the head limits
 /// ([`Limits::max_head_bytes`] → 431, [`Limits::head_deadline`] → closed); the whole-request
 /// deadline is the caller's.
-async fn answer(mut stream: TcpStream, metrics: &Metrics, limits: &Limits) {
+async fn answer(mut stream: TcpStream, metrics: &Metrics, registry: &Registry, limits: &Limits) {
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.head_deadline)
@@ -241,7 +244,7 @@ async fn answer(mut stream: TcpStream, metrics: &Metrics, limits: &Limits) {
         .title_case_headers(true)
         .auto_date_header(false);
     let service = service_fn(|request| async move {
-        Ok::<_, std::convert::Infallible>(respond(&request, metrics))
+        Ok::<_, std::convert::Infallible>(respond(&request, metrics, registry))
     });
     let served = http
         .serve_connection(TokioIo::new(&mut stream), service)
@@ -263,7 +266,7 @@ async fn answer(mut stream: TcpStream, metrics: &Metrics, limits: &Limits) {
 }
 
 /// The answer to one request: status, plain-text body (hyper leaves it out for HEAD).
-fn respond<B>(request: &Request<B>, metrics: &Metrics) -> Response<String> {
+fn respond<B>(request: &Request<B>, metrics: &Metrics, registry: &Registry) -> Response<String> {
     let (status, content_type, body) = match (request.method(), request.uri().path()) {
         (&Method::GET | &Method::HEAD, path) => match path {
             "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
@@ -278,7 +281,7 @@ fn respond<B>(request: &Request<B>, metrics: &Metrics) -> Response<String> {
             "/metrics" => (
                 StatusCode::OK,
                 "text/plain; version=0.0.4",
-                metrics.render(),
+                metrics::render(registry),
             ),
             _ => (
                 StatusCode::NOT_FOUND,
