@@ -24,6 +24,7 @@ use std::collections::HashMap;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpStream};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -392,9 +393,7 @@ impl Monitor {
                 }
             };
             let _ = ready_tx.send(Ok(()));
-            read_monitor(fd, &s2, &st2);
-            // SAFETY: fd was opened above and is closed once.
-            unsafe { libc::close(fd) };
+            read_monitor(&fd, &s2, &st2);
         });
         match ready_rx.recv() {
             Ok(r) => r?,
@@ -446,70 +445,39 @@ impl Monitor {
     }
 }
 
-fn open_monitor() -> Result<i32, String> {
-    let err = |what: &str| format!("{what}: {}", std::io::Error::last_os_error());
-    // SAFETY: plain socket calls on a descriptor owned by this function; structs are zeroed
-    // and sized correctly.
-    unsafe {
-        let fd = libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_ROUTE,
-        );
-        if fd < 0 {
-            return Err(err("netlink socket"));
-        }
-        let size: libc::c_int = 32 << 20;
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            &size as *const _ as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as u32,
-        );
-        let tv = libc::timeval {
-            tv_sec: 0,
-            tv_usec: 50_000,
-        };
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            &tv as *const _ as *const libc::c_void,
-            std::mem::size_of::<libc::timeval>() as u32,
-        );
-        let mut addr: libc::sockaddr_nl = std::mem::zeroed();
-        addr.nl_family = libc::AF_NETLINK as u16;
-        addr.nl_groups = RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE;
-        if libc::bind(
-            fd,
-            &addr as *const _ as *const libc::sockaddr,
-            std::mem::size_of::<libc::sockaddr_nl>() as u32,
-        ) < 0
-        {
-            let e = err("bind netlink monitor");
-            libc::close(fd);
-            return Err(e);
-        }
-        Ok(fd)
-    }
+fn open_monitor() -> Result<OwnedFd, String> {
+    use nix::sys::socket::{
+        bind, setsockopt, socket, sockopt, AddressFamily, NetlinkAddr, SockFlag, SockProtocol,
+        SockType,
+    };
+    use nix::sys::time::TimeVal;
+    let fd = socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkRoute,
+    )
+    .map_err(|e| format!("netlink socket: {e}"))?;
+    // Best effort: a smaller buffer shows up as an overrun, which the monitor reports.
+    let _ = setsockopt(&fd, sockopt::RcvBufForce, &(32 << 20));
+    // Wakes the reader to look at its stop flag.
+    let _ = setsockopt(&fd, sockopt::ReceiveTimeout, &TimeVal::new(0, 50_000));
+    let groups = NetlinkAddr::new(0, RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE);
+    bind(fd.as_raw_fd(), &groups).map_err(|e| format!("bind netlink monitor: {e}"))?;
+    Ok(fd)
 }
 
-fn read_monitor(fd: i32, seen: &Mutex<Seen>, stop: &AtomicBool) {
+fn read_monitor(fd: &OwnedFd, seen: &Mutex<Seen>, stop: &AtomicBool) {
+    use nix::sys::socket::{recv, MsgFlags};
     let mut buf = vec![0u8; 256 * 1024];
     while !stop.load(Ordering::SeqCst) {
-        // SAFETY: buf is valid for buf.len() bytes.
-        let n = unsafe { libc::recv(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
+        let received = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty());
         let now = Instant::now();
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ENOBUFS) {
-                seen.lock().unwrap().overrun = true;
-            }
-            continue;
+        match received {
+            Ok(n) => parse_messages(&buf[..n], now, &mut seen.lock().unwrap()),
+            Err(nix::errno::Errno::ENOBUFS) => seen.lock().unwrap().overrun = true,
+            Err(_) => {}
         }
-        let mut s = seen.lock().unwrap();
-        parse_messages(&buf[..n as usize], now, &mut s);
     }
 }
 

@@ -176,26 +176,10 @@ struct Bed {
 impl Drop for Bed {
     fn drop(&mut self) {
         for c in &mut self.children {
-            stop(c);
+            netns_tests::daemon::stop_child(c, Duration::from_secs(5));
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn stop(c: &mut Child) {
-    // SAFETY: kill with a pid we spawned; at worst it is already gone (ESRCH).
-    unsafe {
-        libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
-    }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = c.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = c.kill();
-    let _ = c.wait();
 }
 
 impl Bed {
@@ -299,7 +283,7 @@ impl Bed {
     fn stop_pid(&mut self, pid: u32) {
         if let Some(i) = self.children.iter().position(|c| c.id() == pid) {
             let mut c = self.children.remove(i);
-            stop(&mut c);
+            netns_tests::daemon::stop_child(&mut c, Duration::from_secs(5));
         }
     }
 }
@@ -315,8 +299,7 @@ fn cpu_secs(pid: u32) -> f64 {
     // Fields after the command name (which may hold spaces) in parentheses.
     let rest = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
     let f: Vec<&str> = rest.split_whitespace().collect();
-    // SAFETY: sysconf has no preconditions.
-    let tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let tck = netns_tests::clock_ticks_per_second();
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     // utime and stime are fields 14 and 15 of the line: 12 and 13 after the name.
     (ticks(11) + ticks(12)) / tck

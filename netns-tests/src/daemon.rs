@@ -83,16 +83,7 @@ impl Daemon {
     /// running.
     pub fn stop(&self, grace: Duration) -> Option<ExitStatus> {
         let mut c = self.child().take()?;
-        let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
-        let deadline = Instant::now() + grace;
-        while Instant::now() < deadline {
-            if let Ok(Some(st)) = c.try_wait() {
-                return Some(st);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = c.kill();
-        c.wait().ok()
+        stop_child(&mut c, grace)
     }
 
     /// `kill -9` and reap.
@@ -157,4 +148,18 @@ impl Drop for Daemon {
         }
         self.kill9();
     }
+}
+
+/// SIGTERM `c`, wait up to `grace`, then SIGKILL; always reaps. Its exit status.
+pub fn stop_child(c: &mut Child, grace: Duration) -> Option<ExitStatus> {
+    let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(st)) = c.try_wait() {
+            return Some(st);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = c.kill();
+    c.wait().ok()
 }

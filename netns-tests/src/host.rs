@@ -483,8 +483,7 @@ impl ProcStats {
                 .and_then(|v| v.parse().ok())
                 .ok_or_else(|| Error::Other(format!("{stat_path}: no field {i}")))
         };
-        // SAFETY: sysconf has no preconditions; it only reads a system constant.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let hz = crate::clock_ticks_per_second();
         let cpu_run_secs = std::fs::read_dir(format!("/proc/{pid}/task"))
             .ok()
             .map(|tasks| {

@@ -76,7 +76,8 @@ pub async fn run(opts: Opts) -> Result<(), DaemonError> {
         iface_can_reach: opts.iface_can_reach,
         public_ip: opts.public_ip,
         public_ipv6: opts.public_ipv6,
-    })?;
+    })
+    .await?;
     tracing::info!(
         "external interface {} (index {}, MTU {}), address {:?}, public IP {:?}, public IPv6 {:?}",
         ext.name,

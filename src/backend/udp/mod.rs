@@ -381,6 +381,7 @@ mod tests {
     use super::*;
     use crate::config::NetworkConfig;
     use crate::iface::ExternalInterface;
+    use crate::metrics;
 
     fn context() -> BackendContext {
         let config =
@@ -462,7 +463,7 @@ mod tests {
             .packets
             .fetch_add(5, Ordering::Relaxed);
         let tx = |ctx: &BackendContext| {
-            let text = ctx.metrics.render();
+            let text = metrics::render(&metrics::registry(ctx.metrics.clone()));
             text.lines()
                 .find_map(|l| l.strip_prefix(r#"flannel_udp_packets_total{direction="tx"} "#))
                 .map(str::to_string)
