@@ -102,7 +102,7 @@ impl LeaseFamily for Ipv4Network {
         key.ipv4
     }
     fn of_config(cfg: &NetworkConfig) -> Option<Self> {
-        cfg.network.filter(|_| cfg.enable_ipv4)
+        cfg.v4.map(|f| f.network)
     }
     fn public_ip(attrs: &LeaseAttrs) -> Option<Self::Addr> {
         attrs.public_ip
@@ -125,7 +125,7 @@ impl LeaseFamily for Ipv6Network {
         key.ipv6
     }
     fn of_config(cfg: &NetworkConfig) -> Option<Self> {
-        cfg.ipv6_network.filter(|_| cfg.enable_ipv6)
+        cfg.v6.map(|f| f.network)
     }
     fn public_ip(attrs: &LeaseAttrs) -> Option<Self::Addr> {
         attrs.public_ipv6
@@ -741,7 +741,7 @@ mod tests {
         .into_iter()
         .collect();
         let accepted = crate::subnet::peers::filter(&leases, &config, &own).accepted;
-        let network = config.network.unwrap();
+        let network = config.v4.unwrap().network;
         let own_subnet = own_key.ipv4;
         let (device, ext_index) = (7, 2);
         let mut skipped = Skipped::new();

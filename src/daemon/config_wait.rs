@@ -66,7 +66,7 @@ mod tests {
     fn a_valid_config_is_accepted() {
         let config = validate(br#"{"Network":"10.5.0.0/16","Backend":{"Type":"host-gw"}}"#)
             .expect("valid config");
-        assert_eq!(config.network, Some("10.5.0.0/16".parse().unwrap()));
+        assert_eq!(config.v4.unwrap().network, "10.5.0.0/16".parse().unwrap());
         assert_eq!(config.backend_type.to_string(), "host-gw");
     }
 
@@ -105,7 +105,7 @@ mod tests {
         let config = tokio::time::timeout(std::time::Duration::from_secs(5), wait_for_config(&reg))
             .await
             .expect("a valid config in time");
-        assert_eq!(config.network, Some("10.7.0.0/16".parse().unwrap()));
+        assert_eq!(config.v4.unwrap().network, "10.7.0.0/16".parse().unwrap());
         assert_eq!(*reg.config_reads.lock().unwrap(), 4);
     }
 }

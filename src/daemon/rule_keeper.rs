@@ -25,8 +25,8 @@ pub(super) struct RuleKeeper {
 
 impl RuleKeeper {
     fn rules_for(&self, own: &Lease) -> Rules {
-        let v4 = self.config.network.zip(own.key.ipv4);
-        let v6 = self.config.ipv6_network.zip(own.key.ipv6);
+        let v4 = self.config.v4.map(|f| f.network).zip(own.key.ipv4);
+        let v6 = self.config.v6.map(|f| f.network).zip(own.key.ipv6);
         Rules::new(v4, v6, self.masquerade, self.forward, self.fully_random)
     }
 

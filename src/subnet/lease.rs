@@ -9,6 +9,9 @@ use ipnetwork::{Ipv4Network, Ipv6Network};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use crate::config::{FamilyConfig, NetworkConfig};
+use crate::netlink::Net;
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum LeaseError {
     #[error("subnet key {key:?}: {why}")]
@@ -45,6 +48,20 @@ impl SubnetKey {
             ipv4: Some(net),
             ipv6: None,
         }
+    }
+
+    /// Whether a lease with this key may be kept under `config` (inside the network, the
+    /// configured length, between min and max).
+    ///
+    /// Only enabled families are checked, each must be present in the key; a subnet of a
+    /// disabled family is tolerated so that turning a family off does not orphan every lease.
+    pub fn fits(&self, config: &NetworkConfig) -> bool {
+        fn half<N: Net>(family: Option<FamilyConfig<N>>, subnet: Option<N>) -> bool {
+            family.is_none_or(|f| subnet.is_some_and(|n| f.fits(n)))
+        }
+        (config.v4.is_some() || config.v6.is_some())
+            && half(config.v4, self.ipv4)
+            && half(config.v6, self.ipv6)
     }
 }
 
@@ -299,5 +316,50 @@ mod tests {
         let err =
             LeaseAttrs::from_json("/coreos.com/network/subnets/10.5.1.0-24", b"{nope").unwrap_err();
         assert!(err.to_string().contains("10.5.1.0-24"), "{err}");
+    }
+
+    fn key(s: &str) -> SubnetKey {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn fits_v4() {
+        let c =
+            NetworkConfig::parse(br#"{"Network":"10.5.0.0/16","SubnetMax":"10.5.200.0"}"#).unwrap();
+        assert!(key("10.5.1.0-24").fits(&c));
+        assert!(key("10.5.200.0-24").fits(&c));
+        assert!(!key("10.5.0.0-24").fits(&c), "below SubnetMin");
+        assert!(!key("10.5.201.0-24").fits(&c), "above SubnetMax");
+        assert!(!key("10.5.1.0-25").fits(&c), "wrong length");
+        assert!(!key("10.6.1.0-24").fits(&c), "outside Network");
+        assert!(!key("fc00::-64").fits(&c), "no IPv4 subnet");
+        assert!(
+            key("10.5.1.0-24&fc00::-64").fits(&c),
+            "extra family tolerated"
+        );
+        let unaligned = SubnetKey::v4(Ipv4Network::new("10.5.1.1".parse().unwrap(), 24).unwrap());
+        assert!(!unaligned.fits(&c));
+    }
+
+    #[test]
+    fn fits_dual_stack_and_v6_only() {
+        let c = NetworkConfig::parse(
+            br#"{"EnableIPv6":true,"Network":"10.5.0.0/16","IPv6Network":"fc00::/48"}"#,
+        )
+        .unwrap();
+        assert!(key("10.5.1.0-24&fc00:0:0:1::-64").fits(&c));
+        assert!(!key("10.5.1.0-24").fits(&c), "IPv6 subnet missing");
+        assert!(!key("10.5.1.0-24&fc00::-64").fits(&c), "first IPv6 subnet");
+        assert!(
+            !key("10.5.1.0-24&fc00:1::-64").fits(&c),
+            "outside IPv6Network"
+        );
+        let c = NetworkConfig::parse(
+            br#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fc00::/48"}"#,
+        )
+        .unwrap();
+        assert!(key("fc00:0:0:ffff::-64").fits(&c));
+        assert!(!key("fc00:0:0:ffff::-65").fits(&c));
+        assert!(!key("10.5.1.0-24").fits(&c));
     }
 }

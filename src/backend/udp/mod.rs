@@ -105,7 +105,7 @@ pub fn plain_from_env() -> bool {
 
 impl UdpBackend {
     pub fn new(ctx: BackendContext) -> Result<Self, BackendError> {
-        let network = ctx.config.network.ok_or_else(|| {
+        let network = ctx.config.v4.map(|f| f.network).ok_or_else(|| {
             setup("needs an IPv4 Network (IPv6-only networks are not supported)".into())
         })?;
         let opts = &ctx.config.backend;
