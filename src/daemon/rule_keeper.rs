@@ -82,7 +82,7 @@ impl RuleKeeper {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::firewall::{self, Family, FamilyRules};
+    use crate::firewall::{self, FamilyNetworks, IpFamily};
     use crate::subnet::LeaseAttrs;
 
     fn keeper(config: &str, masquerade: bool, forward: bool) -> RuleKeeper {
@@ -113,27 +113,20 @@ mod tests {
         }
     }
 
-    fn family(family: Family, network: &str, subnet: &str) -> FamilyRules {
-        FamilyRules {
-            family,
-            network: network.into(),
-            subnet: subnet.into(),
-        }
-    }
-
+    const V4_ONLY: &str = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#;
     const DUAL: &str = r#"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:5::/56","Backend":{"Type":"vxlan"}}"#;
 
     #[test]
     fn rules_cover_the_network_and_our_subnet() {
-        let k = keeper(
-            r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#,
-            true,
-            true,
-        );
+        let k = keeper(V4_ONLY, true, true);
         let rules = k.rules_for(&own("10.5.3.0-24"));
         assert_eq!(
             rules.families,
-            vec![family(Family::V4, "10.5.0.0/16", "10.5.3.0/24")]
+            vec![FamilyNetworks::new(
+                IpFamily::V4,
+                "10.5.0.0/16",
+                "10.5.3.0/24"
+            )]
         );
         assert!(rules.masquerade && rules.forward && rules.fully_random);
     }
@@ -144,8 +137,8 @@ mod tests {
         assert_eq!(
             rules.families,
             vec![
-                family(Family::V4, "10.5.0.0/16", "10.5.3.0/24"),
-                family(Family::V6, "fd00:5::/56", "fd00:5:0:3::/64"),
+                FamilyNetworks::new(IpFamily::V4, "10.5.0.0/16", "10.5.3.0/24"),
+                FamilyNetworks::new(IpFamily::V6, "fd00:5::/56", "fd00:5:0:3::/64"),
             ]
         );
     }
@@ -155,17 +148,17 @@ mod tests {
         let rules = keeper(DUAL, true, false).rules_for(&own("10.5.3.0-24"));
         assert_eq!(
             rules.families,
-            vec![family(Family::V4, "10.5.0.0/16", "10.5.3.0/24")]
+            vec![FamilyNetworks::new(
+                IpFamily::V4,
+                "10.5.0.0/16",
+                "10.5.3.0/24"
+            )]
         );
     }
 
     #[test]
     fn with_neither_masquerade_nor_forward_there_is_nothing_to_keep() {
-        let k = keeper(
-            r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#,
-            false,
-            false,
-        );
+        let k = keeper(V4_ONLY, false, false);
         assert!(k.rules_for(&own("10.5.3.0-24")).is_empty());
     }
 }
