@@ -233,7 +233,7 @@ struct Planned {
 }
 
 /// The kernel changes of one reconciliation pass, in the order the kernel must apply them,
-/// sent in one go by [`Tally::apply`].
+/// sent in one go by [`ReconcileTally::apply`].
 #[derive(Default)]
 pub(super) struct Plan {
     batch: Batch,
@@ -264,15 +264,15 @@ const LOG_EACH: usize = 32;
 
 /// What one reconciliation pass did, and which changes failed.
 #[derive(Debug)]
-pub(super) struct Tally {
+pub(super) struct ReconcileTally {
     pub backend: &'static str,
     pub report: ReconcileReport,
     pub errors: Vec<String>,
 }
 
-impl Tally {
+impl ReconcileTally {
     pub fn new(backend: &'static str) -> Self {
-        Tally {
+        ReconcileTally {
             backend,
             report: ReconcileReport::default(),
             errors: Vec::new(),
@@ -399,7 +399,7 @@ pub(super) async fn ensure_address<N: Net>(
     device: &str,
     index: u32,
     want: N,
-    tally: &mut Tally,
+    tally: &mut ReconcileTally,
 ) -> Result<AddressChange, BackendError> {
     let backend = tally.backend;
     let context = format!("address {want} on device {device}");

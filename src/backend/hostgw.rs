@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use ipnetwork::{Ipv4Network, Ipv6Network};
 
-use super::common::{self, LeaseFamily, Plan, Tally};
+use super::common::{self, LeaseFamily, Plan, ReconcileTally};
 use super::{Backend, BackendContext, BackendError, Publish, ReconcileReport};
 use crate::iface::ExternalInterface;
 use crate::netlink::{Netlink, Route};
@@ -161,7 +161,7 @@ impl Backend for HostGwBackend {
     async fn reconcile(&mut self, peers: &PeerSet) -> Result<ReconcileReport, BackendError> {
         let nl = common::connect(BACKEND, &mut self.nl)?;
         self.check_no_nat()?;
-        let mut tally = Tally::new(BACKEND);
+        let mut tally = ReconcileTally::new(BACKEND);
         let mut plan = Plan::default();
         let ext = &self.ctx.ext;
         if let Some(v4) = &mut self.v4 {

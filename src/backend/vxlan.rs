@@ -25,7 +25,7 @@ use async_trait::async_trait;
 use ipnetwork::{Ipv4Network, Ipv6Network};
 use serde_json::json;
 
-use super::common::{self, fatal, Effect, LeaseFamily, Plan, Tally};
+use super::common::{self, fatal, Effect, LeaseFamily, Plan, ReconcileTally};
 use super::{Backend, BackendContext, BackendError, Publish, ReconcileReport};
 use crate::iface::ExternalInterface;
 use crate::netlink::{self, format_mac, parse_mac, Link, Mac, Netlink, Route, VxlanSpec};
@@ -344,7 +344,7 @@ impl<N: LeaseFamily> Vtep<N> {
         &mut self,
         s: &Shared<'_>,
         dev: &Link,
-        tally: &mut Tally,
+        tally: &mut ReconcileTally,
     ) -> Result<bool, BackendError> {
         let Some(own) = self.own else {
             return Ok(false);
@@ -552,7 +552,7 @@ impl<N: LeaseFamily> Vtep<N> {
         s: &Shared<'_>,
         peers: &PeerSet,
         plan: &mut Plan,
-        tally: &mut Tally,
+        tally: &mut ReconcileTally,
     ) -> Result<(), BackendError> {
         let (dev, change) = self.ensure_device(s).await?;
         if change != DeviceChange::Unchanged {
@@ -652,7 +652,7 @@ impl Backend for VxlanBackend {
             ext: &self.ext,
             nl: &nl,
         };
-        let mut tally = Tally::new(BACKEND);
+        let mut tally = ReconcileTally::new(BACKEND);
         if let Some(v4) = &mut self.v4 {
             v4.set_own(own)?;
             let (link, _) = v4.ensure_device(&s).await?;
@@ -673,7 +673,7 @@ impl Backend for VxlanBackend {
             ext: &self.ext,
             nl: &nl,
         };
-        let mut tally = Tally::new(BACKEND);
+        let mut tally = ReconcileTally::new(BACKEND);
         let mut plan = Plan::default();
         if let Some(v4) = &mut self.v4 {
             v4.reconcile(&s, peers, &mut plan, &mut tally).await?;

@@ -33,7 +33,7 @@ use std::thread::JoinHandle;
 use async_trait::async_trait;
 use ipnetwork::Ipv4Network;
 
-use super::common::{self, fatal, Plan, Skipped, Tally};
+use super::common::{self, fatal, Plan, ReconcileTally, Skipped};
 use super::{Backend, BackendContext, BackendError, Publish, ReconcileReport};
 use crate::netlink::{self, Netlink, Route4};
 use crate::subnet::{Lease, PeerSet};
@@ -229,7 +229,7 @@ impl UdpBackend {
     }
 
     /// Gives the device our address and the route for the Network; removes stale ones.
-    async fn program_device(&mut self, tally: &mut Tally) -> Result<(), BackendError> {
+    async fn program_device(&mut self, tally: &mut ReconcileTally) -> Result<(), BackendError> {
         let (Some(own), Some(index)) = (self.own, self.run.as_ref().map(|r| r.index)) else {
             return Ok(());
         };
@@ -260,7 +260,7 @@ impl UdpBackend {
 
     /// Brings the device and threads back when the device was deleted or a thread ended, and
     /// the device up with the right MTU when someone changed it.
-    async fn repair_device(&mut self, tally: &mut Tally) -> Result<(), BackendError> {
+    async fn repair_device(&mut self, tally: &mut ReconcileTally) -> Result<(), BackendError> {
         let nl = common::connect(BACKEND, &mut self.nl)?;
         let link = netlink::link_by_name(&nl.h, DEVICE)
             .await
@@ -286,7 +286,7 @@ impl UdpBackend {
         Ok(())
     }
 
-    fn publish_table(&mut self, peers: &PeerSet, tally: &mut Tally) {
+    fn publish_table(&mut self, peers: &PeerSet, tally: &mut ReconcileTally) {
         let mut skipped = Skipped::new();
         let table = peer_table(peers, self.port, self.own, &mut skipped);
         let old: BTreeSet<_> = self.table.entries().iter().copied().collect();
@@ -362,13 +362,13 @@ impl Backend for UdpBackend {
         if self.run.is_none() {
             self.start().await?;
         }
-        let mut tally = Tally::new(BACKEND);
+        let mut tally = ReconcileTally::new(BACKEND);
         self.program_device(&mut tally).await?;
         tally.finish().map(|_| ())
     }
 
     async fn reconcile(&mut self, peers: &PeerSet) -> Result<ReconcileReport, BackendError> {
-        let mut tally = Tally::new(BACKEND);
+        let mut tally = ReconcileTally::new(BACKEND);
         self.repair_device(&mut tally).await?;
         self.program_device(&mut tally).await?;
         self.publish_table(peers, &mut tally);
