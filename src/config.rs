@@ -10,11 +10,11 @@ use serde_json::{Map, Value};
 use crate::backend::BackendType;
 use crate::netlink::Net;
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The text is not a JSON object.
-    #[error("network config is not valid JSON: {0}")]
-    Json(String),
+    #[error("network config is not valid JSON")]
+    Json(#[source] serde_json::Error),
     /// A field is missing, of the wrong type or out of range; names the field and the value.
     #[error("network config: {field} {value}: {why}")]
     Field {
@@ -83,8 +83,7 @@ impl NetworkConfig {
     /// Parses and validates the JSON, filling in flannel's defaults; the error names the first
     /// offending field and its value.
     pub fn parse(json: &[u8]) -> Result<Self, ConfigError> {
-        let entries: Entries =
-            serde_json::from_slice(json).map_err(|e| ConfigError::Json(e.to_string()))?;
+        let entries: Entries = serde_json::from_slice(json).map_err(ConfigError::Json)?;
         let enable_ipv4 = entries.bool_or("EnableIPv4", true)?;
         let enable_ipv6 = entries.bool_or("EnableIPv6", false)?;
         let enable_nftables = entries.bool_or("EnableNFTables", false)?;
@@ -629,6 +628,11 @@ mod tests {
         assert!(matches!(parse("{"), Err(ConfigError::Json(_))));
         assert!(matches!(parse("[1]"), Err(ConfigError::Json(_))));
         assert!(matches!(parse(""), Err(ConfigError::Json(_))));
+        let err = parse("{").unwrap_err();
+        assert_eq!(
+            crate::error_chain::Chain(&err).to_string(),
+            "network config is not valid JSON: EOF while parsing an object at line 1 column 1"
+        );
     }
 
     #[test]
@@ -704,12 +708,14 @@ mod tests {
     #[test]
     fn default_subnet_len_boundaries() {
         let len = |net: &str| {
-            parse(&format!(r#"{{"Network":"{net}"}}"#)).map(|c| c.v4.unwrap().subnet_len)
+            parse(&format!(r#"{{"Network":"{net}"}}"#))
+                .ok()
+                .map(|c| c.v4.unwrap().subnet_len)
         };
-        assert_eq!(len("10.0.0.0/8"), Ok(24));
-        assert_eq!(len("10.5.0.0/22"), Ok(24));
-        assert_eq!(len("10.5.0.0/23"), Ok(25));
-        assert_eq!(len("10.5.0.0/28"), Ok(30));
+        assert_eq!(len("10.0.0.0/8"), Some(24));
+        assert_eq!(len("10.5.0.0/22"), Some(24));
+        assert_eq!(len("10.5.0.0/23"), Some(25));
+        assert_eq!(len("10.5.0.0/28"), Some(30));
         assert_field_err(r#"{"Network":"10.5.0.0/29"}"#, "Network", "10.5.0.0/29");
     }
 
@@ -818,12 +824,14 @@ mod tests {
     fn ipv6_len_rules() {
         let six = |extra: &str| format!(r#"{{"EnableIPv4":false,"EnableIPv6":true{extra}}}"#);
         let len = |net: &str| {
-            parse(&six(&format!(r#","IPv6Network":"{net}""#))).map(|c| c.v6.unwrap().subnet_len)
+            parse(&six(&format!(r#","IPv6Network":"{net}""#)))
+                .ok()
+                .map(|c| c.v6.unwrap().subnet_len)
         };
-        assert_eq!(len("fc00::/48"), Ok(64));
-        assert_eq!(len("fc00::/62"), Ok(64));
-        assert_eq!(len("fc00::/63"), Ok(65));
-        assert_eq!(len("fc00::/124"), Ok(126));
+        assert_eq!(len("fc00::/48"), Some(64));
+        assert_eq!(len("fc00::/62"), Some(64));
+        assert_eq!(len("fc00::/63"), Some(65));
+        assert_eq!(len("fc00::/124"), Some(126));
         assert_field_err(
             &six(r#","IPv6Network":"fc00::/125""#),
             "IPv6Network",

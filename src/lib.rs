@@ -8,6 +8,7 @@ pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod error_chain;
 pub mod firewall;
 pub mod health;
 pub mod iface;

@@ -11,7 +11,7 @@ use netlink_packet_route::route::RouteProtocol;
 use rtnetlink::Handle;
 use serde_json::{Map, Value};
 
-use super::{BackendError, ReconcileReport};
+use super::{BackendError, FailedChange, ReconcileReport};
 use crate::config::NetworkConfig;
 use crate::iface::ExternalInterface;
 use crate::netlink::{self, Batch, Net, Netlink, NetlinkError, Op, Route, RT_TABLE_MAIN};
@@ -267,7 +267,7 @@ const LOG_EACH: usize = 32;
 pub(super) struct ReconcileTally {
     pub backend: &'static str,
     pub report: ReconcileReport,
-    pub errors: Vec<String>,
+    pub failed: Vec<FailedChange>,
 }
 
 impl ReconcileTally {
@@ -275,14 +275,17 @@ impl ReconcileTally {
         ReconcileTally {
             backend,
             report: ReconcileReport::default(),
-            errors: Vec::new(),
+            failed: Vec::new(),
         }
     }
 
     /// Records a failed change; the pass goes on with the others.
     pub fn failed(&mut self, context: &str, err: NetlinkError) {
         tracing::warn!("{}: {context}: {err}", self.backend);
-        self.errors.push(format!("{context}: {err}"));
+        self.failed.push(FailedChange {
+            context: context.to_string(),
+            error: err,
+        });
     }
 
     /// Sends the plan's changes and counts what they did. Deleting something that is already
@@ -336,22 +339,12 @@ impl ReconcileTally {
 
     /// The report, or an error listing every change that failed.
     pub fn finish(self) -> Result<ReconcileReport, BackendError> {
-        if self.errors.is_empty() {
+        if self.failed.is_empty() {
             Ok(self.report)
         } else {
-            const SHOWN: usize = 10;
-            let more = self.errors.len().saturating_sub(SHOWN);
-            let mut why = format!(
-                "{} change(s) failed (the others were applied): {}",
-                self.errors.len(),
-                self.errors[..self.errors.len().min(SHOWN)].join("; ")
-            );
-            if more > 0 {
-                why.push_str(&format!("; and {more} more"));
-            }
-            Err(BackendError::Netlink {
+            Err(BackendError::Changes {
                 backend: self.backend,
-                why,
+                failed: self.failed,
             })
         }
     }
@@ -360,9 +353,10 @@ impl ReconcileTally {
 /// Wraps a netlink error of a step the pass cannot go on without.
 pub(super) fn fatal(backend: &'static str, context: &str) -> impl Fn(NetlinkError) -> BackendError {
     let context = context.to_string();
-    move |e| BackendError::Netlink {
+    move |source| BackendError::Netlink {
         backend,
-        why: format!("{context}: {e}"),
+        context: context.clone(),
+        source,
     }
 }
 

@@ -2,6 +2,7 @@
 
 use crate::backoff::Backoff;
 use crate::config::NetworkConfig;
+use crate::error_chain::Chain;
 use crate::subnet::registry::{ConfigRead, LeaseRegistry};
 
 /// Reads the network config until a valid one is there, watching the key in between. An
@@ -54,7 +55,7 @@ pub(super) async fn wait_for_config<R: LeaseRegistry>(reg: &R) -> NetworkConfig 
 }
 
 pub(super) fn validate(raw: &[u8]) -> Result<NetworkConfig, String> {
-    NetworkConfig::parse(raw).map_err(|e| e.to_string())
+    NetworkConfig::parse(raw).map_err(|e| Chain(&e).to_string())
 }
 
 #[cfg(test)]

@@ -55,8 +55,13 @@ pub enum DaemonError {
     },
     #[error("{0}")]
     Mismatch(String),
-    #[error("internal task {task} stopped ({why}); exiting so that it is restarted")]
-    TaskEnded { task: &'static str, why: String },
+    /// A task that runs for the life of the daemon returned, or panicked (`failure`).
+    #[error("internal task {task} stopped; exiting so that it is restarted")]
+    TaskEnded {
+        task: &'static str,
+        #[source]
+        failure: Option<tokio::task::JoinError>,
+    },
 }
 
 pub async fn run(opts: Opts) -> Result<(), DaemonError> {
@@ -176,10 +181,7 @@ async fn run_with<R: LeaseRegistry>(
     };
     Err(DaemonError::TaskEnded {
         task,
-        why: match end {
-            Ok(()) => "returned".to_string(),
-            Err(e) => e.to_string(),
-        },
+        failure: end.err(),
     })
 }
 

@@ -96,6 +96,14 @@ fn setup(why: String) -> BackendError {
     }
 }
 
+fn io_failed(context: String) -> impl FnOnce(std::io::Error) -> BackendError {
+    move |source| BackendError::Io {
+        backend: BACKEND,
+        context,
+        source,
+    }
+}
+
 /// Whether the environment forces the plain path.
 pub fn plain_from_env() -> bool {
     std::env::var(PLAIN_ENV)
@@ -178,9 +186,9 @@ impl UdpBackend {
             old.stop();
         }
         let tun = Tun::open(DEVICE, !self.plain)
-            .map_err(|e| setup(format!("opening TUN device {DEVICE}: {e}")))?;
+            .map_err(io_failed(format!("opening TUN device {DEVICE}")))?;
         let index = nix::net::if_::if_nametoindex(DEVICE)
-            .map_err(|e| setup(format!("index of {DEVICE}: {e}")))?;
+            .map_err(|e| io_failed(format!("index of {DEVICE}"))(e.into()))?;
         // The device carries IPv4 only: no IPv6 link-local address, router or multicast
         // listener messages for the data path to count as malformed.
         let _ = std::fs::write(
@@ -218,7 +226,7 @@ impl UdpBackend {
         let shared = Arc::new(Shared::new(self.counters.clone()));
         shared.peers.store(self.table.clone());
         let threads = fastpath::spawn(Arc::new(tun), Arc::new(sock), shared.clone(), features)
-            .map_err(|e| setup(format!("starting the data-path threads: {e}")))?;
+            .map_err(io_failed("starting the data-path threads".into()))?;
         self.run = Some(Running {
             shared,
             threads,
