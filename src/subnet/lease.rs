@@ -107,29 +107,31 @@ impl FromStr for SubnetKey {
                 .parse()
                 .map_err(|_| bad("prefix length is not a number"))?;
             if let Ok(ip) = ip.parse::<Ipv4Addr>() {
-                if key.ipv4.is_some() {
-                    return Err(bad("two IPv4 subnets"));
-                }
-                let net = Ipv4Network::new(ip, len).map_err(|_| bad("IPv4 prefix length > 32"))?;
-                if net.network() != ip {
-                    return Err(bad("IPv4 address is not the subnet's network address"));
-                }
-                key.ipv4 = Some(net);
+                key.ipv4 = Some(key_half(key.ipv4, ip, len).map_err(|why| bad(&why))?);
             } else if let Ok(ip) = ip.parse::<Ipv6Addr>() {
-                if key.ipv6.is_some() {
-                    return Err(bad("two IPv6 subnets"));
-                }
-                let net = Ipv6Network::new(ip, len).map_err(|_| bad("IPv6 prefix length > 128"))?;
-                if net.network() != ip {
-                    return Err(bad("IPv6 address is not the subnet's network address"));
-                }
-                key.ipv6 = Some(net);
+                key.ipv6 = Some(key_half(key.ipv6, ip, len).map_err(|why| bad(&why))?);
             } else {
                 return Err(bad("not an IP address"));
             }
         }
         Ok(key)
     }
+}
+
+/// One family's subnet of a key, `<ip>-<len>`; `already` is what an earlier part gave for it.
+fn key_half<N: Net>(already: Option<N>, ip: N::Addr, len: u8) -> Result<N, String> {
+    if already.is_some() {
+        return Err(format!("two {} subnets", N::NAME));
+    }
+    let net = N::with_prefix(ip, len)
+        .ok_or_else(|| format!("{} prefix length > {}", N::NAME, N::HOST_PREFIX))?;
+    if net.net_addr() != ip {
+        return Err(format!(
+            "{} address is not the subnet's network address",
+            N::NAME
+        ));
+    }
+    Ok(net)
 }
 
 /// The JSON value of a lease, exactly as flannel writes and reads it.
@@ -267,6 +269,28 @@ mod tests {
             "a-1&b-2&c-3",
         ] {
             assert!(s.parse::<SubnetKey>().is_err(), "{s} parsed");
+        }
+    }
+
+    #[test]
+    fn key_codec_names_what_is_wrong() {
+        for (s, why) in [
+            ("10.5.1.0-24&10.5.2.0-24", "two IPv4 subnets"),
+            ("fc00::-64&fc00:1::-64", "two IPv6 subnets"),
+            ("10.5.52.0-33", "IPv4 prefix length > 32"),
+            ("fc00::-129", "IPv6 prefix length > 128"),
+            (
+                "10.5.52.1-24",
+                "IPv4 address is not the subnet's network address",
+            ),
+            (
+                "fc00::1-64",
+                "IPv6 address is not the subnet's network address",
+            ),
+            ("x-24", "not an IP address"),
+        ] {
+            let err = s.parse::<SubnetKey>().unwrap_err();
+            assert_eq!(err.to_string(), format!("subnet key {s:?}: {why}"));
         }
     }
 
