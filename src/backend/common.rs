@@ -360,6 +360,21 @@ pub(super) fn fatal(backend: &'static str, context: &str) -> impl Fn(NetlinkErro
     }
 }
 
+/// A backend's parts for each family the config enables; an error when it enables neither.
+pub(super) fn some_family<A, B>(
+    backend: &'static str,
+    v4: Option<A>,
+    v6: Option<B>,
+) -> Result<(Option<A>, Option<B>), BackendError> {
+    if v4.is_none() && v6.is_none() {
+        return Err(BackendError::Setup {
+            backend,
+            why: "the network config enables neither an IPv4 Network nor an IPv6Network".into(),
+        });
+    }
+    Ok((v4, v6))
+}
+
 /// Opens the backend's netlink sockets once.
 pub(super) fn connect(
     backend: &'static str,

@@ -100,12 +100,7 @@ impl HostGwBackend {
     pub fn new(ctx: BackendContext) -> Result<Self, BackendError> {
         let v4 = Ipv4Network::of_config(&ctx.config).map(Routes::new);
         let v6 = Ipv6Network::of_config(&ctx.config).map(Routes::new);
-        if v4.is_none() && v6.is_none() {
-            return Err(BackendError::Setup {
-                backend: BACKEND,
-                why: "the network config enables neither an IPv4 Network nor an IPv6Network".into(),
-            });
-        }
+        let (v4, v6) = common::some_family(BACKEND, v4, v6)?;
         Ok(HostGwBackend {
             ctx,
             nl: None,
