@@ -719,36 +719,20 @@ mod tests {
             NetworkConfig::parse(br#"{"Network":"10.5.0.0/16","Backend":{"Type":"host-gw"}}"#)
                 .unwrap();
         let (own_key, own) = peer("10.5.1.0-24", r#"{"PublicIP":"198.18.0.1"}"#, 1);
-        let leases: PeerSet = [
-            (own_key, own.clone()),
-            peer(
-                "10.5.2.0-24",
-                r#"{"PublicIP":"198.18.0.2","BackendType":"host-gw"}"#,
-                2,
-            ),
-            peer(
-                "10.6.3.0-24",
-                r#"{"PublicIP":"198.18.0.3","BackendType":"host-gw"}"#,
-                3,
-            ),
-            peer(
-                "0.0.0.0-0",
-                r#"{"PublicIP":"198.18.0.4","BackendType":"host-gw"}"#,
-                4,
-            ),
-            peer(
-                "10.5.0.0-16",
-                r#"{"PublicIP":"198.18.0.5","BackendType":"host-gw"}"#,
-                5,
-            ),
-            peer(
-                "10.5.1.128-25",
-                r#"{"PublicIP":"198.18.0.6","BackendType":"host-gw"}"#,
-                6,
-            ),
-        ]
-        .into_iter()
-        .collect();
+        // One good peer, then leases outside the Network, too wide, or inside our subnet.
+        let others = [
+            "10.5.2.0-24",
+            "10.6.3.0-24",
+            "0.0.0.0-0",
+            "10.5.0.0-16",
+            "10.5.1.128-25",
+        ];
+        let leases: PeerSet = std::iter::once((own_key, own.clone()))
+            .chain(others.iter().zip(2..).map(|(key, n)| {
+                let attrs = format!(r#"{{"PublicIP":"198.18.0.{n}","BackendType":"host-gw"}}"#);
+                peer(key, &attrs, n)
+            }))
+            .collect();
         let accepted = crate::subnet::peers::filter(&leases, &config, &own).accepted;
         let network = config.v4.unwrap().network;
         let own_subnet = own_key.ipv4;
