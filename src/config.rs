@@ -63,11 +63,7 @@ impl<N: Net> FamilyConfig<N> {
     /// How many subnets lie between min and max, both included.
     pub fn subnet_count(&self) -> u128 {
         let (min, max) = (bits(self.subnet_min.into()), bits(self.subnet_max.into()));
-        let width = match self.subnet_min.into() {
-            IpAddr::V4(_) => 32,
-            IpAddr::V6(_) => 128,
-        };
-        subnet_count(min, max, width, self.subnet_len)
+        subnet_count(min, max, N::HOST_PREFIX, self.subnet_len)
     }
 }
 
