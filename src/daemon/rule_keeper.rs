@@ -113,6 +113,11 @@ mod tests {
         }
     }
 
+    /// The IPv4 networks of the lease `10.5.3.0-24` under either config.
+    fn ours_v4() -> FamilyNetworks {
+        FamilyNetworks::new(IpFamily::V4, "10.5.0.0/16", "10.5.3.0/24")
+    }
+
     const V4_ONLY: &str = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#;
     const DUAL: &str = r#"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:5::/56","Backend":{"Type":"vxlan"}}"#;
 
@@ -120,14 +125,7 @@ mod tests {
     fn rules_cover_the_network_and_our_subnet() {
         let k = keeper(V4_ONLY, true, true);
         let rules = k.rules_for(&own("10.5.3.0-24"));
-        assert_eq!(
-            rules.families,
-            vec![FamilyNetworks::new(
-                IpFamily::V4,
-                "10.5.0.0/16",
-                "10.5.3.0/24"
-            )]
-        );
+        assert_eq!(rules.families, [ours_v4()]);
         assert!(rules.masquerade && rules.forward && rules.fully_random);
     }
 
@@ -136,8 +134,8 @@ mod tests {
         let rules = keeper(DUAL, true, false).rules_for(&own("10.5.3.0-24&fd00:5:0:3::-64"));
         assert_eq!(
             rules.families,
-            vec![
-                FamilyNetworks::new(IpFamily::V4, "10.5.0.0/16", "10.5.3.0/24"),
+            [
+                ours_v4(),
                 FamilyNetworks::new(IpFamily::V6, "fd00:5::/56", "fd00:5:0:3::/64"),
             ]
         );
@@ -146,14 +144,7 @@ mod tests {
     #[test]
     fn a_family_our_lease_lacks_gets_no_rules() {
         let rules = keeper(DUAL, true, false).rules_for(&own("10.5.3.0-24"));
-        assert_eq!(
-            rules.families,
-            vec![FamilyNetworks::new(
-                IpFamily::V4,
-                "10.5.0.0/16",
-                "10.5.3.0/24"
-            )]
-        );
+        assert_eq!(rules.families, [ours_v4()]);
     }
 
     #[test]
