@@ -217,7 +217,11 @@ fn bad_configs_are_named_and_fixing_them_needs_no_restart() {
             .then_some(())
     });
     let cases = [
-        ("{not json", "not valid JSON"),
+        // The parser's own words follow, naming where the text went wrong.
+        (
+            "{not json",
+            "network config is not valid JSON: key must be a string at line 1 column 2",
+        ),
         (
             r#"{"Network":"10.5.0.0/16","SubnetLen":31,"Backend":{"Type":"alloc"}}"#,
             "SubnetLen 31",

@@ -103,6 +103,18 @@ fn password_authentication() {
         "{}",
         wrong.log()
     );
+    // The exit message is the error with its causes, each said once.
+    let log = wrong.log();
+    let exit_line = log
+        .lines()
+        .find(|l| l.starts_with("flanneld: "))
+        .unwrap_or_else(|| panic!("no exit message in:\n{log}"));
+    assert!(exit_line.starts_with("flanneld: etcd: "), "{exit_line}");
+    assert_eq!(
+        exit_line.matches("authentication failed").count(),
+        1,
+        "{exit_line}"
+    );
 }
 
 /// Waits until etcd dropped every token flanneld holds: the one from its start and each one it

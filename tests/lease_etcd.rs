@@ -58,7 +58,7 @@ async fn race(config_json: &[u8]) {
             let (reg, config) = (reg.clone(), config.clone());
             tokio::spawn(async move {
                 let mut attrs = attrs(&format!("198.18.8.{}", i + 1));
-                if config.enable_ipv6 {
+                if config.v6.is_some() {
                     attrs.public_ipv6 = Some(format!("fd00:18::{}", i + 1).parse().unwrap());
                 }
                 let req = AcquireRequest {
@@ -88,7 +88,7 @@ async fn race(config_json: &[u8]) {
     let v4: HashSet<_> = won.iter().map(|l| l.key.ipv4.unwrap()).collect();
     assert_eq!(v4.len(), 15, "an IPv4 subnet was handed out twice");
     assert!(!v4.contains(&"10.5.0.0/28".parse().unwrap()));
-    if config.enable_ipv6 {
+    if config.v6.is_some() {
         let v6: HashSet<_> = won.iter().map(|l| l.key.ipv6.unwrap()).collect();
         assert_eq!(v6.len(), 15, "an IPv6 subnet was handed out twice");
     }

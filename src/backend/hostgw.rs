@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use ipnetwork::{Ipv4Network, Ipv6Network};
 
-use super::common::{self, LeaseFamily, Plan, Tally};
+use super::common::{self, LeaseFamily, Plan, ReconcileTally};
 use super::{Backend, BackendContext, BackendError, Publish, ReconcileReport};
 use crate::iface::ExternalInterface;
 use crate::netlink::{Netlink, Route};
@@ -100,12 +100,7 @@ impl HostGwBackend {
     pub fn new(ctx: BackendContext) -> Result<Self, BackendError> {
         let v4 = Ipv4Network::of_config(&ctx.config).map(Routes::new);
         let v6 = Ipv6Network::of_config(&ctx.config).map(Routes::new);
-        if v4.is_none() && v6.is_none() {
-            return Err(BackendError::Setup {
-                backend: BACKEND,
-                why: "the network config enables neither an IPv4 Network nor an IPv6Network".into(),
-            });
-        }
+        let (v4, v6) = common::some_family(BACKEND, v4, v6)?;
         Ok(HostGwBackend {
             ctx,
             nl: None,
@@ -161,7 +156,7 @@ impl Backend for HostGwBackend {
     async fn reconcile(&mut self, peers: &PeerSet) -> Result<ReconcileReport, BackendError> {
         let nl = common::connect(BACKEND, &mut self.nl)?;
         self.check_no_nat()?;
-        let mut tally = Tally::new(BACKEND);
+        let mut tally = ReconcileTally::new(BACKEND);
         let mut plan = Plan::default();
         let ext = &self.ctx.ext;
         if let Some(v4) = &mut self.v4 {

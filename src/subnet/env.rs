@@ -23,8 +23,8 @@ pub trait SubnetEnvExt {
 
 impl SubnetEnvExt for SubnetEnv {
     fn from_lease(cfg: &NetworkConfig, key: &SubnetKey, mtu: u32, ipmasq: bool) -> Self {
-        let network = cfg.network.filter(|_| cfg.enable_ipv4);
-        let ipv6_network = cfg.ipv6_network.filter(|_| cfg.enable_ipv6);
+        let network = cfg.v4.map(|f| f.network);
+        let ipv6_network = cfg.v6.map(|f| f.network);
         SubnetEnv {
             network,
             subnet: key.ipv4.filter(|_| network.is_some()).map(first_usable_v4),

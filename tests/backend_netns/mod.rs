@@ -9,7 +9,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use flannel::backend::{self, Backend, BackendContext, BackendType, Publish, ReconcileReport};
-use flannel::config::NetworkConfig;
+use flannel::config::{FamilyConfig, NetworkConfig};
 use flannel::iface::ExternalInterface;
 use flannel::subnet::{Lease, LeaseAttrs, PeerSet, SubnetKey};
 use serde_json::Value;
@@ -223,16 +223,13 @@ pub fn config(network: &str, backend: Value) -> NetworkConfig {
     let backend = backend.as_object().cloned().expect("Backend is an object");
     let network: ipnetwork::Ipv4Network = network.parse().unwrap();
     NetworkConfig {
-        enable_ipv4: true,
-        enable_ipv6: false,
-        network: Some(network),
-        subnet_len: 24,
-        subnet_min: Ipv4Addr::from(u32::from(network.network()) + 256),
-        subnet_max: Ipv4Addr::from(u32::from(network.broadcast()) - 255),
-        ipv6_network: None,
-        ipv6_subnet_len: 64,
-        ipv6_subnet_min: Ipv6Addr::UNSPECIFIED,
-        ipv6_subnet_max: Ipv6Addr::UNSPECIFIED,
+        v4: Some(FamilyConfig {
+            network,
+            subnet_len: 24,
+            subnet_min: Ipv4Addr::from(u32::from(network.network()) + 256),
+            subnet_max: Ipv4Addr::from(u32::from(network.broadcast()) - 255),
+        }),
+        v6: None,
         enable_nftables: false,
         backend_type: BackendType::from_name(backend["Type"].as_str().unwrap()).unwrap(),
         backend,
@@ -244,17 +241,17 @@ pub fn config(network: &str, backend: Value) -> NetworkConfig {
 pub fn config_v6(network4: Option<&str>, network6: &str, backend: Value) -> NetworkConfig {
     let mut cfg = config(network4.unwrap_or("10.255.0.0/16"), backend);
     if network4.is_none() {
-        cfg.enable_ipv4 = false;
-        cfg.network = None;
+        cfg.v4 = None;
     }
     let net6: ipnetwork::Ipv6Network = network6.parse().unwrap();
-    cfg.enable_ipv6 = true;
-    cfg.ipv6_network = Some(net6);
-    cfg.ipv6_subnet_len = 64;
     let base = u128::from(net6.network());
     let size = 1u128 << (64 - net6.prefix());
-    cfg.ipv6_subnet_min = Ipv6Addr::from(base + (1u128 << 64));
-    cfg.ipv6_subnet_max = Ipv6Addr::from(base + ((size - 1) << 64));
+    cfg.v6 = Some(FamilyConfig {
+        network: net6,
+        subnet_len: 64,
+        subnet_min: Ipv6Addr::from(base + (1u128 << 64)),
+        subnet_max: Ipv6Addr::from(base + ((size - 1) << 64)),
+    });
     cfg
 }
 
