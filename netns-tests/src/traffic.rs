@@ -1,7 +1,7 @@
 //! Traffic between namespaces: ping runs, TCP transfers with a checksum, tiny HTTP GET.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -450,6 +450,28 @@ pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(u16,
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| Error::Other(format!("GET {path}: not an HTTP response: {head:?}")))?;
     Ok((code, body.to_string()))
+}
+
+/// Connects from the namespace `from` to `addr`, listened on in `listen`; the source address
+/// the listener saw (to tell a masqueraded connection from one that kept the pod's address).
+pub fn observed_source(
+    listen: &crate::Netns,
+    addr: SocketAddr,
+    from: &crate::Netns,
+) -> std::result::Result<IpAddr, String> {
+    let listener = listen
+        .run_in(|| TcpListener::bind(addr))
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("listen on {addr} in {}: {e}", listen.name()))?;
+    let conn = from
+        .run_in(|| TcpStream::connect_timeout(&addr, Duration::from_secs(1)))
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("{} → {addr}: {e}", from.name()))?;
+    let (_, peer) = listener
+        .accept()
+        .map_err(|e| format!("accept on {addr}: {e}"))?;
+    drop(conn);
+    Ok(peer.ip())
 }
 
 #[cfg(test)]

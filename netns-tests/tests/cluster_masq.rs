@@ -4,7 +4,7 @@
 //!
 //! The test bed speaks IPv4; the IPv6 underlay and pod addresses are added here.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use netns_tests::{wait_until, Cluster, Netns, PodMode};
@@ -19,23 +19,9 @@ fn outside6() -> Ipv6Addr {
     "fd00:18::200".parse().unwrap()
 }
 
-/// Connects from `from` to `to` (listening in `listen`) and returns the source address the
-/// listener saw.
+/// Connects from `from` to `to:PORT` (listening in `listen`); the source address seen there.
 fn observed_source(listen: &Netns, to: IpAddr, from: &Netns) -> Result<IpAddr, String> {
-    let addr = SocketAddr::new(to, PORT);
-    let listener = listen
-        .run_in(|| TcpListener::bind(addr))
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("listen on {addr} in {}: {e}", listen.name()))?;
-    let conn = from
-        .run_in(|| TcpStream::connect_timeout(&addr, Duration::from_secs(1)))
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("{} → {addr}: {e}", from.name()))?;
-    let (_, peer) = listener
-        .accept()
-        .map_err(|e| format!("accept on {addr}: {e}"))?;
-    drop(conn);
-    Ok(peer.ip())
+    netns_tests::traffic::observed_source(listen, SocketAddr::new(to, PORT), from)
 }
 
 /// Waits until a connection gets through and its source is `want`.

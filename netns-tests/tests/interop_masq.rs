@@ -9,7 +9,7 @@
 
 mod interop;
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use netns_tests::{wait_until, Backend, Cluster, Host, Netns, Pod};
@@ -122,20 +122,7 @@ fn assert_same_rules(c: &Cluster, when: &str) {
 
 /// Connects from `from` to `to:PORT` (listening in `listen`); the source address seen there.
 fn observed_source(listen: &Netns, to: Ipv4Addr, from: &Netns) -> Result<Ipv4Addr, String> {
-    let addr = SocketAddr::from((to, PORT));
-    let listener = listen
-        .run_in(|| TcpListener::bind(addr))
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("listen on {addr} in {}: {e}", listen.name()))?;
-    let conn = from
-        .run_in(|| TcpStream::connect_timeout(&addr, Duration::from_secs(1)))
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("{} → {addr}: {e}", from.name()))?;
-    let (_, peer) = listener
-        .accept()
-        .map_err(|e| format!("accept on {addr}: {e}"))?;
-    drop(conn);
-    match peer.ip() {
+    match netns_tests::traffic::observed_source(listen, SocketAddr::from((to, PORT)), from)? {
         std::net::IpAddr::V4(ip) => Ok(ip),
         other => Err(format!("an IPv6 source {other}")),
     }
@@ -296,12 +283,7 @@ fn assert_nft_rules(c: &Cluster, when: &str) {
         }
         std::thread::sleep(Duration::from_millis(250));
     }
-    let go = c.hosts().iter().find(|h| h.runs_go()).expect("a Go host");
-    let ours = c
-        .hosts()
-        .iter()
-        .find(|h| !h.runs_go())
-        .expect("a Rust host");
+    let (go, ours) = interop::go_and_ours(&c);
     let (g, o) = (nft_rules(go).unwrap(), nft_rules(ours).unwrap());
     let only = |a: &[String], b: &[String]| -> Vec<String> {
         a.iter().filter(|l| !b.contains(l)).cloned().collect()

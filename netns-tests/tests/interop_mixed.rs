@@ -97,12 +97,7 @@ fn vxlan_device(c: &Cluster, h: &Host) -> Value {
 }
 
 fn assert_same_vxlan_device(c: &Cluster) {
-    let go = c.hosts().iter().find(|h| h.runs_go()).expect("a Go host");
-    let ours = c
-        .hosts()
-        .iter()
-        .find(|h| !h.runs_go())
-        .expect("a Rust host");
+    let (go, ours) = interop::go_and_ours(c);
     let (g, o) = (vxlan_device(c, go), vxlan_device(c, ours));
     assert_eq!(
         o,
@@ -118,12 +113,7 @@ fn assert_same_vxlan_device(c: &Cluster) {
 /// A Go host and a Rust host write the same subnet file (same lines in the same order, the
 /// subnet aside) and publish the same lease JSON (the public IP and VTEP MAC aside).
 fn assert_same_subnet_file_and_lease(c: &Cluster) {
-    let go = c.hosts().iter().find(|h| h.runs_go()).expect("a Go host");
-    let ours = c
-        .hosts()
-        .iter()
-        .find(|h| !h.runs_go())
-        .expect("a Rust host");
+    let (go, ours) = interop::go_and_ours(c);
     let file = |h: &Host| {
         let subnet = h.subnet_env().unwrap()["FLANNEL_SUBNET"].clone();
         std::fs::read_to_string(h.subnet_file())

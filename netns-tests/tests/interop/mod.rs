@@ -17,6 +17,13 @@ pub fn daemon(h: &Host) -> &'static str {
     }
 }
 
+/// The first host running Go flanneld and the first running ours.
+pub fn go_and_ours(c: &Cluster) -> (&Host, &Host) {
+    let go = c.hosts().iter().find(|h| h.runs_go()).expect("a Go host");
+    let ours = c.hosts().iter().find(|h| !h.runs_go());
+    (go, ours.expect("a Rust host"))
+}
+
 /// `n` hosts with `backend`; host `i` runs Go flanneld when `go(i)`, ours otherwise. Every
 /// host gets `flags`. Returns once every daemon is ready and every host has what the backend
 /// needs for every other lease.
