@@ -204,22 +204,44 @@ fn hostgw_lease_events_apply_only_what_changed() {
         be.lease_acquired(&own).await.unwrap();
         let a = hostgw_lease("10.5.2.0-24", "198.18.0.2");
         let b = hostgw_lease("10.5.3.0-24", "198.18.0.3");
-        assert_eq!(be.update(&peer_set([a.clone()])).await.unwrap(), report(1, 0, 0));
+        assert_eq!(
+            be.update(&peer_set([a.clone()])).await.unwrap(),
+            report(1, 0, 0)
+        );
 
         // Added: only its route; a stale route of ours stays until a full pass.
-        ns.ip(&["route", "add", "10.5.98.0/24", "via", "198.18.0.98", "dev", "e0", "proto", PROTO]);
+        ns.ip(&[
+            "route",
+            "add",
+            "10.5.98.0/24",
+            "via",
+            "198.18.0.98",
+            "dev",
+            "e0",
+            "proto",
+            PROTO,
+        ]);
         let peers = peer_set([a.clone(), b.clone()]);
         assert_eq!(be.update(&peers).await.unwrap(), report(1, 0, 0));
-        assert_eq!(route_to(&ns.routes("e0"), "10.5.3.0/24").unwrap()["gateway"], "198.18.0.3");
+        assert_eq!(
+            route_to(&ns.routes("e0"), "10.5.3.0/24").unwrap()["gateway"],
+            "198.18.0.3"
+        );
         assert!(route_to(&ns.routes("e0"), "10.5.98.0/24").is_some());
 
         // Removed, then changed.
-        assert_eq!(be.update(&peer_set([a.clone()])).await.unwrap(), report(0, 1, 0));
+        assert_eq!(
+            be.update(&peer_set([a.clone()])).await.unwrap(),
+            report(0, 1, 0)
+        );
         assert!(route_to(&ns.routes("e0"), "10.5.3.0/24").is_none());
         let a2 = hostgw_lease("10.5.2.0-24", "198.18.0.22");
         let peers = peer_set([a2]);
         assert_eq!(be.update(&peers).await.unwrap(), report(0, 0, 1));
-        assert_eq!(route_to(&ns.routes("e0"), "10.5.2.0/24").unwrap()["gateway"], "198.18.0.22");
+        assert_eq!(
+            route_to(&ns.routes("e0"), "10.5.2.0/24").unwrap()["gateway"],
+            "198.18.0.22"
+        );
 
         // Deleted by hand: the full pass puts it back and removes the stale one.
         ns.ip(&["route", "del", "10.5.2.0/24", "dev", "e0"]);
