@@ -783,6 +783,25 @@ mod tests {
     /// The backends do not check that a peer's subnet is inside the Network: the peer filter
     /// does, and `owned_route` relies on it, since a route it does not own is never removed.
     #[test]
+    fn programmed_state_is_known_only_after_a_pass_that_applied_everything() {
+        let mut p = Programmed::default();
+        assert_eq!(p.known(), None::<&u32>);
+        p.stage(1);
+        assert_eq!(p.known(), None, "staged is not applied yet");
+        p.settle(true);
+        assert_eq!(p.known(), Some(&1));
+        p.stage(2);
+        p.settle(false);
+        assert_eq!(p.known(), None, "a failed change leaves the kernel unknown");
+        p.settle(true);
+        assert_eq!(p.known(), None, "nothing staged, nothing known");
+        p.stage(3);
+        p.settle(true);
+        p.forget();
+        assert_eq!(p.known(), None);
+    }
+
+    #[test]
     fn routes_of_accepted_peers_are_owned() {
         let config =
             NetworkConfig::parse(br#"{"Network":"10.5.0.0/16","Backend":{"Type":"host-gw"}}"#)

@@ -13,10 +13,11 @@
 //! With `DirectRouting`, a peer whose public IP is on the external interface's own L2 subnet
 //! gets a plain route via its public IP on the external interface instead.
 //!
-//! Reconciliation is level-triggered: every pass reads each device, its neighbours and FDB
+//! Reconciliation is level-triggered: every full pass reads each device, its neighbours and FDB
 //! entries and the routes we own (dumps filtered by device), and changes only what differs
-//! from the PeerSet — all changes of a pass in one netlink batch. A restart adopts what the
-//! last run left; a deleted device is re-created with the same MAC.
+//! from the PeerSet — all changes of a pass in one netlink batch. A lease event only applies
+//! the difference to what the last pass programmed (`Backend::update`), in one batch too. A
+//! restart adopts what the last run left; a deleted device is re-created with the same MAC.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
