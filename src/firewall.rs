@@ -2,6 +2,7 @@
 //! network config asks for it. Rules are compared with what the kernel has and re-installed
 //! only when they differ, so a resync every few seconds costs one read.
 
+use std::fmt;
 use std::io::Write;
 use std::process::{Command, Stdio};
 
@@ -20,24 +21,37 @@ pub enum FirewallError {
     Failed { cmd: String, stderr: String },
 }
 
+/// Which IP version a set of rules is for: it picks the tool (`iptables` or `ip6tables`), the
+/// nftables table and the multicast range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Family {
+pub enum IpFamily {
     V4,
     V6,
 }
 
-/// The rules of one address family: the overlay network and our own subnet, as CIDR text.
+/// What the rules of one address family are written for: the overlay network and our own
+/// subnet, as CIDR text.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FamilyRules {
-    pub family: Family,
+pub struct FamilyNetworks {
+    pub family: IpFamily,
     pub network: String,
     pub subnet: String,
+}
+
+impl FamilyNetworks {
+    pub fn new(family: IpFamily, network: impl fmt::Display, subnet: impl fmt::Display) -> Self {
+        FamilyNetworks {
+            family,
+            network: network.to_string(),
+            subnet: subnet.to_string(),
+        }
+    }
 }
 
 /// Everything the daemon wants installed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rules {
-    pub families: Vec<FamilyRules>,
+    pub families: Vec<FamilyNetworks>,
     pub masquerade: bool,
     pub forward: bool,
     pub fully_random: bool,
@@ -51,23 +65,10 @@ impl Rules {
         forward: bool,
         fully_random: bool,
     ) -> Rules {
-        let mut families = Vec::new();
-        if let Some((network, subnet)) = v4 {
-            families.push(FamilyRules {
-                family: Family::V4,
-                network: network.to_string(),
-                subnet: subnet.to_string(),
-            });
-        }
-        if let Some((network, subnet)) = v6 {
-            families.push(FamilyRules {
-                family: Family::V6,
-                network: network.to_string(),
-                subnet: subnet.to_string(),
-            });
-        }
+        let v4 = v4.map(|(network, subnet)| FamilyNetworks::new(IpFamily::V4, network, subnet));
+        let v6 = v6.map(|(network, subnet)| FamilyNetworks::new(IpFamily::V6, network, subnet));
         Rules {
-            families,
+            families: v4.into_iter().chain(v6).collect(),
             masquerade,
             forward,
             fully_random,
@@ -152,11 +153,11 @@ impl ChainSpec {
 }
 
 /// Rule lines exactly as `iptables-save` prints them, so that a comparison is a string match.
-fn iptables_chains(f: &FamilyRules, rules: &Rules) -> Vec<ChainSpec> {
+fn iptables_chains(f: &FamilyNetworks, rules: &Rules) -> Vec<ChainSpec> {
     let (net, sub) = (&f.network, &f.subnet);
     let multicast = match f.family {
-        Family::V4 => "224.0.0.0/4",
-        Family::V6 => "ff00::/8",
+        IpFamily::V4 => "224.0.0.0/4",
+        IpFamily::V6 => "ff00::/8",
     };
     let random = if rules.fully_random {
         " --random-fully"
@@ -205,10 +206,10 @@ fn iptables_chains(f: &FamilyRules, rules: &Rules) -> Vec<ChainSpec> {
 }
 
 impl Iptables {
-    fn ensure_family(&self, f: &FamilyRules, rules: &Rules) -> Result<bool, FirewallError> {
+    fn ensure_family(&self, f: &FamilyNetworks, rules: &Rules) -> Result<bool, FirewallError> {
         let (save, restore) = match f.family {
-            Family::V4 => ("iptables-save", "iptables-restore"),
-            Family::V6 => ("ip6tables-save", "ip6tables-restore"),
+            IpFamily::V4 => ("iptables-save", "iptables-restore"),
+            IpFamily::V6 => ("ip6tables-save", "ip6tables-restore"),
         };
         let mut batch = String::new();
         for spec in iptables_chains(f, rules) {
@@ -260,19 +261,19 @@ impl Firewall for Iptables {
 /// nftables: one table per family (`flannel-ipv4`, `flannel-ipv6`), replaced atomically.
 pub struct Nftables;
 
-fn nft_table(f: &FamilyRules) -> (&'static str, &'static str) {
+fn nft_table(f: &FamilyNetworks) -> (&'static str, &'static str) {
     match f.family {
-        Family::V4 => ("ip", "flannel-ipv4"),
-        Family::V6 => ("ip6", "flannel-ipv6"),
+        IpFamily::V4 => ("ip", "flannel-ipv4"),
+        IpFamily::V6 => ("ip6", "flannel-ipv6"),
     }
 }
 
 /// The table's rules as `nft list table` prints them, one per line, without handles.
-fn nft_rules(f: &FamilyRules, rules: &Rules) -> Vec<String> {
+fn nft_rules(f: &FamilyNetworks, rules: &Rules) -> Vec<String> {
     let (net, sub) = (&f.network, &f.subnet);
     let (ip, multicast) = match f.family {
-        Family::V4 => ("ip", "224.0.0.0/4"),
-        Family::V6 => ("ip6", "ff00::/8"),
+        IpFamily::V4 => ("ip", "224.0.0.0/4"),
+        IpFamily::V6 => ("ip6", "ff00::/8"),
     };
     let masq = if rules.fully_random {
         "masquerade fully-random"
@@ -299,7 +300,7 @@ fn nft_rules(f: &FamilyRules, rules: &Rules) -> Vec<String> {
     out
 }
 
-fn nft_script(f: &FamilyRules, rules: &Rules) -> String {
+fn nft_script(f: &FamilyNetworks, rules: &Rules) -> String {
     let (fam, table) = nft_table(f);
     let all = nft_rules(f, rules);
     let masq_count = if rules.masquerade { 6 } else { 0 };
@@ -320,7 +321,7 @@ fn nft_script(f: &FamilyRules, rules: &Rules) -> String {
 }
 
 impl Nftables {
-    fn current_rules(f: &FamilyRules) -> Option<Vec<String>> {
+    fn current_rules(f: &FamilyNetworks) -> Option<Vec<String>> {
         let (fam, table) = nft_table(f);
         let listing = run("nft", &["list", "table", fam, table], None).ok()?;
         Some(
@@ -358,22 +359,18 @@ impl Firewall for Nftables {
 mod tests {
     use super::*;
 
-    fn rules() -> Rules {
-        Rules::new(
-            Some((
-                "10.5.0.0/16".parse().unwrap(),
-                "10.5.3.0/24".parse().unwrap(),
-            )),
-            None,
-            true,
-            true,
-            true,
-        )
+    /// Rules for the IPv4 network 10.5.0.0/16 and our subnet 10.5.3.0/24.
+    fn v4_rules(masquerade: bool, forward: bool, fully_random: bool) -> Rules {
+        let networks = (
+            "10.5.0.0/16".parse().unwrap(),
+            "10.5.3.0/24".parse().unwrap(),
+        );
+        Rules::new(Some(networks), None, masquerade, forward, fully_random)
     }
 
     #[test]
     fn iptables_rules_follow_flannel() {
-        let r = rules();
+        let r = v4_rules(true, true, true);
         let chains = iptables_chains(&r.families[0], &r);
         assert_eq!(
             chains[0].rules,
@@ -416,16 +413,6 @@ mod tests {
 
     #[test]
     fn nothing_to_do_without_masq_or_forward() {
-        let r = Rules::new(
-            Some((
-                "10.5.0.0/16".parse().unwrap(),
-                "10.5.3.0/24".parse().unwrap(),
-            )),
-            None,
-            false,
-            false,
-            true,
-        );
-        assert!(r.is_empty());
+        assert!(v4_rules(false, false, true).is_empty());
     }
 }

@@ -1,10 +1,11 @@
 //! The health server: `/healthz`, `/readyz`, `/metrics`.
 //!
-//! A few lines of HTTP/1.0 over tokio are enough for probes and Prometheus scrapes; no web
-//! framework on the daemon's footprint. The port is often reachable from the whole node network,
-//! so a flood of idle or slow connections must cost the daemon a bounded number of file
-//! descriptors and little CPU, and probes must get answers again as soon as it ends: see
-//! [`Limits`].
+//! hyper's HTTP/1 server (already in the tree through the etcd client's gRPC) parses the
+//! requests; no web framework on the daemon's footprint. The port is often reachable from the
+//! whole node network, so a flood of idle or slow connections must cost the daemon a bounded
+//! number of file descriptors and little CPU, and probes must get answers again as soon as it
+//! ends: see [`Limits`]. hyper enforces the head's size and deadline; the connection cap and
+//! the whole-request deadline are ours.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -12,11 +13,17 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use hyper::header::{self, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode, Version};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
 
-use crate::metrics::Metrics;
+use crate::metrics::{self, Metrics};
 
 /// What one client, or many, may take from the health server.
 #[derive(Debug, Clone, Copy)]
@@ -25,7 +32,8 @@ pub struct Limits {
     /// flood of idle connections then costs at most this many descriptors, and a probe that
     /// sends its request at once (as kubelet and Prometheus do) is still answered.
     pub max_connections: usize,
-    /// Bytes of request head (request line and headers) read; a longer head gets 431.
+    /// Bytes of request head (request line and headers) read; a longer head (or one of more
+    /// than 100 header lines) gets 431. At least 8192: hyper's smallest read buffer.
     pub max_head_bytes: usize,
     /// Time to receive the whole head; an idle or slow ("slow-loris") client is closed then.
     pub head_deadline: Duration,
@@ -54,6 +62,7 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
 }
 
 async fn serve_with(listener: TcpListener, metrics: Arc<Metrics>, limits: Limits) {
+    let registry = Arc::new(metrics::registry(metrics.clone()));
     let open = Arc::new(OpenConnections::default());
     let mut backoff = AcceptBackoff::default();
     loop {
@@ -65,10 +74,11 @@ async fn serve_with(listener: TcpListener, metrics: Arc<Metrics>, limits: Limits
                     );
                 }
                 let metrics = metrics.clone();
+                let registry = registry.clone();
                 open.admit(limits.max_connections, async move {
                     let _ = tokio::time::timeout(
                         limits.request_deadline,
-                        answer(stream, &metrics, &limits),
+                        answer(stream, &metrics, &registry, &limits),
                     )
                     .await;
                 });
@@ -220,104 +230,82 @@ fn is_per_connection(err: &std::io::Error) -> bool {
     )
 }
 
-/// A request head as read from the client.
-enum Head {
-    /// Up to the blank line, or to the end of the stream (a client that half-closed).
-    Read(Vec<u8>),
-    /// No blank line within the limit.
-    TooLarge,
-}
-
-async fn read_head(stream: &mut TcpStream, max: usize) -> std::io::Result<Head> {
-    let mut buf = vec![0u8; max];
-    let mut len = 0;
-    // Read the whole head (to the blank line) before answering: closing with unread request
-    // bytes makes the kernel reset the connection under a client that wrote in pieces.
-    loop {
-        if len == buf.len() {
-            return Ok(Head::TooLarge);
-        }
-        let n = stream.read(&mut buf[len..]).await?;
-        if n == 0 {
-            break;
-        }
-        // Only the new bytes (and the three before them) can complete the blank line: a
-        // client writing a byte at a time costs no rescans of the whole head.
-        let fresh = &buf[len.saturating_sub(3)..len + n];
-        len += n;
-        if fresh.windows(4).any(|w| w == b"\r\n\r\n") {
-            break;
+/// One connection, served by hyper's HTTP/1 server: it enforces the head limits
+/// ([`Limits::max_head_bytes`] → 431, [`Limits::head_deadline`] → closed); the whole-request
+/// deadline is the caller's.
+async fn answer(mut stream: TcpStream, metrics: &Metrics, registry: &Registry, limits: &Limits) {
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.head_deadline)
+        .max_buf_size(limits.max_head_bytes)
+        // One request per connection, as probes and scrapes send: the request deadline then
+        // bounds what one connection can hold.
+        .keep_alive(false)
+        .title_case_headers(true)
+        .auto_date_header(false);
+    let service = service_fn(|request| async move {
+        Ok::<_, std::convert::Infallible>(respond(&request, metrics, registry))
+    });
+    let served = http
+        .serve_connection(TokioIo::new(&mut stream), service)
+        .await;
+    if served.is_err_and(|err| err.is_parse_too_large()) {
+        // hyper has answered 431 while the rest of the oversized head may still be coming:
+        // read some of it away (within the request deadline) so that closing does not reset
+        // the connection before the client has read the answer.
+        let _ = stream.shutdown().await;
+        let mut sink = [0u8; 4096];
+        let mut drained = 0;
+        while drained < DRAIN_AFTER_431 {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => drained += n,
+            }
         }
     }
-    buf.truncate(len);
-    Ok(Head::Read(buf))
 }
 
-async fn answer(mut stream: TcpStream, metrics: &Metrics, limits: &Limits) -> std::io::Result<()> {
-    let head = tokio::time::timeout(
-        limits.head_deadline,
-        read_head(&mut stream, limits.max_head_bytes),
-    )
-    .await;
-    let head = match head {
-        // Idle or too slow: close without a word.
-        Err(_elapsed) => return Ok(()),
-        Ok(head) => head?,
-    };
-    let too_large = matches!(head, Head::TooLarge);
-    let request = match &head {
-        Head::Read(bytes) => String::from_utf8_lossy(bytes),
-        Head::TooLarge => Default::default(),
-    };
-    let mut parts = request.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = path.split('?').next().unwrap_or("");
-    let (status, content_type, body) = match (method, path) {
-        _ if too_large => (
-            "431 Request Header Fields Too Large",
-            "text/plain",
-            format!("request head over {} bytes\n", limits.max_head_bytes),
-        ),
-        ("GET" | "HEAD", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
-        ("GET" | "HEAD", "/readyz") if metrics.is_ready() => {
-            ("200 OK", "text/plain", "ready\n".to_string())
-        }
-        ("GET" | "HEAD", "/readyz") => (
-            "503 Service Unavailable",
-            "text/plain",
-            "not ready: no lease or subnet file yet\n".to_string(),
-        ),
-        ("GET" | "HEAD", "/metrics") => ("200 OK", "text/plain; version=0.0.4", metrics.render()),
-        ("GET" | "HEAD", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
+/// The answer to one request: status, plain-text body (hyper leaves it out for HEAD).
+fn respond<B>(request: &Request<B>, metrics: &Metrics, registry: &Registry) -> Response<String> {
+    let (status, content_type, body) = match (request.method(), request.uri().path()) {
+        (&Method::GET | &Method::HEAD, path) => match path {
+            "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
+            "/readyz" if metrics.is_ready() => {
+                (StatusCode::OK, "text/plain", "ready\n".to_string())
+            }
+            "/readyz" => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                "not ready: no lease or subnet file yet\n".to_string(),
+            ),
+            "/metrics" => (
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                metrics::render(registry),
+            ),
+            _ => (
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "not found\n".to_string(),
+            ),
+        },
         _ => (
-            "405 Method Not Allowed",
+            StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",
             "method not allowed\n".to_string(),
         ),
     };
-    let response_head = format!(
-        "HTTP/1.0 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(response_head.as_bytes()).await?;
-    if method != "HEAD" {
-        stream.write_all(body.as_bytes()).await?;
-    }
-    stream.shutdown().await?;
-    if too_large {
-        // The rest of the oversized head may still be coming: read some of it away (within
-        // the request deadline) so that closing does not reset the connection before the
-        // client has read the 431.
-        let mut sink = [0u8; 4096];
-        let mut drained = 0;
-        while drained < DRAIN_AFTER_431 {
-            match stream.read(&mut sink).await? {
-                0 => break,
-                n => drained += n,
-            }
-        }
-    }
-    Ok(())
+    // The answers have always been HTTP/1.0 with `Connection: close`, whatever the request;
+    // the headers are written in this order (hyper would add the length last).
+    let length = HeaderValue::from(body.len());
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    *response.version_mut() = Version::HTTP_10;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(header::CONTENT_LENGTH, length);
+    headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
 }
 
 /// Tells systemd we are ready when it started us with `NOTIFY_SOCKET` (Type=notify).
@@ -376,6 +364,72 @@ mod tests {
         assert!(response.ends_with("\r\n\r\nok\n"), "{response}");
     }
 
+    /// Status line, headers and body of each endpoint, as the server has always answered
+    /// them (kubelet, Prometheus and scripts read these).
+    #[tokio::test]
+    async fn answers_keep_their_status_headers_and_bodies() {
+        let addr = start().await;
+        let answer = |status: &str, content_type: &str, body: &str| {
+            format!(
+                "HTTP/1.0 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+        };
+        let cases = [
+            (
+                "GET /healthz HTTP/1.0",
+                answer("200 OK", "text/plain", "ok\n"),
+            ),
+            // An HTTP/1.1 client that would keep the connection gets the same closing answer.
+            (
+                "GET /healthz?verbose HTTP/1.1",
+                answer("200 OK", "text/plain", "ok\n"),
+            ),
+            (
+                "GET /readyz HTTP/1.0",
+                answer(
+                    "503 Service Unavailable",
+                    "text/plain",
+                    "not ready: no lease or subnet file yet\n",
+                ),
+            ),
+            (
+                "GET /nope HTTP/1.0",
+                answer("404 Not Found", "text/plain", "not found\n"),
+            ),
+            (
+                "POST /healthz HTTP/1.0",
+                answer(
+                    "405 Method Not Allowed",
+                    "text/plain",
+                    "method not allowed\n",
+                ),
+            ),
+        ];
+        for (request_line, expected) in cases {
+            let request = format!("{request_line}\r\nHost: x\r\n\r\n");
+            let response = exchange(addr, request.as_bytes()).await;
+            assert_eq!(response, expected, "{request_line}");
+        }
+        let head = exchange(addr, b"HEAD /healthz HTTP/1.0\r\n\r\n").await;
+        assert_eq!(
+            head,
+            answer("200 OK", "text/plain", "ok\n").trim_end_matches("ok\n"),
+            "HEAD has the GET's head and no body"
+        );
+        let metrics = exchange(addr, b"GET /metrics HTTP/1.0\r\n\r\n").await;
+        assert!(
+            metrics.starts_with(
+                "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: "
+            ),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains("\r\n\r\n# HELP flannel_ready "),
+            "{metrics}"
+        );
+    }
+
     #[tokio::test]
     async fn head_written_in_pieces_is_answered() {
         let addr = start().await;
@@ -396,8 +450,10 @@ mod tests {
         let padding = "a".repeat(LIMITS.max_head_bytes + 2000);
         let request = format!("GET /healthz HTTP/1.0\r\nX-Padding: {padding}\r\n\r\n");
         let response = exchange(addr, request.as_bytes()).await;
+        // hyper answers before it knows the request's version, with the status line Go
+        // flanneld's net/http server sends for a head over its (1 MiB) limit.
         assert!(
-            response.starts_with("HTTP/1.0 431 Request Header Fields Too Large\r\n"),
+            response.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"),
             "{response}"
         );
     }

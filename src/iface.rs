@@ -17,6 +17,8 @@ pub struct ExternalInterface {
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 
+use crate::netlink;
+
 #[derive(Debug, thiserror::Error)]
 pub enum IfaceError {
     #[error("--iface {0}: no interface has this name or address (interfaces: {1})")]
@@ -55,7 +57,9 @@ struct IfaceAddrs {
 
 /// Picks the external interface: `--iface` entries in order, then `--iface-regex`, then
 /// `--iface-can-reach`, else the interface of the default route.
-pub fn select(choice: &IfaceChoice) -> Result<ExternalInterface, IfaceError> {
+///
+/// Must be called from within a tokio runtime (the device's index and MTU come from netlink).
+pub async fn select(choice: &IfaceChoice) -> Result<ExternalInterface, IfaceError> {
     // A bad pattern is an operator error even when --iface makes it unused.
     let patterns = compile_patterns(&choice.iface_regex)?;
     let all = list_interfaces()?;
@@ -95,9 +99,7 @@ pub fn select(choice: &IfaceChoice) -> Result<ExternalInterface, IfaceError> {
     if iface_addr.is_none() && iface_v6_addr.is_none() {
         return Err(IfaceError::NoAddress(name));
     }
-    let index = nix::net::if_::if_nametoindex(name.as_str())
-        .map_err(|e| IfaceError::Os(format!("index of {name}: {e}")))?;
-    let mtu = link_mtu(&name).map_err(|e| IfaceError::Os(format!("MTU of {name}: {e}")))?;
+    let (index, mtu) = index_and_mtu(&name).await?;
     Ok(ExternalInterface {
         public_ip: choice.public_ip.or(iface_addr),
         public_ipv6: choice.public_ipv6.or(iface_v6_addr),
@@ -107,6 +109,18 @@ pub fn select(choice: &IfaceChoice) -> Result<ExternalInterface, IfaceError> {
         iface_v6_addr,
         mtu,
     })
+}
+
+/// The device's index and MTU, as the kernel reports them over netlink.
+async fn index_and_mtu(name: &str) -> Result<(u32, u32), IfaceError> {
+    let os = |e: &dyn std::fmt::Display| IfaceError::Os(format!("MTU of {name}: {e}"));
+    let handle = netlink::connect().map_err(|e| os(&e))?;
+    let link = netlink::link_by_name(&handle, name)
+        .await
+        .map_err(|e| os(&e))?
+        .ok_or_else(|| os(&"no such device"))?;
+    let mtu = link.mtu.ok_or_else(|| os(&"the kernel reported none"))?;
+    Ok((link.index, mtu))
 }
 
 fn has_ip(a: &IfaceAddrs, ip: IpAddr) -> bool {
@@ -239,73 +253,63 @@ fn default_route_iface() -> Option<String> {
         .map(|(_, n)| n)
 }
 
-fn link_mtu(name: &str) -> std::io::Result<u32> {
-    let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
-    // SAFETY: ifreq is plain old data; zeroed is a valid value.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    let bytes = name.as_bytes();
-    if bytes.len() >= req.ifr_name.len() {
-        return Err(std::io::Error::other("interface name too long"));
-    }
-    for (dst, src) in req.ifr_name.iter_mut().zip(bytes) {
-        *dst = *src as libc::c_char;
-    }
-    use std::os::fd::AsRawFd;
-    // SAFETY: SIOCGIFMTU reads ifr_name and writes ifr_mtu inside the ifreq we own.
-    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFMTU, &mut req) };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: after a successful SIOCGIFMTU the union holds ifru_mtu.
-    let mtu = unsafe { req.ifr_ifru.ifru_mtu };
-    Ok(mtu as u32)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn loopback_by_name_with_public_ip() {
+    /// `--iface` entries, as the flag gives them.
+    async fn select_iface(iface: &[&str]) -> Result<ExternalInterface, IfaceError> {
+        select(&IfaceChoice {
+            iface: iface.iter().map(|i| i.to_string()).collect(),
+            ..Default::default()
+        })
+        .await
+    }
+
+    #[tokio::test]
+    async fn loopback_by_name_with_public_ip() {
         let ext = select(&IfaceChoice {
             iface: vec!["lo".into()],
             public_ip: Some(Ipv4Addr::new(198, 18, 9, 1)),
             ..Default::default()
         })
+        .await
         .unwrap();
         assert_eq!(ext.name, "lo");
         assert_eq!(ext.iface_addr, Some(Ipv4Addr::LOCALHOST));
         assert_eq!(ext.public_ip, Some(Ipv4Addr::new(198, 18, 9, 1)));
-        let by_ip = select(&IfaceChoice {
-            iface: vec!["127.0.0.1".into()],
-            ..Default::default()
-        })
-        .unwrap();
+        let by_ip = select_iface(&["127.0.0.1"]).await.unwrap();
         assert_eq!(by_ip.name, "lo");
     }
 
-    #[test]
-    fn unknown_iface_is_named() {
-        let err = select(&IfaceChoice {
-            iface: vec!["nosuch0".into()],
-            ..Default::default()
-        })
-        .unwrap_err();
+    #[tokio::test]
+    async fn unknown_iface_is_named() {
+        let err = select_iface(&["nosuch0"]).await.unwrap_err();
         assert!(err.to_string().contains("--iface nosuch0"), "{err}");
     }
 
-    #[test]
-    fn bad_regex_is_named() {
+    #[tokio::test]
+    async fn bad_regex_is_named() {
         let err = select(&IfaceChoice {
             iface_regex: vec!["(".into()],
             ..Default::default()
         })
+        .await
         .unwrap_err();
         assert!(err.to_string().contains("--iface-regex \"(\""), "{err}");
     }
 
-    #[test]
-    fn mtu_of_loopback() {
-        assert!(link_mtu("lo").unwrap() >= 1500);
+    #[tokio::test]
+    async fn index_and_mtu_are_the_kernels() {
+        let ext = select_iface(&["lo"]).await.unwrap();
+        // This test runs in the namespace sysfs was mounted for.
+        let sysfs = |attr: &str| {
+            std::fs::read_to_string(format!("/sys/class/net/lo/{attr}"))
+                .unwrap()
+                .trim()
+                .parse::<u32>()
+                .unwrap()
+        };
+        assert_eq!((ext.index, ext.mtu), (sysfs("ifindex"), sysfs("mtu")));
     }
 }

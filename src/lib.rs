@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod docker_opts;
+pub mod error_chain;
 pub mod firewall;
 pub mod health;
 pub mod iface;

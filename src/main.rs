@@ -2,6 +2,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use flannel::cli::{normalize_args, Opts};
+use flannel::error_chain::Chain;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -38,7 +39,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         tokio::select! {
-            r = flannel::daemon::run(opts) => r.map_err(anyhow::Error::from),
+            r = flannel::daemon::run(opts) => r,
             s = shutdown_signal() => {
                 tracing::info!("{s}: exiting; the lease and the data plane stay in place");
                 Ok(())
@@ -48,8 +49,9 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("flanneld: {e:#}");
+            let e = Chain(&e);
+            tracing::error!("{e}");
+            eprintln!("flanneld: {e}");
             ExitCode::FAILURE
         }
     }

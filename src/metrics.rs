@@ -1,11 +1,21 @@
-//! Counters and gauges the daemon exposes at `/metrics` in Prometheus text format.
+//! Counters and gauges the daemon exposes at `/metrics` in Prometheus text format, encoded by
+//! `prometheus-client` from the atomics the daemon counts into.
 
-use std::fmt::Write;
+use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    prometheus_text, DescriptorEncoder, EncodeLabelSet, EncodeMetric,
+};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 
-use crate::backend::udp::counters::Counters as UdpCounters;
+use crate::backend::udp::counters::{Counters as UdpCounters, DirStats};
 use crate::subnet::peers::Reason;
 
 /// Shared, lock-free daemon state for the health server.
@@ -34,13 +44,6 @@ pub struct Metrics {
     pub udp: ArcSwapOption<UdpCounters>,
 }
 
-struct Line {
-    name: &'static str,
-    kind: &'static str,
-    help: &'static str,
-    value: String,
-}
-
 impl Metrics {
     pub fn inc(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
@@ -49,195 +52,198 @@ impl Metrics {
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
     }
+}
 
-    pub fn render(&self) -> String {
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed).to_string();
-        let flag = |a: &AtomicBool| u8::from(a.load(Ordering::Relaxed)).to_string();
-        let lines = [
-            Line {
-                name: "flannel_ready",
-                kind: "gauge",
-                help: "1 once the lease is held and the subnet file written.",
-                value: flag(&self.ready),
-            },
-            Line {
-                name: "flannel_lease_expiry_timestamp_seconds",
-                kind: "gauge",
-                help: "Unix time at which the own subnet lease expires unless renewed.",
-                value: self
-                    .lease_expiry_seconds
-                    .load(Ordering::Relaxed)
-                    .to_string(),
-            },
-            Line {
-                name: "flannel_peers",
-                kind: "gauge",
-                help: "Peer leases the backends program (leases under the prefix other than our own, less the rejected ones).",
-                value: get(&self.peers),
-            },
-            Line {
-                name: "flannel_etcd_up",
-                kind: "gauge",
-                help: "1 when the last etcd request succeeded.",
-                value: flag(&self.etcd_up),
-            },
-            Line {
-                name: "flannel_etcd_errors_total",
-                kind: "counter",
-                help: "Failed etcd requests and broken watch streams.",
-                value: get(&self.etcd_errors),
-            },
-            Line {
-                name: "flannel_watch_relists_total",
-                kind: "counter",
-                help: "Full re-lists of the subnet prefix (start, compaction, reconnect).",
-                value: get(&self.watch_relists),
-            },
-            Line {
-                name: "flannel_lease_renewals_total",
-                kind: "counter",
-                help: "Successful renewals of the own lease.",
-                value: get(&self.renewals),
-            },
-            Line {
-                name: "flannel_lease_acquisitions_total",
-                kind: "counter",
-                help: "Times the own lease was acquired or re-acquired.",
-                value: get(&self.acquisitions),
-            },
-            Line {
-                name: "flannel_malformed_leases_total",
-                kind: "counter",
-                help: "Peer leases skipped because their key or value could not be parsed.",
-                value: get(&self.malformed_leases),
-            },
-            Line {
-                name: "flannel_reconciles_total",
-                kind: "counter",
-                help: "Data-plane reconciliation passes.",
-                value: get(&self.reconciles),
-            },
-            Line {
-                name: "flannel_reconcile_errors_total",
-                kind: "counter",
-                help: "Data-plane reconciliation passes that failed.",
-                value: get(&self.reconcile_errors),
-            },
-            Line {
-                name: "flannel_kernel_events_total",
-                kind: "counter",
-                help: "Kernel notifications about flanneld's devices, routes or entries (each wakes the data plane for a repair pass).",
-                value: get(&self.kernel_events),
-            },
-            Line {
-                name: "flannel_dataplane_entries_added_total",
-                kind: "counter",
-                help: "Kernel entries added by reconciliation.",
-                value: get(&self.dataplane_added),
-            },
-            Line {
-                name: "flannel_dataplane_entries_removed_total",
-                kind: "counter",
-                help: "Stale kernel entries removed by reconciliation.",
-                value: get(&self.dataplane_removed),
-            },
-            Line {
-                name: "flannel_dataplane_repairs_total",
-                kind: "counter",
-                help: "Devices or entries re-created after they were changed or deleted.",
-                value: get(&self.dataplane_repaired),
-            },
-            Line {
-                name: "flannel_firewall_restores_total",
-                kind: "counter",
-                help: "Times the masquerade/forward rules were found missing and restored.",
-                value: get(&self.firewall_restores),
-            },
+/// The registry the health server encodes `/metrics` from: it reads [`Metrics`] on each
+/// scrape, so the daemon keeps counting into plain atomics.
+pub fn registry(metrics: Arc<Metrics>) -> Registry {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Exporter(metrics)));
+    registry
+}
+
+/// `/metrics` in the Prometheus text format 0.0.4 (what flannel's Go client serves).
+pub fn render(registry: &Registry) -> String {
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_text::encode(&mut out, registry);
+    out
+}
+
+#[derive(Debug)]
+struct Exporter(Arc<Metrics>);
+
+/// Counter names are given without `_total`: the encoder appends it.
+impl Collector for Exporter {
+    fn encode(&self, mut out: DescriptorEncoder) -> fmt::Result {
+        let m = &self.0;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let flag = |a: &AtomicBool| i64::from(a.load(Ordering::Relaxed));
+        let gauges = [
+            (
+                "flannel_ready",
+                "1 once the lease is held and the subnet file written.",
+                flag(&m.ready),
+            ),
+            (
+                "flannel_lease_expiry_timestamp_seconds",
+                "Unix time at which the own subnet lease expires unless renewed.",
+                m.lease_expiry_seconds.load(Ordering::Relaxed),
+            ),
+            (
+                "flannel_peers",
+                "Peer leases the backends program (leases under the prefix other than our own, less the rejected ones).",
+                i64::try_from(get(&m.peers)).unwrap_or(i64::MAX),
+            ),
+            (
+                "flannel_etcd_up",
+                "1 when the last etcd request succeeded.",
+                flag(&m.etcd_up),
+            ),
         ];
-        let mut out = String::new();
-        for l in lines {
-            let _ = writeln!(out, "# HELP {} {}", l.name, l.help);
-            let _ = writeln!(out, "# TYPE {} {}", l.name, l.kind);
-            let _ = writeln!(out, "{} {}", l.name, l.value);
+        for (name, help, value) in gauges {
+            let sample = out.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            ConstGauge::new(value).encode(sample)?;
         }
-        let name = "flannel_rejected_leases_total";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Leases refused as peers, by reason; each key counts once per reason it is rejected for."
-        );
-        let _ = writeln!(out, "# TYPE {name} counter");
-        for reason in Reason::ALL {
-            let _ = writeln!(
-                out,
-                "{name}{{reason=\"{}\"}} {}",
-                reason.label(),
-                get(&self.rejected_leases[reason.index()])
-            );
+        let counters = [
+            (
+                "flannel_etcd_errors",
+                "Failed etcd requests and broken watch streams.",
+                &m.etcd_errors,
+            ),
+            (
+                "flannel_watch_relists",
+                "Full re-lists of the subnet prefix (start, compaction, reconnect).",
+                &m.watch_relists,
+            ),
+            (
+                "flannel_lease_renewals",
+                "Successful renewals of the own lease.",
+                &m.renewals,
+            ),
+            (
+                "flannel_lease_acquisitions",
+                "Times the own lease was acquired or re-acquired.",
+                &m.acquisitions,
+            ),
+            (
+                "flannel_malformed_leases",
+                "Peer leases skipped because their key or value could not be parsed.",
+                &m.malformed_leases,
+            ),
+            (
+                "flannel_reconciles",
+                "Data-plane reconciliation passes.",
+                &m.reconciles,
+            ),
+            (
+                "flannel_reconcile_errors",
+                "Data-plane reconciliation passes that failed.",
+                &m.reconcile_errors,
+            ),
+            (
+                "flannel_kernel_events",
+                "Kernel notifications about flanneld's devices, routes or entries (each wakes the data plane for a repair pass).",
+                &m.kernel_events,
+            ),
+            (
+                "flannel_dataplane_entries_added",
+                "Kernel entries added by reconciliation.",
+                &m.dataplane_added,
+            ),
+            (
+                "flannel_dataplane_entries_removed",
+                "Stale kernel entries removed by reconciliation.",
+                &m.dataplane_removed,
+            ),
+            (
+                "flannel_dataplane_repairs",
+                "Devices or entries re-created after they were changed or deleted.",
+                &m.dataplane_repaired,
+            ),
+            (
+                "flannel_firewall_restores",
+                "Times the masquerade/forward rules were found missing and restored.",
+                &m.firewall_restores,
+            ),
+        ];
+        for (name, help, value) in counters {
+            counter(&mut out, name, help, get(value))?;
         }
-        // The udp backend's data path, per direction: tx = TUN → peers, rx = peers → TUN.
-        if let Some(udp) = self.udp.load_full() {
-            let dirs = [("tx", udp.tx.snapshot()), ("rx", udp.rx.snapshot())];
-            let header = |out: &mut String, name: &str, help: &str| {
-                let _ = writeln!(out, "# HELP {name} {help}");
-                let _ = writeln!(out, "# TYPE {name} counter");
-            };
-            header(
-                &mut out,
-                "flannel_udp_packets_total",
-                "Inner packets the udp backend forwarded, by direction (tx: TUN to peers, rx: peers to TUN).",
-            );
-            for (dir, d) in &dirs {
-                let _ = writeln!(
-                    out,
-                    "flannel_udp_packets_total{{direction=\"{dir}\"}} {}",
-                    d.packets
-                );
-            }
-            header(
-                &mut out,
-                "flannel_udp_bytes_total",
-                "Inner IP bytes the udp backend forwarded, by direction.",
-            );
-            for (dir, d) in &dirs {
-                let _ = writeln!(
-                    out,
-                    "flannel_udp_bytes_total{{direction=\"{dir}\"}} {}",
-                    d.bytes
-                );
-            }
-            header(
-                &mut out,
-                "flannel_udp_drops_total",
-                "Inner packets the udp backend dropped, by direction and reason.",
-            );
-            for (dir, d) in &dirs {
-                for (reason, v) in [
-                    ("no_route", d.no_route),
-                    ("unknown_source", d.unknown_source),
-                    ("spoofed_source", d.spoofed_source),
-                    ("malformed", d.malformed),
-                    ("ttl_expired", d.ttl_expired),
-                    ("io_error", d.io_errors),
-                ] {
-                    let _ = writeln!(
-                        out,
-                        "flannel_udp_drops_total{{direction=\"{dir}\",reason=\"{reason}\"}} {v}"
-                    );
-                }
-            }
-            header(
-                &mut out,
-                "flannel_udp_icmp_unreachable_total",
-                "ICMP net unreachable replies sent for packets with no peer.",
-            );
-            let _ = writeln!(
-                out,
-                "flannel_udp_icmp_unreachable_total {}",
-                udp.icmp_unreachable.load(Ordering::Relaxed)
-            );
+        counter_family(
+            &mut out,
+            "flannel_rejected_leases",
+            "Leases refused as peers, by reason; each key counts once per reason it is rejected for.",
+            Reason::ALL.map(|r| ([("reason", r.label())], get(&m.rejected_leases[r.index()]))),
+        )?;
+        if let Some(udp) = m.udp.load_full() {
+            encode_udp(&mut out, &udp)?;
         }
-        out
+        Ok(())
     }
+}
+
+/// The udp backend's data path, per direction: tx = TUN → peers, rx = peers → TUN.
+fn encode_udp(out: &mut DescriptorEncoder, udp: &UdpCounters) -> fmt::Result {
+    let dirs = [("tx", udp.tx.snapshot()), ("rx", udp.rx.snapshot())];
+    let per_direction = |value: fn(&DirStats) -> u64| {
+        dirs.map(|(dir, stats)| ([("direction", dir)], value(&stats)))
+    };
+    counter_family(
+        out,
+        "flannel_udp_packets",
+        "Inner packets the udp backend forwarded, by direction (tx: TUN to peers, rx: peers to TUN).",
+        per_direction(|d| d.packets),
+    )?;
+    counter_family(
+        out,
+        "flannel_udp_bytes",
+        "Inner IP bytes the udp backend forwarded, by direction.",
+        per_direction(|d| d.bytes),
+    )?;
+    let drops = dirs.iter().flat_map(|(dir, d)| {
+        [
+            ("no_route", d.no_route),
+            ("unknown_source", d.unknown_source),
+            ("spoofed_source", d.spoofed_source),
+            ("malformed", d.malformed),
+            ("ttl_expired", d.ttl_expired),
+            ("io_error", d.io_errors),
+        ]
+        .map(|(reason, v)| ([("direction", *dir), ("reason", reason)], v))
+    });
+    counter_family(
+        out,
+        "flannel_udp_drops",
+        "Inner packets the udp backend dropped, by direction and reason.",
+        drops,
+    )?;
+    counter(
+        out,
+        "flannel_udp_icmp_unreachable",
+        "ICMP net unreachable replies sent for packets with no peer.",
+        udp.icmp_unreachable.load(Ordering::Relaxed),
+    )
+}
+
+/// One counter (`name` + `_total`) without labels.
+fn counter(out: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> fmt::Result {
+    let sample = out.encode_descriptor(name, help, None, MetricType::Counter)?;
+    ConstCounter::new(value).encode(sample)
+}
+
+/// One counter (`name` + `_total`) with a sample per label set.
+fn counter_family<L: EncodeLabelSet>(
+    out: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (L, u64)>,
+) -> fmt::Result {
+    let mut family = out.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, value) in samples {
+        ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
 }
 
 impl Metrics {
@@ -261,26 +267,65 @@ mod tests {
 
     #[test]
     fn renders_prometheus_text() {
-        let m = Metrics::default();
+        let m = Arc::new(Metrics::default());
         Metrics::inc(&m.malformed_leases);
         m.peers.store(3, Ordering::Relaxed);
         m.lease_rejected(Reason::OverlapsOwn);
-        let text = m.render();
+        let text = render(&registry(m));
+        assert!(
+            text.starts_with("# HELP flannel_ready 1 once the lease is held"),
+            "{text}"
+        );
         assert!(
             text.contains("\nflannel_malformed_leases_total 1\n"),
             "{text}"
         );
         assert!(text.contains("\nflannel_peers 3\n"));
+        assert!(text.contains("\n# HELP flannel_watch_relists_total Full re-lists"));
         assert!(text.contains("# TYPE flannel_watch_relists_total counter\n"));
         assert!(
             text.contains("\nflannel_rejected_leases_total{reason=\"overlaps_own\"} 1\n"),
             "{text}"
         );
         assert!(text.contains("\nflannel_rejected_leases_total{reason=\"outside_network\"} 0\n"));
+        assert!(
+            !text.contains("flannel_udp_"),
+            "no udp backend, no udp counters"
+        );
+        // Prometheus text 0.0.4, as flannel serves: no OpenMetrics `# EOF`.
+        assert!(!text.contains("# EOF"), "{text}");
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let (name, value) = line.split_once(' ').unwrap();
             assert!(name.starts_with("flannel_"));
             value.parse::<f64>().unwrap();
+        }
+    }
+
+    #[test]
+    fn renders_the_udp_data_path_per_direction() {
+        let m = Arc::new(Metrics::default());
+        let udp = Arc::new(UdpCounters::default());
+        udp.rx.add(&DirStats {
+            packets: 7,
+            bytes: 700,
+            spoofed_source: 2,
+            ..Default::default()
+        });
+        m.udp.store(Some(udp));
+        let text = render(&registry(m));
+        for line in [
+            "# TYPE flannel_udp_packets_total counter",
+            "flannel_udp_packets_total{direction=\"tx\"} 0",
+            "flannel_udp_packets_total{direction=\"rx\"} 7",
+            "flannel_udp_bytes_total{direction=\"rx\"} 700",
+            "flannel_udp_drops_total{direction=\"rx\",reason=\"spoofed_source\"} 2",
+            "flannel_udp_drops_total{direction=\"tx\",reason=\"io_error\"} 0",
+            "flannel_udp_icmp_unreachable_total 0",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "no line {line:?} in\n{text}"
+            );
         }
     }
 }

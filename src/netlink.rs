@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::hash::Hash;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -128,6 +128,27 @@ pub trait Net: Copy + Ord + Eq + Hash + fmt::Display + fmt::Debug + Send + Sync 
     }
 }
 
+/// The [`Net`] methods that `ipnetwork` has under the same names for both families.
+macro_rules! same_for_both_families {
+    ($net:ty, $addr:ty) => {
+        fn with_prefix(addr: $addr, prefix: u8) -> Option<Self> {
+            <$net>::new(addr, prefix).ok()
+        }
+        fn net_addr(&self) -> $addr {
+            self.network()
+        }
+        fn ip_addr(&self) -> $addr {
+            self.ip()
+        }
+        fn prefix_len(&self) -> u8 {
+            self.prefix()
+        }
+        fn has(&self, addr: $addr) -> bool {
+            self.contains(addr)
+        }
+    };
+}
+
 impl Net for Ipv4Network {
     type Addr = Ipv4Addr;
     const FAMILY: AddressFamily = AddressFamily::Inet;
@@ -135,21 +156,8 @@ impl Net for Ipv4Network {
     const HOST_PREFIX: u8 = 32;
     const DEFAULT_METRIC: u32 = 0;
 
-    fn with_prefix(addr: Ipv4Addr, prefix: u8) -> Option<Self> {
-        Ipv4Network::new(addr, prefix).ok()
-    }
-    fn net_addr(&self) -> Ipv4Addr {
-        self.network()
-    }
-    fn ip_addr(&self) -> Ipv4Addr {
-        self.ip()
-    }
-    fn prefix_len(&self) -> u8 {
-        self.prefix()
-    }
-    fn has(&self, addr: Ipv4Addr) -> bool {
-        self.contains(addr)
-    }
+    same_for_both_families!(Ipv4Network, Ipv4Addr);
+
     fn addr_of(ip: IpAddr) -> Option<Ipv4Addr> {
         match ip {
             IpAddr::V4(ip) => Some(ip),
@@ -168,21 +176,8 @@ impl Net for Ipv6Network {
     const HOST_PREFIX: u8 = 128;
     const DEFAULT_METRIC: u32 = 1024;
 
-    fn with_prefix(addr: Ipv6Addr, prefix: u8) -> Option<Self> {
-        Ipv6Network::new(addr, prefix).ok()
-    }
-    fn net_addr(&self) -> Ipv6Addr {
-        self.network()
-    }
-    fn ip_addr(&self) -> Ipv6Addr {
-        self.ip()
-    }
-    fn prefix_len(&self) -> u8 {
-        self.prefix()
-    }
-    fn has(&self, addr: Ipv6Addr) -> bool {
-        self.contains(addr)
-    }
+    same_for_both_families!(Ipv6Network, Ipv6Addr);
+
     fn addr_of(ip: IpAddr) -> Option<Ipv6Addr> {
         match ip {
             IpAddr::V6(ip) => Some(ip),
@@ -555,9 +550,7 @@ impl BatchSocket {
             .map_err(|e| io_error(op, e))?;
         // Errors echo only the header of the failed message, not all of it.
         let _ = raw.set_cap_ack(true);
-        let fd = raw.as_raw_fd();
-        // SAFETY: `fd` belongs to `sock`, which outlives this borrow (it is used right here).
-        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        let fd = raw.as_fd();
         use nix::sys::socket::{getsockopt, setsockopt, sockopt};
         // Over rmem_max needs CAP_NET_ADMIN; without it, ask for what is allowed.
         if setsockopt(&fd, sockopt::RcvBufForce, &BATCH_RCVBUF).is_err() {

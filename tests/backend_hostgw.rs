@@ -3,42 +3,22 @@
 
 mod backend_netns;
 
-use backend_netns::{config, context, init_logs, lease, peer_set, route_to, NetnsGuard};
-use flannel::backend::{self, ReconcileReport};
-use flannel::iface::ExternalInterface;
+use backend_netns::{
+    assert_prepare_refused, config, context, external_interface, init_logs, lease, peer_set,
+    report, route_to, NetnsGuard,
+};
+use flannel::backend;
 use serde_json::json;
 
 const NETWORK: &str = "10.5.0.0/16";
 /// flanneld's route protocol number, as `ip route … proto` takes it.
 const PROTO: &str = "102";
 
-/// The destinations of the IPv4 routes carrying our protocol number (`ip route show proto
-/// 102`), sorted.
-fn ours(ns: &backend_netns::Ns) -> Vec<String> {
-    let routes = ns.ip_json(&["-4", "route", "show", "proto", PROTO]);
-    let mut dsts: Vec<String> = routes
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["dst"].as_str().unwrap().to_string())
-        .collect();
-    dsts.sort();
-    dsts
-}
-
 fn hostgw_lease(key: &str, public_ip: &str) -> flannel::subnet::Lease {
     lease(
         key,
         &format!(r#"{{"PublicIP":"{public_ip}","PublicIPv6":null,"BackendType":"host-gw"}}"#),
     )
-}
-
-fn report(added: usize, removed: usize, repaired: usize) -> ReconcileReport {
-    ReconcileReport {
-        added,
-        removed,
-        repaired,
-    }
 }
 
 #[test]
@@ -89,13 +69,13 @@ fn hostgw_routes_peers_via_public_ip_and_converges() {
         assert!(route_to(&routes, "198.18.0.0/24").is_some(), "connected route kept");
         let by_hand = route_to(&routes, "10.5.200.0/24").expect("hand-made route in the Network kept");
         assert_eq!(by_hand["gateway"], "198.18.0.50");
-        assert_eq!(ours(&ns), ["10.5.2.0/24", "10.5.3.0/24"], "`ip route show proto {PROTO}`");
+        assert_eq!(ns.routes_of_flanneld("-4"), ["10.5.2.0/24", "10.5.3.0/24"], "`ip route show proto {PROTO}`");
         assert_eq!(be.reconcile(&peers).await.unwrap(), report(0, 0, 0));
 
         // An older flanneld's route (proto static) to a peer is rewritten as ours, once.
         ns.ip(&["route", "replace", "10.5.3.0/24", "via", "198.18.0.3", "dev", "e0", "proto", "static"]);
         assert_eq!(be.reconcile(&peers).await.unwrap(), report(0, 0, 1));
-        assert_eq!(ours(&ns), ["10.5.2.0/24", "10.5.3.0/24"]);
+        assert_eq!(ns.routes_of_flanneld("-4"), ["10.5.2.0/24", "10.5.3.0/24"]);
         assert_eq!(be.reconcile(&peers).await.unwrap(), report(0, 0, 0));
 
         // A removed peer's route goes.
@@ -118,27 +98,9 @@ fn hostgw_routes_peers_via_public_ip_and_converges() {
 
 #[test]
 fn hostgw_refuses_nat() {
-    let ext = ExternalInterface {
-        name: "e0".into(),
-        index: 1,
-        iface_addr: Some("198.18.0.1".parse().unwrap()),
-        iface_v6_addr: None,
-        public_ip: Some("203.0.113.9".parse().unwrap()),
-        public_ipv6: None,
-        mtu: 1500,
-    };
+    let ext = external_interface("198.18.0.1", "203.0.113.9", None);
     let ctx = context(config(NETWORK, json!({"Type": "host-gw"})), ext);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let err = rt
-        .block_on(async move { backend::create(ctx).unwrap().prepare().await })
-        .expect_err("host-gw behind NAT must be refused");
-    let msg = err.to_string();
-    for part in ["host-gw", "203.0.113.9", "198.18.0.1", "e0", "NAT"] {
-        assert!(msg.contains(part), "{part:?} missing from: {msg}");
-    }
+    assert_prepare_refused(ctx, &["host-gw", "203.0.113.9", "198.18.0.1", "e0", "NAT"]);
 }
 
 /// Several datagrams of changes, one failing in the middle of the second: the failure is
@@ -246,7 +208,7 @@ fn hostgw_lease_events_apply_only_what_changed() {
         // Deleted by hand: the full pass puts it back and removes the stale one.
         ns.ip(&["route", "del", "10.5.2.0/24", "dev", "e0"]);
         assert_eq!(be.reconcile(&peers).await.unwrap(), report(1, 1, 0));
-        assert_eq!(ours(&ns), ["10.5.2.0/24"]);
+        assert_eq!(ns.routes_of_flanneld("-4"), ["10.5.2.0/24"]);
         assert_eq!(be.update(&peers).await.unwrap(), report(0, 0, 0));
     });
 }

@@ -4,18 +4,12 @@
 
 mod backend_netns;
 
-use backend_netns::{config_v6, context, init_logs, lease, peer_set, route_to, NetnsGuard};
-use flannel::backend::{self, ReconcileReport};
-use flannel::iface::ExternalInterface;
+use backend_netns::{
+    assert_prepare_refused, config_v6, context, external_interface, init_logs, lease, peer_set,
+    report, route_to, NetnsGuard,
+};
+use flannel::backend;
 use serde_json::json;
-
-fn report(added: usize, removed: usize, repaired: usize) -> ReconcileReport {
-    ReconcileReport {
-        added,
-        removed,
-        repaired,
-    }
-}
 
 fn hg(key: &str, ip4: Option<&str>, ip6: Option<&str>) -> flannel::subnet::Lease {
     let v = json!({
@@ -91,48 +85,10 @@ fn hostgw_dual_stack_routes_both_families() {
 
         // Stale (ours: proto 102) and wrong IPv6 routes are repaired; foreign ones stay, also
         // one made by hand inside the IPv6Network.
-        ns.ip(&[
-            "-6",
-            "route",
-            "add",
-            "fc00:0:0:99::/64",
-            "via",
-            "fd00:18::99",
-            "dev",
-            "e0",
-            "proto",
-            "102",
-        ]);
-        ns.ip(&[
-            "-6",
-            "route",
-            "add",
-            "fc00:0:0:200::/64",
-            "via",
-            "fd00:18::50",
-            "dev",
-            "e0",
-        ]);
-        ns.ip(&[
-            "-6",
-            "route",
-            "replace",
-            "fc00:0:0:2::/64",
-            "via",
-            "fd00:18::22",
-            "dev",
-            "e0",
-        ]);
-        ns.ip(&[
-            "-6",
-            "route",
-            "add",
-            "fd77::/64",
-            "via",
-            "fd00:18::99",
-            "dev",
-            "e0",
-        ]);
+        ns.ip_line("-6 route add fc00:0:0:99::/64 via fd00:18::99 dev e0 proto 102");
+        ns.ip_line("-6 route add fc00:0:0:200::/64 via fd00:18::50 dev e0");
+        ns.ip_line("-6 route replace fc00:0:0:2::/64 via fd00:18::22 dev e0");
+        ns.ip_line("-6 route add fd77::/64 via fd00:18::99 dev e0");
         assert_eq!(be.reconcile(&peers).await.unwrap(), report(0, 1, 1));
         let r6 = ns.routes6("e0");
         assert!(route_to(&r6, "fc00:0:0:99::/64").is_none());
@@ -145,15 +101,10 @@ fn hostgw_dual_stack_routes_both_families() {
             route_to(&r6, "fc00:0:0:200::/64").is_some(),
             "hand-made route in the IPv6Network kept"
         );
-        let ours = ns.ip_json(&["-6", "route", "show", "proto", "102"]);
-        let ours: Vec<&str> = ours
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r["dst"].as_str().unwrap())
-            .collect();
+        let ours = ns.routes_of_flanneld("-6");
         assert!(
-            ours.contains(&"fc00:0:0:2::/64") && !ours.contains(&"fc00:0:0:200::/64"),
+            ours.contains(&"fc00:0:0:2::/64".to_string())
+                && !ours.contains(&"fc00:0:0:200::/64".to_string()),
             "{ours:?}"
         );
         assert_eq!(be.reconcile(&peers).await.unwrap(), report(0, 0, 0));
@@ -205,35 +156,22 @@ fn hostgw_ipv6_only() {
 
 #[test]
 fn hostgw_refuses_ipv6_nat() {
-    let ext = ExternalInterface {
-        name: "e0".into(),
-        index: 1,
-        iface_addr: Some("198.18.0.1".parse().unwrap()),
-        iface_v6_addr: Some("fd00:18::1".parse().unwrap()),
-        public_ip: Some("198.18.0.1".parse().unwrap()),
-        public_ipv6: Some("2001:db8::9".parse().unwrap()),
-        mtu: 1500,
-    };
+    let ext = external_interface(
+        "198.18.0.1",
+        "198.18.0.1",
+        Some(("fd00:18::1", "2001:db8::9")),
+    );
     let ctx = context(
         config_v6(Some("10.5.0.0/16"), "fc00::/48", json!({"Type": "host-gw"})),
         ext,
     );
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let err = rt
-        .block_on(async move { backend::create(ctx).unwrap().prepare().await })
-        .expect_err("host-gw behind IPv6 NAT must be refused");
-    let msg = err.to_string();
-    for part in [
+    let parts = [
         "host-gw",
         "2001:db8::9",
         "fd00:18::1",
         "e0",
         "NAT",
         "--public-ipv6",
-    ] {
-        assert!(msg.contains(part), "{part:?} missing from: {msg}");
-    }
+    ];
+    assert_prepare_refused(ctx, &parts);
 }

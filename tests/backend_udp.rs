@@ -27,7 +27,9 @@ use flannel::backend::{Backend, BackendContext};
 use flannel::config::NetworkConfig;
 use flannel::iface::ExternalInterface;
 use flannel::subnet::{Lease, LeaseAttrs, PeerSet, SubnetKey};
+use netns_tests::fill_pseudo_random;
 use netns_tests::hash::Fnv1a;
+use netns_tests::packet::{internet_checksum, ipv4_udp};
 
 // ---------------------------------------------------------------------------------------------
 // Namespaces
@@ -382,13 +384,7 @@ fn tcp_transfer(from: &str, to_ns: &str, to: Ipv4Addr, len: usize) -> ((usize, u
         let mut sent = 0;
         while sent < len {
             let k = buf.len().min(len - sent);
-            for chunk in buf[..k].chunks_mut(8) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                let b = x.to_le_bytes();
-                chunk.copy_from_slice(&b[..chunk.len()]);
-            }
+            fill_pseudo_random(&mut x, &mut buf[..k]);
             s.write_all(&buf[..k]).expect("sending");
             h.update(&buf[..k]);
             sent += k;
@@ -399,43 +395,6 @@ fn tcp_transfer(from: &str, to_ns: &str, to: Ipv4Addr, len: usize) -> ((usize, u
     (client.join().unwrap(), server.join().unwrap())
 }
 
-/// An IPv4/UDP packet (UDP checksum 0: none) with a correct header checksum.
-fn ipv4_udp(src: Ipv4Addr, dst: Ipv4Addr, dport: u16, payload: &[u8]) -> Vec<u8> {
-    let total = 28 + payload.len();
-    let mut p = vec![0u8; 28];
-    p[0] = 0x45;
-    p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-    p[8] = 64;
-    p[9] = 17;
-    p[12..16].copy_from_slice(&src.octets());
-    p[16..20].copy_from_slice(&dst.octets());
-    let mut sum: u32 = p[..20]
-        .chunks(2)
-        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    p[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
-    p[20..22].copy_from_slice(&4000u16.to_be_bytes());
-    p[22..24].copy_from_slice(&dport.to_be_bytes());
-    p[24..26].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-    p.extend_from_slice(payload);
-    p
-}
-
-/// Checksum over big-endian words (0 when a checksummed region is intact).
-fn csum(data: &[u8]) -> u16 {
-    let mut sum: u64 = 0;
-    for w in data.chunks(2) {
-        sum += u64::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]));
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
 /// Whether `p` is exactly one IPv4 packet with correct IP and TCP/UDP checksums.
 fn one_complete_packet(p: &[u8]) -> bool {
     if p.len() < 20 || p[0] >> 4 != 4 {
@@ -443,7 +402,7 @@ fn one_complete_packet(p: &[u8]) -> bool {
     }
     let ihl = usize::from(p[0] & 15) * 4;
     let total = usize::from(u16::from_be_bytes([p[2], p[3]]));
-    if total != p.len() || csum(&p[..ihl]) != 0 {
+    if total != p.len() || internet_checksum(&p[..ihl]) != 0 {
         return false;
     }
     let proto = p[9];
@@ -460,7 +419,7 @@ fn one_complete_packet(p: &[u8]) -> bool {
     pseudo.extend_from_slice(&[0, proto]);
     pseudo.extend_from_slice(&(l4.len() as u16).to_be_bytes());
     pseudo.extend_from_slice(l4);
-    csum(&pseudo) == 0
+    internet_checksum(&pseudo) == 0
 }
 
 // ---------------------------------------------------------------------------------------------

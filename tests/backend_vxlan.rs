@@ -3,8 +3,11 @@
 
 mod backend_netns;
 
-use backend_netns::{config, context, lease, peer_set, route_to, NetnsGuard, Ns};
-use flannel::backend::{self, BackendContext, ReconcileReport};
+use backend_netns::{
+    config, context, lease, peer_set, report, route_to, BackendBed, NetnsGuard, Ns,
+};
+use flannel::backend::{self, BackendContext};
+use flannel::subnet::Lease;
 use serde_json::{json, Value};
 
 const NETWORK: &str = "10.5.0.0/16";
@@ -12,21 +15,13 @@ const DEV: &str = "flannel.7";
 const MAC_A: &str = "02:aa:00:00:00:02";
 const MAC_B: &str = "02:bb:00:00:00:03";
 
-fn vxlan_lease(key: &str, public_ip: &str, mac: &str) -> flannel::subnet::Lease {
+fn vxlan_lease(key: &str, public_ip: &str, mac: &str) -> Lease {
     lease(
         key,
         &format!(
             r#"{{"PublicIP":"{public_ip}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":7,"VtepMAC":"{mac}"}}}}"#
         ),
     )
-}
-
-fn report(added: usize, removed: usize, repaired: usize) -> ReconcileReport {
-    ReconcileReport {
-        added,
-        removed,
-        repaired,
-    }
 }
 
 fn setup(tag: &str, backend: Value) -> (NetnsGuard, BackendContext) {
@@ -41,67 +36,59 @@ fn device(ns: &Ns) -> Value {
         .unwrap_or_else(|| panic!("device {DEV} missing"))
 }
 
-/// Asserts the three entries of a vxlan peer: neighbour, FDB, onlink route.
 fn assert_peer(ns: &Ns, subnet: &str, vtep: &str, mac: &str, public_ip: &str) {
-    let neigh = ns.neighbours(DEV);
-    let n = neigh
-        .iter()
-        .find(|n| n["dst"] == vtep)
-        .unwrap_or_else(|| panic!("no neighbour {vtep} on {DEV}: {neigh:?}"));
-    assert_eq!(n["lladdr"], mac, "{n}");
-    assert_eq!(n["state"], json!(["PERMANENT"]), "{n}");
-
-    let fdb = ns.fdb(DEV);
-    let f = fdb
-        .iter()
-        .find(|f| f["mac"] == mac)
-        .unwrap_or_else(|| panic!("no FDB entry {mac} on {DEV}: {fdb:?}"));
-    assert_eq!(f["dst"], public_ip, "{f}");
-    assert_eq!(f["state"], "permanent", "{f}");
-    assert!(
-        f["flags"].as_array().unwrap().contains(&json!("self")),
-        "{f}"
-    );
-
-    let routes = ns.routes(DEV);
-    let r = route_to(&routes, subnet).unwrap_or_else(|| panic!("no route {subnet}: {routes:?}"));
-    assert_eq!(r["gateway"], vtep, "{r}");
-    assert!(
-        r["flags"].as_array().unwrap().contains(&json!("onlink")),
-        "{r}"
-    );
+    backend_netns::assert_vxlan_peer(ns, "-4", DEV, subnet, (vtep, mac, public_ip));
 }
 
 fn assert_no_peer(ns: &Ns, subnet: &str, vtep: &str, mac: &str) {
-    assert!(
-        !ns.neighbours(DEV).iter().any(|n| n["dst"] == vtep),
-        "neighbour {vtep} still there"
+    backend_netns::assert_no_vxlan_peer(ns, "-4", DEV, subnet, vtep, mac);
+}
+
+/// The v4 bed: a namespace with an underlay and a vxlan config (VNI 7), the own lease
+/// `10.5.1.0/24`, two vxlan peers (A, B) and two leases the backend must ignore (a host-gw
+/// one and one with broken BackendData).
+fn v4_bed(tag: &str) -> BackendBed {
+    let (guard, ctx) = setup(tag, json!({"Type": "vxlan", "VNI": 7}));
+    let own = lease(
+        "10.5.1.0-24",
+        r#"{"PublicIP":"198.18.0.1","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":7,"VtepMAC":"02:00:00:00:00:01"}}"#,
     );
-    assert!(
-        !ns.fdb(DEV).iter().any(|f| f["mac"] == mac),
-        "FDB entry {mac} still there"
+    let hostgw = lease(
+        "10.5.4.0-24",
+        r#"{"PublicIP":"198.18.0.4","PublicIPv6":null,"BackendType":"host-gw"}"#,
     );
-    assert!(
-        route_to(&ns.routes(DEV), subnet).is_none(),
-        "route {subnet} still there"
+    let broken = lease(
+        "10.5.5.0-24",
+        r#"{"PublicIP":"198.18.0.5","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":7}}"#,
     );
+    let peers = vec![peer_a(), peer_b(), hostgw, broken];
+    BackendBed::new(guard, ctx, own, peers, report(6, 0, 0))
+}
+
+fn peer_a() -> Lease {
+    vxlan_lease("10.5.2.0-24", "198.18.0.2", MAC_A)
+}
+
+fn peer_b() -> Lease {
+    vxlan_lease("10.5.3.0-24", "203.0.113.3", MAC_B)
+}
+
+fn assert_peer_a(ns: &Ns) {
+    assert_peer(ns, "10.5.2.0/24", "10.5.2.0", MAC_A, "198.18.0.2");
+}
+
+fn assert_peer_b(ns: &Ns) {
+    assert_peer(ns, "10.5.3.0/24", "10.5.3.0", MAC_B, "203.0.113.3");
 }
 
 #[test]
-fn vxlan_programs_peers_repairs_and_survives_restart() {
+fn vxlan_device_address_and_published_data_are_flannels() {
     netns_tests::require_root!();
-    let (guard, ctx) = setup("vx", json!({"Type": "vxlan", "VNI": 7}));
-    let ns = guard.ns.clone();
-    ns.clone().run(move || async move {
-        let own = lease(
-            "10.5.1.0-24",
-            r#"{"PublicIP":"198.18.0.1","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":7,"VtepMAC":"02:00:00:00:00:01"}}"#,
-        );
-        let mut be = backend::create(ctx.clone()).expect("vxlan backend");
-        let publish = be.prepare().await.expect("prepare");
-
+    v4_bed("vx").run(|bed| async move {
+        let ns = &bed.ns;
+        let (_be, publish) = bed.started().await;
         // The device as a user sees it.
-        let dev = device(&ns);
+        let dev = device(ns);
         let info = &dev["linkinfo"]["info_data"];
         assert_eq!(dev["linkinfo"]["info_kind"], "vxlan");
         assert_eq!(info["id"], 7);
@@ -110,50 +97,78 @@ fn vxlan_programs_peers_repairs_and_survives_restart() {
         assert_eq!(info["link"], "e0");
         assert_eq!(info["learning"], false);
         assert_eq!(dev["mtu"], 1450);
-        assert!(dev["flags"].as_array().unwrap().contains(&json!("UP")), "{dev}");
+        assert!(
+            dev["flags"].as_array().unwrap().contains(&json!("UP")),
+            "{dev}"
+        );
         let mac = dev["address"].as_str().unwrap().to_string();
         assert_eq!(publish.backend_type, "vxlan");
-        assert_eq!(publish.backend_data, Some(json!({"VNI": 7, "VtepMAC": mac})));
+        assert_eq!(
+            publish.backend_data,
+            Some(json!({"VNI": 7, "VtepMAC": mac}))
+        );
         assert_eq!(publish.mtu, 1450);
-
-        be.lease_acquired(&own).await.expect("lease_acquired");
         let addrs = ns.ip_json(&["-4", "addr", "show", "dev", DEV]);
         let addr = &addrs[0]["addr_info"][0];
-        assert_eq!((addr["local"].as_str(), addr["prefixlen"].as_u64()), (Some("10.5.1.0"), Some(32)));
+        assert_eq!(
+            (addr["local"].as_str(), addr["prefixlen"].as_u64()),
+            (Some("10.5.1.0"), Some(32))
+        );
+    });
+}
 
-        // Two vxlan peers, one host-gw peer (ignored), one with broken BackendData (ignored).
-        let a = vxlan_lease("10.5.2.0-24", "198.18.0.2", MAC_A);
-        let b = vxlan_lease("10.5.3.0-24", "203.0.113.3", MAC_B);
-        let hostgw = lease(
-            "10.5.4.0-24",
-            r#"{"PublicIP":"198.18.0.4","PublicIPv6":null,"BackendType":"host-gw"}"#,
-        );
-        let broken = lease(
-            "10.5.5.0-24",
-            r#"{"PublicIP":"198.18.0.5","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":7}}"#,
-        );
-        let peers = peer_set([a.clone(), b.clone(), hostgw.clone(), broken.clone()]);
-        assert_eq!(be.reconcile(&peers).await.unwrap(), report(6, 0, 0));
-        assert_peer(&ns, "10.5.2.0/24", "10.5.2.0", MAC_A, "198.18.0.2");
-        assert_peer(&ns, "10.5.3.0/24", "10.5.3.0", MAC_B, "203.0.113.3");
-        assert_no_peer(&ns, "10.5.4.0/24", "10.5.4.0", "00:00:00:00:00:00");
+#[test]
+fn vxlan_programs_only_vxlan_peers_idempotently() {
+    netns_tests::require_root!();
+    v4_bed("vxp").run_with_peers(|bed, mut be, peers| async move {
+        let ns = &bed.ns;
+        assert_peer_a(ns);
+        assert_peer_b(ns);
+        assert_no_peer(ns, "10.5.4.0/24", "10.5.4.0", "00:00:00:00:00:00");
         assert!(route_to(&ns.routes("e0"), "10.5.4.0/24").is_none());
-        assert_no_peer(&ns, "10.5.5.0/24", "10.5.5.0", "00:00:00:00:00:00");
-
-        // Idempotent.
+        assert_no_peer(ns, "10.5.5.0/24", "10.5.5.0", "00:00:00:00:00:00");
         assert_eq!(be.reconcile(&peers).await.unwrap(), report(0, 0, 0));
+    });
+}
 
+#[test]
+fn vxlan_removes_hand_made_entries_inside_the_network_and_keeps_foreign_ones() {
+    netns_tests::require_root!();
+    v4_bed("vxh").run_with_peers(|bed, mut be, peers| async move {
+        let ns = &bed.ns;
         // Entries added by hand inside the Network on our device are removed, others are not.
-        ns.ip(&["route", "add", "10.5.99.0/24", "via", "10.5.99.0", "dev", DEV, "onlink"]);
-        ns.ip(&["neigh", "add", "10.5.99.0", "lladdr", "02:99:00:00:00:99", "dev", DEV, "nud", "permanent"]);
-        ns.bridge(&["fdb", "add", "02:99:00:00:00:99", "dev", DEV, "dst", "198.18.0.99", "self", "permanent"]);
-        ns.ip(&["route", "add", "172.16.0.0/24", "via", "10.5.2.0", "dev", DEV, "onlink"]);
+        ns.ip_line(&format!(
+            "route add 10.5.99.0/24 via 10.5.99.0 dev {DEV} onlink"
+        ));
+        ns.ip_line(&format!(
+            "neigh add 10.5.99.0 lladdr 02:99:00:00:00:99 dev {DEV} nud permanent"
+        ));
+        ns.bridge(&[
+            "fdb",
+            "add",
+            "02:99:00:00:00:99",
+            "dev",
+            DEV,
+            "dst",
+            "198.18.0.99",
+            "self",
+            "permanent",
+        ]);
+        ns.ip_line(&format!(
+            "route add 172.16.0.0/24 via 10.5.2.0 dev {DEV} onlink"
+        ));
         // On the external interface, a route inside the Network is ours only with our protocol.
-        ns.ip(&["route", "add", "10.5.200.0/24", "via", "198.18.0.50", "dev", "e0"]);
+        ns.ip_line("route add 10.5.200.0/24 via 198.18.0.50 dev e0");
         assert_eq!(be.reconcile(&peers).await.unwrap(), report(0, 3, 0));
-        assert_no_peer(&ns, "10.5.99.0/24", "10.5.99.0", "02:99:00:00:00:99");
-        assert!(route_to(&ns.routes(DEV), "172.16.0.0/24").is_some(), "foreign route kept");
-        assert!(route_to(&ns.routes("e0"), "10.5.200.0/24").is_some(), "hand-made route kept");
+        assert_no_peer(ns, "10.5.99.0/24", "10.5.99.0", "02:99:00:00:00:99");
+        assert!(
+            route_to(&ns.routes(DEV), "172.16.0.0/24").is_some(),
+            "foreign route kept"
+        );
+        assert!(
+            route_to(&ns.routes("e0"), "10.5.200.0/24").is_some(),
+            "hand-made route kept"
+        );
         let ours = ns.ip_json(&["-4", "route", "show", "proto", "102"]);
         let ours: Vec<(&str, &str)> = ours
             .as_array()
@@ -166,57 +181,109 @@ fn vxlan_programs_peers_repairs_and_survives_restart() {
             [("10.5.2.0/24", DEV), ("10.5.3.0/24", DEV)],
             "`ip route show proto 102`"
         );
+    });
+}
 
+#[test]
+fn vxlan_corrects_wrong_entries_in_place_and_drops_flooding_remotes() {
+    netns_tests::require_root!();
+    v4_bed("vxw").run_with_peers(|bed, mut be, peers| async move {
+        let ns = &bed.ns;
         // A wrong neighbour entry and a wrong FDB remote are corrected in place.
-        ns.ip(&["neigh", "replace", "10.5.2.0", "lladdr", "02:99:00:00:00:01", "dev", DEV, "nud", "permanent"]);
-        ns.bridge(&["fdb", "replace", MAC_B, "dev", DEV, "dst", "198.18.0.77", "self", "permanent"]);
+        ns.ip_line(&format!(
+            "neigh replace 10.5.2.0 lladdr 02:99:00:00:00:01 dev {DEV} nud permanent"
+        ));
+        ns.bridge(&[
+            "fdb",
+            "replace",
+            MAC_B,
+            "dev",
+            DEV,
+            "dst",
+            "198.18.0.77",
+            "self",
+            "permanent",
+        ]);
         assert_eq!(be.reconcile(&peers).await.unwrap(), report(0, 0, 2));
-        assert_peer(&ns, "10.5.2.0/24", "10.5.2.0", MAC_A, "198.18.0.2");
-        assert_peer(&ns, "10.5.3.0/24", "10.5.3.0", MAC_B, "203.0.113.3");
+        assert_peer_a(ns);
+        assert_peer_b(ns);
 
         // A default (all-zero MAC) remote someone appended floods traffic: it goes.
-        ns.bridge(&["fdb", "append", "00:00:00:00:00:00", "dev", DEV, "dst", "198.18.0.55", "self", "permanent"]);
-        ns.bridge(&["fdb", "append", "00:00:00:00:00:00", "dev", DEV, "dst", "198.18.0.56", "self", "permanent"]);
+        for remote in ["198.18.0.55", "198.18.0.56"] {
+            ns.bridge(&[
+                "fdb",
+                "append",
+                "00:00:00:00:00:00",
+                "dev",
+                DEV,
+                "dst",
+                remote,
+                "self",
+                "permanent",
+            ]);
+        }
         assert_eq!(be.reconcile(&peers).await.unwrap(), report(0, 1, 0));
         assert!(!ns.fdb(DEV).iter().any(|f| f["mac"] == "00:00:00:00:00:00"));
-        assert_peer(&ns, "10.5.2.0/24", "10.5.2.0", MAC_A, "198.18.0.2");
+        assert_peer_a(ns);
+    });
+}
 
-        // A removed peer's entries go; the other's stay untouched.
-        let peers = peer_set([a.clone(), hostgw.clone()]);
+#[test]
+fn vxlan_removed_peer_loses_its_entries_and_the_other_keeps_them() {
+    netns_tests::require_root!();
+    v4_bed("vxr").run_with_peers(|bed, mut be, _| async move {
+        let ns = &bed.ns;
+        let peers = peer_set([peer_a()]);
         assert_eq!(be.reconcile(&peers).await.unwrap(), report(0, 3, 0));
-        assert_no_peer(&ns, "10.5.3.0/24", "10.5.3.0", MAC_B);
-        assert_peer(&ns, "10.5.2.0/24", "10.5.2.0", MAC_A, "198.18.0.2");
+        assert_no_peer(ns, "10.5.3.0/24", "10.5.3.0", MAC_B);
+        assert_peer_a(ns);
+    });
+}
 
-        // A deleted device comes back with the same MAC, address and entries.
+#[test]
+fn vxlan_deleted_device_comes_back_with_its_mac_address_and_entries() {
+    netns_tests::require_root!();
+    v4_bed("vxd").run_with_peers(|bed, mut be, _| async move {
+        let ns = &bed.ns;
+        let peers = peer_set([peer_a()]);
+        be.reconcile(&peers).await.unwrap();
+        let mac = device(ns)["address"].clone();
         ns.ip(&["link", "del", DEV]);
         let r = be.reconcile(&peers).await.unwrap();
         assert_eq!((r.added, r.removed), (3, 0), "{r:?}");
         assert!(r.repaired >= 1, "{r:?}");
-        let dev = device(&ns);
-        assert_eq!(dev["address"], mac.as_str());
+        let dev = device(ns);
+        assert_eq!(dev["address"], mac);
         assert_eq!(dev["mtu"], 1450);
         let addrs = ns.ip_json(&["-4", "addr", "show", "dev", DEV]);
         assert_eq!(addrs[0]["addr_info"][0]["local"], "10.5.1.0");
-        assert_peer(&ns, "10.5.2.0/24", "10.5.2.0", MAC_A, "198.18.0.2");
+        assert_peer_a(ns);
         assert_eq!(be.reconcile(&peers).await.unwrap(), report(0, 0, 0));
+    });
+}
 
+#[test]
+fn vxlan_restart_adopts_the_device_and_after_a_reboot_recreates_it_with_the_same_mac() {
+    netns_tests::require_root!();
+    v4_bed("vxa").run(|bed| async move {
+        let ns = &bed.ns;
+        let (be, publish, peers) = bed.with_peers().await;
+        let mac = device(ns)["address"].clone();
         // A restart adopts: same MAC, same device, nothing changed.
-        let ifindex = device(&ns)["ifindex"].clone();
+        let ifindex = device(ns)["ifindex"].clone();
         drop(be);
-        let mut be = backend::create(ctx.clone()).expect("vxlan backend");
-        let publish2 = be.prepare().await.expect("prepare after restart");
+        let (mut be, publish2) = bed.started().await;
         assert_eq!(publish2, publish);
-        be.lease_acquired(&own).await.unwrap();
         assert_eq!(be.reconcile(&peers).await.unwrap(), report(0, 0, 0));
-        assert_eq!(device(&ns)["ifindex"], ifindex, "device was re-created");
-        assert_peer(&ns, "10.5.2.0/24", "10.5.2.0", MAC_A, "198.18.0.2");
+        assert_eq!(device(ns)["ifindex"], ifindex, "device was re-created");
+        assert_peer_a(ns);
 
         // A restart after the device is gone (e.g. reboot) creates it with the same MAC.
         drop(be);
         ns.ip(&["link", "del", DEV]);
-        let mut be = backend::create(ctx).expect("vxlan backend");
+        let mut be = backend::create(bed.ctx.clone()).expect("vxlan backend");
         assert_eq!(be.prepare().await.unwrap(), publish);
-        assert_eq!(device(&ns)["address"], mac.as_str());
+        assert_eq!(device(ns)["address"], mac);
     });
 }
 
@@ -302,15 +369,7 @@ fn vxlan_incompatible_device_is_recreated_keeping_its_mac() {
 #[test]
 fn vxlan_bad_options_are_refused() {
     // No kernel needed: options are checked when the backend is built.
-    let ext = flannel::iface::ExternalInterface {
-        name: "e0".into(),
-        index: 1,
-        iface_addr: Some("198.18.0.1".parse().unwrap()),
-        iface_v6_addr: None,
-        public_ip: Some("198.18.0.1".parse().unwrap()),
-        public_ipv6: None,
-        mtu: 1500,
-    };
+    let ext = backend_netns::external_interface("198.18.0.1", "198.18.0.1", None);
     let err = backend::create(context(
         config(NETWORK, json!({"Type": "vxlan", "VNI": "seven"})),
         ext.clone(),

@@ -3,9 +3,11 @@
 
 mod backend_netns;
 
-use backend_netns::{config_v6, context, lease, peer_set, route_to, NetnsGuard, Ns};
-use flannel::backend::{self, Backend, BackendContext, Publish, ReconcileReport};
-use flannel::subnet::{Lease, PeerSet};
+use backend_netns::{
+    config_v6, context, lease, peer_set, report, route_to, BackendBed, NetnsGuard, Ns,
+};
+use flannel::backend;
+use flannel::subnet::Lease;
 use serde_json::{json, Value};
 
 const NETWORK: &str = "10.5.0.0/16";
@@ -16,14 +18,6 @@ const MAC_A4: &str = "02:aa:00:00:00:04";
 const MAC_A6: &str = "02:aa:00:00:00:06";
 const MAC_B4: &str = "02:bb:00:00:00:04";
 const MAC_C6: &str = "02:cc:00:00:00:06";
-
-fn report(added: usize, removed: usize, repaired: usize) -> ReconcileReport {
-    ReconcileReport {
-        added,
-        removed,
-        repaired,
-    }
-}
 
 /// A vxlan lease; `None` leaves a field out (`PublicIP` becomes `0.0.0.0`, as flannel writes
 /// it for IPv6-only hosts).
@@ -53,46 +47,12 @@ fn device(ns: &Ns, dev: &str) -> Value {
         .unwrap_or_else(|| panic!("device {dev} missing"))
 }
 
-/// Asserts the three IPv6 entries of a peer on `flannel-v6.7`.
 fn assert_peer6(ns: &Ns, subnet: &str, vtep: &str, mac: &str, public_ip: &str) {
-    let neigh = ns.neighbours6(DEV6);
-    let n = neigh
-        .iter()
-        .find(|n| n["dst"] == vtep)
-        .unwrap_or_else(|| panic!("no neighbour {vtep} on {DEV6}: {neigh:?}"));
-    assert_eq!(n["lladdr"], mac, "{n}");
-    assert_eq!(n["state"], json!(["PERMANENT"]), "{n}");
-
-    let fdb = ns.fdb(DEV6);
-    let f = fdb
-        .iter()
-        .find(|f| f["mac"] == mac)
-        .unwrap_or_else(|| panic!("no FDB entry {mac} on {DEV6}: {fdb:?}"));
-    assert_eq!(f["dst"], public_ip, "{f}");
-    assert_eq!(f["state"], "permanent", "{f}");
-
-    let routes = ns.routes6(DEV6);
-    let r = route_to(&routes, subnet).unwrap_or_else(|| panic!("no route {subnet}: {routes:?}"));
-    assert_eq!(r["gateway"], vtep, "{r}");
-    assert!(
-        r["flags"].as_array().unwrap().contains(&json!("onlink")),
-        "{r}"
-    );
+    backend_netns::assert_vxlan_peer(ns, "-6", DEV6, subnet, (vtep, mac, public_ip));
 }
 
 fn assert_no_peer6(ns: &Ns, subnet: &str, vtep: &str, mac: &str) {
-    assert!(
-        !ns.neighbours6(DEV6).iter().any(|n| n["dst"] == vtep),
-        "neighbour {vtep} still there"
-    );
-    assert!(
-        !ns.fdb(DEV6).iter().any(|f| f["mac"] == mac),
-        "FDB entry {mac} still there"
-    );
-    assert!(
-        route_to(&ns.routes6(DEV6), subnet).is_none(),
-        "route {subnet} still there"
-    );
+    backend_netns::assert_no_vxlan_peer(ns, "-6", DEV6, subnet, vtep, mac);
 }
 
 fn v6_addresses(ns: &Ns, dev: &str) -> Vec<String> {
@@ -110,21 +70,14 @@ fn v6_addresses(ns: &Ns, dev: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// The dual-stack bed: a namespace with a dual-stack underlay, a vxlan backend that has
-/// prepared and acquired its own lease (`own`), and four peers A..D (see
-/// [`dual_stack_peers`]). Each test of one behaviour starts from it, so that one failure does
-/// not hide the others.
-struct DualStack {
-    ns: Ns,
-    ctx: BackendContext,
-    own: Lease,
-}
-
-fn dual_stack_bed(tag: &str) -> (NetnsGuard, DualStack) {
+/// The dual-stack bed: a namespace with a dual-stack underlay and a vxlan config (VNI 7), the
+/// own lease and four peers A..D (see [`dual_stack_peers`]).
+fn dual_stack_bed(tag: &str) -> BackendBed {
     backend_netns::init_logs();
     let guard = NetnsGuard::new(tag);
-    let ns = guard.ns.clone();
-    let ext = ns.underlay_dual(Some("198.18.0.1/24"), "fd00:18::1/64");
+    let ext = guard
+        .ns
+        .underlay_dual(Some("198.18.0.1/24"), "fd00:18::1/64");
     let ctx = context(
         config_v6(Some(NETWORK), NETWORK6, json!({"Type": "vxlan", "VNI": 7})),
         ext,
@@ -136,28 +89,8 @@ fn dual_stack_bed(tag: &str) -> (NetnsGuard, DualStack) {
         None,
         None,
     );
-    (guard, DualStack { ns, ctx, own })
-}
-
-impl DualStack {
-    /// A backend that has prepared and acquired the own lease.
-    async fn started(&self) -> (Box<dyn Backend>, Publish) {
-        let mut be = backend::create(self.ctx.clone()).expect("vxlan backend");
-        let publish = be.prepare().await.expect("prepare");
-        be.lease_acquired(&self.own).await.expect("lease_acquired");
-        (be, publish)
-    }
-
-    /// [`DualStack::started`], with the four peers programmed.
-    async fn with_peers(&self) -> (Box<dyn Backend>, Publish, PeerSet) {
-        let (mut be, publish) = self.started().await;
-        let peers = peer_set(dual_stack_peers());
-        assert_eq!(
-            be.reconcile(&peers).await.unwrap(),
-            report(3 + 3 + 3 + 3 + 3, 0, 0)
-        );
-        (be, publish, peers)
-    }
+    let peers = dual_stack_peers().to_vec();
+    BackendBed::new(guard, ctx, own, peers, report(3 + 3 + 3 + 3 + 3, 0, 0))
 }
 
 /// A: dual stack. B: IPv4 only. C: dual-stack key, but no BackendV6Data (its IPv4 side is
@@ -195,8 +128,7 @@ fn assert_peer_d6(ns: &Ns) {
 #[test]
 fn vxlan_dual_stack_programs_both_devices() {
     netns_tests::require_root!();
-    let (_guard, bed) = dual_stack_bed("vx6");
-    bed.ns.clone().run(move || async move {
+    dual_stack_bed("vx6").run(|bed| async move {
         let ns = &bed.ns;
         let mut be = backend::create(bed.ctx.clone()).expect("vxlan backend");
         let publish = be.prepare().await.expect("prepare");
@@ -241,10 +173,8 @@ fn vxlan_dual_stack_programs_both_devices() {
 #[test]
 fn vxlan_dual_stack_programs_each_peer_by_family() {
     netns_tests::require_root!();
-    let (_guard, bed) = dual_stack_bed("vx6p");
-    bed.ns.clone().run(move || async move {
+    dual_stack_bed("vx6p").run_with_peers(|bed, mut be, peers| async move {
         let ns = &bed.ns;
-        let (mut be, _, peers) = bed.with_peers().await;
         assert_peer6(ns, "fc00:0:0:2::/64", "fc00:0:0:2::", MAC_A6, "fd00:18::2");
         assert_peer_d6(ns);
         assert_no_peer6(ns, "fc00:0:0:4::/64", "fc00:0:0:4::", "02:cc:00:00:00:04");
@@ -265,45 +195,18 @@ fn vxlan_dual_stack_programs_each_peer_by_family() {
 #[test]
 fn vxlan_dual_stack_undoes_hand_made_ipv6_changes_and_keeps_foreign_routes() {
     netns_tests::require_root!();
-    let (_guard, bed) = dual_stack_bed("vx6h");
-    bed.ns.clone().run(move || async move {
+    dual_stack_bed("vx6h").run_with_peers(|bed, mut be, peers| async move {
         let ns = &bed.ns;
-        let (mut be, _, peers) = bed.with_peers().await;
         // Hand-made changes inside the IPv6 network are undone; foreign routes stay.
-        ns.ip(&[
-            "-6",
-            "route",
-            "add",
-            "fc00:0:0:99::/64",
-            "via",
-            "fc00:0:0:99::",
-            "dev",
-            DEV6,
-            "onlink",
-        ]);
-        ns.ip(&[
-            "-6",
-            "route",
-            "add",
-            "fd99::/64",
-            "via",
-            "fc00:0:0:2::",
-            "dev",
-            DEV6,
-            "onlink",
-        ]);
-        ns.ip(&[
-            "-6",
-            "neigh",
-            "replace",
-            "fc00:0:0:2::",
-            "lladdr",
-            "02:99:00:00:00:01",
-            "dev",
-            DEV6,
-            "nud",
-            "permanent",
-        ]);
+        ns.ip_line(&format!(
+            "-6 route add fc00:0:0:99::/64 via fc00:0:0:99:: dev {DEV6} onlink"
+        ));
+        ns.ip_line(&format!(
+            "-6 route add fd99::/64 via fc00:0:0:2:: dev {DEV6} onlink"
+        ));
+        ns.ip_line(&format!(
+            "-6 neigh replace fc00:0:0:2:: lladdr 02:99:00:00:00:01 dev {DEV6} nud permanent"
+        ));
         ns.bridge(&[
             "fdb",
             "replace",
@@ -329,10 +232,8 @@ fn vxlan_dual_stack_undoes_hand_made_ipv6_changes_and_keeps_foreign_routes() {
 #[test]
 fn vxlan_dual_stack_peer_gone_loses_both_families() {
     netns_tests::require_root!();
-    let (_guard, bed) = dual_stack_bed("vx6g");
-    bed.ns.clone().run(move || async move {
+    dual_stack_bed("vx6g").run_with_peers(|bed, mut be, _| async move {
         let ns = &bed.ns;
-        let (mut be, _, _) = bed.with_peers().await;
         // A gone: both its families' entries go.
         let [_, b, c, d] = dual_stack_peers();
         let peers = peer_set([b, c, d]);
@@ -345,10 +246,8 @@ fn vxlan_dual_stack_peer_gone_loses_both_families() {
 #[test]
 fn vxlan_dual_stack_deleted_ipv6_device_comes_back_the_same() {
     netns_tests::require_root!();
-    let (_guard, bed) = dual_stack_bed("vx6d");
-    bed.ns.clone().run(move || async move {
+    dual_stack_bed("vx6d").run_with_peers(|bed, mut be, _| async move {
         let ns = &bed.ns;
-        let (mut be, _, _) = bed.with_peers().await;
         let mac6 = device(ns, DEV6)["address"].as_str().unwrap().to_string();
         // With D the only IPv6 peer left (A gone), ...
         let [_, b, c, d] = dual_stack_peers();
@@ -367,8 +266,7 @@ fn vxlan_dual_stack_deleted_ipv6_device_comes_back_the_same() {
 #[test]
 fn vxlan_dual_stack_restart_adopts_both_devices() {
     netns_tests::require_root!();
-    let (_guard, bed) = dual_stack_bed("vx6r");
-    bed.ns.clone().run(move || async move {
+    dual_stack_bed("vx6r").run(|bed| async move {
         let ns = &bed.ns;
         let (be, publish, peers) = bed.with_peers().await;
         // A restart adopts both devices untouched.

@@ -12,8 +12,8 @@ const WAIT: Duration = Duration::from_secs(20);
 #[test]
 fn two_daemons_get_distinct_subnets_see_each_other_and_keep_subnet_on_restart() {
     netns_tests::require_etcd!();
-    let etcd = Etcd::start();
-    etcd.config(CONFIG);
+    let etcd = Etcd::start_local(Default::default()).unwrap();
+    common::config(&etcd, CONFIG);
     let a = Flanneld::start(&etcd.endpoint(), "198.18.7.1", &[]);
     let mut b = Flanneld::start(&etcd.endpoint(), "198.18.7.2", &[]);
     a.wait_ready(WAIT);
@@ -27,7 +27,7 @@ fn two_daemons_get_distinct_subnets_see_each_other_and_keep_subnet_on_restart() 
     assert_eq!(keys, expected);
 
     // The lease value is flannel's JSON.
-    let value = &etcd.get_prefix("/coreos.com/network/subnets/")[0].1;
+    let value = &etcd.get_prefix("/coreos.com/network/subnets/").unwrap()[0].1;
     let v: serde_json::Value = serde_json::from_str(value).unwrap();
     assert!(v["PublicIP"].as_str().unwrap().starts_with("198.18.7."));
     assert!(v["PublicIPv6"].is_null());
@@ -57,8 +57,8 @@ fn two_daemons_get_distinct_subnets_see_each_other_and_keep_subnet_on_restart() 
 #[test]
 fn old_subnet_file_is_preferred_when_its_subnet_is_free() {
     netns_tests::require_etcd!();
-    let etcd = Etcd::start();
-    etcd.config(CONFIG);
+    let etcd = Etcd::start_local(Default::default()).unwrap();
+    common::config(&etcd, CONFIG);
     let mut a = Flanneld::start(&etcd.endpoint(), "198.18.7.5", &[]);
     a.wait_ready(WAIT);
     let first = a.subnet().unwrap();
@@ -74,13 +74,17 @@ fn old_subnet_file_is_preferred_when_its_subnet_is_free() {
 #[test]
 fn reservation_is_never_taken_and_is_a_peer() {
     netns_tests::require_etcd!();
-    let etcd = Etcd::start();
+    let etcd = Etcd::start_local(Default::default()).unwrap();
     // 10.5.0.0/26 in /28s: 4 subnets, 3 free by default (the first is never handed out).
-    etcd.config(r#"{"Network":"10.5.0.0/26","SubnetLen":28,"Backend":{"Type":"alloc"}}"#);
+    common::config(
+        &etcd,
+        r#"{"Network":"10.5.0.0/26","SubnetLen":28,"Backend":{"Type":"alloc"}}"#,
+    );
     etcd.put(
         "/coreos.com/network/subnets/10.5.0.16-28",
         r#"{"PublicIP":"198.18.9.9","PublicIPv6":null,"BackendType":"alloc"}"#,
-    );
+    )
+    .unwrap();
     let hosts: Vec<Flanneld> = (1..=2)
         .map(|i| Flanneld::start(&etcd.endpoint(), &format!("198.18.7.{i}"), &[]))
         .collect();
@@ -104,15 +108,17 @@ fn reservation_is_never_taken_and_is_a_peer() {
             .then_some(())
     });
     assert_eq!(third.http_get("/readyz").map(|r| r.0), Some(503));
-    let reservation = etcd.get_prefix("/coreos.com/network/subnets/10.5.0.16-28");
+    let reservation = etcd
+        .get_prefix("/coreos.com/network/subnets/10.5.0.16-28")
+        .unwrap();
     assert!(reservation[0].1.contains("198.18.9.9"));
 }
 
 #[test]
 fn expired_peer_is_removed_after_its_ttl() {
     netns_tests::require_etcd!();
-    let etcd = Etcd::start();
-    etcd.config(CONFIG);
+    let etcd = Etcd::start_local(Default::default()).unwrap();
+    common::config(&etcd, CONFIG);
     let ttl = ["--subnet-lease-ttl=4s"];
     let a = Flanneld::start(&etcd.endpoint(), "198.18.7.1", &ttl);
     let mut b = Flanneld::start(&etcd.endpoint(), "198.18.7.2", &ttl);
@@ -139,8 +145,8 @@ fn expired_peer_is_removed_after_its_ttl() {
 #[test]
 fn own_lease_deleted_is_reacquired_with_the_same_subnet() {
     netns_tests::require_etcd!();
-    let etcd = Etcd::start();
-    etcd.config(CONFIG);
+    let etcd = Etcd::start_local(Default::default()).unwrap();
+    common::config(&etcd, CONFIG);
     let a = Flanneld::start(&etcd.endpoint(), "198.18.7.1", &[]);
     a.wait_ready(WAIT);
     let key = key_of_subnet(&a.subnet().unwrap());
@@ -155,14 +161,14 @@ fn own_lease_deleted_is_reacquired_with_the_same_subnet() {
 #[test]
 fn etcd_outage_longer_than_a_renewal_period_is_survived() {
     netns_tests::require_etcd!();
-    let mut etcd = Etcd::start();
-    etcd.config(CONFIG);
+    let etcd = Etcd::start_local(Default::default()).unwrap();
+    common::config(&etcd, CONFIG);
     // TTL 6 s: renewal every 2 s.
     let mut a = Flanneld::start(&etcd.endpoint(), "198.18.7.1", &["--subnet-lease-ttl=6s"]);
     a.wait_ready(WAIT);
     let subnet = a.subnet().unwrap();
     let renewals_before = a.metric("flannel_lease_renewals_total").unwrap();
-    etcd.kill();
+    etcd.kill9();
     poll("the outage to show in /metrics", WAIT, || {
         (a.metric("flannel_etcd_up") == Some(0.0)).then_some(())
     });
@@ -175,7 +181,7 @@ fn etcd_outage_longer_than_a_renewal_period_is_survived() {
     });
     assert!(a.is_running(), "flanneld exited during the etcd outage");
     assert_eq!(a.http_get("/readyz").map(|r| r.0), Some(200));
-    etcd.resume();
+    etcd.start().unwrap();
     poll("a renewal after etcd returned", WAIT, || {
         (a.metric("flannel_lease_renewals_total")? > renewals_before
             && a.metric("flannel_etcd_up")? == 1.0)
@@ -189,21 +195,21 @@ fn etcd_outage_longer_than_a_renewal_period_is_survived() {
 #[test]
 fn daemon_waits_for_etcd_that_is_down_at_start() {
     netns_tests::require_etcd!();
-    let mut etcd = Etcd::start();
-    etcd.config(CONFIG);
-    etcd.kill();
+    let etcd = Etcd::start_local(Default::default()).unwrap();
+    common::config(&etcd, CONFIG);
+    etcd.kill9();
     let a = Flanneld::start(&etcd.endpoint(), "198.18.7.1", &[]);
     poll("a retry message", WAIT, || {
         a.log().contains("retrying").then_some(())
     });
-    etcd.resume();
+    etcd.start().unwrap();
     a.wait_ready(WAIT);
 }
 
 #[test]
 fn bad_configs_are_named_and_fixing_them_needs_no_restart() {
     netns_tests::require_etcd!();
-    let etcd = Etcd::start();
+    let etcd = Etcd::start_local(Default::default()).unwrap();
     let mut a = Flanneld::start(&etcd.endpoint(), "198.18.7.1", &[]);
     poll("the wait for a config", WAIT, || {
         a.log()
@@ -211,7 +217,11 @@ fn bad_configs_are_named_and_fixing_them_needs_no_restart() {
             .then_some(())
     });
     let cases = [
-        ("{not json", "not valid JSON"),
+        // The parser's own words follow, naming where the text went wrong.
+        (
+            "{not json",
+            "network config is not valid JSON: key must be a string at line 1 column 2",
+        ),
         (
             r#"{"Network":"10.5.0.0/16","SubnetLen":31,"Backend":{"Type":"alloc"}}"#,
             "SubnetLen 31",
@@ -222,7 +232,7 @@ fn bad_configs_are_named_and_fixing_them_needs_no_restart() {
         ),
     ];
     for (config, expected) in cases {
-        etcd.config(config);
+        common::config(&etcd, config);
         poll(&format!("a message naming {expected}"), WAIT, || {
             a.log().contains(expected).then_some(())
         });
@@ -237,7 +247,7 @@ fn bad_configs_are_named_and_fixing_them_needs_no_restart() {
             "lease taken for a bad config"
         );
     }
-    etcd.config(CONFIG);
+    common::config(&etcd, CONFIG);
     a.wait_ready(WAIT);
     assert!(a.subnet().unwrap().starts_with("10.5."));
     assert!(a.stop().success());
@@ -246,9 +256,10 @@ fn bad_configs_are_named_and_fixing_them_needs_no_restart() {
 #[test]
 fn garbage_peer_lease_is_skipped_and_counted() {
     netns_tests::require_etcd!();
-    let etcd = Etcd::start();
-    etcd.config(CONFIG);
-    etcd.put("/coreos.com/network/subnets/10.5.200.0-24", "{garbage");
+    let etcd = Etcd::start_local(Default::default()).unwrap();
+    common::config(&etcd, CONFIG);
+    etcd.put("/coreos.com/network/subnets/10.5.200.0-24", "{garbage")
+        .unwrap();
     let a = Flanneld::start(&etcd.endpoint(), "198.18.7.1", &[]);
     a.wait_ready(WAIT);
     assert_eq!(a.metric("flannel_malformed_leases_total"), Some(1.0));
@@ -259,11 +270,13 @@ fn garbage_peer_lease_is_skipped_and_counted() {
         "took a subnet someone holds"
     );
     // Also through the watch, and a good peer still counts.
-    etcd.put("/coreos.com/network/subnets/10.5.201.0-24", "[1,2");
+    etcd.put("/coreos.com/network/subnets/10.5.201.0-24", "[1,2")
+        .unwrap();
     etcd.put(
         "/coreos.com/network/subnets/10.5.202.0-24",
         r#"{"PublicIP":"198.18.7.9","PublicIPv6":null,"BackendType":"alloc"}"#,
-    );
+    )
+    .unwrap();
     poll(
         "the second malformed lease counted and the good peer seen",
         WAIT,
@@ -308,8 +321,8 @@ fn bad_flags_exit_with_a_message_naming_the_flag() {
 #[test]
 fn systemd_is_told_ready_once_the_subnet_file_is_written() {
     netns_tests::require_etcd!();
-    let etcd = Etcd::start();
-    etcd.config(CONFIG);
+    let etcd = Etcd::start_local(Default::default()).unwrap();
+    common::config(&etcd, CONFIG);
     let dir = tempfile::tempdir().unwrap();
     let sock_path = dir.path().join("notify.sock");
     let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
@@ -334,14 +347,15 @@ fn systemd_is_told_ready_once_the_subnet_file_is_written() {
 #[test]
 fn a_flood_of_large_malformed_leases_is_logged_briefly_and_rarely() {
     netns_tests::require_etcd!();
-    let etcd = Etcd::start();
-    etcd.config(CONFIG);
+    let etcd = Etcd::start_local(Default::default()).unwrap();
+    common::config(&etcd, CONFIG);
     let flanneld = Flanneld::start(&etcd.endpoint(), "198.18.7.1", &[]);
     flanneld.wait_ready(WAIT);
     // 100 kB of junk each (a command-line argument holds at most 128 kB).
     let junk = format!("\"{}\"", "x".repeat(100_000));
     for i in 0..30 {
-        etcd.put(&format!("/coreos.com/network/subnets/junk-{i}"), &junk);
+        etcd.put(&format!("/coreos.com/network/subnets/junk-{i}"), &junk)
+            .unwrap();
     }
     poll("all 30 malformed leases counted", WAIT, || {
         (flanneld.metric("flannel_malformed_leases_total")? == 30.0).then_some(())

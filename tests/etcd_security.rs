@@ -4,7 +4,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{issue, make_ca, poll, CertKey, Etcd, Flanneld, ServerTls};
+use common::{issue, make_ca, poll, CertKey, Etcd, Flanneld, LocalEtcd};
+use netns_tests::ServerTls;
 
 const CONFIG: &str = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"alloc"}}"#;
 const WAIT: Duration = Duration::from_secs(20);
@@ -24,13 +25,17 @@ fn tls_with_client_certificates() {
     let ca = make_ca(pki.path(), "ca");
     let server = issue(pki.path(), &ca, "server");
     let client = issue(pki.path(), &ca, "client");
-    let etcd = Etcd::start_with(Some(ServerTls {
-        ca: ca.cert.clone(),
-        server,
-        client: Some(client.clone()),
-    }));
+    let etcd = Etcd::start_local(LocalEtcd {
+        tls: Some(ServerTls {
+            ca: ca.cert.clone(),
+            server,
+            client: Some(client.clone()),
+        }),
+        ..Default::default()
+    })
+    .unwrap();
     assert!(etcd.endpoint().starts_with("https://"));
-    etcd.config(CONFIG);
+    common::config(&etcd, CONFIG);
 
     let flags = tls_flags(&ca.cert, &client);
     let flag_refs: Vec<&str> = flags.iter().map(String::as_str).collect();
@@ -53,7 +58,7 @@ fn tls_with_client_certificates() {
     assert_eq!(common::subnet_keys(&etcd).len(), 1);
 
     // TLS flags with a plain http:// endpoint: refused at start, naming the flag.
-    let plain = format!("http://127.0.0.1:{}", etcd.client_port);
+    let plain = format!("http://127.0.0.1:{}", etcd.client_port());
     let mut refused = Flanneld::start(&plain, "198.18.7.3", &flag_refs);
     let status = refused.wait_exit(WAIT);
     assert!(!status.success());
@@ -70,9 +75,9 @@ const FLANNEL_USER: [&str; 3] = [
 #[test]
 fn password_authentication() {
     netns_tests::require_etcd!();
-    let mut etcd = Etcd::start();
-    etcd.config(CONFIG);
-    etcd.enable_auth();
+    let mut etcd = Etcd::start_local(Default::default()).unwrap();
+    common::config(&etcd, CONFIG);
+    etcd.enable_auth().unwrap();
     // Without credentials the keys are out of reach.
     assert!(etcd
         .etcdctl(&["get", "--user=nobody:x", "/coreos.com/network/config"])
@@ -98,6 +103,18 @@ fn password_authentication() {
         "{}",
         wrong.log()
     );
+    // The exit message is the error with its causes, each said once.
+    let log = wrong.log();
+    let exit_line = log
+        .lines()
+        .find(|l| l.starts_with("flanneld: "))
+        .unwrap_or_else(|| panic!("no exit message in:\n{log}"));
+    assert!(exit_line.starts_with("flanneld: etcd: "), "{exit_line}");
+    assert_eq!(
+        exit_line.matches("authentication failed").count(),
+        1,
+        "{exit_line}"
+    );
 }
 
 /// Waits until etcd dropped every token flanneld holds: the one from its start and each one it
@@ -105,7 +122,7 @@ fn password_authentication() {
 fn wait_for_expiry_of_every_token(etcd: &Etcd, flanneld: &Flanneld) {
     poll("etcd to expire flanneld's tokens", WAIT, || {
         let taken = 1 + flanneld.log().matches("authenticating again").count();
-        (etcd.expired_flannel_tokens() >= taken).then_some(())
+        (common::expired_flannel_tokens(etcd) >= taken).then_some(())
     });
 }
 
@@ -133,9 +150,9 @@ fn lease_comes_back(etcd: &Etcd, flanneld: &Flanneld, when: &str) {
 fn password_auth_survives_token_expiry_and_etcd_restart() {
     netns_tests::require_etcd!();
     // Simple tokens that etcd forgets 3 s after their last use, and on restart.
-    let mut etcd = Etcd::start_with_args(&common::SHORT_LIVED_TOKENS);
-    etcd.config(CONFIG);
-    etcd.enable_auth();
+    let mut etcd = Etcd::start_local(common::short_lived_tokens()).unwrap();
+    common::config(&etcd, CONFIG);
+    etcd.enable_auth().unwrap();
     let mut flags = FLANNEL_USER.to_vec();
     flags.push("--subnet-lease-ttl=20s");
     let flanneld = Flanneld::start(&etcd.endpoint(), "198.18.7.1", &flags);
@@ -151,8 +168,8 @@ fn password_auth_survives_token_expiry_and_etcd_restart() {
     lease_comes_back(&etcd, &flanneld, "after a second expiry");
 
     // A restart forgets every token at once, and breaks the watch.
-    etcd.kill();
-    etcd.resume();
+    etcd.kill9();
+    etcd.start().unwrap();
     lease_comes_back(&etcd, &flanneld, "after an etcd restart");
     assert!(
         flanneld.log().contains("authenticating again"),
@@ -167,12 +184,16 @@ fn https_without_cafile_trusts_the_system_roots() {
     let pki = tempfile::tempdir().unwrap();
     let ca = make_ca(pki.path(), "ca");
     let server = issue(pki.path(), &ca, "server");
-    let etcd = Etcd::start_with(Some(ServerTls {
-        ca: ca.cert.clone(),
-        server,
-        client: None,
-    }));
-    etcd.config(CONFIG);
+    let etcd = Etcd::start_local(LocalEtcd {
+        tls: Some(ServerTls {
+            ca: ca.cert.clone(),
+            server,
+            client: None,
+        }),
+        ..Default::default()
+    })
+    .unwrap();
+    common::config(&etcd, CONFIG);
     let ca_file = ca.cert.display().to_string();
 
     // The system store (here pointed at by SSL_CERT_FILE, which flannel's Go honours too)

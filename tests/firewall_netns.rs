@@ -5,13 +5,17 @@ mod common;
 
 use std::time::Duration;
 
-use common::{poll, Etcd, Flanneld, Netns};
+use common::{poll, Etcd, Flanneld, LocalEtcd, Netns};
 
 const WAIT: Duration = Duration::from_secs(20);
 
 fn start(ns: &Netns, config: &str) -> (Etcd, Flanneld, String) {
-    let etcd = Etcd::start_in(Some(&ns.name), None);
-    etcd.config(config);
+    let etcd = Etcd::start_local(LocalEtcd {
+        netns: Some(ns.name.clone()),
+        ..Default::default()
+    })
+    .unwrap();
+    common::config(&etcd, config);
     let f = Flanneld::start_in(
         Some(&ns.name),
         &etcd.endpoint(),

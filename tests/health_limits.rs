@@ -4,12 +4,11 @@
 mod common;
 
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use netns_tests::FlanneldCommand;
+use netns_tests::{Daemon, FlanneldCommand, ProcStats};
 
-use common::{http_get, poll, Etcd, Netns};
+use common::{http_get, poll, Etcd, LocalEtcd, Netns};
 
 const CONFIG: &str = r#"{"Network":"10.5.0.0/16","SubnetLen":24,"Backend":{"Type":"alloc"}}"#;
 const WAIT: Duration = Duration::from_secs(20);
@@ -27,7 +26,7 @@ const CPU_BUDGET: Duration = Duration::from_millis(500);
 /// flanneld started under `prlimit`, with its own subnet file and log; killed on drop.
 struct LimitedFlanneld {
     dir: tempfile::TempDir,
-    child: Child,
+    process: Daemon,
 }
 
 impl LimitedFlanneld {
@@ -39,33 +38,24 @@ impl LimitedFlanneld {
         flanneld.wrapper = vec!["prlimit".into(), format!("--nofile={nofile}").into()];
         flanneld.args = args.to_vec();
         flanneld.subnet_file = Some(dir.path().join("subnet.env"));
-        let child = flanneld
-            .spawn_logged(&dir.path().join("flanneld.log"))
+        let process = Daemon::new("prlimit flanneld", dir.path().join("flanneld.log"), 30);
+        process
+            .start(flanneld.command())
             .expect("start prlimit flanneld");
-        LimitedFlanneld { dir, child }
+        LimitedFlanneld { dir, process }
     }
 
     fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.pid().expect("flanneld runs")
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("flanneld.log")).unwrap_or_default()
+        self.process.log()
     }
 
-    /// User plus system CPU time used so far, from /proc/<pid>/stat.
+    /// User plus system CPU time used so far.
     fn cpu_time(&self) -> Duration {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
-        // Fields after the command name (which may hold spaces) start at field 3 (state);
-        // utime and stime are fields 14 and 15.
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .unwrap()
-            .1
-            .split_whitespace()
-            .collect();
-        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-        Duration::from_secs_f64(ticks as f64 / clock_ticks_per_second() as f64)
+        Duration::from_secs_f64(ProcStats::read(self.pid()).unwrap().cpu_secs)
     }
 
     fn open_files(&self) -> usize {
@@ -73,23 +63,6 @@ impl LimitedFlanneld {
             .map(|d| d.count())
             .unwrap_or(0)
     }
-}
-
-impl Drop for LimitedFlanneld {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            let log = self.dir.path().join("flanneld.log");
-            eprintln!("--- flanneld log tail ({}) ---", self.dir.path().display());
-            eprintln!("{}", netns_tests::cmd::tail(&log, 30));
-        }
-    }
-}
-
-fn clock_ticks_per_second() -> u64 {
-    let out = Command::new("getconf").arg("CLK_TCK").output().unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
 }
 
 /// Runs `f` on a thread that entered `ns`: the sockets it opens live in that namespace.
@@ -179,8 +152,12 @@ fn idle_connection_flood(daemon_nofile: u64) {
         .unwrap();
     client.run(&["ip", "link", "set", "flood1", "up"]).unwrap();
 
-    let etcd = Etcd::start_in(Some(&host.name), None);
-    etcd.config(CONFIG);
+    let etcd = Etcd::start_local(LocalEtcd {
+        netns: Some(host.name.clone()),
+        ..Default::default()
+    })
+    .unwrap();
+    common::config(&etcd, CONFIG);
     let health = SocketAddr::from(([198, 18, 41, 1], common::free_port()));
     let daemon = LimitedFlanneld::start(
         Some(&host.name),
@@ -263,8 +240,8 @@ fn idle_connection_flood(daemon_nofile: u64) {
 #[test]
 fn soft_open_file_limit_is_raised_to_the_hard_limit_at_start() {
     netns_tests::require_etcd!();
-    let etcd = Etcd::start();
-    etcd.config(CONFIG);
+    let etcd = Etcd::start_local(Default::default()).unwrap();
+    common::config(&etcd, CONFIG);
     let daemon = LimitedFlanneld::start(
         None,
         "256:4096",

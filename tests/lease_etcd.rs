@@ -50,7 +50,7 @@ async fn racing_dual_stack_acquirers_never_share_an_ipv4_subnet() {
 
 async fn race(config_json: &[u8]) {
     netns_tests::require_etcd!();
-    let etcd = Etcd::start();
+    let etcd = Etcd::start_local(Default::default()).unwrap();
     let config = NetworkConfig::parse(config_json).unwrap();
     let reg = registry(&etcd).await;
     let tasks: Vec<_> = (0..24)
@@ -58,7 +58,7 @@ async fn race(config_json: &[u8]) {
             let (reg, config) = (reg.clone(), config.clone());
             tokio::spawn(async move {
                 let mut attrs = attrs(&format!("198.18.8.{}", i + 1));
-                if config.enable_ipv6 {
+                if config.v6.is_some() {
                     attrs.public_ipv6 = Some(format!("fd00:18::{}", i + 1).parse().unwrap());
                 }
                 let req = AcquireRequest {
@@ -88,12 +88,12 @@ async fn race(config_json: &[u8]) {
     let v4: HashSet<_> = won.iter().map(|l| l.key.ipv4.unwrap()).collect();
     assert_eq!(v4.len(), 15, "an IPv4 subnet was handed out twice");
     assert!(!v4.contains(&"10.5.0.0/28".parse().unwrap()));
-    if config.enable_ipv6 {
+    if config.v6.is_some() {
         let v6: HashSet<_> = won.iter().map(|l| l.key.ipv6.unwrap()).collect();
         assert_eq!(v6.len(), 15, "an IPv6 subnet was handed out twice");
     }
     // etcd agrees: 15 keys, each with the public IP of the acquirer that won it.
-    let stored = etcd.get_prefix("/coreos.com/network/subnets/");
+    let stored = etcd.get_prefix("/coreos.com/network/subnets/").unwrap();
     assert_eq!(stored.len(), 15);
     for lease in &won {
         let key = format!("/coreos.com/network/subnets/{}", lease.key);
@@ -106,13 +106,14 @@ async fn race(config_json: &[u8]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_resumed_behind_a_compaction_loses_no_change() {
     netns_tests::require_etcd!();
-    let etcd = Etcd::start();
+    let etcd = Etcd::start_local(Default::default()).unwrap();
     let reg = registry(&etcd).await;
     let put = |k: &str, ip: &str| {
         etcd.put(
             &format!("/coreos.com/network/subnets/{k}"),
             &format!(r#"{{"PublicIP":"{ip}","PublicIPv6":null,"BackendType":"alloc"}}"#),
         )
+        .unwrap()
     };
     put("10.5.1.0-24", "198.18.0.1");
     put("10.5.2.0-24", "198.18.0.2");
@@ -212,7 +213,7 @@ fn lease_json(ip: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subnets_listing_over_the_message_limit_still_grants_leases() {
     netns_tests::require_etcd!();
-    let etcd = Etcd::start();
+    let etcd = Etcd::start_local(Default::default()).unwrap();
     let reg = registry(&etcd).await;
     let config =
         NetworkConfig::parse(br#"{"Network":"10.5.0.0/16","Backend":{"Type":"alloc"}}"#).unwrap();
@@ -288,7 +289,7 @@ async fn subnets_listing_over_the_message_limit_still_grants_leases() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_leases_list_completely() {
     netns_tests::require_etcd!();
-    let etcd = Etcd::start();
+    let etcd = Etcd::start_local(Default::default()).unwrap();
     let reg = registry(&etcd).await;
     let mut client = reg.client();
     // 10,000 /30s of a /16, written 100 to a transaction (etcd allows 128 operations).
@@ -325,8 +326,8 @@ async fn ten_thousand_leases_list_completely() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_opened_after_the_token_expired_is_not_refused() {
     netns_tests::require_etcd!();
-    let mut etcd = Etcd::start_with_args(&common::SHORT_LIVED_TOKENS);
-    etcd.enable_auth();
+    let mut etcd = Etcd::start_local(common::short_lived_tokens()).unwrap();
+    etcd.enable_auth().unwrap();
     let reg = Registry::connect(&EtcdOptions {
         endpoints: vec![etcd.endpoint()],
         prefix: "/coreos.com/network".into(),
@@ -341,7 +342,7 @@ async fn watch_opened_after_the_token_expired_is_not_refused() {
     common::poll(
         "etcd to expire the registry's token",
         Duration::from_secs(20),
-        || (etcd.expired_flannel_tokens() >= 1).then_some(()),
+        || (common::expired_flannel_tokens(&etcd) >= 1).then_some(()),
     );
     // etcd does not refuse a watch made with an expired token: it cancels it as "permission
     // denied", which must not be taken as the answer.

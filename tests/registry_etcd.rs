@@ -54,7 +54,7 @@ fn request(ip: &str) -> AcquireRequest {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemon_reads_acquires_renews_and_watches_through_the_trait() {
     netns_tests::require_etcd!();
-    let etcd = Etcd::start();
+    let etcd = Etcd::start_local(Default::default()).unwrap();
     let (raw, reg, metrics) = connect(&etcd).await;
     assert_eq!(reg.config_location(), CONFIG_KEY);
     let json = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#;
@@ -107,7 +107,7 @@ async fn the_daemon_reads_acquires_renews_and_watches_through_the_trait() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_network_is_no_lease_not_a_registry_failure() {
     netns_tests::require_etcd!();
-    let etcd = Etcd::start();
+    let etcd = Etcd::start_local(Default::default()).unwrap();
     let (_raw, reg, metrics) = connect(&etcd).await;
     // Four /26s, the first never handed out: room for three hosts.
     let config = NetworkConfig::parse(
@@ -131,7 +131,7 @@ async fn a_full_network_is_no_lease_not_a_registry_failure() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_config_write_ends_the_wait_for_a_change() {
     netns_tests::require_etcd!();
-    let etcd = Etcd::start();
+    let etcd = Etcd::start_local(Default::default()).unwrap();
     let (raw, reg, _metrics) = connect(&etcd).await;
     let read = reg.read_config().await.unwrap();
     assert_eq!(read.value, None);

@@ -113,18 +113,10 @@ fn recv(args: &[String]) -> Result<String, String> {
     let bind: SocketAddrV4 = parse(args, "--bind")?;
     let secs: f64 = parse(args, "--secs")?;
     let sock = UdpSocket::bind(SocketAddr::V4(bind)).map_err(|e| format!("bind {bind}: {e}"))?;
-    let size: libc::c_int = 16 << 20;
-    // SAFETY: the option value is one int, passed with its size. Best effort: a smaller
-    // buffer only means more drops at the receiver, which the caller also counts.
-    unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            (&size as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
+    // Best effort: a smaller buffer only means more drops at the receiver, which the caller
+    // also counts.
+    let _ =
+        nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::RcvBufForce, &(16 << 20));
     sock.set_read_timeout(Some(Duration::from_millis(500)))
         .map_err(|e| e.to_string())?;
     let mut bufs = vec![[0u8; 2048]; BATCH];

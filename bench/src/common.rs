@@ -15,8 +15,48 @@ pub fn default_flanneld() -> PathBuf {
         .join("flanneld")
 }
 
-/// Arguments for a one-member etcd named `name` with its data in `data_dir`, serving clients
-/// on `client_url` (its peer port stays on loopback).
-pub fn etcd_args(name: &str, data_dir: &Path, client_url: &str) -> Vec<String> {
-    netns_tests::EtcdSpec::single(name, data_dir, client_url, "http://127.0.0.1:2380").args()
+/// Walks `--flag value` options: `on_flag` gets each flag and a function that takes its value
+/// (an error naming the flag when there is none).
+pub fn each_option(
+    args: &[String],
+    mut on_flag: impl FnMut(&str, &mut dyn FnMut() -> Result<String, String>) -> Result<(), String>,
+) -> Result<(), String> {
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let mut value = || {
+            it.next()
+                .cloned()
+                .ok_or_else(|| format!("{flag} needs a value"))
+        };
+        on_flag(flag, &mut value)?;
+    }
+    Ok(())
+}
+
+/// `value` as a count for `flag`, or an error naming both.
+pub fn count(flag: &str, value: String) -> Result<usize, String> {
+    value
+        .parse()
+        .map_err(|_| format!("{flag}: {value:?} is not a number"))
+}
+
+/// `ip` arguments that add a flannel-style VXLAN device `flannel.1` (VNI 1, port 8472, no
+/// learning: the neighbour and FDB entries are written by hand) on `dev`, sending from `local`.
+pub fn vxlan_link_args<'a>(local: &'a str, dev: &'a str) -> [&'a str; 14] {
+    [
+        "link",
+        "add",
+        "flannel.1",
+        "type",
+        "vxlan",
+        "id",
+        "1",
+        "local",
+        local,
+        "dev",
+        dev,
+        "dstport",
+        "8472",
+        "nolearning",
+    ]
 }

@@ -65,20 +65,10 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         go_flanneld: None,
         idle_secs: 60,
     };
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut val = || {
-            it.next()
-                .cloned()
-                .ok_or_else(|| format!("{a} needs a value"))
-        };
-        let num = |v: String| {
-            v.parse::<usize>()
-                .map_err(|_| format!("{a}: {v:?} is not a number"))
-        };
-        match a.as_str() {
-            "--hosts" => o.hosts = num(val()?)?,
-            "--rounds" => o.rounds = num(val()?)?.max(1),
+    crate::common::each_option(args, |flag, val| {
+        match flag {
+            "--hosts" => o.hosts = crate::common::count(flag, val()?)?,
+            "--rounds" => o.rounds = crate::common::count(flag, val()?)?.max(1),
             "--backend" => {
                 let v = val()?;
                 o.backend = match Backend::from_type(&v) {
@@ -90,10 +80,11 @@ fn parse(args: &[String]) -> Result<Opts, String> {
             "--flanneld" => o.flanneld = PathBuf::from(val()?),
             "--daemons" => o.daemons = Daemon::parse_list(&val()?)?,
             "--go-flanneld" => o.go_flanneld = Some(PathBuf::from(val()?)),
-            "--idle-secs" => o.idle_secs = num(val()?)? as u64,
+            "--idle-secs" => o.idle_secs = crate::common::count(flag, val()?)? as u64,
             other => return Err(format!("unknown option {other:?}")),
         }
-    }
+        Ok(())
+    })?;
     if o.hosts < 2 || o.hosts > 200 {
         return Err("--hosts must be between 2 and 200".into());
     }

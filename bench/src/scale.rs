@@ -24,8 +24,9 @@ use std::collections::HashMap;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpStream};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -34,10 +35,8 @@ use serde_json::json;
 
 use crate::side_by_side::{self, Daemon, Row, Want};
 
-const ETCD_IP: &str = "198.18.0.2";
+const ETCD_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 const ETCD_PORT: u16 = 2379;
-/// etcd's peer port stays on its namespace's loopback.
-const ETCD_PEER_URL: &str = "http://127.0.0.1:2380";
 const PREFIX: &str = "/coreos.com/network";
 
 struct Opts {
@@ -73,29 +72,20 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         daemons: Daemon::BOTH.to_vec(),
         go_flanneld: None,
     };
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut val = || {
-            it.next()
-                .cloned()
-                .ok_or_else(|| format!("{a} needs a value"))
-        };
-        let num = |v: String| {
-            v.parse::<usize>()
-                .map_err(|_| format!("{a}: {v:?} is not a number"))
-        };
-        match a.as_str() {
-            "--peers" => o.peers = num(val()?)?,
-            "--joins" => o.joins = num(val()?)?,
-            "--hosts" => o.hosts = num(val()?)?,
-            "--rounds" => o.rounds = num(val()?)?.max(1),
+    crate::common::each_option(args, |flag, val| {
+        match flag {
+            "--peers" => o.peers = crate::common::count(flag, val()?)?,
+            "--joins" => o.joins = crate::common::count(flag, val()?)?,
+            "--hosts" => o.hosts = crate::common::count(flag, val()?)?,
+            "--rounds" => o.rounds = crate::common::count(flag, val()?)?.max(1),
             "--json" => o.json = Some(PathBuf::from(val()?)),
             "--flanneld" => o.flanneld = PathBuf::from(val()?),
             "--daemons" => o.daemons = Daemon::parse_list(&val()?)?,
             "--go-flanneld" => o.go_flanneld = Some(PathBuf::from(val()?)),
             other => return Err(format!("unknown option {other:?}")),
         }
-    }
+        Ok(())
+    })?;
     if o.peers == 0 || o.peers > 60_000 {
         return Err("--peers must be between 1 and 60000".into());
     }
@@ -180,19 +170,6 @@ impl Ns {
     }
 }
 
-/// A child process, killed and reaped on drop.
-struct Proc {
-    child: Child,
-    what: String,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn sh(prog: &str, args: &[&str]) -> Result<String, String> {
     netns_tests::cmd::run(prog, args).map_err(|e| e.to_string())
 }
@@ -216,19 +193,11 @@ fn in_ns<T: Send + 'static>(
 }
 
 /// Starts `cmd` (built to run inside a namespace: `ip netns exec` execs the program, so the
-/// child's pid is the program's) with its output in `log`.
-fn spawn_logged(mut cmd: Command, log: &Path, what: &str) -> Result<Proc, String> {
-    let logf = fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(logf.try_clone().map_err(|e| e.to_string())?)
-        .stderr(logf)
-        .spawn()
-        .map_err(|e| format!("starting {what}: {e}"))?;
-    Ok(Proc {
-        child,
-        what: what.to_string(),
-    })
+/// child's pid is the program's) with its output in `log`; killed when dropped.
+fn spawn_logged(cmd: Command, log: &Path, what: &str) -> Result<netns_tests::Daemon, String> {
+    let process = netns_tests::Daemon::new(what, log, 0);
+    process.start(cmd).map_err(|e| e.to_string())?;
+    Ok(process)
 }
 
 fn veth(a: &Ns, a_dev: &str, b: &Ns, b_dev: &str) -> Result<(), String> {
@@ -249,10 +218,10 @@ fn veth(a: &Ns, a_dev: &str, b: &Ns, b_dev: &str) -> Result<(), String> {
 // ---------------------------------------------------------------------------------------------
 // etcd over its JSON gateway (no client library needed)
 
+/// etcd, started by the test bed, and its JSON gateway.
 struct Etcd {
-    _proc: Proc,
+    _etcd: netns_tests::Etcd,
     ns_path: String,
-    _dir: TempDir,
 }
 
 struct TempDir(PathBuf);
@@ -298,38 +267,25 @@ fn b64(data: &[u8]) -> String {
 impl Etcd {
     /// Starts etcd in `ns` on `ETCD_IP` (which `ns` must have).
     fn start(ns: &Ns) -> Result<Etcd, String> {
-        let dir = TempDir::new("etcd")?;
-        let url = format!("http://{ETCD_IP}:{ETCD_PORT}");
-        let mut spec =
-            netns_tests::EtcdSpec::single("default", dir.0.join("data"), &url, ETCD_PEER_URL);
-        spec.extra_args = [
-            "--max-txn-ops",
-            "1024",
-            "--quota-backend-bytes",
-            "1073741824",
-        ]
-        .map(String::from)
-        .to_vec();
-        let proc = spawn_logged(
-            spec.command(Some(&ns.name)),
-            &dir.0.join("etcd.log"),
-            "etcd",
-        )?;
-        let etcd = Etcd {
-            _proc: proc,
+        let etcd = netns_tests::Etcd::start_local(netns_tests::LocalEtcd {
+            netns: Some(ns.name.clone()),
+            ip: Some(ETCD_IP),
+            client_port: Some(ETCD_PORT),
+            extra_args: [
+                "--max-txn-ops",
+                "1024",
+                "--quota-backend-bytes",
+                "1073741824",
+            ]
+            .map(String::from)
+            .to_vec(),
+            ..Default::default()
+        })
+        .map_err(|e| e.to_string())?;
+        Ok(Etcd {
+            _etcd: etcd,
             ns_path: ns.path(),
-            _dir: dir,
-        };
-        let start = Instant::now();
-        loop {
-            if etcd.post("/v3/kv/range", r#"{"key":"AA=="}"#).is_ok() {
-                return Ok(etcd);
-            }
-            if start.elapsed() > Duration::from_secs(20) {
-                return Err("etcd did not answer within 20 s".into());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        })
     }
 
     /// A TCP connection to etcd, opened from inside its namespace.
@@ -437,9 +393,7 @@ impl Monitor {
                 }
             };
             let _ = ready_tx.send(Ok(()));
-            read_monitor(fd, &s2, &st2);
-            // SAFETY: fd was opened above and is closed once.
-            unsafe { libc::close(fd) };
+            read_monitor(&fd, &s2, &st2);
         });
         match ready_rx.recv() {
             Ok(r) => r?,
@@ -491,70 +445,39 @@ impl Monitor {
     }
 }
 
-fn open_monitor() -> Result<i32, String> {
-    let err = |what: &str| format!("{what}: {}", std::io::Error::last_os_error());
-    // SAFETY: plain socket calls on a descriptor owned by this function; structs are zeroed
-    // and sized correctly.
-    unsafe {
-        let fd = libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_ROUTE,
-        );
-        if fd < 0 {
-            return Err(err("netlink socket"));
-        }
-        let size: libc::c_int = 32 << 20;
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            &size as *const _ as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as u32,
-        );
-        let tv = libc::timeval {
-            tv_sec: 0,
-            tv_usec: 50_000,
-        };
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            &tv as *const _ as *const libc::c_void,
-            std::mem::size_of::<libc::timeval>() as u32,
-        );
-        let mut addr: libc::sockaddr_nl = std::mem::zeroed();
-        addr.nl_family = libc::AF_NETLINK as u16;
-        addr.nl_groups = RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE;
-        if libc::bind(
-            fd,
-            &addr as *const _ as *const libc::sockaddr,
-            std::mem::size_of::<libc::sockaddr_nl>() as u32,
-        ) < 0
-        {
-            let e = err("bind netlink monitor");
-            libc::close(fd);
-            return Err(e);
-        }
-        Ok(fd)
-    }
+fn open_monitor() -> Result<OwnedFd, String> {
+    use nix::sys::socket::{
+        bind, setsockopt, socket, sockopt, AddressFamily, NetlinkAddr, SockFlag, SockProtocol,
+        SockType,
+    };
+    use nix::sys::time::TimeVal;
+    let fd = socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkRoute,
+    )
+    .map_err(|e| format!("netlink socket: {e}"))?;
+    // Best effort: a smaller buffer shows up as an overrun, which the monitor reports.
+    let _ = setsockopt(&fd, sockopt::RcvBufForce, &(32 << 20));
+    // Wakes the reader to look at its stop flag.
+    let _ = setsockopt(&fd, sockopt::ReceiveTimeout, &TimeVal::new(0, 50_000));
+    let groups = NetlinkAddr::new(0, RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE);
+    bind(fd.as_raw_fd(), &groups).map_err(|e| format!("bind netlink monitor: {e}"))?;
+    Ok(fd)
 }
 
-fn read_monitor(fd: i32, seen: &Mutex<Seen>, stop: &AtomicBool) {
+fn read_monitor(fd: &OwnedFd, seen: &Mutex<Seen>, stop: &AtomicBool) {
+    use nix::sys::socket::{recv, MsgFlags};
     let mut buf = vec![0u8; 256 * 1024];
     while !stop.load(Ordering::SeqCst) {
-        // SAFETY: buf is valid for buf.len() bytes.
-        let n = unsafe { libc::recv(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
+        let received = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty());
         let now = Instant::now();
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ENOBUFS) {
-                seen.lock().unwrap().overrun = true;
-            }
-            continue;
+        match received {
+            Ok(n) => parse_messages(&buf[..n], now, &mut seen.lock().unwrap()),
+            Err(nix::errno::Errno::ENOBUFS) => seen.lock().unwrap().overrun = true,
+            Err(_) => {}
         }
-        let mut s = seen.lock().unwrap();
-        parse_messages(&buf[..n as usize], now, &mut s);
     }
 }
 
@@ -634,22 +557,7 @@ fn ip_batch_round(peers: usize, dir: &Path) -> Result<f64, String> {
     let peer = Ns::new("ipbp")?;
     veth(&ns, "e0", &peer, "e1")?;
     ns.ip(&["addr", "add", "198.18.0.1/24", "dev", "e0"])?;
-    ns.ip(&[
-        "link",
-        "add",
-        "flannel.1",
-        "type",
-        "vxlan",
-        "id",
-        "1",
-        "local",
-        "198.18.0.1",
-        "dev",
-        "e0",
-        "dstport",
-        "8472",
-        "nolearning",
-    ])?;
+    ns.ip(&crate::common::vxlan_link_args("198.18.0.1", "e0"))?;
     ns.ip(&["link", "set", "flannel.1", "mtu", "1450", "up"])?;
     ns.ip(&["addr", "add", "10.0.0.0/32", "dev", "flannel.1"])?;
     let mut ipf = String::new();
@@ -698,18 +606,6 @@ struct StartResult {
     programming: f64,
     hwm_kb: u64,
     rss_kb: u64,
-}
-
-fn status_kb(pid: u32, field: &str) -> u64 {
-    fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 /// flanneld `bin` (ours or flannel's: both take these flags) in `ns` on `iface`, its subnet
@@ -764,12 +660,14 @@ fn daemon_round(
     let first = mon.seen.lock().unwrap().first_neigh.unwrap_or(t0);
     // Let a resync pass run, then read memory.
     std::thread::sleep(Duration::from_millis(1500));
-    let pid = proc.child.id();
+    let stats = proc
+        .pid()
+        .and_then(|pid| netns_tests::ProcStats::read(pid).ok());
     let r = StartResult {
         start_to_last_route: (last - t0).as_secs_f64(),
         programming: (last.saturating_duration_since(first)).as_secs_f64(),
-        hwm_kb: status_kb(pid, "VmHWM:"),
-        rss_kb: status_kb(pid, "VmRSS:"),
+        hwm_kb: stats.map_or(0, |s| s.hwm_kb),
+        rss_kb: stats.map_or(0, |s| s.rss_kb),
     };
     drop(proc);
     drop(mon);
@@ -1195,12 +1093,12 @@ fn join_latency(
     // Every host sees every other.
     for (ns, mon, proc) in &hosts {
         mon.wait_count(opts.hosts - 1, Duration::from_secs(60))
-            .map_err(|e| format!("{} ({}): {e}", ns.name, proc.what))?;
+            .map_err(|e| format!("{} ({}): {e}", ns.name, proc.log_path().display()))?;
     }
     let hosts_cpu = || -> f64 {
         hosts
             .iter()
-            .filter_map(|(_, _, p)| side_by_side::cpu_with_children(p.child.id()))
+            .filter_map(|(_, _, p)| p.pid().and_then(side_by_side::cpu_with_children))
             .sum()
     };
     let cpu0 = hosts_cpu();

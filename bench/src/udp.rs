@@ -102,10 +102,8 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         go_flanneld: None,
         modes: Mode::ALL.to_vec(),
     };
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut val = || it.next().cloned().ok_or(format!("{a} needs a value"));
-        match a.as_str() {
+    crate::common::each_option(args, |flag, val| {
+        match flag {
             "--json" => o.json = Some(val()?.into()),
             "--secs" => o.secs = val()?.parse().map_err(|e| format!("--secs: {e}"))?,
             "--repeat" => {
@@ -129,7 +127,8 @@ fn parse(args: &[String]) -> Result<Opts, String> {
             }
             other => return Err(format!("unknown option {other:?}")),
         }
-    }
+        Ok(())
+    })?;
     Ok(o)
 }
 
@@ -166,6 +165,8 @@ fn ns_cmd(ns: &str, args: &[&str]) -> Result<String, String> {
 /// Namespaces and processes of the run; removed on drop.
 struct Bed {
     p: String,
+    /// etcd in host A's namespace, once a mode needs it (started by the test bed).
+    etcd: Option<netns_tests::Etcd>,
     /// Dropped first to last (after the children are stopped): newest namespace first.
     guards: Vec<netns_tests::Netns>,
     children: Vec<Child>,
@@ -175,26 +176,10 @@ struct Bed {
 impl Drop for Bed {
     fn drop(&mut self) {
         for c in &mut self.children {
-            stop(c);
+            netns_tests::daemon::stop_child(c, Duration::from_secs(5));
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn stop(c: &mut Child) {
-    // SAFETY: kill with a pid we spawned; at worst it is already gone (ESRCH).
-    unsafe {
-        libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
-    }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = c.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = c.kill();
-    let _ = c.wait();
 }
 
 impl Bed {
@@ -204,6 +189,7 @@ impl Bed {
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let mut bed = Bed {
             p,
+            etcd: None,
             guards: Vec::new(),
             children: Vec::new(),
             dir,
@@ -278,21 +264,6 @@ impl Bed {
         }
     }
 
-    fn spawn(
-        &mut self,
-        ns: &str,
-        args: &[&str],
-        env: &[(&str, &str)],
-        log: &str,
-    ) -> Result<u32, String> {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", ns]).args(args);
-        for (k, v) in env {
-            c.env(k, v);
-        }
-        self.spawn_cmd(c, log)
-    }
-
     /// Starts `c` (built to run in one of this bed's namespaces) with its output in `log`
     /// (under the bed's directory); returns its pid.
     fn spawn_cmd(&mut self, mut c: Command, log: &str) -> Result<u32, String> {
@@ -312,7 +283,7 @@ impl Bed {
     fn stop_pid(&mut self, pid: u32) {
         if let Some(i) = self.children.iter().position(|c| c.id() == pid) {
             let mut c = self.children.remove(i);
-            stop(&mut c);
+            netns_tests::daemon::stop_child(&mut c, Duration::from_secs(5));
         }
     }
 }
@@ -328,8 +299,7 @@ fn cpu_secs(pid: u32) -> f64 {
     // Fields after the command name (which may hold spaces) in parentheses.
     let rest = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
     let f: Vec<&str> = rest.split_whitespace().collect();
-    // SAFETY: sysconf has no preconditions.
-    let tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let tck = netns_tests::clock_ticks_per_second();
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     // utime and stime are fields 14 and 15 of the line: 12 and 13 after the name.
     (ticks(11) + ticks(12)) / tck
@@ -621,26 +591,8 @@ fn setup_vxlan(bed: &mut Bed) -> Result<(), String> {
     let hosts = [("a", A_IP, "10.5.1"), ("b", B_IP, "10.5.2")];
     for (h, ip, _) in hosts {
         let ns = bed.ns(h);
-        ns_cmd(
-            &ns,
-            &[
-                "ip",
-                "link",
-                "add",
-                "flannel.1",
-                "type",
-                "vxlan",
-                "id",
-                "1",
-                "local",
-                ip,
-                "dev",
-                "eth0",
-                "dstport",
-                "8472",
-                "nolearning",
-            ],
-        )?;
+        let link = crate::common::vxlan_link_args(ip, "eth0");
+        ns_cmd(&ns, &[&["ip"][..], &link].concat())?;
         ns_cmd(
             &ns,
             &["ip", "link", "set", "flannel.1", "mtu", "1450", "up"],
@@ -733,52 +685,22 @@ fn config_for(mode: Mode) -> &'static str {
     }
 }
 
-fn put_config(bed: &Bed, mode: Mode) -> Result<(), String> {
-    let url = format!("http://{A_IP}:2379");
-    ns_cmd(
-        &bed.ns("a"),
-        &[
-            "etcdctl",
-            "--endpoints",
-            &url,
-            "put",
-            "/coreos.com/network/config",
-            config_for(mode),
-        ],
-    )
-    .map(drop)
-}
-
-fn start_etcd(bed: &mut Bed) -> Result<(), String> {
-    let a = bed.ns("a");
-    let data = bed.dir.join("etcd");
-    let url = format!("http://{A_IP}:2379");
-    let args = crate::common::etcd_args("bench", &data, &url);
-    let etcd = netns_tests::etcd_bin().display().to_string();
-    let mut argv = vec![etcd.as_str()];
-    argv.extend(args.iter().map(String::as_str));
-    bed.spawn(&a, &argv, &[], "etcd.log")?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let put = ns_cmd(
-            &a,
-            &[
-                "etcdctl",
-                "--endpoints",
-                &url,
-                "put",
-                "/coreos.com/network/config",
-                r#"{"Network":"10.5.0.0/16","SubnetLen":24,"Backend":{"Type":"udp"}}"#,
-            ],
-        );
-        match put {
-            Ok(_) => return Ok(()),
-            Err(e) if Instant::now() > deadline => {
-                return Err(format!("etcd did not come up: {e}"))
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(200)),
-        }
+/// Starts etcd in host A's namespace on `A_IP` when it is not running yet, and writes the
+/// network config of `mode`.
+fn put_config(bed: &mut Bed, mode: Mode) -> Result<(), String> {
+    if bed.etcd.is_none() {
+        let etcd = netns_tests::Etcd::start_local(netns_tests::LocalEtcd {
+            netns: Some(bed.ns("a")),
+            ip: Some(A_IP.parse().expect("A_IP is an IPv4 address")),
+            client_port: Some(2379),
+            ..Default::default()
+        })
+        .map_err(|e| format!("etcd did not come up: {e}"))?;
+        bed.etcd = Some(etcd);
     }
+    let etcd = bed.etcd.as_ref().expect("etcd runs");
+    etcd.put("/coreos.com/network/config", config_for(mode))
+        .map_err(|e| e.to_string())
 }
 
 /// Runs flanneld on both hosts; returns their pids and subnets (`10.5.x`).
@@ -902,7 +824,6 @@ fn run(opts: &Opts) -> Result<(), String> {
     };
     let mut bed = Bed::new()?;
     let mut results: Vec<ModeResult> = Vec::new();
-    let mut etcd_started = false;
     for &mode in &opts.modes {
         eprintln!("{}:", mode.label());
         let (figs, note) = match mode {
@@ -949,11 +870,7 @@ fn run(opts: &Opts) -> Result<(), String> {
                 } else {
                     &flanneld
                 };
-                if !etcd_started {
-                    start_etcd(&mut bed)?;
-                    etcd_started = true;
-                }
-                put_config(&bed, mode)?;
+                put_config(&mut bed, mode)?;
                 let (pids, nets) = start_flanneld(&mut bed, bin, mode)?;
                 let mtu = if mode == Mode::FlannelVxlan {
                     1450

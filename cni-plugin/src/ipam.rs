@@ -10,11 +10,12 @@ use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::net::IpAddr;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, DirEntryExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use ipnetwork::IpNetwork;
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 
 use crate::spec::{code, CniError};
 
@@ -146,7 +147,7 @@ impl Range {
 /// The store directory of one network, locked for as long as this value lives.
 pub struct Store {
     dir: PathBuf,
-    _lock: File,
+    _lock: Flock<File>,
 }
 
 /// An entry in the store.
@@ -177,17 +178,14 @@ impl Store {
             .custom_flags(libc::O_NOFOLLOW)
             .open(&lock_path)
             .map_err(io_err(&lock_path))?;
-        loop {
-            // SAFETY: flock(2) on a descriptor we own for the duration of the call.
-            let rc = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
-            if rc == 0 {
-                break;
+        let mut lock = lock;
+        let lock = loop {
+            match Flock::lock(lock, FlockArg::LockExclusive) {
+                Ok(locked) => break locked,
+                Err((unlocked, Errno::EINTR)) => lock = unlocked,
+                Err((_, errno)) => return Err(io_err(&lock_path)(errno.into())),
             }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(io_err(&lock_path)(e));
-            }
-        }
+        };
         Ok(Store { dir, _lock: lock })
     }
 
@@ -405,6 +403,30 @@ mod tests {
         assert_eq!(c[0].to_string(), "fd00::2");
         assert_eq!(c.last().unwrap().to_string(), "fd00::ff");
         assert!(Range::for_subnet("10.0.0.0/31".parse().unwrap()).is_err());
+    }
+
+    /// Two plugin runs on one network take turns: the second waits until the first's
+    /// `Store` is dropped (host-local's flock on the same file).
+    #[test]
+    fn the_store_lock_is_held_until_dropped() {
+        let tmp = tempfile::tempdir().unwrap();
+        let first = Store::lock(tmp.path(), "net").unwrap();
+        let (locked, second_locked) = std::sync::mpsc::channel();
+        let dir = tmp.path().to_path_buf();
+        let second = std::thread::spawn(move || {
+            let _store = Store::lock(&dir, "net").unwrap();
+            locked.send(()).unwrap();
+        });
+        let wait = std::time::Duration::from_millis(300);
+        assert!(
+            second_locked.recv_timeout(wait).is_err(),
+            "the store was locked twice at once"
+        );
+        drop(first);
+        second_locked
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the second lock was not granted after the first store was dropped");
+        second.join().unwrap();
     }
 
     #[test]

@@ -5,8 +5,9 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::path::Path;
+
+use nix::sched::{setns, CloneFlags};
 
 use crate::netlink::{Netlink, NetlinkError};
 
@@ -56,16 +57,12 @@ impl Netns {
     /// Move the calling thread into this namespace and make a netlink socket there.
     /// Only for a thread of its own that ends right after: it stays in the namespace.
     pub fn netlink_entering_this_thread(&self) -> Result<Netlink, NetnsError> {
-        // SAFETY: `self.file` is an open namespace file for the duration of the call;
         // setns(2) changes only the calling thread's namespace, and callers run this on a
         // dedicated thread that ends afterwards.
-        let rc = unsafe { libc::setns(self.file.as_raw_fd(), libc::CLONE_NEWNET) };
-        if rc != 0 {
-            return Err(NetnsError::Enter {
-                path: self.path.clone(),
-                err: io::Error::last_os_error(),
-            });
-        }
+        setns(&self.file, CloneFlags::CLONE_NEWNET).map_err(|errno| NetnsError::Enter {
+            path: self.path.clone(),
+            err: errno.into(),
+        })?;
         Netlink::new().map_err(|err| NetnsError::Netlink {
             path: self.path.clone(),
             err,

@@ -344,28 +344,55 @@ fn assert_clean(host: &Host, pod: &Netns) {
     );
 }
 
-#[test]
-fn bad_input_gets_its_code_and_leaves_nothing() {
-    netns_tests::require_all!(common::PRIVILEGED);
-    let host = Host::new("1.0.0");
-    let pod = Netns::new("fcp");
-    let full_env = |cmd: &'static str, pod: &Netns| -> Vec<(&'static str, String)> {
+/// A host and a pod for feeding the plugin bad input; each test of one kind of bad input
+/// starts from its own, and ends with [`assert_clean`].
+struct BadInput {
+    host: Host,
+    pod: Netns,
+    conf: Vec<u8>,
+}
+
+impl BadInput {
+    fn new() -> BadInput {
+        let host = Host::new("1.0.0");
+        let pod = Netns::new("fcp");
+        let conf = serde_json::to_vec(&host.conf).unwrap();
+        BadInput { host, pod, conf }
+    }
+
+    /// Every variable the plugin needs, for `cmd`.
+    fn env(&self, cmd: &str) -> Vec<(&'static str, String)> {
         vec![
             ("CNI_COMMAND", cmd.to_string()),
             ("CNI_CONTAINERID", "badinput".to_string()),
-            ("CNI_NETNS", pod.path()),
+            ("CNI_NETNS", self.pod.path()),
             ("CNI_IFNAME", "eth0".to_string()),
             ("CNI_PATH", CNI_DIR.to_string()),
         ]
-    };
-    let run = |env: &[(&'static str, String)], stdin: &[u8]| -> Run {
-        let e: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        host.run_bin(PLUGIN, &e, stdin)
-    };
-    let conf = serde_json::to_vec(&host.conf).unwrap();
+    }
 
+    fn run(&self, env: &[(&'static str, String)], stdin: &[u8]) -> Run {
+        let e: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        self.host.run_bin(PLUGIN, &e, stdin)
+    }
+
+    /// ADD with every variable set and `conf` on stdin.
+    fn add(&self, conf: &serde_json::Value) -> Run {
+        self.run(&self.env("ADD"), &serde_json::to_vec(conf).unwrap())
+    }
+
+    fn assert_clean(&self) {
+        assert_clean(&self.host, &self.pod);
+    }
+}
+
+#[test]
+fn bad_request_gets_its_code_and_leaves_nothing() {
+    netns_tests::require_all!(common::PRIVILEGED);
+    let t = BadInput::new();
     // Malformed JSON → 6.
-    run(&full_env("ADD", &pod), b"{\"cniVersion\": \"1.0.0\", ").expect_err(6);
+    t.run(&t.env("ADD"), b"{\"cniVersion\": \"1.0.0\", ")
+        .expect_err(6);
     // Missing variables → 4, naming them.
     for missing in [
         "CNI_CONTAINERID",
@@ -374,21 +401,37 @@ fn bad_input_gets_its_code_and_leaves_nothing() {
         "CNI_PATH",
         "CNI_COMMAND",
     ] {
-        let env: Vec<_> = full_env("ADD", &pod)
+        let env: Vec<_> = t
+            .env("ADD")
             .into_iter()
             .filter(|(k, _)| *k != missing)
             .collect();
-        let msg = run(&env, &conf).expect_err(4);
+        let msg = t.run(&env, &t.conf).expect_err(4);
         assert!(msg.contains(missing), "{msg}");
     }
     // Unknown command → 4.
-    run(&full_env("FROB", &pod), &conf).expect_err(4);
+    t.run(&t.env("FROB"), &t.conf).expect_err(4);
     // Unsupported version → 1.
     for v in ["0.2.0", "2.0.0"] {
-        let mut c = host.conf.clone();
+        let mut c = t.host.conf.clone();
         c["cniVersion"] = json!(v);
-        run(&full_env("ADD", &pod), &serde_json::to_vec(&c).unwrap()).expect_err(1);
+        t.add(&c).expect_err(1);
     }
+    // A bad interface name → 4.
+    let mut env = t.env("ADD");
+    env[3].1 = "eth0/../x".to_string();
+    t.run(&env, &t.conf).expect_err(4);
+    // A netns that does not exist → 4.
+    let mut env = t.env("ADD");
+    env[2].1 = "/var/run/netns/does-not-exist".to_string();
+    t.run(&env, &t.conf).expect_err(4);
+    t.assert_clean();
+}
+
+#[test]
+fn bad_conf_gets_its_code_and_leaves_nothing() {
+    netns_tests::require_all!(common::PRIVILEGED);
+    let t = BadInput::new();
     // Invalid conf → 7.
     for patch in [
         json!({"name": null}),
@@ -397,7 +440,7 @@ fn bad_input_gets_its_code_and_leaves_nothing() {
         json!({"delegate": {"mtu": "big"}}),
         json!({"subnetFile": 7}),
     ] {
-        let mut c = host.conf.clone();
+        let mut c = t.host.conf.clone();
         for (k, v) in patch.as_object().unwrap() {
             if v.is_null() {
                 c.as_object_mut().unwrap().remove(k);
@@ -409,27 +452,27 @@ fn bad_input_gets_its_code_and_leaves_nothing() {
                 c[k] = v.clone();
             }
         }
-        run(&full_env("ADD", &pod), &serde_json::to_vec(&c).unwrap()).expect_err(7);
+        t.add(&c).expect_err(7);
     }
     // Escaping the store: a container ID (→ 4) or a network name (→ 7) with a path in it.
-    let mut env = full_env("ADD", &pod);
+    let mut env = t.env("ADD");
     env[1].1 = "../../../tmp/escape".to_string();
-    run(&env, &conf).expect_err(4);
-    let mut c = host.conf.clone();
+    t.run(&env, &t.conf).expect_err(4);
+    let mut c = t.host.conf.clone();
     c["name"] = json!("../escape");
-    run(&full_env("ADD", &pod), &serde_json::to_vec(&c).unwrap()).expect_err(7);
-    assert!(!host.dir.path().join("escape").exists());
-    // A bad interface name → 4.
-    let mut env = full_env("ADD", &pod);
-    env[3].1 = "eth0/../x".to_string();
-    run(&env, &conf).expect_err(4);
-    // A netns that does not exist → 4.
-    let mut env = full_env("ADD", &pod);
-    env[2].1 = "/var/run/netns/does-not-exist".to_string();
-    run(&env, &conf).expect_err(4);
+    t.add(&c).expect_err(7);
+    assert!(!t.host.dir.path().join("escape").exists());
+    t.assert_clean();
+}
+
+#[test]
+fn bad_subnet_file_gets_code_11_naming_what_is_wrong_and_leaves_nothing() {
+    netns_tests::require_all!(common::PRIVILEGED);
+    let t = BadInput::new();
+    let (host, conf) = (&t.host, &t.host.conf);
     // Missing subnet file → 11 naming the file.
     std::fs::remove_file(host.subnet_file()).unwrap();
-    let msg = run(&full_env("ADD", &pod), &conf).expect_err(11);
+    let msg = t.add(conf).expect_err(11);
     assert!(
         msg.contains(&host.subnet_file().display().to_string()),
         "{msg}"
@@ -440,7 +483,7 @@ fn bad_input_gets_its_code_and_leaves_nothing() {
         "FLANNEL_NETWORK=10.5.0.0/16\nFLANNEL_MTU=1450\n",
     )
     .unwrap();
-    let msg = run(&full_env("ADD", &pod), &conf).expect_err(11);
+    let msg = t.add(conf).expect_err(11);
     assert!(msg.contains("FLANNEL_SUBNET"), "{msg}");
     // A malformed value → 11 naming the key and the value as written: flannel's plugin takes
     // values verbatim, so a quoted CIDR is malformed.
@@ -450,23 +493,38 @@ fn bad_input_gets_its_code_and_leaves_nothing() {
          FLANNEL_IPMASQ=true\n",
     )
     .unwrap();
-    let msg = run(&full_env("ADD", &pod), &conf).expect_err(11);
+    let msg = t.add(conf).expect_err(11);
     assert!(msg.contains("FLANNEL_SUBNET=\"10.5.1.1/24\""), "{msg}");
+    t.assert_clean();
+}
+
+#[test]
+fn failing_delegate_or_taken_interface_leaves_nothing() {
+    netns_tests::require_all!(common::PRIVILEGED);
+    let t = BadInput::new();
     // The delegate path: a plugin that does not exist.
-    std::fs::write(host.subnet_file(), SUBNET_ENV).unwrap();
-    let mut c = host.conf.clone();
+    let mut c = t.host.conf.clone();
     c["delegate"]["type"] = json!("no-such-plugin");
-    let msg = run(&full_env("ADD", &pod), &serde_json::to_vec(&c).unwrap()).expect_err(999);
+    let msg = t.add(&c).expect_err(999);
     assert!(msg.contains("no-such-plugin"), "{msg}");
     // An interface name the pod already has: ADD fails, the existing one stays.
     sh_ok(&[
-        "ip", "-n", &pod.name, "link", "add", "eth0", "type", "veth", "peer", "name", "x0",
+        "ip",
+        "-n",
+        &t.pod.name,
+        "link",
+        "add",
+        "eth0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "x0",
     ]);
-    let r = run(&full_env("ADD", &pod), &conf);
+    let r = t.add(&t.host.conf);
     assert!(!r.ok);
-    sh_ok(&["ip", "-n", &pod.name, "link", "del", "eth0"]);
-
-    assert_clean(&host, &pod);
+    sh_ok(&["ip", "-n", &t.pod.name, "link", "del", "eth0"]);
+    t.assert_clean();
 }
 
 #[test]

@@ -8,15 +8,15 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(cfg) = NetworkConfig::parse(data) {
-        let _ = cfg.v4_subnet_count();
-        let _ = cfg.v6_subnet_count();
+        let _ = cfg.v4.map(|f| f.subnet_count());
+        let _ = cfg.v6.map(|f| f.subnet_count());
         let key = SubnetKey {
-            ipv4: cfg.network,
-            ipv6: cfg.ipv6_network,
+            ipv4: cfg.v4.map(|f| f.network),
+            ipv6: cfg.v6.map(|f| f.network),
         };
-        let _ = cfg.fits(&key);
-        if let Some(n) = cfg.network {
-            assert!(cfg.subnet_len >= n.prefix() && cfg.subnet_len <= 32);
+        let _ = key.fits(&cfg);
+        if let Some(f) = cfg.v4 {
+            assert!(f.subnet_len >= f.network.prefix() && f.subnet_len <= 32);
         }
     }
 });

@@ -1,32 +1,74 @@
-//! etcd (v3) in its own namespace on the underlay, with etcdctl helpers.
+//! etcd (v3) for a test: on the loopback of the caller's namespace (or of a namespace the
+//! caller made), or in a namespace of its own on the underlay; with etcdctl helpers.
 
 use std::fs::File;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, TcpListener};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
 use std::time::Duration;
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use crate::{cmd, wait_until, Daemon, Error, EtcdSpec, EtcdTls, Netns, Result, Underlay};
 
-use crate::{cmd, wait_until, Error, EtcdSpec, Netns, Result, Underlay};
-
-/// One etcd member in its own namespace on the underlay. A single-member cluster ([`Etcd::start_on`])
-/// lives in `<prefix>-etcd` with client URL `http://198.18.0.2:2379`; member `i` of a
-/// multi-member cluster ([`Etcd::start_cluster`]) lives in `<prefix>-etcd` (i = 0) or
-/// `<prefix>-etcd<i>`, at `198.18.0.(2 + i)`, with its peer URL on the underlay too. Data lives
-/// in a directory kept across [`Etcd::stop`] / [`Etcd::kill9`] / [`Etcd::start`]. Dropping it
-/// kills etcd.
+/// One etcd member. Where it runs is chosen by its constructor:
+/// - [`Etcd::start_local`]: on `127.0.0.1` at free ports (or where [`LocalEtcd`] says), in the
+///   caller's namespace or a named one, data in a temporary directory it owns; TLS, extra
+///   flags and authentication ([`Etcd::enable_auth`]) as the test asks.
+/// - [`Etcd::start_on`]: a single-member cluster in `<prefix>-etcd` on the underlay, client URL
+///   `http://198.18.0.2:2379`.
+/// - [`Etcd::start_cluster`]: member `i` in `<prefix>-etcd` (i = 0) or `<prefix>-etcd<i>`, at
+///   `198.18.0.(2 + i)`, with its peer URL on the underlay too.
+///
+/// Data lives in a directory kept across [`Etcd::stop`] / [`Etcd::kill9`] / [`Etcd::start`].
+/// Dropping it kills etcd (and prints its log tail when the test panics).
 #[derive(Debug)]
 pub struct Etcd {
-    child: Mutex<Option<Child>>,
-    ns: Netns,
+    process: Daemon,
+    /// The namespace of an underlay member, deleted on drop.
+    ns: Option<Netns>,
+    /// The namespace etcd and etcdctl run in (`None`: the caller's).
+    netns_name: Option<String>,
     ip: Ipv4Addr,
+    client_port: u16,
     member: Member,
+    tls: Option<ServerTls>,
+    /// etcdctl's flags besides the endpoint: TLS client files, `--user` once auth is on.
+    ctl_flags: Vec<String>,
+    /// etcd's flags after the member's.
+    extra_args: Vec<String>,
     data_dir: PathBuf,
-    log: PathBuf,
+    /// The temporary directory of a local member, removed on drop.
+    _temp: Option<tempfile::TempDir>,
+}
+
+/// A certificate and its key.
+#[derive(Debug, Clone)]
+pub struct CertKey {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// TLS material for etcd: the CA, the server's certificate, and a client certificate that the
+/// server requires when present.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    pub ca: PathBuf,
+    pub server: CertKey,
+    pub client: Option<CertKey>,
+}
+
+/// How to start a member on loopback (see [`Etcd::start_local`]).
+#[derive(Debug, Clone, Default)]
+pub struct LocalEtcd {
+    /// A named namespace to run in; `None`: the caller's.
+    pub netns: Option<String>,
+    /// The client address (it must be on a link of that namespace); `None`: `127.0.0.1`.
+    pub ip: Option<Ipv4Addr>,
+    /// The client port; `None`: a free one.
+    pub client_port: Option<u16>,
+    pub tls: Option<ServerTls>,
+    /// More etcd flags (e.g. `--auth-token-ttl=3`), kept for restarts.
+    pub extra_args: Vec<String>,
 }
 
 /// How a member joins its cluster.
@@ -35,7 +77,15 @@ struct Member {
     name: String,
     peer_url: String,
     initial_cluster: String,
-    token: String,
+    token: Option<String>,
+}
+
+/// A TCP port free on loopback right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding a free loopback port")
 }
 
 impl Etcd {
@@ -44,19 +94,60 @@ impl Etcd {
     /// At most this many members fit below the hosts' addresses (`.2` .. `.9`).
     pub const MAX_MEMBERS: usize = 8;
 
+    /// Starts a one-member etcd on `127.0.0.1` (free client and peer ports, unless `opts` says
+    /// otherwise) and waits until it answers.
+    pub fn start_local(opts: LocalEtcd) -> Result<Etcd> {
+        let temp = tempfile::tempdir().map_err(|e| Error::io("making a temporary directory", e))?;
+        let peer_url = format!("http://127.0.0.1:{}", free_port());
+        let ctl_flags = opts
+            .tls
+            .iter()
+            .flat_map(|t| {
+                let mut f = vec![format!("--cacert={}", t.ca.display())];
+                if let Some(c) = &t.client {
+                    f.push(format!("--cert={}", c.cert.display()));
+                    f.push(format!("--key={}", c.key.display()));
+                }
+                f
+            })
+            .collect();
+        let etcd = Etcd {
+            process: Daemon::new("etcd", temp.path().join("etcd.log"), 15),
+            ns: None,
+            netns_name: opts.netns,
+            ip: opts.ip.unwrap_or(Ipv4Addr::LOCALHOST),
+            client_port: opts.client_port.unwrap_or_else(free_port),
+            member: Member {
+                name: "t".into(),
+                initial_cluster: format!("t={peer_url}"),
+                peer_url,
+                token: None,
+            },
+            tls: opts.tls,
+            ctl_flags,
+            extra_args: std::iter::once("--log-level=warn".to_string())
+                .chain(opts.extra_args)
+                .collect(),
+            data_dir: temp.path().join("data"),
+            _temp: Some(temp),
+        };
+        etcd.start()?;
+        Ok(etcd)
+    }
+
     /// Makes the namespace, plugs it into the underlay as port `etcd`, starts etcd with its data
     /// under `dir`, and waits until it answers.
     pub fn start_on(underlay: &Underlay, prefix: &str, dir: &Path) -> Result<Etcd> {
         let ns = Netns::create(&format!("{prefix}-etcd"))?;
         underlay.attach(&ns, "etcd", Underlay::ETCD_IP)?;
-        let etcd = Etcd::prepare(
+        let etcd = Etcd::on_underlay(
             ns,
             Underlay::ETCD_IP,
             Member {
                 name: "n0".into(),
                 peer_url: format!("http://127.0.0.1:{}", Self::PEER_PORT),
                 initial_cluster: format!("n0=http://127.0.0.1:{}", Self::PEER_PORT),
-                token: "etcd-cluster".into(),
+                token: Some("etcd-cluster".into()),
             },
             dir,
         )?;
@@ -90,14 +181,14 @@ impl Etcd {
         for i in 0..n {
             let ns = Netns::create(&format!("{prefix}-etcd{}", suffix(i)))?;
             underlay.attach(&ns, &format!("etcd{}", suffix(i)), Underlay::etcd_ip(i))?;
-            members.push(Etcd::prepare(
+            members.push(Etcd::on_underlay(
                 ns,
                 Underlay::etcd_ip(i),
                 Member {
                     name: format!("e{i}"),
                     peer_url: peer(i),
                     initial_cluster: initial_cluster.clone(),
-                    token: prefix.to_string(),
+                    token: Some(prefix.to_string()),
                 },
                 &dir.join(format!("e{i}")),
             )?);
@@ -111,40 +202,62 @@ impl Etcd {
         Ok(members)
     }
 
-    fn prepare(ns: Netns, ip: Ipv4Addr, member: Member, dir: &Path) -> Result<Etcd> {
+    fn on_underlay(ns: Netns, ip: Ipv4Addr, member: Member, dir: &Path) -> Result<Etcd> {
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::io(format!("mkdir {}", dir.display()), e))?;
         Ok(Etcd {
-            child: Mutex::new(None),
-            ns,
+            process: Daemon::new(
+                format!("etcd member {}", member.name),
+                dir.join("etcd.log"),
+                15,
+            ),
+            netns_name: Some(ns.name().to_string()),
+            ns: Some(ns),
             ip,
+            client_port: Self::CLIENT_PORT,
             member,
+            tls: None,
+            ctl_flags: Vec::new(),
+            extra_args: vec!["--logger=zap".into(), "--log-outputs=stderr".into()],
             data_dir: dir.join("data"),
-            log: dir.join("etcd.log"),
+            _temp: None,
         })
     }
 
-    /// `http://<ip>:2379`.
+    /// `http://<ip>:<port>` (`https` with TLS).
     pub fn endpoint(&self) -> String {
-        format!("http://{}:{}", self.ip, Self::CLIENT_PORT)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}:{}", self.ip, self.client_port)
     }
 
-    /// The member's underlay address.
+    /// The member's address (the underlay address, or `127.0.0.1`).
     pub fn ip(&self) -> Ipv4Addr {
         self.ip
     }
 
-    /// The member name (`n0` alone, `e<i>` in a cluster).
+    pub fn client_port(&self) -> u16 {
+        self.client_port
+    }
+
+    /// The member name (`t` on loopback, `n0` alone on the underlay, `e<i>` in a cluster).
     pub fn member_name(&self) -> &str {
         &self.member.name
     }
 
+    /// The namespace of an underlay member.
     pub fn netns(&self) -> &Netns {
-        &self.ns
+        self.ns
+            .as_ref()
+            .expect("a loopback etcd has no namespace of its own")
     }
 
     pub fn log_path(&self) -> &Path {
-        &self.log
+        self.process.log_path()
+    }
+
+    /// etcd's whole log.
+    pub fn log(&self) -> String {
+        self.process.log()
     }
 
     /// Starts etcd (no-op when running) and waits until it reports healthy (in a cluster that
@@ -156,54 +269,35 @@ impl Etcd {
 
     /// Starts the process (no-op when running) without waiting.
     fn spawn(&self) -> Result<()> {
-        let mut child = self.child.lock().unwrap();
-        if let Some(c) = child.as_mut() {
-            if c.try_wait().ok().flatten().is_none() {
-                return Ok(());
-            }
-        }
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .map_err(|e| Error::io(format!("opening {}", self.log.display()), e))?;
-        let log2 = log.try_clone().map_err(|e| Error::io("dup log fd", e))?;
-        let client = self.endpoint();
         let m = &self.member;
-        let mut spec = EtcdSpec::single(&m.name, &self.data_dir, &client, &m.peer_url);
-        spec.listen_client_urls.push("http://127.0.0.1:2379".into());
+        let mut spec = EtcdSpec::single(&m.name, &self.data_dir, &self.endpoint(), &m.peer_url);
+        if self.ns.is_some() {
+            // etcdctl inside the member's namespace may also use loopback.
+            spec.listen_client_urls.push("http://127.0.0.1:2379".into());
+        }
         spec.initial_cluster = m.initial_cluster.clone();
-        spec.cluster_token = Some(m.token.clone());
-        spec.extra_args = vec!["--logger=zap".into(), "--log-outputs=stderr".into()];
-        let mut c = spec.command(Some(self.ns.name()));
-        c.stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            .process_group(0);
+        spec.cluster_token = m.token.clone();
+        spec.tls = self.tls.as_ref().map(|tls| EtcdTls {
+            cert: tls.server.cert.clone(),
+            key: tls.server.key.clone(),
+            client_ca: tls.client.as_ref().map(|_| tls.ca.clone()),
+        });
+        spec.extra_args = self.extra_args.clone();
+        let mut c = spec.command(self.netns_name.as_deref());
+        c.process_group(0);
         for (k, _) in std::env::vars_os() {
             if k.to_string_lossy().starts_with("ETCD") {
                 c.env_remove(k);
             }
         }
-        let spawned = c
-            .spawn()
-            .map_err(|e| Error::io(format!("starting `{}`", cmd::show(&c)), e))?;
-        *child = Some(spawned);
-        Ok(())
+        self.process.start(c)
     }
 
     /// Polls `etcdctl endpoint health` on this member until it answers healthy.
     pub fn wait_healthy(&self, timeout: Duration) -> Result<()> {
         let what = format!("etcd member {} to become healthy", self.member.name);
         wait_until(timeout, &what, || {
-            if let Some(c) = self.child.lock().unwrap().as_mut() {
-                if let Ok(Some(st)) = c.try_wait() {
-                    return Err(format!(
-                        "etcd exited ({st}); log tail:\n{}",
-                        cmd::tail(&self.log, 20)
-                    ));
-                }
-            }
+            self.process.check_alive()?;
             self.etcdctl(&["endpoint", "health"])
                 .map(drop)
                 .map_err(|e| e.to_string())
@@ -212,41 +306,63 @@ impl Etcd {
 
     /// `kill -9` the member and reap it; the data directory stays for [`Etcd::start`].
     pub fn kill9(&self) {
-        if let Some(mut c) = self.child.lock().unwrap().take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.process.kill9()
     }
 
     /// The etcd process id while it runs.
     pub fn pid(&self) -> Option<u32> {
-        self.child.lock().unwrap().as_ref().map(Child::id)
+        self.process.pid()
     }
 
     /// Stops etcd (SIGTERM, SIGKILL after 5 s); the data directory stays for [`Etcd::start`].
     pub fn stop(&self) -> Result<()> {
-        if let Some(mut c) = self.child.lock().unwrap().take() {
-            stop_child(&mut c, Duration::from_secs(5));
-        }
+        self.process.stop(Duration::from_secs(5));
         Ok(())
     }
 
     pub fn is_running(&self) -> bool {
-        match self.child.lock().unwrap().as_mut() {
-            Some(c) => c.try_wait().ok().flatten().is_none(),
-            None => false,
-        }
+        self.process.is_running()
     }
 
-    /// `etcdctl --endpoints=<endpoint> args...` run in etcd's namespace (ETCDCTL_API=3).
+    /// `etcdctl --endpoints=<endpoint> args...` (ETCDCTL_API=3), run where etcd runs.
     pub fn etcdctl(&self, args: &[&str]) -> Result<String> {
-        let mut c: Command = self.ns.command("etcdctl");
-        c.env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints={}", self.endpoint()))
-            .arg("--dial-timeout=2s")
+        let mut c = self.etcdctl_command();
+        c.arg("--dial-timeout=2s")
             .arg("--command-timeout=5s")
             .args(args);
         cmd::check(&mut c)
+    }
+
+    fn etcdctl_command(&self) -> Command {
+        let mut c = crate::netns::command_in(self.netns_name.as_deref(), "etcdctl");
+        c.env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.endpoint()))
+            .args(&self.ctl_flags);
+        c
+    }
+
+    /// Creates `root` and a `flannel` user (password `s3cret`) that may read and write the
+    /// network prefix, and turns authentication on; etcdctl then acts as root.
+    pub fn enable_auth(&mut self) -> Result<()> {
+        for args in [
+            &["user", "add", "root:rootpw"][..],
+            &["role", "add", "flannel"],
+            &[
+                "role",
+                "grant-permission",
+                "flannel",
+                "--prefix=true",
+                "readwrite",
+                "/coreos.com/network/",
+            ],
+            &["user", "add", "flannel:s3cret"],
+            &["user", "grant-role", "flannel", "flannel"],
+            &["auth", "enable"],
+        ] {
+            self.etcdctl(args)?;
+        }
+        self.ctl_flags.push("--user=root:rootpw".into());
+        Ok(())
     }
 
     /// The store's current revision.
@@ -265,21 +381,19 @@ impl Etcd {
         let from = self.revision()? + 1;
         let out =
             File::create(path).map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
-        let mut c: Command = self.ns.command("etcdctl");
-        c.env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints={}", self.endpoint()))
-            .args([
-                "watch",
-                "--prefix",
-                &format!("--rev={from}"),
-                "-w",
-                "json",
-                prefix,
-            ])
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(Stdio::null())
-            .process_group(0);
+        let mut c = self.etcdctl_command();
+        c.args([
+            "watch",
+            "--prefix",
+            &format!("--rev={from}"),
+            "-w",
+            "json",
+            prefix,
+        ])
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(Stdio::null())
+        .process_group(0);
         let child = c
             .spawn()
             .map_err(|e| Error::io(format!("starting `{}`", cmd::show(&c)), e))?;
@@ -331,22 +445,6 @@ impl Etcd {
         }
         kvs.sort();
         Ok(kvs)
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!(
-                "---- etcd log tail ({}) ----\n{}",
-                self.log.display(),
-                cmd::tail(&self.log, 15)
-            );
-        }
-        if let Some(mut c) = self.child.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
     }
 }
 
@@ -412,20 +510,6 @@ impl Drop for WatchLog {
             let _ = c.wait();
         }
     }
-}
-
-/// SIGTERM, wait up to `grace`, then SIGKILL; always reaps.
-pub(crate) fn stop_child(c: &mut Child, grace: Duration) {
-    let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
-    let deadline = std::time::Instant::now() + grace;
-    while std::time::Instant::now() < deadline {
-        if let Ok(Some(_)) = c.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = c.kill();
-    let _ = c.wait();
 }
 
 /// Standard base64 (with padding), as etcdctl's JSON output uses.

@@ -1,6 +1,6 @@
 //! The one place that knows how to start an etcd member: its binary ([`etcd_bin`]) and its
-//! flags ([`EtcdSpec`]). The namespace test bed ([`crate::Etcd`]), the loopback etcd of the
-//! integration tests (`tests/common`) and the benchmarks all start etcd through it.
+//! flags ([`EtcdSpec`]). [`crate::Etcd`] (on loopback or in a namespace) and the benchmarks
+//! start etcd through it.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -97,14 +97,7 @@ impl EtcdSpec {
     /// [`etcd_bin`] with [`EtcdSpec::args`], run inside the named network namespace (`ip netns
     /// exec`) or, with `None`, in the caller's.
     pub fn command(&self, netns: Option<&str>) -> Command {
-        let mut c = match netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.arg("netns").arg("exec").arg(ns).arg(etcd_bin());
-                c
-            }
-            None => Command::new(etcd_bin()),
-        };
+        let mut c = crate::netns::command_in(netns, etcd_bin());
         c.args(self.args().into_iter().map(OsString::from));
         c
     }

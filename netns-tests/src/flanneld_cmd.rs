@@ -1,13 +1,13 @@
 //! The one place that knows how to start flanneld for a test or a benchmark: which binary,
 //! inside which namespace, under which wrapper (e.g. `prlimit`), with which flags and
 //! environment. [`crate::Host`], the loopback daemons of the integration tests (`tests/common`,
-//! `tests/health_limits.rs`) and the benchmarks build their command with [`FlanneldCommand`].
+//! `tests/health_limits.rs`) and the benchmarks build their command with [`FlanneldCommand`]
+//! and run it as a [`crate::Daemon`].
 
 use std::ffi::OsString;
-use std::fs::File;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 
 /// How to start one flanneld. Fields left empty add nothing to the command line.
 #[derive(Debug, Clone)]
@@ -83,14 +83,11 @@ impl FlanneldCommand {
     }
 
     /// Starts it with stdin closed and stdout and stderr appended to `log`.
+    /// A [`crate::Daemon`] keeps the log, stops and reaps; prefer it for a daemon under test.
     pub fn spawn_logged(&self, log: &Path) -> std::io::Result<Child> {
-        let out = File::options().create(true).append(true).open(log)?;
-        let err = out.try_clone()?;
-        self.command()
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
+        let mut c = self.command();
+        crate::daemon::log_to(&mut c, log)?;
+        c.spawn()
     }
 }
 

@@ -1,19 +1,17 @@
 //! A "host": a namespace on the underlay running flanneld.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 
-use crate::etcd::stop_child;
 use crate::{
-    cmd, http_get, wait_for, Error, FlanneldCommand, Netns, Pod, PodMode, Result, Underlay, Wait,
+    http_get, wait_for, Daemon, Error, FlanneldCommand, Netns, Pod, PodMode, Result, Underlay, Wait,
 };
 
 /// How flanneld is run on a host.
@@ -47,7 +45,7 @@ impl Default for HostOptions {
 /// when the thread is panicking it prints the tail of flanneld's log first.
 #[derive(Debug)]
 pub struct Host {
-    child: Mutex<Option<Child>>,
+    flanneld: Daemon,
     pods: Mutex<usize>,
     /// flannel's Go flanneld to run instead of ours (see [`Host::set_go_flanneld`]).
     go_flanneld: Mutex<Option<PathBuf>>,
@@ -84,7 +82,11 @@ impl Host {
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::io(format!("mkdir {}", dir.display()), e))?;
         Ok(Host {
-            child: Mutex::new(None),
+            flanneld: Daemon::new(
+                format!("flanneld on {}", ns.name()),
+                dir.join("flanneld.log"),
+                40,
+            ),
             pods: Mutex::new(0),
             go_flanneld: Mutex::new(None),
             index,
@@ -125,11 +127,11 @@ impl Host {
     }
 
     pub fn log_path(&self) -> PathBuf {
-        self.dir.join("flanneld.log")
+        self.flanneld.log_path().to_path_buf()
     }
 
     pub fn log_tail(&self, lines: usize) -> String {
-        cmd::tail(&self.log_path(), lines)
+        self.flanneld.log_tail(lines)
     }
 
     pub(crate) fn pod_mode(&self) -> &PodMode {
@@ -195,19 +197,6 @@ impl Host {
 
     /// Starts flanneld (no-op when it runs). Output goes to [`Host::log_path`] (appended).
     pub fn start(&self) -> Result<()> {
-        let mut child = self.child.lock().unwrap();
-        if let Some(c) = child.as_mut() {
-            if c.try_wait().ok().flatten().is_none() {
-                return Ok(());
-            }
-        }
-        let log_path = self.log_path();
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(|e| Error::io(format!("opening {}", log_path.display()), e))?;
-        let log2 = log.try_clone().map_err(|e| Error::io("dup log fd", e))?;
         let mut flanneld = FlanneldCommand::new(self.daemon_bin());
         flanneld.netns = Some(self.ns.name().to_string());
         flanneld.args = self.args();
@@ -219,55 +208,32 @@ impl Host {
             .or_else(|| std::env::var("RUST_LOG").ok())
             .unwrap_or_else(|| "info".to_string());
         let mut c = flanneld.command();
-        c.stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            .process_group(0);
-        let spawned = c
-            .spawn()
-            .map_err(|e| Error::io(format!("starting `{}`", cmd::show(&c)), e))?;
-        *child = Some(spawned);
-        Ok(())
+        c.process_group(0);
+        self.flanneld.start(c)
     }
 
     /// SIGTERM and wait (SIGKILL after 10 s). Returns the exit status if it was running.
     pub fn stop(&self) -> Option<ExitStatus> {
-        let mut c = self.child.lock().unwrap().take()?;
-        stop_child(&mut c, Duration::from_secs(10));
-        c.try_wait().ok().flatten()
+        self.flanneld.stop(Duration::from_secs(10))
     }
 
     /// `kill -9` flanneld and reap it.
     pub fn kill9(&self) {
-        if let Some(mut c) = self.child.lock().unwrap().take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.flanneld.kill9()
     }
 
     /// Whether flanneld runs; an exit is noted in the error of [`Host::check_alive`].
     pub fn is_running(&self) -> bool {
-        self.check_alive().is_ok()
+        self.flanneld.is_running()
     }
 
     /// `Ok` while flanneld runs; otherwise why not (exit status and log tail).
     pub fn check_alive(&self) -> Result<(), String> {
-        match self.child.lock().unwrap().as_mut() {
-            None => Err(format!("flanneld on {} is not started", self.name())),
-            Some(c) => match c.try_wait() {
-                Ok(None) => Ok(()),
-                Ok(Some(st)) => Err(format!(
-                    "flanneld on {} exited ({st}); log tail:\n{}",
-                    self.name(),
-                    self.log_tail(25)
-                )),
-                Err(e) => Err(format!("waiting on flanneld: {e}")),
-            },
-        }
+        self.flanneld.check_alive()
     }
 
     pub fn pid(&self) -> Option<u32> {
-        self.child.lock().unwrap().as_ref().map(Child::id)
+        self.flanneld.pid()
     }
 
     /// GET `path` on the health server, from inside the host namespace: (status, body).
@@ -322,17 +288,34 @@ impl Host {
 
     /// The lease subnet (network address form, e.g. `10.5.3.0/24`) from `FLANNEL_SUBNET`.
     pub fn subnet(&self) -> Result<Ipv4Network> {
+        match self.lease_subnet("FLANNEL_SUBNET")? {
+            IpNetwork::V4(n) => Ok(n),
+            n => Err(Error::Other(format!("FLANNEL_SUBNET={n} is not IPv4"))),
+        }
+    }
+
+    /// The IPv6 lease subnet (network address form, e.g. `fc00:0:0:3::/64`) from
+    /// `FLANNEL_IPV6_SUBNET`.
+    pub fn subnet_v6(&self) -> Result<Ipv6Network> {
+        match self.lease_subnet("FLANNEL_IPV6_SUBNET")? {
+            IpNetwork::V6(n) => Ok(n),
+            n => Err(Error::Other(format!("FLANNEL_IPV6_SUBNET={n} is not IPv6"))),
+        }
+    }
+
+    /// The subnet file's `key` (the lease's first address) as the lease's network.
+    fn lease_subnet(&self, key: &str) -> Result<IpNetwork> {
         let env = self.subnet_env()?;
-        let s = env.get("FLANNEL_SUBNET").ok_or_else(|| {
+        let s = env.get(key).ok_or_else(|| {
             Error::Other(format!(
-                "{}: no FLANNEL_SUBNET",
+                "{}: no {key} in {env:?}",
                 self.subnet_file().display()
             ))
         })?;
-        let n: Ipv4Network = s
+        let n: IpNetwork = s
             .parse()
-            .map_err(|e| Error::Other(format!("FLANNEL_SUBNET={s}: {e}")))?;
-        Ipv4Network::new(n.network(), n.prefix()).map_err(|e| Error::Other(e.to_string()))
+            .map_err(|e| Error::Other(format!("{key}={s}: {e}")))?;
+        IpNetwork::new(n.network(), n.prefix()).map_err(|e| Error::Other(e.to_string()))
     }
 
     /// `FLANNEL_MTU` from the subnet file.
@@ -440,14 +423,7 @@ impl Host {
 
 impl Drop for Host {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!(
-                "---- flanneld log tail, {} ({}) ----\n{}",
-                self.name(),
-                self.log_path().display(),
-                self.log_tail(40)
-            );
-        }
+        // The flanneld guard prints its log tail on a panic.
         self.kill9();
         if matches!(self.pod_mode, PodMode::Cni { .. }) {
             // host-local's store for the network named after this host.
@@ -507,8 +483,7 @@ impl ProcStats {
                 .and_then(|v| v.parse().ok())
                 .ok_or_else(|| Error::Other(format!("{stat_path}: no field {i}")))
         };
-        // SAFETY: sysconf has no preconditions; it only reads a system constant.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let hz = crate::clock_ticks_per_second();
         let cpu_run_secs = std::fs::read_dir(format!("/proc/{pid}/task"))
             .ok()
             .map(|tasks| {

@@ -8,7 +8,9 @@
 //! ```
 //!
 //! Every object is owned by a guard ([`Netns`], [`Etcd`], [`Host`], [`Pod`], [`Cluster`]) whose
-//! `Drop` kills the processes inside and deletes the namespace, also when a test panics. Names
+//! `Drop` kills the processes inside and deletes the namespace, also when a test panics. Every
+//! long-lived process (etcd, flanneld) runs as a [`Daemon`]; [`Etcd`] also runs on loopback for
+//! the integration tests ([`Etcd::start_local`]). Names
 //! carry the test process's pid and a counter, so tests run in parallel; namespaces left behind
 //! by a process that died (SIGKILL, Ctrl-C) are swept at the next start ([`sweep_stale`]).
 //!
@@ -25,6 +27,7 @@
 pub mod bins;
 pub mod cluster;
 pub mod cmd;
+pub mod daemon;
 pub mod etcd;
 pub mod etcd_cmd;
 pub mod flanneld_cmd;
@@ -32,6 +35,7 @@ pub mod go_peers;
 pub mod hash;
 pub mod host;
 pub mod netns;
+pub mod packet;
 pub mod pod;
 pub mod privileges;
 pub mod traffic;
@@ -41,7 +45,8 @@ use std::time::{Duration, Instant};
 
 pub use bins::{cni_plugin_bin, flanneld_bin};
 pub use cluster::{par_map, ping_pairs, Backend, Cluster, ClusterBuilder, KernelState, LeaseInfo};
-pub use etcd::{Etcd, WatchEvent, WatchLog};
+pub use daemon::Daemon;
+pub use etcd::{free_port, CertKey, Etcd, LocalEtcd, ServerTls, WatchEvent, WatchLog};
 pub use etcd_cmd::{etcd_bin, EtcdSpec, EtcdTls};
 pub use flanneld_cmd::FlanneldCommand;
 pub use go_peers::{go_peers, GoPeers};
@@ -50,14 +55,15 @@ pub use netns::{sweep_stale, unique_prefix, Netns};
 pub use pod::{Pod, PodMode};
 pub use privileges::Need;
 pub use traffic::{
-    http_get, tcp_transfer, PacedReport, PacedTransfer, PingRun, PingStats, Transfer,
+    fill_pseudo_random, http_get, tcp_transfer, PacedReport, PacedTransfer, PingRun, PingStats,
+    Transfer,
 };
 pub use underlay::Underlay;
 
 /// Held while a heavy or timing-sensitive test runs (see [`heavy_lock`]).
 #[derive(Debug)]
 pub struct HeavyLock {
-    _file: std::fs::File,
+    _file: nix::fcntl::Flock<std::fs::File>,
 }
 
 /// Serializes heavy tests (many hosts, or loss measured at 10 ms resolution) across threads
@@ -65,7 +71,8 @@ pub struct HeavyLock {
 /// the guard is dropped (or the process dies). Each call opens the file anew, so two threads of
 /// one process exclude each other too.
 pub fn heavy_lock() -> HeavyLock {
-    use std::os::fd::AsRawFd;
+    use nix::errno::Errno;
+    use nix::fcntl::{Flock, FlockArg};
     let path = std::env::temp_dir().join("netns-tests-heavy.lock");
     let file = std::fs::OpenOptions::new()
         .create(true)
@@ -74,17 +81,14 @@ pub fn heavy_lock() -> HeavyLock {
         .open(&path)
         .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
     let start = Instant::now();
-    loop {
-        // SAFETY: flock on a descriptor we own; no memory is passed.
-        let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
-        if r == 0 {
-            break;
+    let mut file = file;
+    let file = loop {
+        match Flock::lock(file, FlockArg::LockExclusive) {
+            Ok(locked) => break locked,
+            Err((unlocked, Errno::EINTR)) => file = unlocked,
+            Err((_, errno)) => panic!("flock {}: {errno}", path.display()),
         }
-        let err = std::io::Error::last_os_error();
-        if err.kind() != std::io::ErrorKind::Interrupted {
-            panic!("flock {}: {err}", path.display());
-        }
-    }
+    };
     if start.elapsed() > Duration::from_secs(1) {
         eprintln!(
             "netns-tests: waited {:?} for the heavy-test lock",
@@ -92,6 +96,14 @@ pub fn heavy_lock() -> HeavyLock {
         );
     }
     HeavyLock { _file: file }
+}
+
+/// Clock ticks per second (`_SC_CLK_TCK`): the unit of the CPU times in `/proc/<pid>/stat`.
+pub fn clock_ticks_per_second() -> f64 {
+    use nix::unistd::{sysconf, SysconfVar};
+    // Linux has always reported 100 here; the fallback only guards the division.
+    let ticks = sysconf(SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100);
+    ticks.max(1) as f64
 }
 
 /// Errors of the test bed. Messages say what was being done and what was seen. `Debug` prints

@@ -76,9 +76,7 @@ impl Netns {
 
     /// A command that runs `program` inside the namespace (`ip netns exec <name> program`).
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut c = Command::new("ip");
-        c.arg("netns").arg("exec").arg(&self.name).arg(program);
-        c
+        command_in(Some(&self.name), program)
     }
 
     /// Runs `program args...` inside the namespace → stdout, error on non-zero exit.
@@ -121,6 +119,19 @@ impl Drop for Netns {
                 eprintln!("netns-tests: removing namespace {}: {e}", self.name);
             }
         }
+    }
+}
+
+/// A command that runs `program` inside the named namespace (`ip netns exec <name> program`)
+/// or, with `None`, in the caller's.
+pub fn command_in(netns: Option<&str>, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    match netns {
+        Some(name) => {
+            let mut c = Command::new("ip");
+            c.arg("netns").arg("exec").arg(name).arg(program);
+            c
+        }
+        None => Command::new(program),
     }
 }
 

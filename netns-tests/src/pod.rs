@@ -105,24 +105,7 @@ impl Pod {
             h.ip(&["addr", "add", &format!("{gateway}/{len}"), "dev", "cni0"])?;
             h.ip(&["link", "set", "cni0", "up"])?;
         }
-        let port = format!("vp{n}");
-        h.ip(&[
-            "link",
-            "add",
-            &port,
-            "mtu",
-            &mtu_s,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "mtu",
-            &mtu_s,
-            "netns",
-            ns.name(),
-        ])?;
-        h.ip(&["link", "set", &port, "master", "cni0", "up"])?;
+        plug_into_cni0(h, &format!("vp{n}"), mtu, &ns)?;
         ns.ip(&["addr", "add", &format!("{ip}/{len}"), "dev", "eth0"])?;
         ns.ip(&["link", "set", "eth0", "up"])?;
         ns.ip(&["route", "add", "default", "via", &gateway.to_string()])?;
@@ -341,6 +324,30 @@ impl CniAttachment {
 }
 
 /// The `n`-th address of `net` (0 = network address).
+/// A veth pair with MTU `mtu`: `port` on the host's `cni0` bridge (up), its peer `eth0` in
+/// `pod` (left down).
+pub fn plug_into_cni0(host: &Netns, port: &str, mtu: u32, pod: &Netns) -> Result<()> {
+    let mtu = mtu.to_string();
+    host.ip(&[
+        "link",
+        "add",
+        port,
+        "mtu",
+        &mtu,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "mtu",
+        &mtu,
+        "netns",
+        pod.name(),
+    ])?;
+    host.ip(&["link", "set", port, "master", "cni0", "up"])
+        .map(drop)
+}
+
 fn nth(net: Ipv4Network, n: u32) -> Result<Ipv4Addr> {
     if u64::from(n) + 1 >= u64::from(net.size()) {
         return Err(Error::Other(format!("{net} has no room for address #{n}")));

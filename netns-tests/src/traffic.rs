@@ -140,6 +140,71 @@ impl Transfer {
     }
 }
 
+/// Fills `buf` from the xorshift64 generator whose state is `x` (not zero): bytes that do not
+/// compress and are cheap to make.
+pub fn fill_pseudo_random(x: &mut u64, buf: &mut [u8]) {
+    for chunk in buf.chunks_mut(8) {
+        *x ^= *x << 13;
+        *x ^= *x >> 7;
+        *x ^= *x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+}
+
+/// Accepts one connection on `l` within `timeout` (polling: the listener is made
+/// non-blocking); the stream it returns blocks.
+fn accept_within(l: &TcpListener, timeout: Duration) -> Result<TcpStream> {
+    l.set_nonblocking(true)
+        .map_err(|e| Error::io("nonblocking", e))?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        match l.accept() {
+            Ok((st, _)) => {
+                st.set_nonblocking(false)
+                    .map_err(|e| Error::io("socket options", e))?;
+                return Ok(st);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() > deadline {
+                    let at = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                    return Err(Error::Other(format!(
+                        "no connection to {at} within {timeout:?}"
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(Error::io("accept", e)),
+        }
+    }
+}
+
+/// The receiving side of a transfer: reads `st` to its end, counting and hashing, then sends
+/// the receipt (count and hash) back. Also returns the longest wait between two reads.
+fn receive_and_acknowledge(st: &mut TcpStream, at: Ipv4Addr) -> Result<(u64, u64, Duration)> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let (mut n, mut h) = (0u64, FNV_OFFSET);
+    let mut last = Instant::now();
+    let mut stall = Duration::ZERO;
+    loop {
+        let r = st
+            .read(&mut buf)
+            .map_err(|e| Error::io(format!("receiving at {at} after {n} bytes"), e))?;
+        stall = stall.max(last.elapsed());
+        last = Instant::now();
+        if r == 0 {
+            break;
+        }
+        n += r as u64;
+        h = fnv(h, &buf[..r]);
+    }
+    let mut reply = [0u8; 16];
+    reply[..8].copy_from_slice(&n.to_be_bytes());
+    reply[8..].copy_from_slice(&h.to_be_bytes());
+    st.write_all(&reply)
+        .map_err(|e| Error::io("sending the receipt", e))?;
+    Ok((n, h, stall))
+}
+
 /// Ends the sending side of a transfer and checks the receiver's receipt (bytes and hash)
 /// against what was sent.
 fn finish_and_check(st: &mut TcpStream, addr: SocketAddr, sent: u64, h: u64) -> Result<(u64, u64)> {
@@ -175,45 +240,11 @@ pub fn tcp_transfer(from: &Pod, to: &Pod, bytes: u64) -> Result<Transfer> {
                 .map_err(|e| Error::io("local_addr", e))?
                 .port();
             let _ = tx.send(port);
-            l.set_nonblocking(true)
-                .map_err(|e| Error::io("nonblocking", e))?;
-            let deadline = Instant::now() + io_timeout;
-            let mut stream = loop {
-                match l.accept() {
-                    Ok((st, _)) => break st,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        if Instant::now() > deadline {
-                            return Err(Error::Other(format!(
-                                "no connection to {dst_ip}:{port} within {io_timeout:?}"
-                            )));
-                        }
-                        std::thread::sleep(Duration::from_millis(10));
-                    }
-                    Err(e) => return Err(Error::io("accept", e)),
-                }
-            };
+            let mut stream = accept_within(&l, io_timeout)?;
             stream
-                .set_nonblocking(false)
-                .and_then(|()| stream.set_read_timeout(Some(io_timeout)))
+                .set_read_timeout(Some(io_timeout))
                 .map_err(|e| Error::io("socket options", e))?;
-            let mut buf = vec![0u8; 64 * 1024];
-            let (mut n, mut h) = (0u64, FNV_OFFSET);
-            loop {
-                let r = stream
-                    .read(&mut buf)
-                    .map_err(|e| Error::io(format!("receiving at {dst_ip} after {n} bytes"), e))?;
-                if r == 0 {
-                    break;
-                }
-                n += r as u64;
-                h = fnv(h, &buf[..r]);
-            }
-            let mut reply = [0u8; 16];
-            reply[..8].copy_from_slice(&n.to_be_bytes());
-            reply[8..].copy_from_slice(&h.to_be_bytes());
-            stream
-                .write_all(&reply)
-                .map_err(|e| Error::io("sending the receipt", e))
+            receive_and_acknowledge(&mut stream, dst_ip).map(drop)
         });
         let port = match rx.recv_timeout(io_timeout) {
             Ok(p) => p,
@@ -239,13 +270,7 @@ pub fn tcp_transfer(from: &Pod, to: &Pod, bytes: u64) -> Result<Transfer> {
             let mut left = bytes;
             while left > 0 {
                 let k = (buf.len() as u64).min(left) as usize;
-                for chunk in buf[..k].chunks_mut(8) {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    let w = x.to_le_bytes();
-                    chunk.copy_from_slice(&w[..chunk.len()]);
-                }
+                fill_pseudo_random(&mut x, &mut buf[..k]);
                 st.write_all(&buf[..k]).map_err(|e| {
                     Error::io(format!("sending to {addr}, {} bytes sent", bytes - left), e)
                 })?;
@@ -324,48 +349,10 @@ impl PacedTransfer {
                 .map_err(|e| Error::io("local_addr", e))?
                 .port();
             let _ = tx.send(Ok(port));
-            l.set_nonblocking(true)
-                .map_err(|e| Error::io("nonblocking", e))?;
-            let deadline = Instant::now() + Duration::from_secs(15);
-            let mut st = loop {
-                match l.accept() {
-                    Ok((st, _)) => break st,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        if Instant::now() > deadline {
-                            return Err(Error::Other(format!(
-                                "no connection to {dst_ip}:{port} within 15 s"
-                            )));
-                        }
-                        std::thread::sleep(Duration::from_millis(10));
-                    }
-                    Err(e) => return Err(Error::io("accept", e)),
-                }
-            };
-            st.set_nonblocking(false)
-                .and_then(|()| st.set_read_timeout(Some(io_timeout)))
+            let mut st = accept_within(&l, Duration::from_secs(15))?;
+            st.set_read_timeout(Some(io_timeout))
                 .map_err(|e| Error::io("socket options", e))?;
-            let mut buf = vec![0u8; 64 * 1024];
-            let (mut n, mut h) = (0u64, FNV_OFFSET);
-            let mut last = Instant::now();
-            let mut stall = Duration::ZERO;
-            loop {
-                let r = st
-                    .read(&mut buf)
-                    .map_err(|e| Error::io(format!("receiving at {dst_ip} after {n} bytes"), e))?;
-                stall = stall.max(last.elapsed());
-                last = Instant::now();
-                if r == 0 {
-                    break;
-                }
-                n += r as u64;
-                h = fnv(h, &buf[..r]);
-            }
-            let mut reply = [0u8; 16];
-            reply[..8].copy_from_slice(&n.to_be_bytes());
-            reply[8..].copy_from_slice(&h.to_be_bytes());
-            st.write_all(&reply)
-                .map_err(|e| Error::io("sending the receipt", e))?;
-            Ok((n, h, stall))
+            receive_and_acknowledge(&mut st, dst_ip)
         });
         let port = rx
             .recv_timeout(Duration::from_secs(10))
@@ -384,12 +371,7 @@ impl PacedTransfer {
             let mut buf = vec![0u8; chunk.max(8)];
             let (mut sent, mut h) = (0u64, FNV_OFFSET);
             while !stop2.load(Ordering::Relaxed) {
-                for c in buf.chunks_mut(8) {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
-                }
+                fill_pseudo_random(&mut x, &mut buf);
                 st.write_all(&buf)
                     .map_err(|e| Error::io(format!("sending to {addr} after {sent} bytes"), e))?;
                 sent += buf.len() as u64;

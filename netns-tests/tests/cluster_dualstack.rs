@@ -9,14 +9,11 @@
 use std::net::Ipv6Addr;
 use std::time::Duration;
 
-use ipnetwork::Ipv6Network;
-use netns_tests::{wait_until, Cluster, Host, Netns, PodMode};
+use netns_tests::{wait_until, Cluster, Netns, PodMode};
+
+mod common;
 
 const CONVERGE: Duration = Duration::from_secs(30);
-
-fn host_v6(i: usize) -> Ipv6Addr {
-    format!("fd00:18::{}", 10 + i).parse().unwrap()
-}
 
 /// Builds a cluster without starting flanneld, gives every host its IPv6 underlay address,
 /// then starts flanneld everywhere and waits until each wrote its subnet file.
@@ -30,99 +27,8 @@ fn dual_cluster(config: &str, hosts: usize, extra: &[&str]) -> Cluster {
         b = b.flanneld_arg(a);
     }
     let c = b.build().expect("cluster");
-    for (i, h) in c.hosts().iter().enumerate() {
-        let ns = h.netns();
-        ns.ip(&[
-            "addr",
-            "add",
-            &format!("{}/64", host_v6(i)),
-            "dev",
-            "eth0",
-            "nodad",
-        ])
-        .expect("IPv6 underlay address");
-        ns.sysctl("net.ipv6.conf.all.forwarding", "1")
-            .expect("IPv6 forwarding");
-    }
-    for h in c.hosts() {
-        h.start().expect("start flanneld");
-    }
-    for h in c.hosts() {
-        wait_until(CONVERGE, &format!("{} ready", h.name()), || {
-            h.check_alive()?;
-            match h.http_get("/readyz") {
-                Ok((200, _)) => {}
-                other => return Err(format!("/readyz: {other:?}")),
-            }
-            v6_subnet(h).map(drop)
-        })
-        .unwrap_or_else(|e| panic!("{e}\nflanneld log:\n{}", h.log_tail(30)));
-    }
+    common::start_dual_stack(&c, CONVERGE);
     c
-}
-
-/// The host's IPv6 lease subnet, from `FLANNEL_IPV6_SUBNET` (`fc00:0:0:3::1/64`).
-fn v6_subnet(h: &Host) -> Result<Ipv6Network, String> {
-    let env = h.subnet_env().map_err(|e| e.to_string())?;
-    let s = env
-        .get("FLANNEL_IPV6_SUBNET")
-        .ok_or_else(|| format!("no FLANNEL_IPV6_SUBNET in {env:?}"))?;
-    let net: Ipv6Network = s.parse().map_err(|e| format!("{s}: {e}"))?;
-    Ipv6Network::new(net.network(), net.prefix()).map_err(|e| e.to_string())
-}
-
-fn nth6(net: Ipv6Network, n: u16) -> Ipv6Addr {
-    Ipv6Addr::from(u128::from(net.network()) + u128::from(n))
-}
-
-/// An IPv6 address for a pod namespace on host `h`: `cni0` gets `::1/64` (the bridge is made
-/// when the host has none, for IPv6-only clusters), the pod `::n` and a default route via
-/// `::1`. With `new_port`, a veth `q<n>` to a fresh `eth0` in `pod` is made first.
-fn give_v6(h: &Host, pod: &Netns, n: u16, new_port: bool) -> Ipv6Addr {
-    let subnet = v6_subnet(h).unwrap();
-    let gw = nth6(subnet, 1);
-    let ip = nth6(subnet, n);
-    let hn = h.netns();
-    let mtu = h.subnet_env().unwrap()["FLANNEL_MTU"].clone();
-    if hn.ip(&["link", "show", "cni0"]).is_err() {
-        hn.ip(&["link", "add", "cni0", "mtu", &mtu, "type", "bridge"])
-            .unwrap();
-        hn.ip(&["link", "set", "cni0", "up"]).unwrap();
-    }
-    let have = hn.ip(&["-6", "addr", "show", "dev", "cni0"]).unwrap();
-    if !have.contains(&format!("{gw}/64")) {
-        hn.ip(&["addr", "add", &format!("{gw}/64"), "dev", "cni0", "nodad"])
-            .unwrap();
-    }
-    if new_port {
-        let port = format!("q{n}");
-        hn.ip(&[
-            "link",
-            "add",
-            &port,
-            "mtu",
-            &mtu,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "mtu",
-            &mtu,
-            "netns",
-            pod.name(),
-        ])
-        .unwrap();
-        hn.ip(&["link", "set", &port, "master", "cni0", "up"])
-            .unwrap();
-        pod.ip(&["link", "set", "lo", "up"]).unwrap();
-        pod.ip(&["link", "set", "eth0", "up"]).unwrap();
-    }
-    pod.ip(&["addr", "add", &format!("{ip}/64"), "dev", "eth0", "nodad"])
-        .unwrap();
-    pod.ip(&["-6", "route", "add", "default", "via", &gw.to_string()])
-        .unwrap();
-    ip
 }
 
 /// Pings `dst` from `from` until a ping gets through (routes may still be propagating), then
@@ -155,7 +61,7 @@ fn dual_stack_pods_reach_each_other(backend: &str, mtu: &str) {
         let env = h.subnet_env().unwrap();
         assert_eq!(env["FLANNEL_IPV6_NETWORK"], "fc00::/48", "{env:?}");
         assert_eq!(env["FLANNEL_MTU"], mtu, "{env:?}");
-        let s = v6_subnet(h).unwrap();
+        let s = h.subnet_v6().unwrap();
         assert_eq!(s.prefix(), 64);
         subnets.push(s);
     }
@@ -182,12 +88,12 @@ fn dual_stack_pods_reach_each_other(backend: &str, mtu: &str) {
     for h in c.hosts() {
         let key = lines
             .iter()
-            .position(|l| l.contains(&format!("&{}-64", v6_subnet(h).unwrap().network())))
+            .position(|l| l.contains(&format!("&{}-64", h.subnet_v6().unwrap().network())))
             .unwrap_or_else(|| panic!("no dual-stack key for {}: {out}", h.name()));
         let value: serde_json::Value = serde_json::from_str(lines[key + 1]).unwrap();
         assert_eq!(
             value["PublicIPv6"],
-            host_v6(h.index()).to_string(),
+            common::host_v6(h.index()).to_string(),
             "{value}"
         );
         if backend == "vxlan" {
@@ -202,7 +108,7 @@ fn dual_stack_pods_reach_each_other(backend: &str, mtu: &str) {
         .iter()
         .map(|p| {
             let n = p.ip().octets()[3] as u16;
-            give_v6(c.host(p.host_index()), p.netns(), n, false)
+            common::give_v6(c.host(p.host_index()), p.netns(), n, false)
         })
         .collect();
     for (i, p) in pods.iter().enumerate() {
@@ -247,7 +153,7 @@ fn ipv6_only_vxlan_cluster() {
         .iter()
         .map(|h| {
             let ns = Netns::create(&format!("{}q2", h.name())).expect("pod namespace");
-            let ip = give_v6(h, &ns, 2, true);
+            let ip = common::give_v6(h, &ns, 2, true);
             (ns, ip)
         })
         .collect();

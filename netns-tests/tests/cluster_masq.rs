@@ -7,49 +7,16 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
-use ipnetwork::Ipv6Network;
-use netns_tests::{wait_until, Cluster, Host, Netns, PodMode};
+use netns_tests::{wait_until, Cluster, Netns, PodMode};
+
+mod common;
 
 const CONVERGE: Duration = Duration::from_secs(30);
 const OUTSIDE4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 200);
 const PORT: u16 = 7411;
 
-fn host_v6(i: usize) -> Ipv6Addr {
-    format!("fd00:18::{}", 10 + i).parse().unwrap()
-}
-
 fn outside6() -> Ipv6Addr {
     "fd00:18::200".parse().unwrap()
-}
-
-fn v6_subnet(h: &Host) -> Result<Ipv6Network, String> {
-    let env = h.subnet_env().map_err(|e| e.to_string())?;
-    let s = env
-        .get("FLANNEL_IPV6_SUBNET")
-        .ok_or_else(|| format!("no FLANNEL_IPV6_SUBNET in {env:?}"))?;
-    let net: Ipv6Network = s.parse().map_err(|e| format!("{s}: {e}"))?;
-    Ipv6Network::new(net.network(), net.prefix()).map_err(|e| e.to_string())
-}
-
-fn nth6(net: Ipv6Network, n: u16) -> Ipv6Addr {
-    Ipv6Addr::from(u128::from(net.network()) + u128::from(n))
-}
-
-/// Gives a (static) pod an IPv6 address `::n` of its host's subnet, `cni0` `::1`.
-fn give_v6(h: &Host, pod: &Netns, n: u16) -> Ipv6Addr {
-    let subnet = v6_subnet(h).unwrap();
-    let (gw, ip) = (nth6(subnet, 1), nth6(subnet, n));
-    let hn = h.netns();
-    let have = hn.ip(&["-6", "addr", "show", "dev", "cni0"]).unwrap();
-    if !have.contains(&format!("{gw}/64")) {
-        hn.ip(&["addr", "add", &format!("{gw}/64"), "dev", "cni0", "nodad"])
-            .unwrap();
-    }
-    pod.ip(&["addr", "add", &format!("{ip}/64"), "dev", "eth0", "nodad"])
-        .unwrap();
-    pod.ip(&["-6", "route", "add", "default", "via", &gw.to_string()])
-        .unwrap();
-    ip
 }
 
 /// Connects from `from` to `to` (listening in `listen`) and returns the source address the
@@ -97,28 +64,8 @@ fn ip_masq_hides_pods_outside_the_network_but_not_between_pods() {
         .no_start()
         .build()
         .expect("cluster");
-    for (i, h) in c.hosts().iter().enumerate() {
-        let ns = h.netns();
-        ns.ip(&[
-            "addr",
-            "add",
-            &format!("{}/64", host_v6(i)),
-            "dev",
-            "eth0",
-            "nodad",
-        ])
-        .unwrap();
-        ns.sysctl("net.ipv6.conf.all.forwarding", "1").unwrap();
-    }
+    common::start_dual_stack(&c, CONVERGE);
     for h in c.hosts() {
-        h.start().unwrap();
-    }
-    for h in c.hosts() {
-        wait_until(CONVERGE, &format!("{} ready", h.name()), || {
-            h.check_alive()?;
-            v6_subnet(h).map(drop)
-        })
-        .unwrap_or_else(|e| panic!("{e}\nflanneld log:\n{}", h.log_tail(30)));
         assert_eq!(h.subnet_env().unwrap()["FLANNEL_IPMASQ"], "true");
     }
 
@@ -141,8 +88,8 @@ fn ip_masq_hides_pods_outside_the_network_but_not_between_pods() {
 
     let p0 = c.add_pod(0).expect("pod on host 0");
     let p1 = c.add_pod(1).expect("pod on host 1");
-    let p0v6 = give_v6(c.host(0), p0.netns(), u16::from(p0.ip().octets()[3]));
-    let p1v6 = give_v6(c.host(1), p1.netns(), u16::from(p1.ip().octets()[3]));
+    let p0v6 = common::give_v6(c.host(0), p0.netns(), u16::from(p0.ip().octets()[3]), false);
+    let p1v6 = common::give_v6(c.host(1), p1.netns(), u16::from(p1.ip().octets()[3]), false);
 
     // Outside the Network: the host's address.
     assert_source(
@@ -151,7 +98,12 @@ fn ip_masq_hides_pods_outside_the_network_but_not_between_pods() {
         p0.netns(),
         c.host(0).public_ip().into(),
     );
-    assert_source(&outside, outside6().into(), p0.netns(), host_v6(0).into());
+    assert_source(
+        &outside,
+        outside6().into(),
+        p0.netns(),
+        common::host_v6(0).into(),
+    );
     // Pod to pod (another host): the pod's own address.
     assert_source(p1.netns(), p1.ip().into(), p0.netns(), p0.ip().into());
     assert_source(p1.netns(), p1v6.into(), p0.netns(), p0v6.into());

@@ -9,6 +9,7 @@ use std::net::{Ipv4Addr, UdpSocket};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use netns_tests::packet::ipv4_udp;
 use netns_tests::{Cluster, Pod};
 use serde_json::json;
 
@@ -103,30 +104,6 @@ fn udp_fast_every_pod_reaches_every_pod() {
 fn udp_plain_every_pod_reaches_every_pod() {
     netns_tests::require_test_bed!();
     every_pod_reaches_every_pod(true);
-}
-
-/// An IPv4/UDP packet to `dst`:`port` (no UDP checksum) with a correct header checksum.
-fn ipv4_udp(src: Ipv4Addr, dst: Ipv4Addr, port: u16, payload: &[u8]) -> Vec<u8> {
-    let mut p = vec![0u8; 28];
-    p[0] = 0x45;
-    p[2..4].copy_from_slice(&((28 + payload.len()) as u16).to_be_bytes());
-    p[8] = 64;
-    p[9] = 17;
-    p[12..16].copy_from_slice(&src.octets());
-    p[16..20].copy_from_slice(&dst.octets());
-    let mut sum: u32 = p[..20]
-        .chunks(2)
-        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    p[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
-    p[20..22].copy_from_slice(&4000u16.to_be_bytes());
-    p[22..24].copy_from_slice(&port.to_be_bytes());
-    p[24..26].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-    p.extend_from_slice(payload);
-    p
 }
 
 fn non_peer_datagram_is_dropped(plain: bool) {

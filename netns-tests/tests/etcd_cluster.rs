@@ -91,6 +91,68 @@ fn new_host_joins(c: &mut Cluster, pods: &[&Pod]) -> (usize, Pod) {
     (i, p)
 }
 
+/// The cluster, converged, with one pod on each of its three hosts, each reaching the next.
+fn converged_with_pods() -> (Cluster, [Pod; 3]) {
+    let c = cluster();
+    c.wait_converged(CONVERGE).expect("converged");
+    let pods = [0, 1, 2].map(|i| c.add_pod(i).unwrap());
+    for (x, y) in [(0, 1), (1, 2), (2, 0)] {
+        pods[x]
+            .wait_reaches(pods[y].ip(), Duration::from_secs(5))
+            .unwrap();
+    }
+    (c, pods)
+}
+
+/// The flanneld process of each host (a restart changes it).
+fn flanneld_pids(c: &Cluster) -> Vec<Option<u32>> {
+    c.hosts().iter().map(|h| h.pid()).collect()
+}
+
+/// Watches a cluster without etcd quorum for `outage`: the data plane and readiness hold all
+/// along, and every host shows the outage in `/metrics` (etcd down, errors above `errors0`),
+/// then keeps retrying. Returns when the outage first showed on every host and the error
+/// counts at the end.
+fn watch_outage(
+    c: &Cluster,
+    leases: &[LeaseInfo],
+    errors0: &[f64],
+    outage: Duration,
+) -> (Duration, Vec<f64>) {
+    let t0 = Instant::now();
+    let mut seen_down = None;
+    let mut errors_mid = None;
+    while t0.elapsed() < outage {
+        assert_steady(c, leases, "without etcd quorum");
+        let up = metric_all(c, "flannel_etcd_up");
+        let errors = metric_all(c, "flannel_etcd_errors_total");
+        if seen_down.is_none()
+            && up.iter().all(|u| *u == 0.0)
+            && errors.iter().zip(errors0).all(|(n, e)| n > e)
+        {
+            seen_down = Some(t0.elapsed());
+            errors_mid = Some(errors);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let errors_end = metric_all(c, "flannel_etcd_errors_total");
+    let seen_down = seen_down.unwrap_or_else(|| {
+        panic!(
+            "/metrics never showed the outage on every host: flannel_etcd_up {:?}, errors {:?} \
+             (before {errors0:?})",
+            metric_all(c, "flannel_etcd_up"),
+            errors_end
+        )
+    });
+    let errors_mid = errors_mid.unwrap();
+    assert!(
+        errors_end.iter().zip(&errors_mid).all(|(e, m)| e > m),
+        "daemons keep retrying: errors when the outage showed {errors_mid:?}, at its end \
+         {errors_end:?}"
+    );
+    (seen_down, errors_end)
+}
+
 /// Which member each host has established connections to.
 fn connections(c: &Cluster) -> Vec<Vec<Ipv4Addr>> {
     c.hosts()
@@ -103,16 +165,9 @@ fn connections(c: &Cluster) -> Vec<Vec<Ipv4Addr>> {
 fn etcd_member_killed_leases_renew_hosts_join_no_pod_connection_breaks() {
     netns_tests::require_test_bed!();
     let _heavy = heavy_lock();
-    let mut c = cluster();
-    c.wait_converged(CONVERGE).expect("converged");
-    let a = c.add_pod(0).unwrap();
-    let b = c.add_pod(1).unwrap();
-    let d = c.add_pod(2).unwrap();
-    for (x, y) in [(&a, &b), (&b, &d), (&d, &a)] {
-        x.wait_reaches(y.ip(), Duration::from_secs(5)).unwrap();
-    }
+    let (mut c, [a, b, d]) = converged_with_pods();
     let leases = c.leases().unwrap();
-    let pids: Vec<_> = c.hosts().iter().map(|h| h.pid()).collect();
+    let pids = flanneld_pids(&c);
 
     // The member host 0 talks to: the one it has an established connection with (the client
     // balances over all three, so there may be several; take the one most hosts use).
@@ -160,13 +215,8 @@ fn etcd_member_killed_leases_renew_hosts_join_no_pod_connection_breaks() {
     eprintln!("all hosts renewed twice within {took:?} of the kill");
     assert_steady(&c, &leases, "after the member was killed");
     assert_eq!(c.leases().unwrap(), leases, "the leases did not change");
-    for (i, h) in c.hosts().iter().enumerate() {
-        assert_eq!(
-            h.pid(),
-            pids[i],
-            "flanneld on {} was not restarted",
-            h.name()
-        );
+    assert_eq!(flanneld_pids(&c), pids, "no flanneld was restarted");
+    for h in c.hosts() {
         assert_eq!(
             h.metric("flannel_lease_acquisitions_total").unwrap(),
             1.0,
@@ -209,16 +259,9 @@ fn etcd_member_killed_leases_renew_hosts_join_no_pod_connection_breaks() {
 fn etcd_quorum_lost_data_plane_kept_ready_outage_in_metrics_then_converges() {
     netns_tests::require_test_bed!();
     let _heavy = heavy_lock();
-    let mut c = cluster();
-    c.wait_converged(CONVERGE).expect("converged");
-    let a = c.add_pod(0).unwrap();
-    let b = c.add_pod(1).unwrap();
-    let d = c.add_pod(2).unwrap();
-    for (x, y) in [(&a, &b), (&b, &d), (&d, &a)] {
-        x.wait_reaches(y.ip(), Duration::from_secs(5)).unwrap();
-    }
+    let (mut c, [a, b, d]) = converged_with_pods();
     let leases = c.leases().unwrap();
-    let pids: Vec<_> = c.hosts().iter().map(|h| h.pid()).collect();
+    let pids = flanneld_pids(&c);
     let errors0 = metric_all(&c, "flannel_etcd_errors_total");
     assert_eq!(metric_all(&c, "flannel_etcd_up"), vec![1.0; 3]);
 
@@ -230,37 +273,7 @@ fn etcd_quorum_lost_data_plane_kept_ready_outage_in_metrics_then_converges() {
     c.etcd_member(1).kill9();
     c.etcd_member(2).kill9();
     let t0 = Instant::now();
-    let outage = Duration::from_secs(20);
-    let mut seen_down = None;
-    let mut errors_mid = None;
-    while t0.elapsed() < outage {
-        assert_steady(&c, &leases, "without etcd quorum");
-        let up = metric_all(&c, "flannel_etcd_up");
-        let errors = metric_all(&c, "flannel_etcd_errors_total");
-        if seen_down.is_none()
-            && up.iter().all(|u| *u == 0.0)
-            && errors.iter().zip(&errors0).all(|(n, e)| n > e)
-        {
-            seen_down = Some(t0.elapsed());
-            errors_mid = Some(errors);
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    let errors_end = metric_all(&c, "flannel_etcd_errors_total");
-    let seen_down = seen_down.unwrap_or_else(|| {
-        panic!(
-            "/metrics never showed the outage on every host: flannel_etcd_up {:?}, errors {:?} \
-             (before {errors0:?})",
-            metric_all(&c, "flannel_etcd_up"),
-            errors_end
-        )
-    });
-    let errors_mid = errors_mid.unwrap();
-    assert!(
-        errors_end.iter().zip(&errors_mid).all(|(e, m)| e > m),
-        "daemons keep retrying: errors when the outage showed {errors_mid:?}, at its end \
-         {errors_end:?}"
-    );
+    let (seen_down, errors_end) = watch_outage(&c, &leases, &errors0, Duration::from_secs(20));
     assert!(
         d.ping(b.ip(), 3).unwrap().all_received(),
         "host 2 → host 1 during the outage"
@@ -305,14 +318,7 @@ fn etcd_quorum_lost_data_plane_kept_ready_outage_in_metrics_then_converges() {
             .collect::<Vec<_>>(),
         "every host kept its subnet through the outage"
     );
-    for (i, h) in c.hosts().iter().enumerate() {
-        assert_eq!(
-            h.pid(),
-            pids[i],
-            "flanneld on {} was not restarted",
-            h.name()
-        );
-    }
+    assert_eq!(flanneld_pids(&c), pids, "no flanneld was restarted");
     let (_, _e) = new_host_joins(&mut c, &[&a, &b, &d]);
 
     let st = ping.stop().unwrap();

@@ -11,7 +11,7 @@ use netlink_packet_route::route::RouteProtocol;
 use rtnetlink::Handle;
 use serde_json::{Map, Value};
 
-use super::{BackendError, ReconcileReport};
+use super::{BackendError, FailedChange, ReconcileReport};
 use crate::config::NetworkConfig;
 use crate::iface::ExternalInterface;
 use crate::netlink::{self, Batch, Net, Netlink, NetlinkError, Op, Route, RT_TABLE_MAIN};
@@ -102,7 +102,7 @@ impl LeaseFamily for Ipv4Network {
         key.ipv4
     }
     fn of_config(cfg: &NetworkConfig) -> Option<Self> {
-        cfg.network.filter(|_| cfg.enable_ipv4)
+        cfg.v4.map(|f| f.network)
     }
     fn public_ip(attrs: &LeaseAttrs) -> Option<Self::Addr> {
         attrs.public_ip
@@ -125,7 +125,7 @@ impl LeaseFamily for Ipv6Network {
         key.ipv6
     }
     fn of_config(cfg: &NetworkConfig) -> Option<Self> {
-        cfg.ipv6_network.filter(|_| cfg.enable_ipv6)
+        cfg.v6.map(|f| f.network)
     }
     fn public_ip(attrs: &LeaseAttrs) -> Option<Self::Addr> {
         attrs.public_ipv6
@@ -233,7 +233,7 @@ struct Planned {
 }
 
 /// The kernel changes of one reconciliation pass, in the order the kernel must apply them,
-/// sent in one go by [`Tally::apply`].
+/// sent in one go by [`ReconcileTally::apply`].
 #[derive(Default)]
 pub(super) struct Plan {
     batch: Batch,
@@ -264,25 +264,28 @@ const LOG_EACH: usize = 32;
 
 /// What one reconciliation pass did, and which changes failed.
 #[derive(Debug)]
-pub(super) struct Tally {
+pub(super) struct ReconcileTally {
     pub backend: &'static str,
     pub report: ReconcileReport,
-    pub errors: Vec<String>,
+    pub failed: Vec<FailedChange>,
 }
 
-impl Tally {
+impl ReconcileTally {
     pub fn new(backend: &'static str) -> Self {
-        Tally {
+        ReconcileTally {
             backend,
             report: ReconcileReport::default(),
-            errors: Vec::new(),
+            failed: Vec::new(),
         }
     }
 
     /// Records a failed change; the pass goes on with the others.
     pub fn failed(&mut self, context: &str, err: NetlinkError) {
         tracing::warn!("{}: {context}: {err}", self.backend);
-        self.errors.push(format!("{context}: {err}"));
+        self.failed.push(FailedChange {
+            context: context.to_string(),
+            error: err,
+        });
     }
 
     /// Sends the plan's changes and counts what they did. Deleting something that is already
@@ -336,22 +339,12 @@ impl Tally {
 
     /// The report, or an error listing every change that failed.
     pub fn finish(self) -> Result<ReconcileReport, BackendError> {
-        if self.errors.is_empty() {
+        if self.failed.is_empty() {
             Ok(self.report)
         } else {
-            const SHOWN: usize = 10;
-            let more = self.errors.len().saturating_sub(SHOWN);
-            let mut why = format!(
-                "{} change(s) failed (the others were applied): {}",
-                self.errors.len(),
-                self.errors[..self.errors.len().min(SHOWN)].join("; ")
-            );
-            if more > 0 {
-                why.push_str(&format!("; and {more} more"));
-            }
-            Err(BackendError::Netlink {
+            Err(BackendError::Changes {
                 backend: self.backend,
-                why,
+                failed: self.failed,
             })
         }
     }
@@ -360,10 +353,26 @@ impl Tally {
 /// Wraps a netlink error of a step the pass cannot go on without.
 pub(super) fn fatal(backend: &'static str, context: &str) -> impl Fn(NetlinkError) -> BackendError {
     let context = context.to_string();
-    move |e| BackendError::Netlink {
+    move |source| BackendError::Netlink {
         backend,
-        why: format!("{context}: {e}"),
+        context: context.clone(),
+        source,
     }
+}
+
+/// A backend's parts for each family the config enables; an error when it enables neither.
+pub(super) fn some_family<A, B>(
+    backend: &'static str,
+    v4: Option<A>,
+    v6: Option<B>,
+) -> Result<(Option<A>, Option<B>), BackendError> {
+    if v4.is_none() && v6.is_none() {
+        return Err(BackendError::Setup {
+            backend,
+            why: "the network config enables neither an IPv4 Network nor an IPv6Network".into(),
+        });
+    }
+    Ok((v4, v6))
 }
 
 /// Opens the backend's netlink sockets once.
@@ -399,7 +408,7 @@ pub(super) async fn ensure_address<N: Net>(
     device: &str,
     index: u32,
     want: N,
-    tally: &mut Tally,
+    tally: &mut ReconcileTally,
 ) -> Result<AddressChange, BackendError> {
     let backend = tally.backend;
     let context = format!("address {want} on device {device}");
@@ -807,38 +816,22 @@ mod tests {
             NetworkConfig::parse(br#"{"Network":"10.5.0.0/16","Backend":{"Type":"host-gw"}}"#)
                 .unwrap();
         let (own_key, own) = peer("10.5.1.0-24", r#"{"PublicIP":"198.18.0.1"}"#, 1);
-        let leases: PeerSet = [
-            (own_key, own.clone()),
-            peer(
-                "10.5.2.0-24",
-                r#"{"PublicIP":"198.18.0.2","BackendType":"host-gw"}"#,
-                2,
-            ),
-            peer(
-                "10.6.3.0-24",
-                r#"{"PublicIP":"198.18.0.3","BackendType":"host-gw"}"#,
-                3,
-            ),
-            peer(
-                "0.0.0.0-0",
-                r#"{"PublicIP":"198.18.0.4","BackendType":"host-gw"}"#,
-                4,
-            ),
-            peer(
-                "10.5.0.0-16",
-                r#"{"PublicIP":"198.18.0.5","BackendType":"host-gw"}"#,
-                5,
-            ),
-            peer(
-                "10.5.1.128-25",
-                r#"{"PublicIP":"198.18.0.6","BackendType":"host-gw"}"#,
-                6,
-            ),
-        ]
-        .into_iter()
-        .collect();
+        // One good peer, then leases outside the Network, too wide, or inside our subnet.
+        let others = [
+            "10.5.2.0-24",
+            "10.6.3.0-24",
+            "0.0.0.0-0",
+            "10.5.0.0-16",
+            "10.5.1.128-25",
+        ];
+        let leases: PeerSet = std::iter::once((own_key, own.clone()))
+            .chain(others.iter().zip(2..).map(|(key, n)| {
+                let attrs = format!(r#"{{"PublicIP":"198.18.0.{n}","BackendType":"host-gw"}}"#);
+                peer(key, &attrs, n)
+            }))
+            .collect();
         let accepted = crate::subnet::peers::filter(&leases, &config, &own).accepted;
-        let network = config.network.unwrap();
+        let network = config.v4.unwrap().network;
         let own_subnet = own_key.ipv4;
         let (device, ext_index) = (7, 2);
         let mut skipped = Skipped::new();

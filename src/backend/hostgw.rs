@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use ipnetwork::{Ipv4Network, Ipv6Network};
 
-use super::common::{self, LeaseFamily, Plan, Tally};
+use super::common::{self, LeaseFamily, Plan, ReconcileTally};
 use super::{Backend, BackendContext, BackendError, Publish, ReconcileReport};
 use crate::iface::ExternalInterface;
 use crate::netlink::{Netlink, Route};
@@ -128,12 +128,7 @@ impl HostGwBackend {
     pub fn new(ctx: BackendContext) -> Result<Self, BackendError> {
         let v4 = Ipv4Network::of_config(&ctx.config).map(Routes::new);
         let v6 = Ipv6Network::of_config(&ctx.config).map(Routes::new);
-        if v4.is_none() && v6.is_none() {
-            return Err(BackendError::Setup {
-                backend: BACKEND,
-                why: "the network config enables neither an IPv4 Network nor an IPv6Network".into(),
-            });
-        }
+        let (v4, v6) = common::some_family(BACKEND, v4, v6)?;
         Ok(HostGwBackend {
             ctx,
             nl: None,
@@ -190,7 +185,7 @@ impl Backend for HostGwBackend {
     async fn reconcile(&mut self, peers: &PeerSet) -> Result<ReconcileReport, BackendError> {
         let nl = common::connect(BACKEND, &mut self.nl)?;
         self.check_no_nat()?;
-        let mut tally = Tally::new(BACKEND);
+        let mut tally = ReconcileTally::new(BACKEND);
         let mut plan = Plan::default();
         let ext = &self.ctx.ext;
         if let Some(v4) = &mut self.v4 {
@@ -200,7 +195,7 @@ impl Backend for HostGwBackend {
             v6.plan(&nl, ext, peers, &mut plan).await?;
         }
         tally.apply(&nl, plan).await;
-        self.settle(tally.errors.is_empty());
+        self.settle(tally.failed.is_empty());
         tally.finish()
     }
 
@@ -219,9 +214,9 @@ impl Backend for HostGwBackend {
             self.settle(false);
             return self.reconcile(peers).await;
         }
-        let mut tally = Tally::new(BACKEND);
+        let mut tally = ReconcileTally::new(BACKEND);
         tally.apply(&nl, plan).await;
-        let all_applied = tally.errors.is_empty();
+        let all_applied = tally.failed.is_empty();
         self.settle(all_applied);
         if all_applied {
             return tally.finish();

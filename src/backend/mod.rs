@@ -8,6 +8,7 @@ use async_trait::async_trait;
 use crate::config::NetworkConfig;
 use crate::iface::ExternalInterface;
 use crate::metrics::Metrics;
+use crate::netlink::NetlinkError;
 use crate::subnet::{Lease, PeerSet};
 
 mod alloc;
@@ -28,10 +29,62 @@ pub enum BackendError {
         value: String,
         why: String,
     },
+    /// The host or the lease lacks what the backend needs (an address, a subnet, a device).
     #[error("backend {backend}: {why}")]
     Setup { backend: &'static str, why: String },
-    #[error("backend {backend}: netlink: {why}")]
-    Netlink { backend: &'static str, why: String },
+    /// A system call the backend cannot go on without failed.
+    #[error("backend {backend}: {context}")]
+    Io {
+        backend: &'static str,
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A netlink request the backend cannot go on without failed.
+    #[error("backend {backend}: netlink: {context}")]
+    Netlink {
+        backend: &'static str,
+        context: String,
+        #[source]
+        source: NetlinkError,
+    },
+    /// Some changes of a reconciliation pass failed; the others were applied.
+    #[error("backend {backend}: netlink: {}", FailedChange::summary(.failed))]
+    Changes {
+        backend: &'static str,
+        failed: Vec<FailedChange>,
+    },
+}
+
+/// A kernel change a reconciliation pass could not make.
+#[derive(Debug, Clone)]
+pub struct FailedChange {
+    /// Which change: the peer it was for, or the operation.
+    pub context: String,
+    pub error: NetlinkError,
+}
+
+impl FailedChange {
+    /// Changes beyond this many are counted, not listed, in the error message.
+    const SHOWN: usize = 10;
+
+    fn summary(failed: &[FailedChange]) -> String {
+        let listed: Vec<String> = failed
+            .iter()
+            .take(Self::SHOWN)
+            .map(|f| format!("{}: {}", f.context, f.error))
+            .collect();
+        let mut why = format!(
+            "{} change(s) failed (the others were applied): {}",
+            failed.len(),
+            listed.join("; ")
+        );
+        let more = failed.len().saturating_sub(Self::SHOWN);
+        if more > 0 {
+            why.push_str(&format!("; and {more} more"));
+        }
+        why
+    }
 }
 
 /// What the backend publishes in our lease, and the MTU pods must use.
@@ -120,4 +173,55 @@ pub fn create(ctx: BackendContext) -> Result<Box<dyn Backend>, BackendError> {
         BackendType::Udp => Box::new(udp::UdpBackend::new(ctx)?),
         BackendType::Vxlan => Box::new(vxlan::VxlanBackend::new(ctx)?),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error_chain::Chain;
+
+    fn netlink_error(op: &str) -> NetlinkError {
+        NetlinkError::new(op, rtnetlink::Error::RequestFailed)
+    }
+
+    #[test]
+    fn a_netlink_failure_keeps_the_netlink_error_as_its_cause() {
+        let e = common::fatal("vxlan", "creating flannel.1")(netlink_error("add link flannel.1"));
+        let cause = std::error::Error::source(&e).expect("the netlink error is the cause");
+        assert_eq!(
+            cause.to_string(),
+            "add link flannel.1: A netlink request failed"
+        );
+        assert_eq!(
+            Chain(&e).to_string(),
+            "backend vxlan: netlink: creating flannel.1: add link flannel.1: A netlink request failed"
+        );
+    }
+
+    #[test]
+    fn failed_changes_are_listed_up_to_ten() {
+        let failed: Vec<FailedChange> = (0..12)
+            .map(|i| FailedChange {
+                context: format!("peer 10.5.{i}.0-24"),
+                error: netlink_error("replace route"),
+            })
+            .collect();
+        let e = BackendError::Changes {
+            backend: "host-gw",
+            failed,
+        };
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with(
+                "backend host-gw: netlink: 12 change(s) failed (the others were applied): \
+                 peer 10.5.0.0-24: replace route: A netlink request failed; peer 10.5.1.0-24"
+            ),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("peer 10.5.9.0-24") && !msg.contains("peer 10.5.10.0-24"),
+            "{msg}"
+        );
+        assert!(msg.ends_with("; and 2 more"), "{msg}");
+    }
 }

@@ -26,7 +26,7 @@ use async_trait::async_trait;
 use ipnetwork::{Ipv4Network, Ipv6Network};
 use serde_json::json;
 
-use super::common::{self, fatal, Effect, LeaseFamily, Plan, Tally};
+use super::common::{self, fatal, Effect, LeaseFamily, Plan, ReconcileTally};
 use super::{Backend, BackendContext, BackendError, Publish, ReconcileReport};
 use crate::iface::ExternalInterface;
 use crate::netlink::{self, format_mac, parse_mac, Link, Mac, Netlink, Route, VxlanSpec};
@@ -371,7 +371,7 @@ impl<N: LeaseFamily> Vtep<N> {
         &mut self,
         s: &Shared<'_>,
         dev: &Link,
-        tally: &mut Tally,
+        tally: &mut ReconcileTally,
     ) -> Result<bool, BackendError> {
         let Some(own) = self.own else {
             return Ok(false);
@@ -639,7 +639,7 @@ impl<N: LeaseFamily> Vtep<N> {
         s: &Shared<'_>,
         peers: &PeerSet,
         plan: &mut Plan,
-        tally: &mut Tally,
+        tally: &mut ReconcileTally,
     ) -> Result<(), BackendError> {
         // Unknown until this pass has applied everything.
         self.programmed.forget();
@@ -653,6 +653,13 @@ impl<N: LeaseFamily> Vtep<N> {
         self.plan(s, &dev, peers, plan).await
     }
 }
+
+/// [`Shared`] and each family's device, borrowed at once.
+type Parts<'a> = (
+    Shared<'a>,
+    &'a mut Option<Vtep<Ipv4Network>>,
+    &'a mut Option<Vtep<Ipv6Network>>,
+);
 
 pub struct VxlanBackend {
     opts: VxlanOptions,
@@ -688,12 +695,7 @@ impl VxlanBackend {
                 )
             })
             .transpose()?;
-        if v4.is_none() && v6.is_none() {
-            return Err(BackendError::Setup {
-                backend: BACKEND,
-                why: "the network config enables neither an IPv4 Network nor an IPv6Network".into(),
-            });
-        }
+        let (v4, v6) = common::some_family(BACKEND, v4, v6)?;
         Ok(VxlanBackend {
             opts,
             ext,
@@ -702,17 +704,24 @@ impl VxlanBackend {
             v6,
         })
     }
+
+    /// What each family's device shares (the netlink sockets opened once) beside the devices.
+    fn parts(&mut self) -> Result<Parts<'_>, BackendError> {
+        common::connect(BACKEND, &mut self.nl)?;
+        let nl = self.nl.as_ref().expect("connected above");
+        let shared = Shared {
+            opts: &self.opts,
+            ext: &self.ext,
+            nl,
+        };
+        Ok((shared, &mut self.v4, &mut self.v6))
+    }
 }
 
 #[async_trait]
 impl Backend for VxlanBackend {
     async fn prepare(&mut self) -> Result<Publish, BackendError> {
-        let nl = common::connect(BACKEND, &mut self.nl)?;
-        let s = Shared {
-            opts: &self.opts,
-            ext: &self.ext,
-            nl: &nl,
-        };
+        let (s, v4, v6) = self.parts()?;
         let mut publish = Publish {
             backend_type: BACKEND.into(),
             backend_data: None,
@@ -721,33 +730,28 @@ impl Backend for VxlanBackend {
         };
         // Pods get the smaller MTU of the two devices, so both families fit without
         // fragmentation.
-        if let Some(v4) = &mut self.v4 {
+        if let Some(v4) = v4 {
             let (link, _) = v4.ensure_device(&s).await?;
-            publish.backend_data = Some(v4.backend_data(self.opts.vni)?);
+            publish.backend_data = Some(v4.backend_data(s.opts.vni)?);
             publish.mtu = publish.mtu.min(link.mtu.unwrap_or(v4.mtu));
         }
-        if let Some(v6) = &mut self.v6 {
+        if let Some(v6) = v6 {
             let (link, _) = v6.ensure_device(&s).await?;
-            publish.backend_v6_data = Some(v6.backend_data(self.opts.vni)?);
+            publish.backend_v6_data = Some(v6.backend_data(s.opts.vni)?);
             publish.mtu = publish.mtu.min(link.mtu.unwrap_or(v6.mtu));
         }
         Ok(publish)
     }
 
     async fn lease_acquired(&mut self, own: &Lease) -> Result<(), BackendError> {
-        let nl = common::connect(BACKEND, &mut self.nl)?;
-        let s = Shared {
-            opts: &self.opts,
-            ext: &self.ext,
-            nl: &nl,
-        };
-        let mut tally = Tally::new(BACKEND);
-        if let Some(v4) = &mut self.v4 {
+        let (s, v4, v6) = self.parts()?;
+        let mut tally = ReconcileTally::new(BACKEND);
+        if let Some(v4) = v4 {
             v4.set_own(own)?;
             let (link, _) = v4.ensure_device(&s).await?;
             v4.ensure_address(&s, &link, &mut tally).await?;
         }
-        if let Some(v6) = &mut self.v6 {
+        if let Some(v6) = v6 {
             v6.set_own(own)?;
             let (link, _) = v6.ensure_device(&s).await?;
             v6.ensure_address(&s, &link, &mut tally).await?;
@@ -756,22 +760,17 @@ impl Backend for VxlanBackend {
     }
 
     async fn reconcile(&mut self, peers: &PeerSet) -> Result<ReconcileReport, BackendError> {
-        let nl = common::connect(BACKEND, &mut self.nl)?;
-        let s = Shared {
-            opts: &self.opts,
-            ext: &self.ext,
-            nl: &nl,
-        };
-        let mut tally = Tally::new(BACKEND);
+        let (s, v4, v6) = self.parts()?;
+        let mut tally = ReconcileTally::new(BACKEND);
         let mut plan = Plan::default();
-        if let Some(v4) = &mut self.v4 {
+        if let Some(v4) = v4 {
             v4.reconcile(&s, peers, &mut plan, &mut tally).await?;
         }
-        if let Some(v6) = &mut self.v6 {
+        if let Some(v6) = v6 {
             v6.reconcile(&s, peers, &mut plan, &mut tally).await?;
         }
-        tally.apply(&nl, plan).await;
-        self.settle(tally.errors.is_empty());
+        tally.apply(s.nl, plan).await;
+        self.settle(tally.failed.is_empty());
         tally.finish()
     }
 
@@ -789,9 +788,9 @@ impl Backend for VxlanBackend {
             self.settle(false);
             return self.reconcile(peers).await;
         }
-        let mut tally = Tally::new(BACKEND);
+        let mut tally = ReconcileTally::new(BACKEND);
         tally.apply(&nl, plan).await;
-        let all_applied = tally.errors.is_empty();
+        let all_applied = tally.failed.is_empty();
         self.settle(all_applied);
         if all_applied {
             return tally.finish();

@@ -2,6 +2,7 @@
 
 use crate::backoff::Backoff;
 use crate::config::NetworkConfig;
+use crate::error_chain::Chain;
 use crate::subnet::registry::{ConfigRead, LeaseRegistry};
 
 /// Reads the network config until a valid one is there, watching the key in between. An
@@ -54,7 +55,7 @@ pub(super) async fn wait_for_config<R: LeaseRegistry>(reg: &R) -> NetworkConfig 
 }
 
 pub(super) fn validate(raw: &[u8]) -> Result<NetworkConfig, String> {
-    NetworkConfig::parse(raw).map_err(|e| e.to_string())
+    NetworkConfig::parse(raw).map_err(|e| Chain(&e).to_string())
 }
 
 #[cfg(test)]
@@ -66,7 +67,7 @@ mod tests {
     fn a_valid_config_is_accepted() {
         let config = validate(br#"{"Network":"10.5.0.0/16","Backend":{"Type":"host-gw"}}"#)
             .expect("valid config");
-        assert_eq!(config.network, Some("10.5.0.0/16".parse().unwrap()));
+        assert_eq!(config.v4.unwrap().network, "10.5.0.0/16".parse().unwrap());
         assert_eq!(config.backend_type.to_string(), "host-gw");
     }
 
@@ -105,7 +106,7 @@ mod tests {
         let config = tokio::time::timeout(std::time::Duration::from_secs(5), wait_for_config(&reg))
             .await
             .expect("a valid config in time");
-        assert_eq!(config.network, Some("10.7.0.0/16".parse().unwrap()));
+        assert_eq!(config.v4.unwrap().network, "10.7.0.0/16".parse().unwrap());
         assert_eq!(*reg.config_reads.lock().unwrap(), 4);
     }
 }

@@ -8,6 +8,7 @@ use tokio::sync::watch;
 
 use crate::backend::Backend;
 use crate::config::NetworkConfig;
+use crate::error_chain::Chain;
 use crate::health;
 use crate::metrics::Metrics;
 use crate::subnet::env::{SubnetEnv, SubnetEnvExt};
@@ -92,7 +93,11 @@ impl DataPlane {
 
     async fn program_own(&mut self, own: &Lease) -> bool {
         if let Err(e) = self.backend.lease_acquired(own).await {
-            tracing::error!("programming our lease {} failed, retrying: {e}", own.key);
+            tracing::error!(
+                "programming our lease {} failed, retrying: {}",
+                own.key,
+                Chain(&e)
+            );
             return false;
         }
         let env = SubnetEnv::from_lease(&self.config, &own.key, self.mtu, self.ip_masq);
@@ -144,7 +149,7 @@ impl DataPlane {
             }
             Err(e) => {
                 Metrics::inc(&self.metrics.reconcile_errors);
-                tracing::error!("reconciling the data plane failed: {e}");
+                tracing::error!("reconciling the data plane failed: {}", Chain(&e));
             }
         }
     }

@@ -55,8 +55,13 @@ pub enum DaemonError {
     },
     #[error("{0}")]
     Mismatch(String),
-    #[error("internal task {task} stopped ({why}); exiting so that it is restarted")]
-    TaskEnded { task: &'static str, why: String },
+    /// A task that runs for the life of the daemon returned, or panicked (`failure`).
+    #[error("internal task {task} stopped; exiting so that it is restarted")]
+    TaskEnded {
+        task: &'static str,
+        #[source]
+        failure: Option<tokio::task::JoinError>,
+    },
 }
 
 pub async fn run(opts: Opts) -> Result<(), DaemonError> {
@@ -76,7 +81,8 @@ pub async fn run(opts: Opts) -> Result<(), DaemonError> {
         iface_can_reach: opts.iface_can_reach,
         public_ip: opts.public_ip,
         public_ipv6: opts.public_ipv6,
-    })?;
+    })
+    .await?;
     tracing::info!(
         "external interface {} (index {}, MTU {}), address {:?}, public IP {:?}, public IPv6 {:?}",
         ext.name,
@@ -102,8 +108,8 @@ async fn run_with<R: LeaseRegistry>(
     check_families(&config, &ext)?;
     tracing::info!(
         "network config: network {:?}, IPv6 network {:?}, backend {}",
-        config.network,
-        config.ipv6_network,
+        config.v4.map(|f| f.network),
+        config.v6.map(|f| f.network),
         config.backend_type
     );
 
@@ -176,10 +182,7 @@ async fn run_with<R: LeaseRegistry>(
     };
     Err(DaemonError::TaskEnded {
         task,
-        why: match end {
-            Ok(()) => "returned".to_string(),
-            Err(e) => e.to_string(),
-        },
+        failure: end.err(),
     })
 }
 
@@ -197,14 +200,14 @@ fn etcd_options(opts: &Opts) -> EtcdOptions {
 }
 
 fn check_families(config: &NetworkConfig, ext: &ExternalInterface) -> Result<(), DaemonError> {
-    if config.enable_ipv4 && ext.public_ip.is_none() {
+    if config.v4.is_some() && ext.public_ip.is_none() {
         return Err(DaemonError::Mismatch(format!(
             "the network config enables IPv4 but interface {} has no IPv4 address \
              (give one, --public-ip, or choose another interface with --iface)",
             ext.name
         )));
     }
-    if config.enable_ipv6 && ext.public_ipv6.is_none() {
+    if config.v6.is_some() && ext.public_ipv6.is_none() {
         return Err(DaemonError::Mismatch(format!(
             "the network config enables IPv6 but interface {} has no global IPv6 address \
              (give one, --public-ipv6, or choose another interface with --iface)",
@@ -220,8 +223,8 @@ fn lease_attrs(config: &NetworkConfig, ext: &ExternalInterface, publish: &Publis
             .map(|v| serde_json::value::to_raw_value(v).expect("JSON values serialize"))
     };
     LeaseAttrs {
-        public_ip: ext.public_ip.filter(|_| config.enable_ipv4),
-        public_ipv6: ext.public_ipv6.filter(|_| config.enable_ipv6),
+        public_ip: ext.public_ip.filter(|_| config.v4.is_some()),
+        public_ipv6: ext.public_ipv6.filter(|_| config.v6.is_some()),
         backend_type: publish.backend_type.clone(),
         backend_data: raw(&publish.backend_data),
         backend_v6_data: raw(&publish.backend_v6_data),

@@ -25,8 +25,8 @@ pub(super) struct RuleKeeper {
 
 impl RuleKeeper {
     fn rules_for(&self, own: &Lease) -> Rules {
-        let v4 = self.config.network.zip(own.key.ipv4);
-        let v6 = self.config.ipv6_network.zip(own.key.ipv6);
+        let v4 = self.config.v4.map(|f| f.network).zip(own.key.ipv4);
+        let v6 = self.config.v6.map(|f| f.network).zip(own.key.ipv6);
         Rules::new(v4, v6, self.masquerade, self.forward, self.fully_random)
     }
 
@@ -82,7 +82,7 @@ impl RuleKeeper {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::firewall::{self, Family, FamilyRules};
+    use crate::firewall::{self, FamilyNetworks, IpFamily};
     use crate::subnet::LeaseAttrs;
 
     fn keeper(config: &str, masquerade: bool, forward: bool) -> RuleKeeper {
@@ -113,28 +113,19 @@ mod tests {
         }
     }
 
-    fn family(family: Family, network: &str, subnet: &str) -> FamilyRules {
-        FamilyRules {
-            family,
-            network: network.into(),
-            subnet: subnet.into(),
-        }
+    /// The IPv4 networks of the lease `10.5.3.0-24` under either config.
+    fn ours_v4() -> FamilyNetworks {
+        FamilyNetworks::new(IpFamily::V4, "10.5.0.0/16", "10.5.3.0/24")
     }
 
+    const V4_ONLY: &str = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#;
     const DUAL: &str = r#"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:5::/56","Backend":{"Type":"vxlan"}}"#;
 
     #[test]
     fn rules_cover_the_network_and_our_subnet() {
-        let k = keeper(
-            r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#,
-            true,
-            true,
-        );
+        let k = keeper(V4_ONLY, true, true);
         let rules = k.rules_for(&own("10.5.3.0-24"));
-        assert_eq!(
-            rules.families,
-            vec![family(Family::V4, "10.5.0.0/16", "10.5.3.0/24")]
-        );
+        assert_eq!(rules.families, [ours_v4()]);
         assert!(rules.masquerade && rules.forward && rules.fully_random);
     }
 
@@ -143,9 +134,9 @@ mod tests {
         let rules = keeper(DUAL, true, false).rules_for(&own("10.5.3.0-24&fd00:5:0:3::-64"));
         assert_eq!(
             rules.families,
-            vec![
-                family(Family::V4, "10.5.0.0/16", "10.5.3.0/24"),
-                family(Family::V6, "fd00:5::/56", "fd00:5:0:3::/64"),
+            [
+                ours_v4(),
+                FamilyNetworks::new(IpFamily::V6, "fd00:5::/56", "fd00:5:0:3::/64"),
             ]
         );
     }
@@ -153,19 +144,12 @@ mod tests {
     #[test]
     fn a_family_our_lease_lacks_gets_no_rules() {
         let rules = keeper(DUAL, true, false).rules_for(&own("10.5.3.0-24"));
-        assert_eq!(
-            rules.families,
-            vec![family(Family::V4, "10.5.0.0/16", "10.5.3.0/24")]
-        );
+        assert_eq!(rules.families, [ours_v4()]);
     }
 
     #[test]
     fn with_neither_masquerade_nor_forward_there_is_nothing_to_keep() {
-        let k = keeper(
-            r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#,
-            false,
-            false,
-        );
+        let k = keeper(V4_ONLY, false, false);
         assert!(k.rules_for(&own("10.5.3.0-24")).is_empty());
     }
 }

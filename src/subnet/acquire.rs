@@ -10,7 +10,8 @@ use rand::seq::SliceRandom;
 use super::alloc;
 use super::etcd::{EtcdError, Listing, Registry};
 use super::lease::{Lease, LeaseAttrs, SubnetKey};
-use crate::config::NetworkConfig;
+use crate::config::{FamilyConfig, NetworkConfig};
+use crate::netlink::Net;
 
 /// Candidates tried per listing, as flannel does.
 const CANDIDATES: usize = 100;
@@ -37,23 +38,27 @@ pub enum AcquireError {
 }
 
 impl AcquireError {
+    /// Names the IPv4 range when IPv4 is enabled, else the IPv6 one.
     fn no_free(cfg: &NetworkConfig) -> Self {
-        if let Some(net) = cfg.network {
+        fn of<N: Net>(f: &FamilyConfig<N>) -> AcquireError {
             AcquireError::NoFreeSubnet {
-                network: net.to_string(),
-                len: cfg.subnet_len,
-                total: u128::from(cfg.v4_subnet_count()),
-                min: cfg.subnet_min.to_string(),
-                max: cfg.subnet_max.to_string(),
+                network: f.network.to_string(),
+                len: f.subnet_len,
+                total: f.subnet_count(),
+                min: f.subnet_min.to_string(),
+                max: f.subnet_max.to_string(),
             }
-        } else {
-            AcquireError::NoFreeSubnet {
-                network: cfg.ipv6_network.map(|n| n.to_string()).unwrap_or_default(),
-                len: cfg.ipv6_subnet_len,
-                total: cfg.v6_subnet_count(),
-                min: cfg.ipv6_subnet_min.to_string(),
-                max: cfg.ipv6_subnet_max.to_string(),
-            }
+        }
+        match (&cfg.v4, &cfg.v6) {
+            (Some(f), _) => of(f),
+            (None, Some(f)) => of(f),
+            (None, None) => AcquireError::NoFreeSubnet {
+                network: String::new(),
+                len: 0,
+                total: 0,
+                min: String::new(),
+                max: String::new(),
+            },
         }
     }
 }
@@ -128,7 +133,7 @@ async fn acquire_with(
         if let Some(existing) = listing
             .leases
             .iter()
-            .find(|l| req.is_ours(l) && cfg.fits(&l.key))
+            .find(|l| req.is_ours(l) && l.key.fits(cfg))
         {
             let new_lease = (!existing.is_reservation()).then_some(etcd_lease);
             match reg
@@ -158,7 +163,7 @@ async fn acquire_with(
             .collect();
 
         // 2. The subnet we had before, when it is still free and fits the config.
-        if let Some(prefer) = req.prefer.filter(|k| cfg.fits(k) && !overlaps(&taken, k)) {
+        if let Some(prefer) = req.prefer.filter(|k| k.fits(cfg) && !overlaps(&taken, k)) {
             if let Some(lease) = create(reg, prefer, req, etcd_lease).await? {
                 return Ok((lease, listing));
             }

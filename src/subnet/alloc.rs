@@ -12,7 +12,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use ipnetwork::{Ipv4Network, Ipv6Network};
 use rand::seq::index;
 
-use crate::config::NetworkConfig;
+use crate::config::{FamilyConfig, NetworkConfig};
 use crate::subnet::SubnetKey;
 
 /// Up to this many free subnets, distinct picks come from an exact sample without replacement;
@@ -32,10 +32,10 @@ pub fn random_free(
     n: usize,
     rng: &mut impl rand::Rng,
 ) -> Vec<SubnetKey> {
-    let v4 = cfg.enable_ipv4.then(|| Pool::v4(cfg, taken));
-    let v6 = cfg.enable_ipv6.then(|| Pool::v6(cfg, taken));
+    let v4 = cfg.v4.map(|f| (Pool::v4(&f, taken), f.subnet_len));
+    let v6 = cfg.v6.map(|f| (Pool::v6(&f, taken), f.subnet_len));
     match (v4, v6) {
-        (Some(p4), Some(p6)) => {
+        (Some((p4, len4)), Some((p6, len6))) => {
             let picks4 = p4.pick(n, rng);
             let picks6 = p6.pick(picks4.len(), rng);
             picks4
@@ -43,24 +43,24 @@ pub fn random_free(
                 .zip(picks6)
                 .filter_map(|(a, b)| {
                     Some(SubnetKey {
-                        ipv4: Some(v4_net(a, cfg.subnet_len)?),
-                        ipv6: Some(v6_net(b, cfg.ipv6_subnet_len)?),
+                        ipv4: Some(v4_net(a, len4)?),
+                        ipv6: Some(v6_net(b, len6)?),
                     })
                 })
                 .collect()
         }
-        (Some(p4), None) => p4
+        (Some((p4, len4)), None) => p4
             .pick(n, rng)
             .into_iter()
-            .filter_map(|a| v4_net(a, cfg.subnet_len).map(SubnetKey::v4))
+            .filter_map(|a| v4_net(a, len4).map(SubnetKey::v4))
             .collect(),
-        (None, Some(p6)) => p6
+        (None, Some((p6, len6))) => p6
             .pick(n, rng)
             .into_iter()
             .filter_map(|b| {
                 Some(SubnetKey {
                     ipv4: None,
-                    ipv6: Some(v6_net(b, cfg.ipv6_subnet_len)?),
+                    ipv6: Some(v6_net(b, len6)?),
                 })
             })
             .collect(),
@@ -96,30 +96,24 @@ struct Pool {
 }
 
 impl Pool {
-    fn v4(cfg: &NetworkConfig, taken: &HashSet<SubnetKey>) -> Pool {
-        if cfg.network.is_none() {
-            return Pool::empty();
-        }
+    fn v4(f: &FamilyConfig<Ipv4Network>, taken: &HashSet<SubnetKey>) -> Pool {
         let taken = taken.iter().filter_map(|k| k.ipv4).map(|n| {
             (
                 u128::from(u32::from(n.network())),
                 u128::from(u32::from(n.broadcast())),
             )
         });
-        let (min, max) = (u32::from(cfg.subnet_min), u32::from(cfg.subnet_max));
-        Pool::new(min.into(), max.into(), 32, cfg.subnet_len, taken)
+        let (min, max) = (u32::from(f.subnet_min), u32::from(f.subnet_max));
+        Pool::new(min.into(), max.into(), 32, f.subnet_len, taken)
     }
 
-    fn v6(cfg: &NetworkConfig, taken: &HashSet<SubnetKey>) -> Pool {
-        if cfg.ipv6_network.is_none() {
-            return Pool::empty();
-        }
+    fn v6(f: &FamilyConfig<Ipv6Network>, taken: &HashSet<SubnetKey>) -> Pool {
         let taken = taken
             .iter()
             .filter_map(|k| k.ipv6)
             .map(|n| (u128::from(n.network()), u128::from(n.broadcast())));
-        let (min, max) = (cfg.ipv6_subnet_min.into(), cfg.ipv6_subnet_max.into());
-        Pool::new(min, max, 128, cfg.ipv6_subnet_len, taken)
+        let (min, max) = (f.subnet_min.into(), f.subnet_max.into());
+        Pool::new(min, max, 128, f.subnet_len, taken)
     }
 
     fn empty() -> Pool {
@@ -264,9 +258,9 @@ mod tests {
         let mut seen4 = HashSet::new();
         let mut seen6 = HashSet::new();
         for k in picked {
-            assert!(c.fits(k), "{k} does not fit");
-            assert_eq!(k.ipv4.is_some(), c.enable_ipv4, "{k}");
-            assert_eq!(k.ipv6.is_some(), c.enable_ipv6, "{k}");
+            assert!(k.fits(c), "{k} does not fit");
+            assert_eq!(k.ipv4.is_some(), c.v4.is_some(), "{k}");
+            assert_eq!(k.ipv6.is_some(), c.v6.is_some(), "{k}");
             if let Some(n) = k.ipv4 {
                 assert!(seen4.insert(n), "{n} picked twice");
                 let clash = taken.iter().filter_map(|t| t.ipv4).any(|t| t.overlaps(n));
@@ -345,7 +339,7 @@ mod tests {
         // Leases from an older config: a /20 and a /28 inside one /26.
         let taken = keys(&["10.5.0.0-20", "10.5.16.16-28"]);
         let picked = random_free(&c, &taken, 5000, &mut rng());
-        assert_eq!(picked.len() as u64, c.v4_subnet_count() - 63 - 1);
+        assert_eq!(picked.len() as u128, c.v4.unwrap().subnet_count() - 63 - 1);
         assert_sound(&c, &taken, &picked);
     }
 
@@ -385,7 +379,7 @@ mod tests {
         assert_sound(&c, &taken, &picked);
 
         let c = cfg(r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"f000::/4"}"#);
-        assert_eq!(c.v6_subnet_count(), (1 << 60) - 1);
+        assert_eq!(c.v6.unwrap().subnet_count(), (1 << 60) - 1);
         let picked = random_free(&c, &HashSet::new(), 100, &mut rng());
         assert_eq!(picked.len(), 100);
         assert_sound(&c, &HashSet::new(), &picked);

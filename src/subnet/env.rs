@@ -23,8 +23,8 @@ pub trait SubnetEnvExt {
 
 impl SubnetEnvExt for SubnetEnv {
     fn from_lease(cfg: &NetworkConfig, key: &SubnetKey, mtu: u32, ipmasq: bool) -> Self {
-        let network = cfg.network.filter(|_| cfg.enable_ipv4);
-        let ipv6_network = cfg.ipv6_network.filter(|_| cfg.enable_ipv6);
+        let network = cfg.v4.map(|f| f.network);
+        let ipv6_network = cfg.v6.map(|f| f.network);
         SubnetEnv {
             network,
             subnet: key.ipv4.filter(|_| network.is_some()).map(first_usable_v4),
@@ -61,62 +61,47 @@ fn first_usable_v6(n: Ipv6Network) -> Ipv6Network {
 
 #[cfg(test)]
 mod tests {
+    //! Only what this file adds over the codec crate: a file from a lease, a lease from a file.
     use super::*;
 
-    fn v4_env() -> SubnetEnv {
-        SubnetEnv {
-            network: Some("10.5.0.0/16".parse().unwrap()),
-            subnet: Some("10.5.72.1/24".parse().unwrap()),
-            ipv6_network: None,
-            ipv6_subnet: None,
-            mtu: 1450,
-            ipmasq: true,
-        }
-    }
+    const DUAL: &[u8] = br#"{"EnableIPv6":true,"Network":"10.5.0.0/16","IPv6Network":"fc00::/48"}"#;
+    const DUAL_KEY: &str = "10.5.72.0-24&fc00:0:0:7::-64";
 
-    fn dual_env() -> SubnetEnv {
-        SubnetEnv {
-            ipv6_network: Some("fc00::/48".parse().unwrap()),
-            ipv6_subnet: Some("fc00:0:0:7::1/64".parse().unwrap()),
-            ipmasq: false,
-            ..v4_env()
-        }
-    }
-
-    fn v6_env() -> SubnetEnv {
-        SubnetEnv {
-            network: None,
-            subnet: None,
-            ..dual_env()
-        }
+    fn from_lease(config: &[u8], key: &str, ipmasq: bool) -> SubnetEnv {
+        let cfg = NetworkConfig::parse(config).unwrap();
+        SubnetEnv::from_lease(&cfg, &key.parse().unwrap(), 1450, ipmasq)
     }
 
     #[test]
     fn lease_key_is_the_subnets_network() {
-        assert_eq!(v4_env().lease_key(), Some("10.5.72.0-24".parse().unwrap()));
-        assert_eq!(
-            dual_env().lease_key(),
-            Some("10.5.72.0-24&fc00:0:0:7::-64".parse().unwrap())
-        );
-        assert_eq!(
-            v6_env().lease_key(),
-            Some("fc00:0:0:7::-64".parse().unwrap())
-        );
+        for (config, key) in [
+            (&br#"{"Network":"10.5.0.0/16"}"#[..], "10.5.72.0-24"),
+            (DUAL, DUAL_KEY),
+            (
+                br#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fc00::/48"}"#,
+                "fc00:0:0:7::-64",
+            ),
+        ] {
+            let env = from_lease(config, key, true);
+            assert_eq!(env.lease_key(), Some(key.parse().unwrap()), "{env:?}");
+        }
     }
 
     #[test]
     fn from_lease_uses_first_usable_addresses() {
-        let cfg = NetworkConfig::parse(
-            br#"{"EnableIPv6":true,"Network":"10.5.0.0/16","IPv6Network":"fc00::/48"}"#,
-        )
-        .unwrap();
-        let key: SubnetKey = "10.5.72.0-24&fc00:0:0:7::-64".parse().unwrap();
-        let env = SubnetEnv::from_lease(&cfg, &key, 1450, false);
-        assert_eq!(env, dual_env());
-        assert_eq!(env.lease_key(), Some(key));
-        let cfg = NetworkConfig::parse(br#"{"Network":"10.5.0.0/16"}"#).unwrap();
-        let env = SubnetEnv::from_lease(&cfg, &key, 1450, true);
-        assert_eq!(env, v4_env(), "a disabled family is not written");
+        let env = from_lease(DUAL, DUAL_KEY, false);
+        assert_eq!(env.network, Some("10.5.0.0/16".parse().unwrap()));
+        assert_eq!(env.subnet, Some("10.5.72.1/24".parse().unwrap()));
+        assert_eq!(env.ipv6_network, Some("fc00::/48".parse().unwrap()));
+        assert_eq!(env.ipv6_subnet, Some("fc00:0:0:7::1/64".parse().unwrap()));
+        assert_eq!((env.mtu, env.ipmasq), (1450, false));
+        let env = from_lease(br#"{"Network":"10.5.0.0/16"}"#, DUAL_KEY, true);
+        assert_eq!(
+            (env.ipv6_network, env.ipv6_subnet),
+            (None, None),
+            "a disabled family is not written"
+        );
+        assert_eq!(env.subnet, Some("10.5.72.1/24".parse().unwrap()));
     }
 
     /// flanneld prefers the subnet named in a file it wrote before, whatever reader rules apply.
@@ -124,11 +109,10 @@ mod tests {
     fn the_old_file_gives_back_its_lease() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("subnet.env");
-        dual_env().write_atomic(&path).unwrap();
+        from_lease(DUAL, DUAL_KEY, false)
+            .write_atomic(&path)
+            .unwrap();
         let old = SubnetEnv::read_lenient(&path).unwrap().unwrap();
-        assert_eq!(
-            old.lease_key(),
-            Some("10.5.72.0-24&fc00:0:0:7::-64".parse().unwrap())
-        );
+        assert_eq!(old.lease_key(), Some(DUAL_KEY.parse().unwrap()));
     }
 }

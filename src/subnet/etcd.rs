@@ -13,6 +13,7 @@ use etcd_client::{
 };
 
 use super::lease::{Lease, LeaseAttrs, LeaseError, SubnetKey};
+use crate::error_chain::Chain;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EtcdError {
@@ -40,7 +41,7 @@ pub enum EtcdError {
         path: PathBuf,
         err: std::io::Error,
     },
-    #[error("etcd: {}", with_causes(.0))]
+    #[error("etcd: {}", Chain(.0))]
     Client(#[from] etcd_client::Error),
     #[error("etcd: {0}")]
     Other(String),
@@ -72,22 +73,6 @@ fn client_error_is_fatal(e: &etcd_client::Error) -> bool {
         ),
         _ => false,
     }
-}
-
-/// An error and its causes on one line: transport errors hide the useful part (an unknown
-/// certificate issuer, a refused connection) in their sources.
-fn with_causes(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = cause.source();
-    }
-    out
 }
 
 /// How to reach etcd: flannel's `--etcd-*` flags.

@@ -9,6 +9,9 @@ use ipnetwork::{Ipv4Network, Ipv6Network};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use crate::config::{FamilyConfig, NetworkConfig};
+use crate::netlink::Net;
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum LeaseError {
     #[error("subnet key {key:?}: {why}")]
@@ -45,6 +48,20 @@ impl SubnetKey {
             ipv4: Some(net),
             ipv6: None,
         }
+    }
+
+    /// Whether a lease with this key may be kept under `config` (inside the network, the
+    /// configured length, between min and max).
+    ///
+    /// Only enabled families are checked, each must be present in the key; a subnet of a
+    /// disabled family is tolerated so that turning a family off does not orphan every lease.
+    pub fn fits(&self, config: &NetworkConfig) -> bool {
+        fn half<N: Net>(family: Option<FamilyConfig<N>>, subnet: Option<N>) -> bool {
+            family.is_none_or(|f| subnet.is_some_and(|n| f.fits(n)))
+        }
+        (config.v4.is_some() || config.v6.is_some())
+            && half(config.v4, self.ipv4)
+            && half(config.v6, self.ipv6)
     }
 }
 
@@ -90,29 +107,31 @@ impl FromStr for SubnetKey {
                 .parse()
                 .map_err(|_| bad("prefix length is not a number"))?;
             if let Ok(ip) = ip.parse::<Ipv4Addr>() {
-                if key.ipv4.is_some() {
-                    return Err(bad("two IPv4 subnets"));
-                }
-                let net = Ipv4Network::new(ip, len).map_err(|_| bad("IPv4 prefix length > 32"))?;
-                if net.network() != ip {
-                    return Err(bad("IPv4 address is not the subnet's network address"));
-                }
-                key.ipv4 = Some(net);
+                key.ipv4 = Some(key_half(key.ipv4, ip, len).map_err(|why| bad(&why))?);
             } else if let Ok(ip) = ip.parse::<Ipv6Addr>() {
-                if key.ipv6.is_some() {
-                    return Err(bad("two IPv6 subnets"));
-                }
-                let net = Ipv6Network::new(ip, len).map_err(|_| bad("IPv6 prefix length > 128"))?;
-                if net.network() != ip {
-                    return Err(bad("IPv6 address is not the subnet's network address"));
-                }
-                key.ipv6 = Some(net);
+                key.ipv6 = Some(key_half(key.ipv6, ip, len).map_err(|why| bad(&why))?);
             } else {
                 return Err(bad("not an IP address"));
             }
         }
         Ok(key)
     }
+}
+
+/// One family's subnet of a key, `<ip>-<len>`; `already` is what an earlier part gave for it.
+fn key_half<N: Net>(already: Option<N>, ip: N::Addr, len: u8) -> Result<N, String> {
+    if already.is_some() {
+        return Err(format!("two {} subnets", N::NAME));
+    }
+    let net = N::with_prefix(ip, len)
+        .ok_or_else(|| format!("{} prefix length > {}", N::NAME, N::HOST_PREFIX))?;
+    if net.net_addr() != ip {
+        return Err(format!(
+            "{} address is not the subnet's network address",
+            N::NAME
+        ));
+    }
+    Ok(net)
 }
 
 /// The JSON value of a lease, exactly as flannel writes and reads it.
@@ -254,6 +273,28 @@ mod tests {
     }
 
     #[test]
+    fn key_codec_names_what_is_wrong() {
+        for (s, why) in [
+            ("10.5.1.0-24&10.5.2.0-24", "two IPv4 subnets"),
+            ("fc00::-64&fc00:1::-64", "two IPv6 subnets"),
+            ("10.5.52.0-33", "IPv4 prefix length > 32"),
+            ("fc00::-129", "IPv6 prefix length > 128"),
+            (
+                "10.5.52.1-24",
+                "IPv4 address is not the subnet's network address",
+            ),
+            (
+                "fc00::1-64",
+                "IPv6 address is not the subnet's network address",
+            ),
+            ("x-24", "not an IP address"),
+        ] {
+            let err = s.parse::<SubnetKey>().unwrap_err();
+            assert_eq!(err.to_string(), format!("subnet key {s:?}: {why}"));
+        }
+    }
+
+    #[test]
     fn lease_json_matches_flannel() {
         let flannel = r#"{"PublicIP":"192.0.2.3","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"c6:d2:aa:01:02:03"}}"#;
         let attrs = LeaseAttrs::from_json("k", flannel.as_bytes()).unwrap();
@@ -299,5 +340,50 @@ mod tests {
         let err =
             LeaseAttrs::from_json("/coreos.com/network/subnets/10.5.1.0-24", b"{nope").unwrap_err();
         assert!(err.to_string().contains("10.5.1.0-24"), "{err}");
+    }
+
+    fn key(s: &str) -> SubnetKey {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn fits_v4() {
+        let c =
+            NetworkConfig::parse(br#"{"Network":"10.5.0.0/16","SubnetMax":"10.5.200.0"}"#).unwrap();
+        assert!(key("10.5.1.0-24").fits(&c));
+        assert!(key("10.5.200.0-24").fits(&c));
+        assert!(!key("10.5.0.0-24").fits(&c), "below SubnetMin");
+        assert!(!key("10.5.201.0-24").fits(&c), "above SubnetMax");
+        assert!(!key("10.5.1.0-25").fits(&c), "wrong length");
+        assert!(!key("10.6.1.0-24").fits(&c), "outside Network");
+        assert!(!key("fc00::-64").fits(&c), "no IPv4 subnet");
+        assert!(
+            key("10.5.1.0-24&fc00::-64").fits(&c),
+            "extra family tolerated"
+        );
+        let unaligned = SubnetKey::v4(Ipv4Network::new("10.5.1.1".parse().unwrap(), 24).unwrap());
+        assert!(!unaligned.fits(&c));
+    }
+
+    #[test]
+    fn fits_dual_stack_and_v6_only() {
+        let c = NetworkConfig::parse(
+            br#"{"EnableIPv6":true,"Network":"10.5.0.0/16","IPv6Network":"fc00::/48"}"#,
+        )
+        .unwrap();
+        assert!(key("10.5.1.0-24&fc00:0:0:1::-64").fits(&c));
+        assert!(!key("10.5.1.0-24").fits(&c), "IPv6 subnet missing");
+        assert!(!key("10.5.1.0-24&fc00::-64").fits(&c), "first IPv6 subnet");
+        assert!(
+            !key("10.5.1.0-24&fc00:1::-64").fits(&c),
+            "outside IPv6Network"
+        );
+        let c = NetworkConfig::parse(
+            br#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fc00::/48"}"#,
+        )
+        .unwrap();
+        assert!(key("fc00:0:0:ffff::-64").fits(&c));
+        assert!(!key("fc00:0:0:ffff::-65").fits(&c));
+        assert!(!key("10.5.1.0-24").fits(&c));
     }
 }

@@ -22,7 +22,8 @@ use std::net::IpAddr;
 use ipnetwork::{Ipv4Network, Ipv6Network};
 
 use super::lease::{Lease, PeerSet, SubnetKey};
-use crate::config::NetworkConfig;
+use crate::config::{FamilyConfig, NetworkConfig};
+use crate::netlink::Net;
 
 /// Why a lease is not a peer; the label of `flannel_rejected_leases_total{reason}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -139,65 +140,41 @@ fn enabled_halves(
     config: &NetworkConfig,
 ) -> (Option<Ipv4Network>, Option<Ipv6Network>) {
     (
-        key.ipv4.filter(|_| config.enable_ipv4),
-        key.ipv6.filter(|_| config.enable_ipv6),
+        key.ipv4.filter(|_| config.v4.is_some()),
+        key.ipv6.filter(|_| config.v6.is_some()),
     )
 }
 
 /// Step 1: inside the network, with the configured prefix length. A subnet of a family the
 /// config disables is not programmed by any backend, so it is not judged either.
 fn check_shape(key: &SubnetKey, config: &NetworkConfig) -> Option<Rejection> {
-    let (v4, v6) = enabled_halves(key, config);
+    let v4 = key.ipv4.zip(config.v4.as_ref());
+    let v6 = key.ipv6.zip(config.v6.as_ref());
     if v4.is_none() && v6.is_none() {
         return Some(Rejection {
             reason: Reason::OutsideNetwork,
             detail: format!(
                 "no subnet in an enabled family (IPv4 network {}, IPv6 network {})",
-                shown(config.network),
-                shown(config.ipv6_network)
+                shown(config.v4.map(|f| f.network)),
+                shown(config.v6.map(|f| f.network))
             ),
         });
     }
-    let v4 = v4.and_then(|n| {
-        let inside = config
-            .network
-            .map(|net| net.contains(n.network()) && n.prefix() >= net.prefix());
-        shape_of(
-            &n.to_string(),
-            n.prefix(),
-            inside,
-            shown(config.network),
-            config.subnet_len,
-        )
-    });
-    let v6 = v6.and_then(|n| {
-        let inside = config
-            .ipv6_network
-            .map(|net| net.contains(n.network()) && n.prefix() >= net.prefix());
-        shape_of(
-            &n.to_string(),
-            n.prefix(),
-            inside,
-            shown(config.ipv6_network),
-            config.ipv6_subnet_len,
-        )
-    });
+    let v4 = v4.and_then(|(n, family)| shape_of(n, family));
+    let v6 = v6.and_then(|(n, family)| shape_of(n, family));
     v4.or(v6)
 }
 
-/// Judges one subnet: `inside` says whether the family's network (`network`, for the message)
-/// holds it (`None`: no network).
-fn shape_of(
-    subnet: &str,
-    prefix: u8,
-    inside: Option<bool>,
-    network: String,
-    want: u8,
-) -> Option<Rejection> {
-    if inside != Some(true) {
+/// Judges one subnet against its family's part of the config.
+fn shape_of<N: Net>(subnet: N, family: &FamilyConfig<N>) -> Option<Rejection> {
+    let (prefix, want) = (subnet.prefix_len(), family.subnet_len);
+    if !subnet.within(&family.network) {
         return Some(Rejection {
             reason: Reason::OutsideNetwork,
-            detail: format!("subnet {subnet} is not inside the network {network}"),
+            detail: format!(
+                "subnet {subnet} is not inside the network {}",
+                family.network
+            ),
         });
     }
     (prefix != want).then(|| Rejection {

@@ -8,8 +8,8 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use flannel::backend::{BackendContext, BackendType};
-use flannel::config::NetworkConfig;
+use flannel::backend::{self, Backend, BackendContext, BackendType, Publish, ReconcileReport};
+use flannel::config::{FamilyConfig, NetworkConfig};
 use flannel::iface::ExternalInterface;
 use flannel::subnet::{Lease, LeaseAttrs, PeerSet, SubnetKey};
 use serde_json::Value;
@@ -55,6 +55,23 @@ fn run(prog: &str, args: &[&str]) -> String {
 }
 
 impl Ns {
+    /// `ip -n NS` with the words of `line` (`"-6 route add fc00::/64 via fd00::1 dev e0"`),
+    /// panicking on failure.
+    pub fn ip_line(&self, line: &str) -> String {
+        self.ip(&line.split_whitespace().collect::<Vec<_>>())
+    }
+
+    /// The destinations of the routes of `family` (`-4`, `-6`) carrying flanneld's protocol
+    /// number (`ip route show proto 102`), sorted.
+    pub fn routes_of_flanneld(&self, family: &str) -> Vec<String> {
+        let mut dsts: Vec<String> = array(self.ip_json(&[family, "route", "show", "proto", "102"]))
+            .iter()
+            .map(|r| r["dst"].as_str().unwrap().to_string())
+            .collect();
+        dsts.sort();
+        dsts
+    }
+
     /// `ip -n NS ARGS`, panicking on failure.
     pub fn ip(&self, args: &[&str]) -> String {
         let mut all = vec!["-n", &self.name];
@@ -206,16 +223,13 @@ pub fn config(network: &str, backend: Value) -> NetworkConfig {
     let backend = backend.as_object().cloned().expect("Backend is an object");
     let network: ipnetwork::Ipv4Network = network.parse().unwrap();
     NetworkConfig {
-        enable_ipv4: true,
-        enable_ipv6: false,
-        network: Some(network),
-        subnet_len: 24,
-        subnet_min: Ipv4Addr::from(u32::from(network.network()) + 256),
-        subnet_max: Ipv4Addr::from(u32::from(network.broadcast()) - 255),
-        ipv6_network: None,
-        ipv6_subnet_len: 64,
-        ipv6_subnet_min: Ipv6Addr::UNSPECIFIED,
-        ipv6_subnet_max: Ipv6Addr::UNSPECIFIED,
+        v4: Some(FamilyConfig {
+            network,
+            subnet_len: 24,
+            subnet_min: Ipv4Addr::from(u32::from(network.network()) + 256),
+            subnet_max: Ipv4Addr::from(u32::from(network.broadcast()) - 255),
+        }),
+        v6: None,
         enable_nftables: false,
         backend_type: BackendType::from_name(backend["Type"].as_str().unwrap()).unwrap(),
         backend,
@@ -227,17 +241,17 @@ pub fn config(network: &str, backend: Value) -> NetworkConfig {
 pub fn config_v6(network4: Option<&str>, network6: &str, backend: Value) -> NetworkConfig {
     let mut cfg = config(network4.unwrap_or("10.255.0.0/16"), backend);
     if network4.is_none() {
-        cfg.enable_ipv4 = false;
-        cfg.network = None;
+        cfg.v4 = None;
     }
     let net6: ipnetwork::Ipv6Network = network6.parse().unwrap();
-    cfg.enable_ipv6 = true;
-    cfg.ipv6_network = Some(net6);
-    cfg.ipv6_subnet_len = 64;
     let base = u128::from(net6.network());
     let size = 1u128 << (64 - net6.prefix());
-    cfg.ipv6_subnet_min = Ipv6Addr::from(base + (1u128 << 64));
-    cfg.ipv6_subnet_max = Ipv6Addr::from(base + ((size - 1) << 64));
+    cfg.v6 = Some(FamilyConfig {
+        network: net6,
+        subnet_len: 64,
+        subnet_min: Ipv6Addr::from(base + (1u128 << 64)),
+        subnet_max: Ipv6Addr::from(base + ((size - 1) << 64)),
+    });
     cfg
 }
 
@@ -275,4 +289,177 @@ pub fn init_logs() {
         )
         .with_test_writer()
         .try_init();
+}
+
+/// What a reconcile did.
+pub fn report(added: usize, removed: usize, repaired: usize) -> ReconcileReport {
+    ReconcileReport {
+        added,
+        removed,
+        repaired,
+    }
+}
+
+/// An external interface `e0` that no kernel holds, for checks made before any netlink call.
+pub fn external_interface(
+    iface_addr: &str,
+    public_ip: &str,
+    v6: Option<(&str, &str)>,
+) -> ExternalInterface {
+    ExternalInterface {
+        name: "e0".into(),
+        index: 1,
+        iface_addr: Some(iface_addr.parse().unwrap()),
+        iface_v6_addr: v6.map(|(iface, _)| iface.parse().unwrap()),
+        public_ip: Some(public_ip.parse().unwrap()),
+        public_ipv6: v6.map(|(_, public)| public.parse().unwrap()),
+        mtu: 1500,
+    }
+}
+
+/// The backend's refusal to prepare under `ctx` (a panic when it prepares), as text that
+/// must name each of `parts`.
+pub fn assert_prepare_refused(ctx: BackendContext, parts: &[&str]) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let err = rt
+        .block_on(async move { backend::create(ctx).unwrap().prepare().await })
+        .expect_err("prepare must be refused");
+    let msg = err.to_string();
+    for part in parts {
+        assert!(msg.contains(part), "{part:?} missing from: {msg}");
+    }
+}
+
+/// Asserts the three entries of a vxlan peer on `dev` for `family` (`-4`, `-6`): a permanent
+/// neighbour `vtep` → `mac`, a permanent FDB entry `mac` → `public_ip` of the device itself,
+/// and an onlink route to `subnet` via `vtep`.
+pub fn assert_vxlan_peer(
+    ns: &Ns,
+    family: &str,
+    dev: &str,
+    subnet: &str,
+    (vtep, mac, public_ip): (&str, &str, &str),
+) {
+    let neigh = array(ns.ip_json(&[family, "neigh", "show", "dev", dev]));
+    let n = neigh
+        .iter()
+        .find(|n| n["dst"] == vtep)
+        .unwrap_or_else(|| panic!("no neighbour {vtep} on {dev}: {neigh:?}"));
+    assert_eq!(n["lladdr"], mac, "{n}");
+    assert_eq!(n["state"], serde_json::json!(["PERMANENT"]), "{n}");
+
+    let fdb = ns.fdb(dev);
+    let f = fdb
+        .iter()
+        .find(|f| f["mac"] == mac)
+        .unwrap_or_else(|| panic!("no FDB entry {mac} on {dev}: {fdb:?}"));
+    assert_eq!(f["dst"], public_ip, "{f}");
+    assert_eq!(f["state"], "permanent", "{f}");
+    assert!(
+        f["flags"].as_array().unwrap().contains(&"self".into()),
+        "{f}"
+    );
+
+    let routes = array(ns.ip_json(&[family, "route", "show", "dev", dev]));
+    let r = route_to(&routes, subnet).unwrap_or_else(|| panic!("no route {subnet}: {routes:?}"));
+    assert_eq!(r["gateway"], vtep, "{r}");
+    assert!(
+        r["flags"].as_array().unwrap().contains(&"onlink".into()),
+        "{r}"
+    );
+}
+
+/// Asserts that none of a vxlan peer's three entries is on `dev` (see [`assert_vxlan_peer`]).
+pub fn assert_no_vxlan_peer(ns: &Ns, family: &str, dev: &str, subnet: &str, vtep: &str, mac: &str) {
+    assert!(
+        !array(ns.ip_json(&[family, "neigh", "show", "dev", dev]))
+            .iter()
+            .any(|n| n["dst"] == vtep),
+        "neighbour {vtep} still there"
+    );
+    assert!(
+        !ns.fdb(dev).iter().any(|f| f["mac"] == mac),
+        "FDB entry {mac} still there"
+    );
+    let routes = array(ns.ip_json(&[family, "route", "show", "dev", dev]));
+    assert!(
+        route_to(&routes, subnet).is_none(),
+        "route {subnet} still there"
+    );
+}
+
+/// A namespace, a backend context, the own lease and the peers to program: each test of one
+/// behaviour starts a fresh backend from its own bed, so that one failure does not hide the
+/// others. The namespace goes when the bed is dropped.
+pub struct BackendBed {
+    pub ns: Ns,
+    pub ctx: BackendContext,
+    pub own: Lease,
+    pub peers: Vec<Lease>,
+    /// What programming `peers` on a fresh backend reports.
+    pub programmed: ReconcileReport,
+    /// Held by [`BackendBed::run`] until the test is over: a test body that uses only some
+    /// fields of the bed must not drop the namespace with the rest.
+    guard: Option<NetnsGuard>,
+}
+
+impl BackendBed {
+    pub fn new(
+        guard: NetnsGuard,
+        ctx: BackendContext,
+        own: Lease,
+        peers: Vec<Lease>,
+        programmed: ReconcileReport,
+    ) -> BackendBed {
+        BackendBed {
+            ns: guard.ns.clone(),
+            ctx,
+            own,
+            peers,
+            programmed,
+            guard: Some(guard),
+        }
+    }
+
+    /// A backend that has prepared and acquired the own lease.
+    pub async fn started(&self) -> (Box<dyn Backend>, Publish) {
+        let mut be = backend::create(self.ctx.clone()).expect("backend");
+        let publish = be.prepare().await.expect("prepare");
+        be.lease_acquired(&self.own).await.expect("lease_acquired");
+        (be, publish)
+    }
+
+    /// [`BackendBed::started`], with the peers programmed.
+    pub async fn with_peers(&self) -> (Box<dyn Backend>, Publish, PeerSet) {
+        let (mut be, publish) = self.started().await;
+        let peers = peer_set(self.peers.iter().cloned());
+        assert_eq!(be.reconcile(&peers).await.unwrap(), self.programmed);
+        (be, publish, peers)
+    }
+
+    /// Runs `test` inside the bed's namespace (see [`Ns::run`]).
+    pub fn run<F, Fut>(mut self, test: F)
+    where
+        F: FnOnce(BackendBed) -> Fut + Send + 'static,
+        Fut: Future<Output = ()>,
+    {
+        let _guard = self.guard.take();
+        let ns = self.ns.clone();
+        ns.run(move || test(self))
+    }
+
+    /// [`BackendBed::run`] with a backend that has programmed the peers.
+    pub fn run_with_peers<F, Fut>(self, test: F)
+    where
+        F: FnOnce(BackendBed, Box<dyn Backend>, PeerSet) -> Fut + Send + 'static,
+        Fut: Future<Output = ()>,
+    {
+        self.run(|bed| async move {
+            let (be, _, peers) = bed.with_peers().await;
+            test(bed, be, peers).await
+        })
+    }
 }

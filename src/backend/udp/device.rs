@@ -2,7 +2,8 @@
 //! the kernel allows), and blocking-style reads and writes on its non-blocking descriptor.
 
 use std::io::{self, IoSlice};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
 
 /// What the device was opened with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -66,16 +67,14 @@ impl Tun {
     }
 
     fn open_with(name: &str, offload: bool) -> io::Result<Tun> {
-        let path = c"/dev/net/tun";
-        // SAFETY: a valid NUL-terminated path; the result is checked.
-        let raw = check(unsafe {
-            libc::open(
-                path.as_ptr(),
-                libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
-            )
-        })?;
-        // SAFETY: `raw` is a fresh descriptor that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // std opens with O_CLOEXEC.
+        let fd = OwnedFd::from(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open("/dev/net/tun")?,
+        );
         let mut flags = libc::IFF_TUN | libc::IFF_NO_PI;
         if offload {
             flags |= libc::IFF_VNET_HDR;

@@ -33,7 +33,7 @@ use std::thread::JoinHandle;
 use async_trait::async_trait;
 use ipnetwork::Ipv4Network;
 
-use super::common::{self, fatal, Plan, Skipped, Tally};
+use super::common::{self, fatal, Plan, ReconcileTally, Skipped};
 use super::{Backend, BackendContext, BackendError, Publish, ReconcileReport};
 use crate::netlink::{self, Netlink, Route4};
 use crate::subnet::{Lease, PeerSet};
@@ -96,6 +96,14 @@ fn setup(why: String) -> BackendError {
     }
 }
 
+fn io_failed(context: String) -> impl FnOnce(std::io::Error) -> BackendError {
+    move |source| BackendError::Io {
+        backend: BACKEND,
+        context,
+        source,
+    }
+}
+
 /// Whether the environment forces the plain path.
 pub fn plain_from_env() -> bool {
     std::env::var(PLAIN_ENV)
@@ -105,7 +113,7 @@ pub fn plain_from_env() -> bool {
 
 impl UdpBackend {
     pub fn new(ctx: BackendContext) -> Result<Self, BackendError> {
-        let network = ctx.config.network.ok_or_else(|| {
+        let network = ctx.config.v4.map(|f| f.network).ok_or_else(|| {
             setup("needs an IPv4 Network (IPv6-only networks are not supported)".into())
         })?;
         let opts = &ctx.config.backend;
@@ -178,9 +186,9 @@ impl UdpBackend {
             old.stop();
         }
         let tun = Tun::open(DEVICE, !self.plain)
-            .map_err(|e| setup(format!("opening TUN device {DEVICE}: {e}")))?;
+            .map_err(io_failed(format!("opening TUN device {DEVICE}")))?;
         let index = nix::net::if_::if_nametoindex(DEVICE)
-            .map_err(|e| setup(format!("index of {DEVICE}: {e}")))?;
+            .map_err(|e| io_failed(format!("index of {DEVICE}"))(e.into()))?;
         // The device carries IPv4 only: no IPv6 link-local address, router or multicast
         // listener messages for the data path to count as malformed.
         let _ = std::fs::write(
@@ -218,7 +226,7 @@ impl UdpBackend {
         let shared = Arc::new(Shared::new(self.counters.clone()));
         shared.peers.store(self.table.clone());
         let threads = fastpath::spawn(Arc::new(tun), Arc::new(sock), shared.clone(), features)
-            .map_err(|e| setup(format!("starting the data-path threads: {e}")))?;
+            .map_err(io_failed("starting the data-path threads".into()))?;
         self.run = Some(Running {
             shared,
             threads,
@@ -229,7 +237,7 @@ impl UdpBackend {
     }
 
     /// Gives the device our address and the route for the Network; removes stale ones.
-    async fn program_device(&mut self, tally: &mut Tally) -> Result<(), BackendError> {
+    async fn program_device(&mut self, tally: &mut ReconcileTally) -> Result<(), BackendError> {
         let (Some(own), Some(index)) = (self.own, self.run.as_ref().map(|r| r.index)) else {
             return Ok(());
         };
@@ -260,7 +268,7 @@ impl UdpBackend {
 
     /// Brings the device and threads back when the device was deleted or a thread ended, and
     /// the device up with the right MTU when someone changed it.
-    async fn repair_device(&mut self, tally: &mut Tally) -> Result<(), BackendError> {
+    async fn repair_device(&mut self, tally: &mut ReconcileTally) -> Result<(), BackendError> {
         let nl = common::connect(BACKEND, &mut self.nl)?;
         let link = netlink::link_by_name(&nl.h, DEVICE)
             .await
@@ -286,7 +294,7 @@ impl UdpBackend {
         Ok(())
     }
 
-    fn publish_table(&mut self, peers: &PeerSet, tally: &mut Tally) {
+    fn publish_table(&mut self, peers: &PeerSet, tally: &mut ReconcileTally) {
         let mut skipped = Skipped::new();
         let table = peer_table(peers, self.port, self.own, &mut skipped);
         let old: BTreeSet<_> = self.table.entries().iter().copied().collect();
@@ -362,13 +370,13 @@ impl Backend for UdpBackend {
         if self.run.is_none() {
             self.start().await?;
         }
-        let mut tally = Tally::new(BACKEND);
+        let mut tally = ReconcileTally::new(BACKEND);
         self.program_device(&mut tally).await?;
         tally.finish().map(|_| ())
     }
 
     async fn reconcile(&mut self, peers: &PeerSet) -> Result<ReconcileReport, BackendError> {
-        let mut tally = Tally::new(BACKEND);
+        let mut tally = ReconcileTally::new(BACKEND);
         self.repair_device(&mut tally).await?;
         self.program_device(&mut tally).await?;
         self.publish_table(peers, &mut tally);
@@ -381,6 +389,7 @@ mod tests {
     use super::*;
     use crate::config::NetworkConfig;
     use crate::iface::ExternalInterface;
+    use crate::metrics;
 
     fn context() -> BackendContext {
         let config =
@@ -462,7 +471,7 @@ mod tests {
             .packets
             .fetch_add(5, Ordering::Relaxed);
         let tx = |ctx: &BackendContext| {
-            let text = ctx.metrics.render();
+            let text = metrics::render(&metrics::registry(ctx.metrics.clone()));
             text.lines()
                 .find_map(|l| l.strip_prefix(r#"flannel_udp_packets_total{direction="tx"} "#))
                 .map(str::to_string)

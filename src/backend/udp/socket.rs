@@ -6,6 +6,7 @@ use std::marker::PhantomData;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::AsRawFd;
 
+use nix::sys::socket::{setsockopt, sockopt};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use super::device::poll_one;
@@ -31,29 +32,6 @@ pub struct UdpSock {
     pub local: SocketAddrV4,
 }
 
-fn setsockopt_int(
-    sock: &Socket,
-    level: libc::c_int,
-    opt: libc::c_int,
-    val: libc::c_int,
-) -> io::Result<()> {
-    // SAFETY: the option value is one int, passed with its size.
-    let r = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            level,
-            opt,
-            (&val as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
 impl UdpSock {
     /// Binds the tunnel socket to `addr`; with `offload`, turns on UDP GSO/GRO where possible.
     pub fn bind(addr: SocketAddrV4, offload: bool) -> io::Result<UdpSock> {
@@ -64,30 +42,17 @@ impl UdpSock {
         )?;
         sock.bind(&addr.into())?;
         // Forced sizes (root) go past net.core.[rw]mem_max; fall back to the capped ones.
-        if setsockopt_int(
-            &sock,
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            SOCK_BUF as i32,
-        )
-        .is_err()
-        {
+        if setsockopt(&sock, sockopt::RcvBufForce, &SOCK_BUF).is_err() {
             let _ = sock.set_recv_buffer_size(SOCK_BUF);
         }
-        if setsockopt_int(
-            &sock,
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUFFORCE,
-            SOCK_BUF as i32,
-        )
-        .is_err()
-        {
+        if setsockopt(&sock, sockopt::SndBufForce, &SOCK_BUF).is_err() {
             let _ = sock.set_send_buffer_size(SOCK_BUF);
         }
         let (gso, gro) = if offload {
             (
-                setsockopt_int(&sock, SOL_UDP, UDP_SEGMENT, 0).is_ok(),
-                setsockopt_int(&sock, SOL_UDP, UDP_GRO, 1).is_ok(),
+                // A segment size of 0 only probes that the kernel has UDP_SEGMENT.
+                setsockopt(&sock, sockopt::UdpGsoSegment, &0).is_ok(),
+                setsockopt(&sock, sockopt::UdpGroSegment, &true).is_ok(),
             )
         } else {
             (false, false)
@@ -480,5 +445,32 @@ fn set_segment_cmsg(hdr: &mut libc::msghdr, buf: &mut CmsgBuf, size: u16) {
         (*c).cmsg_type = UDP_SEGMENT;
         (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<u16>() as u32) as _;
         libc::CMSG_DATA(c).cast::<u16>().write_unaligned(size);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::socket::getsockopt;
+
+    #[test]
+    fn bind_turns_on_the_offloads_and_large_buffers_it_reports() {
+        let loopback = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0);
+        let offload = UdpSock::bind(loopback, true).unwrap();
+        assert!(
+            offload.gso && offload.gro,
+            "this kernel has UDP GSO and GRO"
+        );
+        assert!(getsockopt(&offload.sock, sockopt::UdpGroSegment).unwrap());
+        if nix::unistd::geteuid().is_root() {
+            // Forced past rmem_max; the kernel reports twice what was asked.
+            assert_eq!(
+                getsockopt(&offload.sock, sockopt::RcvBuf).unwrap(),
+                2 * SOCK_BUF
+            );
+        }
+        let plain = UdpSock::bind(loopback, false).unwrap();
+        assert!(!plain.gso && !plain.gro);
+        assert!(!getsockopt(&plain.sock, sockopt::UdpGroSegment).unwrap());
     }
 }
