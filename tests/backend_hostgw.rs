@@ -148,3 +148,67 @@ fn hostgw_each_change_of_a_large_batch_gets_its_own_answer() {
         assert!(route_to(&routes, "10.5.200.0/24").is_none());
     });
 }
+
+/// A lease event (`Backend::update`) applies the difference to the routes the last pass
+/// programmed without reading the kernel; a hand-deleted route is repaired by the full pass.
+#[test]
+fn hostgw_lease_events_apply_only_what_changed() {
+    netns_tests::require_root!();
+    init_logs();
+    let guard = NetnsGuard::new("hgi");
+    let ns = guard.ns.clone();
+    let ext = ns.underlay("198.18.0.1/24", None);
+    let ctx = context(config(NETWORK, json!({"Type": "host-gw"})), ext);
+    ns.clone().run(move || async move {
+        let own = hostgw_lease("10.5.1.0-24", "198.18.0.1");
+        let mut be = backend::create(ctx).expect("host-gw backend");
+        be.prepare().await.expect("prepare");
+        be.lease_acquired(&own).await.unwrap();
+        let a = hostgw_lease("10.5.2.0-24", "198.18.0.2");
+        let b = hostgw_lease("10.5.3.0-24", "198.18.0.3");
+        assert_eq!(
+            be.update(&peer_set([a.clone()])).await.unwrap(),
+            report(1, 0, 0)
+        );
+
+        // Added: only its route; a stale route of ours stays until a full pass.
+        ns.ip(&[
+            "route",
+            "add",
+            "10.5.98.0/24",
+            "via",
+            "198.18.0.98",
+            "dev",
+            "e0",
+            "proto",
+            PROTO,
+        ]);
+        let peers = peer_set([a.clone(), b.clone()]);
+        assert_eq!(be.update(&peers).await.unwrap(), report(1, 0, 0));
+        assert_eq!(
+            route_to(&ns.routes("e0"), "10.5.3.0/24").unwrap()["gateway"],
+            "198.18.0.3"
+        );
+        assert!(route_to(&ns.routes("e0"), "10.5.98.0/24").is_some());
+
+        // Removed, then changed.
+        assert_eq!(
+            be.update(&peer_set([a.clone()])).await.unwrap(),
+            report(0, 1, 0)
+        );
+        assert!(route_to(&ns.routes("e0"), "10.5.3.0/24").is_none());
+        let a2 = hostgw_lease("10.5.2.0-24", "198.18.0.22");
+        let peers = peer_set([a2]);
+        assert_eq!(be.update(&peers).await.unwrap(), report(0, 0, 1));
+        assert_eq!(
+            route_to(&ns.routes("e0"), "10.5.2.0/24").unwrap()["gateway"],
+            "198.18.0.22"
+        );
+
+        // Deleted by hand: the full pass puts it back and removes the stale one.
+        ns.ip(&["route", "del", "10.5.2.0/24", "dev", "e0"]);
+        assert_eq!(be.reconcile(&peers).await.unwrap(), report(1, 1, 0));
+        assert_eq!(ns.routes_of_flanneld("-4"), ["10.5.2.0/24"]);
+        assert_eq!(be.update(&peers).await.unwrap(), report(0, 0, 0));
+    });
+}

@@ -385,3 +385,76 @@ fn vxlan_bad_options_are_refused() {
     .expect("refused");
     assert!(err.to_string().contains("MTU 100"), "{err}");
 }
+
+/// A lease event (`Backend::update`) applies the difference to what the last pass programmed
+/// without reading the kernel; repairs stay with the full pass (`reconcile`), and a change that
+/// fails on the incremental path falls back to it at once.
+#[test]
+fn vxlan_lease_events_apply_only_what_changed() {
+    netns_tests::require_root!();
+    let (guard, ctx) = setup("vxi", json!({"Type": "vxlan", "VNI": 7}));
+    let ns = guard.ns.clone();
+    ns.clone().run(move || async move {
+        let own = vxlan_lease("10.5.1.0-24", "198.18.0.1", "02:00:00:00:00:01");
+        let mut be = backend::create(ctx).expect("vxlan backend");
+        be.prepare().await.expect("prepare");
+        be.lease_acquired(&own).await.expect("lease_acquired");
+        let a = vxlan_lease("10.5.2.0-24", "198.18.0.2", MAC_A);
+        let b = vxlan_lease("10.5.3.0-24", "198.18.0.3", MAC_B);
+
+        // Nothing programmed yet: the first event is a full pass.
+        assert_eq!(
+            be.update(&peer_set([a.clone()])).await.unwrap(),
+            report(3, 0, 0)
+        );
+        assert_peer(&ns, "10.5.2.0/24", "10.5.2.0", MAC_A, "198.18.0.2");
+
+        // An added lease gets its three entries, and nothing else is touched: a stale route
+        // a full pass would remove stays until one runs.
+        ns.ip(&[
+            "route",
+            "add",
+            "10.5.99.0/24",
+            "via",
+            "10.5.99.0",
+            "dev",
+            DEV,
+            "onlink",
+        ]);
+        let peers = peer_set([a.clone(), b.clone()]);
+        assert_eq!(be.update(&peers).await.unwrap(), report(3, 0, 0));
+        assert_peer(&ns, "10.5.3.0/24", "10.5.3.0", MAC_B, "198.18.0.3");
+        assert!(route_to(&ns.routes(DEV), "10.5.99.0/24").is_some());
+
+        // A removed lease's entries go.
+        let peers = peer_set([a.clone()]);
+        assert_eq!(be.update(&peers).await.unwrap(), report(0, 3, 0));
+        assert_no_peer(&ns, "10.5.3.0/24", "10.5.3.0", MAC_B);
+        assert_peer(&ns, "10.5.2.0/24", "10.5.2.0", MAC_A, "198.18.0.2");
+
+        // A changed lease (new public IP) is corrected in place.
+        let a2 = vxlan_lease("10.5.2.0-24", "198.18.0.22", MAC_A);
+        let peers = peer_set([a2.clone()]);
+        assert_eq!(be.update(&peers).await.unwrap(), report(0, 0, 1));
+        assert_peer(&ns, "10.5.2.0/24", "10.5.2.0", MAC_A, "198.18.0.22");
+
+        // A route deleted by hand is repaired by the full pass, which also removes the stale
+        // route; an event afterwards changes nothing.
+        ns.ip(&["route", "del", "10.5.2.0/24", "dev", DEV]);
+        assert_eq!(be.reconcile(&peers).await.unwrap(), report(1, 1, 0));
+        assert_peer(&ns, "10.5.2.0/24", "10.5.2.0", MAC_A, "198.18.0.22");
+        assert!(route_to(&ns.routes(DEV), "10.5.99.0/24").is_none());
+        assert_eq!(be.update(&peers).await.unwrap(), report(0, 0, 0));
+
+        // The device deleted under us: the event's changes fail, and the full pass that
+        // follows at once re-creates it with every peer.
+        ns.ip(&["link", "del", DEV]);
+        let peers = peer_set([a2.clone(), b.clone()]);
+        let r = be.update(&peers).await.unwrap();
+        assert!(r.added >= 6, "{r:?}");
+        assert_peer(&ns, "10.5.2.0/24", "10.5.2.0", MAC_A, "198.18.0.22");
+        assert_peer(&ns, "10.5.3.0/24", "10.5.3.0", MAC_B, "198.18.0.3");
+        assert_eq!(be.update(&peers).await.unwrap(), report(0, 0, 0));
+        assert_eq!(be.reconcile(&peers).await.unwrap(), report(0, 0, 0));
+    });
+}

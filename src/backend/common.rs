@@ -531,6 +531,84 @@ pub(super) async fn plan_routes<N: Net, P: Into<Option<SubnetKey>> + Copy>(
     Ok(())
 }
 
+/// What a backend last programmed into the kernel (its wanted state after a pass in which
+/// every change succeeded), so that a lease event can be applied as the difference to it
+/// instead of a pass that dumps and compares every peer's entries. Unknown (`None`) until a
+/// full pass succeeded and again after any failed change: the kernel then holds something
+/// unknown, and only the full pass finds out what.
+pub(super) struct Programmed<T> {
+    applied: Option<T>,
+    staged: Option<T>,
+}
+
+impl<T> Default for Programmed<T> {
+    fn default() -> Self {
+        Programmed {
+            applied: None,
+            staged: None,
+        }
+    }
+}
+
+impl<T> Programmed<T> {
+    /// What the kernel holds, as far as we know.
+    pub fn known(&self) -> Option<&T> {
+        self.applied.as_ref()
+    }
+
+    /// The state a pass is about to apply; it becomes known when the pass [`settle`]s fine.
+    ///
+    /// [`settle`]: Programmed::settle
+    pub fn stage(&mut self, wanted: T) {
+        self.staged = Some(wanted);
+    }
+
+    /// The pass is over: what it staged is known if every change succeeded, else nothing is.
+    pub fn settle(&mut self, all_applied: bool) {
+        let staged = self.staged.take();
+        self.applied = if all_applied { staged } else { None };
+    }
+
+    pub fn forget(&mut self) {
+        self.applied = None;
+        self.staged = None;
+    }
+}
+
+/// Plans the route changes that turn `applied` (what the last pass programmed) into `desired`
+/// without reading the kernel: new and changed routes. Stale ones: [`plan_route_removals`].
+pub(super) fn plan_route_changes<N: Net, P: Into<Option<SubnetKey>> + Copy>(
+    applied: &BTreeMap<N, (Route<N>, P)>,
+    desired: &BTreeMap<N, (Route<N>, P)>,
+    plan: &mut Plan,
+) {
+    for (dst, (want, key)) in desired {
+        let had = applied.get(dst).map(|(r, _)| r);
+        if had == Some(want) {
+            continue;
+        }
+        let effect = if had.is_some() {
+            Effect::Repaired
+        } else {
+            Effect::Added
+        };
+        plan.change(effect, (*key).into(), |b| b.replace_route(want));
+    }
+}
+
+/// Plans deleting the routes of `applied` that `desired` no longer has.
+pub(super) fn plan_route_removals<N: Net, P>(
+    applied: &BTreeMap<N, (Route<N>, P)>,
+    desired: &BTreeMap<N, (Route<N>, P)>,
+    plan: &mut Plan,
+) {
+    for (dst, (had, _)) in applied {
+        if !desired.contains_key(dst) {
+            plan.change(Effect::Removed, None, |b| b.delete_route(had));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -713,6 +791,25 @@ mod tests {
 
     /// The backends do not check that a peer's subnet is inside the Network: the peer filter
     /// does, and `owned_route` relies on it, since a route it does not own is never removed.
+    #[test]
+    fn programmed_state_is_known_only_after_a_pass_that_applied_everything() {
+        let mut p = Programmed::default();
+        assert_eq!(p.known(), None::<&u32>);
+        p.stage(1);
+        assert_eq!(p.known(), None, "staged is not applied yet");
+        p.settle(true);
+        assert_eq!(p.known(), Some(&1));
+        p.stage(2);
+        p.settle(false);
+        assert_eq!(p.known(), None, "a failed change leaves the kernel unknown");
+        p.settle(true);
+        assert_eq!(p.known(), None, "nothing staged, nothing known");
+        p.stage(3);
+        p.settle(true);
+        p.forget();
+        assert_eq!(p.known(), None);
+    }
+
     #[test]
     fn routes_of_accepted_peers_are_owned() {
         let config =

@@ -21,7 +21,11 @@ struct Routes<N: LeaseFamily> {
     own: Option<N>,
     /// Peers not programmed, with the reason; logged when it changes.
     skipped: BTreeMap<SubnetKey, String>,
+    /// The routes the last pass programmed, for [`Routes::plan_update`].
+    programmed: common::Programmed<Wanted<N>>,
 }
+
+type Wanted<N> = BTreeMap<N, (Route<N>, SubnetKey)>;
 
 impl<N: LeaseFamily> Routes<N> {
     fn new(network: N) -> Self {
@@ -29,6 +33,7 @@ impl<N: LeaseFamily> Routes<N> {
             network,
             own: None,
             skipped: BTreeMap::new(),
+            programmed: common::Programmed::default(),
         }
     }
 
@@ -64,18 +69,10 @@ impl<N: LeaseFamily> Routes<N> {
         peers: &PeerSet,
         plan: &mut Plan,
     ) -> Result<(), BackendError> {
+        // Unknown until this pass has applied everything.
+        self.programmed.forget();
         Self::check_no_nat(ext)?;
-        let mut skipped = BTreeMap::new();
-        let want: BTreeMap<N, (Route<N>, SubnetKey)> =
-            common::candidates(peers, BACKEND, &mut skipped)
-                .into_iter()
-                .map(|c| {
-                    let route = Route::new(c.subnet, Some(c.public_ip), ext.index, false);
-                    (c.subnet, (route, c.key))
-                })
-                .collect();
-        common::log_skipped(BACKEND, "", &mut self.skipped, skipped);
-
+        let want = self.wanted(ext, peers);
         let (network, own, ext_index) = (self.network, self.own, ext.index);
         common::plan_routes(
             &nl.h,
@@ -85,7 +82,38 @@ impl<N: LeaseFamily> Routes<N> {
             |r| common::owned_route(r, &network, own.as_ref(), None, ext_index),
             plan,
         )
-        .await
+        .await?;
+        self.programmed.stage(want);
+        Ok(())
+    }
+
+    fn wanted(&mut self, ext: &ExternalInterface, peers: &PeerSet) -> Wanted<N> {
+        let mut skipped = BTreeMap::new();
+        let want = common::candidates(peers, BACKEND, &mut skipped)
+            .into_iter()
+            .map(|c| {
+                let route = Route::new(c.subnet, Some(c.public_ip), ext.index, false);
+                (c.subnet, (route, c.key))
+            })
+            .collect();
+        common::log_skipped(BACKEND, "", &mut self.skipped, skipped);
+        want
+    }
+
+    /// Plans what changed in the peers since the last pass, from the routes that pass
+    /// programmed (the kernel is not read). `false` when what the kernel holds is unknown.
+    fn plan_update(&mut self, ext: &ExternalInterface, peers: &PeerSet, plan: &mut Plan) -> bool {
+        if self.programmed.known().is_none() {
+            return false;
+        }
+        let want = self.wanted(ext, peers);
+        let Some(had) = self.programmed.known() else {
+            return false;
+        };
+        common::plan_route_changes(had, &want, plan);
+        common::plan_route_removals(had, &want, plan);
+        self.programmed.stage(want);
+        true
     }
 }
 
@@ -130,6 +158,7 @@ fn own_subnet<N: LeaseFamily>(
             why: format!("our lease {} has no {} subnet", own.key, N::NAME),
         })?;
         r.own = Some(subnet);
+        r.programmed.forget();
     }
     Ok(())
 }
@@ -166,6 +195,45 @@ impl Backend for HostGwBackend {
             v6.plan(&nl, ext, peers, &mut plan).await?;
         }
         tally.apply(&nl, plan).await;
+        self.settle(tally.failed.is_empty());
         tally.finish()
+    }
+
+    async fn update(&mut self, peers: &PeerSet) -> Result<ReconcileReport, BackendError> {
+        let nl = common::connect(BACKEND, &mut self.nl)?;
+        let mut plan = Plan::default();
+        let mut known = true;
+        let ext = &self.ctx.ext;
+        if let Some(v4) = &mut self.v4 {
+            known &= v4.plan_update(ext, peers, &mut plan);
+        }
+        if let Some(v6) = &mut self.v6 {
+            known &= v6.plan_update(ext, peers, &mut plan);
+        }
+        if !known {
+            self.settle(false);
+            return self.reconcile(peers).await;
+        }
+        let mut tally = ReconcileTally::new(BACKEND);
+        tally.apply(&nl, plan).await;
+        let all_applied = tally.failed.is_empty();
+        self.settle(all_applied);
+        if all_applied {
+            return tally.finish();
+        }
+        tracing::warn!("{BACKEND}: a change failed; comparing the kernel with every peer");
+        let done = tally.report;
+        self.reconcile(peers).await.map(|r| done.plus(&r))
+    }
+}
+
+impl HostGwBackend {
+    fn settle(&mut self, all_applied: bool) {
+        if let Some(v4) = &mut self.v4 {
+            v4.programmed.settle(all_applied);
+        }
+        if let Some(v6) = &mut self.v6 {
+            v6.programmed.settle(all_applied);
+        }
     }
 }

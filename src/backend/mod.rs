@@ -104,6 +104,17 @@ pub struct ReconcileReport {
     pub repaired: usize,
 }
 
+impl ReconcileReport {
+    /// Both passes' counts together.
+    pub fn plus(&self, other: &ReconcileReport) -> ReconcileReport {
+        ReconcileReport {
+            added: self.added + other.added,
+            removed: self.removed + other.removed,
+            repaired: self.repaired + other.repaired,
+        }
+    }
+}
+
 /// A data plane. Every method is idempotent: called again after a restart or a missed event,
 /// it converges on the same kernel state.
 #[async_trait]
@@ -116,6 +127,15 @@ pub trait Backend: Send {
     /// `peers` are the leases `crate::subnet::peers::filter` accepted: inside the Network,
     /// never our own subnet or public IP; each backend only picks those of its type.
     async fn reconcile(&mut self, peers: &PeerSet) -> Result<ReconcileReport, BackendError>;
+    /// Applies what changed in `peers` since the last pass, as the difference to what that
+    /// pass programmed, without reading the kernel back: a lease event costs what it changed,
+    /// not a comparison of every peer's entries. Runs [`Backend::reconcile`] instead when the
+    /// backend does not know what the kernel holds (no pass yet, a failed change), and right
+    /// after a change of its own fails. Repairs of what someone else changed are the full
+    /// pass's job. The default is the full pass.
+    async fn update(&mut self, peers: &PeerSet) -> Result<ReconcileReport, BackendError> {
+        self.reconcile(peers).await
+    }
 }
 
 /// Context every backend is built from.

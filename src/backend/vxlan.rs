@@ -13,10 +13,11 @@
 //! With `DirectRouting`, a peer whose public IP is on the external interface's own L2 subnet
 //! gets a plain route via its public IP on the external interface instead.
 //!
-//! Reconciliation is level-triggered: every pass reads each device, its neighbours and FDB
+//! Reconciliation is level-triggered: every full pass reads each device, its neighbours and FDB
 //! entries and the routes we own (dumps filtered by device), and changes only what differs
-//! from the PeerSet — all changes of a pass in one netlink batch. A restart adopts what the
-//! last run left; a deleted device is re-created with the same MAC.
+//! from the PeerSet — all changes of a pass in one netlink batch. A lease event only applies
+//! the difference to what the last pass programmed (`Backend::update`), in one batch too. A
+//! restart adopts what the last run left; a deleted device is re-created with the same MAC.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -153,6 +154,17 @@ struct Vtep<N: LeaseFamily> {
     own: Option<N>,
     /// Peers not programmed, with the reason; logged when it changes.
     skipped: BTreeMap<SubnetKey, String>,
+    /// What the last pass programmed on the device, for [`Vtep::plan_update`].
+    programmed: common::Programmed<Applied<N>>,
+    /// The external interface's networks the last full pass read (`DirectRouting`): a change
+    /// to them removes a kernel route of the interface, which wakes a full pass.
+    ext_nets: Vec<N>,
+}
+
+/// The kernel state a pass programmed, and on which device.
+struct Applied<N: LeaseFamily> {
+    dev_index: u32,
+    want: Desired<N>,
 }
 
 /// The kernel state wanted for the peers of one family.
@@ -204,6 +216,8 @@ impl<N: LeaseFamily> Vtep<N> {
             mac: None,
             own: None,
             skipped: BTreeMap::new(),
+            programmed: common::Programmed::default(),
+            ext_nets: Vec::new(),
         })
     }
 
@@ -371,7 +385,7 @@ impl<N: LeaseFamily> Vtep<N> {
     fn desired(
         &mut self,
         peers: &PeerSet,
-        dev: &Link,
+        dev_index: u32,
         ext: &ExternalInterface,
         ext_nets: &[N],
     ) -> Desired<N> {
@@ -421,7 +435,7 @@ impl<N: LeaseFamily> Vtep<N> {
             want.fdb.insert(mac, (public_ip, key));
             want.routes.insert(
                 subnet,
-                (Route::new(subnet, Some(vtep), dev.index, true), key),
+                (Route::new(subnet, Some(vtep), dev_index, true), key),
             );
         }
         let on = format!(" on {}", self.name);
@@ -447,7 +461,7 @@ impl<N: LeaseFamily> Vtep<N> {
         } else {
             Vec::new()
         };
-        let want = self.desired(peers, dev, ext, &ext_nets);
+        let want = self.desired(peers, dev.index, ext, &ext_nets);
 
         // What the kernel has.
         let name = &self.name;
@@ -538,7 +552,66 @@ impl<N: LeaseFamily> Vtep<N> {
                 });
             }
         }
+        self.ext_nets = ext_nets;
+        self.programmed.stage(Applied {
+            dev_index: dev.index,
+            want,
+        });
         Ok(())
+    }
+
+    /// Plans what changed in the peers since the last pass, from what that pass programmed
+    /// (the kernel is not read): entries of new and changed peers first, then stale ones, in
+    /// the full pass's order. `false` when what the kernel holds is unknown.
+    fn plan_update(&mut self, ext: &ExternalInterface, peers: &PeerSet, plan: &mut Plan) -> bool {
+        let Some(dev) = self.programmed.known().map(|a| a.dev_index) else {
+            return false;
+        };
+        let ext_nets = std::mem::take(&mut self.ext_nets);
+        let want = self.desired(peers, dev, ext, &ext_nets);
+        self.ext_nets = ext_nets;
+        let Some(Applied { want: had, .. }) = self.programmed.known() else {
+            return false;
+        };
+        let effect = |known: bool| {
+            if known {
+                Effect::Repaired
+            } else {
+                Effect::Added
+            }
+        };
+        for (ip, (mac, key)) in &want.neigh {
+            let old = had.neigh.get(ip).map(|(m, _)| m);
+            if old != Some(mac) {
+                let ip: IpAddr = (*ip).into();
+                plan.change(effect(old.is_some()), Some(*key), |b| {
+                    b.replace_neighbour(dev, ip, *mac)
+                });
+            }
+        }
+        for (mac, (ip, key)) in &want.fdb {
+            let old = had.fdb.get(mac).map(|(i, _)| i);
+            if old != Some(ip) {
+                // Ours have exactly one remote, which replace rewrites.
+                plan.change(effect(old.is_some()), Some(*key), |b| {
+                    b.replace_fdb(dev, *mac, (*ip).into())
+                });
+            }
+        }
+        common::plan_route_changes(&had.routes, &want.routes, plan);
+        common::plan_route_removals(&had.routes, &want.routes, plan);
+        for ip in had.neigh.keys().filter(|ip| !want.neigh.contains_key(*ip)) {
+            let ip: IpAddr = (*ip).into();
+            plan.change(Effect::Removed, None, |b| b.delete_neighbour(dev, ip));
+        }
+        for mac in had.fdb.keys().filter(|m| !want.fdb.contains_key(*m)) {
+            plan.change(Effect::Removed, None, |b| b.delete_fdb(dev, *mac, None));
+        }
+        self.programmed.stage(Applied {
+            dev_index: dev,
+            want,
+        });
+        true
     }
 
     fn set_own(&mut self, own: &Lease) -> Result<(), BackendError> {
@@ -547,6 +620,7 @@ impl<N: LeaseFamily> Vtep<N> {
             why: format!("our lease {} has no {} subnet", own.key, N::NAME),
         })?;
         self.own = Some(subnet);
+        self.programmed.forget();
         Ok(())
     }
 
@@ -567,6 +641,8 @@ impl<N: LeaseFamily> Vtep<N> {
         plan: &mut Plan,
         tally: &mut ReconcileTally,
     ) -> Result<(), BackendError> {
+        // Unknown until this pass has applied everything.
+        self.programmed.forget();
         let (dev, change) = self.ensure_device(s).await?;
         if change != DeviceChange::Unchanged {
             tally.report.repaired += 1;
@@ -694,7 +770,45 @@ impl Backend for VxlanBackend {
             v6.reconcile(&s, peers, &mut plan, &mut tally).await?;
         }
         tally.apply(s.nl, plan).await;
+        self.settle(tally.failed.is_empty());
         tally.finish()
+    }
+
+    async fn update(&mut self, peers: &PeerSet) -> Result<ReconcileReport, BackendError> {
+        let nl = common::connect(BACKEND, &mut self.nl)?;
+        let mut plan = Plan::default();
+        let mut known = true;
+        if let Some(v4) = &mut self.v4 {
+            known &= v4.plan_update(&self.ext, peers, &mut plan);
+        }
+        if let Some(v6) = &mut self.v6 {
+            known &= v6.plan_update(&self.ext, peers, &mut plan);
+        }
+        if !known {
+            self.settle(false);
+            return self.reconcile(peers).await;
+        }
+        let mut tally = ReconcileTally::new(BACKEND);
+        tally.apply(&nl, plan).await;
+        let all_applied = tally.failed.is_empty();
+        self.settle(all_applied);
+        if all_applied {
+            return tally.finish();
+        }
+        tracing::warn!("{BACKEND}: a change failed; comparing the kernel with every peer");
+        let done = tally.report;
+        self.reconcile(peers).await.map(|r| done.plus(&r))
+    }
+}
+
+impl VxlanBackend {
+    fn settle(&mut self, all_applied: bool) {
+        if let Some(v4) = &mut self.v4 {
+            v4.programmed.settle(all_applied);
+        }
+        if let Some(v6) = &mut self.v6 {
+            v6.programmed.settle(all_applied);
+        }
     }
 }
 

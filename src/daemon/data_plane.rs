@@ -49,6 +49,9 @@ impl DataPlane {
         let mut own = own_rx.borrow_and_update().clone();
         let mut own_programmed = false;
         let mut notified = false;
+        // Whether the next pass compares the kernel with every peer; a lease event alone only
+        // applies what it changed (`Backend::update`).
+        let mut full = true;
         let mut tick = tokio::time::interval(RECONCILE_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -61,7 +64,7 @@ impl DataPlane {
             }
             let view = view_rx.borrow_and_update().clone();
             if view.synced {
-                self.reconcile(&own, &view).await;
+                self.reconcile(&own, &view, std::mem::take(&mut full)).await;
                 if std::mem::take(&mut kernel_watch) {
                     let (notify, ext) = (kernel_changed.clone(), self.ext_index);
                     if let Err(e) = crate::kernel_events::watch(notify, ext, self.metrics.clone()) {
@@ -76,11 +79,13 @@ impl DataPlane {
                     if r.is_err() { return; }
                     own = own_rx.borrow_and_update().clone();
                     own_programmed = false;
+                    full = true;
                 }
                 r = view_rx.changed() => { if r.is_err() { return; } }
-                _ = tick.tick() => {}
+                _ = tick.tick() => full = true,
                 _ = kernel_changed.notified() => {
                     tokio::time::sleep(KERNEL_EVENT_SETTLE).await;
+                    full = true;
                 }
             }
         }
@@ -109,7 +114,8 @@ impl DataPlane {
         }
     }
 
-    async fn reconcile(&mut self, own: &Lease, view: &LeaseView) {
+    /// `full`: compare the kernel with every peer; else apply what changed since the last pass.
+    async fn reconcile(&mut self, own: &Lease, view: &LeaseView, full: bool) {
         let filtered = peers::filter(&view.leases, &self.config, own);
         self.report_rejections(own, &filtered);
         let peers = filtered.accepted;
@@ -117,7 +123,12 @@ impl DataPlane {
             .peers
             .store(peers.len() as u64, Ordering::Relaxed);
         Metrics::inc(&self.metrics.reconciles);
-        match self.backend.reconcile(&peers).await {
+        let result = if full {
+            self.backend.reconcile(&peers).await
+        } else {
+            self.backend.update(&peers).await
+        };
+        match result {
             Ok(report) => {
                 let m = &self.metrics;
                 m.dataplane_added
