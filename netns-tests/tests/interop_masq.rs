@@ -283,7 +283,7 @@ fn assert_nft_rules(c: &Cluster, when: &str) {
         }
         std::thread::sleep(Duration::from_millis(250));
     }
-    let (go, ours) = interop::go_and_ours(&c);
+    let (go, ours) = interop::go_and_ours(c);
     let (g, o) = (nft_rules(go).unwrap(), nft_rules(ours).unwrap());
     let only = |a: &[String], b: &[String]| -> Vec<String> {
         a.iter().filter(|l| !b.contains(l)).cloned().collect()
