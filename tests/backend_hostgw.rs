@@ -103,6 +103,15 @@ fn hostgw_refuses_nat() {
     assert_prepare_refused(ctx, &["host-gw", "203.0.113.9", "198.18.0.1", "e0", "NAT"]);
 }
 
+/// A prepared host-gw backend on `ctx` holding our lease 10.5.1.0/24 (public IP 198.18.0.1).
+async fn started_hostgw(ctx: flannel::backend::BackendContext) -> Box<dyn backend::Backend> {
+    let own = hostgw_lease("10.5.1.0-24", "198.18.0.1");
+    let mut be = backend::create(ctx).expect("host-gw backend");
+    be.prepare().await.expect("prepare");
+    be.lease_acquired(&own).await.unwrap();
+    be
+}
+
 /// Several datagrams of changes, one failing in the middle of the second: the failure is
 /// reported for its own peer and every other route is in place.
 #[test]
@@ -114,10 +123,7 @@ fn hostgw_each_change_of_a_large_batch_gets_its_own_answer() {
     let ext = ns.underlay("198.18.0.1/16", None);
     let ctx = context(config(NETWORK, json!({"Type": "host-gw"})), ext);
     ns.clone().run(move || async move {
-        let own = hostgw_lease("10.5.1.0-24", "198.18.0.1");
-        let mut be = backend::create(ctx).expect("host-gw backend");
-        be.prepare().await.expect("prepare");
-        be.lease_acquired(&own).await.unwrap();
+        let mut be = started_hostgw(ctx).await;
         // 10.5.2.0/24 … 10.5.251.0/24: 250 routes, two datagrams. 10.5.200.0/24's public IP
         // is not on e0's network, so the kernel refuses its route.
         let gateway = |i: u32| {
@@ -160,10 +166,7 @@ fn hostgw_lease_events_apply_only_what_changed() {
     let ext = ns.underlay("198.18.0.1/24", None);
     let ctx = context(config(NETWORK, json!({"Type": "host-gw"})), ext);
     ns.clone().run(move || async move {
-        let own = hostgw_lease("10.5.1.0-24", "198.18.0.1");
-        let mut be = backend::create(ctx).expect("host-gw backend");
-        be.prepare().await.expect("prepare");
-        be.lease_acquired(&own).await.unwrap();
+        let mut be = started_hostgw(ctx).await;
         let a = hostgw_lease("10.5.2.0-24", "198.18.0.2");
         let b = hostgw_lease("10.5.3.0-24", "198.18.0.3");
         assert_eq!(

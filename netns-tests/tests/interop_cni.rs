@@ -107,6 +107,16 @@ impl Node {
 }
 
 /// A node namespace with a subnet file written by the test (the input both plugins read).
+/// Our plugin and a node with an IPv4 subnet file, for the tests of ours alone: (plugin,
+/// name prefix, the folder the node keeps its files in, the node).
+fn our_node() -> (PathBuf, String, tempfile::TempDir, Node) {
+    let ours = cni_plugin_bin().expect("our CNI plugin");
+    let prefix = unique_prefix();
+    let dir = tempfile::tempdir().unwrap();
+    let n = node(&prefix, dir.path(), V4_SUBNET_ENV);
+    (ours, prefix, dir, n)
+}
+
 fn node(prefix: &str, dir: &Path, subnet_env: &str) -> Node {
     let ns = Netns::create(&format!("{prefix}-node")).unwrap();
     ns.sysctl("net.ipv4.ip_forward", "1").unwrap();
@@ -463,10 +473,7 @@ fn legacy_chain(network: &str, container_id: &str) -> String {
 #[test]
 fn del_removes_masquerade_chains_of_the_old_naming() {
     require_all!(TEST_BED);
-    let ours = cni_plugin_bin().expect("our CNI plugin");
-    let prefix = unique_prefix();
-    let dir = tempfile::tempdir().unwrap();
-    let n = node(&prefix, dir.path(), V4_SUBNET_ENV);
+    let (ours, prefix, _dir, n) = our_node();
     let conf = n.conf("1.0.0");
     let pod = Netns::create(&format!("{prefix}-p")).unwrap();
     let added = cni(&ours, "ADD", n.ns.name(), &pod, "old-pod", &conf).unwrap();
@@ -542,10 +549,7 @@ fn del_removes_masquerade_chains_of_the_old_naming() {
 #[test]
 fn gc_forgets_the_saved_conf_of_a_stale_native_pod_without_delegates() {
     require_all!(TEST_BED);
-    let ours = cni_plugin_bin().expect("our CNI plugin");
-    let prefix = unique_prefix();
-    let dir = tempfile::tempdir().unwrap();
-    let n = node(&prefix, dir.path(), V4_SUBNET_ENV);
+    let (ours, prefix, dir, n) = our_node();
     let conf = n.conf("1.1.0");
     let stale = Netns::create(&format!("{prefix}-ps")).unwrap();
     let live = Netns::create(&format!("{prefix}-pl")).unwrap();

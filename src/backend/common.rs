@@ -575,6 +575,53 @@ impl<T> Programmed<T> {
     }
 }
 
+/// A backend's state for one address family that can plan a lease event from what its last
+/// pass programmed.
+pub(super) trait EventPlanner: Send {
+    /// Adds to `plan` what changed in `peers` since the last pass, without reading the kernel.
+    /// `false` when what the kernel holds is unknown (then only the full pass will do).
+    fn plan_update(&mut self, ext: &ExternalInterface, peers: &PeerSet, plan: &mut Plan) -> bool;
+    /// The pass is over: see [`Programmed::settle`].
+    fn settle(&mut self, all_applied: bool);
+}
+
+/// What became of a lease event.
+pub(super) enum LeaseEvent {
+    /// Every change applied: the report.
+    Applied(ReconcileReport),
+    /// What the kernel holds is unknown or a change failed: the caller runs the full pass; the
+    /// report says what applied before that.
+    NeedsFullPass(ReconcileReport),
+}
+
+/// Applies a lease event as the difference to what `families` last programmed, in one batch.
+pub(super) async fn apply_lease_event(
+    backend: &'static str,
+    nl: &Netlink,
+    ext: &ExternalInterface,
+    peers: &PeerSet,
+    families: &mut [&mut dyn EventPlanner],
+) -> LeaseEvent {
+    let mut plan = Plan::default();
+    let mut known = true;
+    for f in families.iter_mut() {
+        known &= f.plan_update(ext, peers, &mut plan);
+    }
+    if !known {
+        families.iter_mut().for_each(|f| f.settle(false));
+        return LeaseEvent::NeedsFullPass(ReconcileReport::default());
+    }
+    let mut tally = ReconcileTally::new(backend);
+    tally.apply(nl, plan).await;
+    let all_applied = tally.failed.is_empty();
+    families.iter_mut().for_each(|f| f.settle(all_applied));
+    if all_applied {
+        return LeaseEvent::Applied(tally.report);
+    }
+    tracing::warn!("{backend}: a change failed; comparing the kernel with every peer");
+    LeaseEvent::NeedsFullPass(tally.report)
+}
+
 /// Plans the route changes that turn `applied` (what the last pass programmed) into `desired`
 /// without reading the kernel: new and changed routes. Stale ones: [`plan_route_removals`].
 pub(super) fn plan_route_changes<N: Net, P: Into<Option<SubnetKey>> + Copy>(

@@ -26,7 +26,9 @@ use async_trait::async_trait;
 use ipnetwork::{Ipv4Network, Ipv6Network};
 use serde_json::json;
 
-use super::common::{self, fatal, Effect, LeaseFamily, Plan, ReconcileTally};
+use super::common::{
+    self, fatal, Effect, EventPlanner, LeaseEvent, LeaseFamily, Plan, ReconcileTally,
+};
 use super::{Backend, BackendContext, BackendError, Publish, ReconcileReport};
 use crate::iface::ExternalInterface;
 use crate::netlink::{self, format_mac, parse_mac, Link, Mac, Netlink, Route, VxlanSpec};
@@ -669,6 +671,16 @@ pub struct VxlanBackend {
     v6: Option<Vtep<Ipv6Network>>,
 }
 
+impl<N: LeaseFamily> EventPlanner for Vtep<N> {
+    fn plan_update(&mut self, ext: &ExternalInterface, peers: &PeerSet, plan: &mut Plan) -> bool {
+        Vtep::plan_update(self, ext, peers, plan)
+    }
+
+    fn settle(&mut self, all_applied: bool) {
+        self.programmed.settle(all_applied);
+    }
+}
+
 impl VxlanBackend {
     pub fn new(ctx: BackendContext) -> Result<Self, BackendError> {
         let opts = VxlanOptions::from_backend(&ctx.config.backend)?;
@@ -776,40 +788,30 @@ impl Backend for VxlanBackend {
 
     async fn update(&mut self, peers: &PeerSet) -> Result<ReconcileReport, BackendError> {
         let nl = common::connect(BACKEND, &mut self.nl)?;
-        let mut plan = Plan::default();
-        let mut known = true;
-        if let Some(v4) = &mut self.v4 {
-            known &= v4.plan_update(&self.ext, peers, &mut plan);
+        let mut families = families(&mut self.v4, &mut self.v6);
+        match common::apply_lease_event(BACKEND, &nl, &self.ext, peers, &mut families).await {
+            LeaseEvent::Applied(report) => Ok(report),
+            LeaseEvent::NeedsFullPass(done) => self.reconcile(peers).await.map(|r| done.plus(&r)),
         }
-        if let Some(v6) = &mut self.v6 {
-            known &= v6.plan_update(&self.ext, peers, &mut plan);
-        }
-        if !known {
-            self.settle(false);
-            return self.reconcile(peers).await;
-        }
-        let mut tally = ReconcileTally::new(BACKEND);
-        tally.apply(&nl, plan).await;
-        let all_applied = tally.failed.is_empty();
-        self.settle(all_applied);
-        if all_applied {
-            return tally.finish();
-        }
-        tracing::warn!("{BACKEND}: a change failed; comparing the kernel with every peer");
-        let done = tally.report;
-        self.reconcile(peers).await.map(|r| done.plus(&r))
     }
 }
 
 impl VxlanBackend {
     fn settle(&mut self, all_applied: bool) {
-        if let Some(v4) = &mut self.v4 {
-            v4.programmed.settle(all_applied);
-        }
-        if let Some(v6) = &mut self.v6 {
-            v6.programmed.settle(all_applied);
+        for f in families(&mut self.v4, &mut self.v6) {
+            f.settle(all_applied);
         }
     }
+}
+
+/// The enabled families' state, for what every family does alike.
+fn families<'a>(
+    v4: &'a mut Option<Vtep<Ipv4Network>>,
+    v6: &'a mut Option<Vtep<Ipv6Network>>,
+) -> Vec<&'a mut dyn EventPlanner> {
+    let v4 = v4.iter_mut().map(|f| f as &mut dyn EventPlanner);
+    v4.chain(v6.iter_mut().map(|f| f as &mut dyn EventPlanner))
+        .collect()
 }
 
 #[cfg(test)]
