@@ -1,6 +1,7 @@
 //! `--ip-blackhole-route`: a real flanneld (vxlan) in a network namespace with its own etcd
 //! there adds `blackhole <own subnet> proto 102`, keeps it through full passes, puts it back
-//! when deleted, moves it when the subnet changes, and adds none without the flag.
+//! when deleted, moves it when the subnet changes, adds the IPv6 subnet's in dual stack, and
+//! adds none without the flag.
 
 mod common;
 
@@ -138,5 +139,28 @@ fn without_the_flag_there_is_none_and_ours_of_an_earlier_run_go() {
     host.force_full_pass();
     poll("the earlier run's blackhole route to go", WAIT, || {
         (host.blackholes() == ["blackhole 10.5.78.0/24"]).then_some(())
+    });
+}
+
+#[test]
+fn dual_stack_has_one_for_each_subnet() {
+    netns_tests::require!(netns_tests::Need::Root, netns_tests::Need::Etcd);
+    let host = Host::new("bh6");
+    common::config(
+        &host.etcd,
+        r#"{"Network":"10.5.0.0/16","SubnetLen":24,"EnableIPv6":true,"IPv6Network":"fd00:5::/56","IPv6SubnetLen":64,"Backend":{"Type":"vxlan","VNI":1}}"#,
+    );
+    let f = host.flanneld(&["-ip-blackhole-route", "--public-ipv6=::1"], &[]);
+    let subnet = own_subnet(&f);
+    let subnet6 = poll("the IPv6 subnet", WAIT, || {
+        common::read_env(&f.subnet_file(), "FLANNEL_IPV6_SUBNET")
+    });
+    let subnet6: ipnetwork::Ipv6Network = subnet6.parse().unwrap();
+    let subnet6 = ipnetwork::Ipv6Network::new(subnet6.network(), subnet6.prefix()).unwrap();
+    poll("our blackhole routes", WAIT, || {
+        let v6 = host.ip(&["-6", "route", "show", "type", "blackhole"]);
+        (host.blackholes() == [format!("blackhole {subnet} proto 102")]
+            && v6.trim() == format!("blackhole {subnet6} dev lo proto 102 metric 1024 pref medium"))
+        .then_some(())
     });
 }
