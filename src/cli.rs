@@ -114,6 +114,11 @@ pub struct Opts {
           default_missing_value = "true", action = clap::ArgAction::Set)]
     pub iptables_forward_rules: bool,
 
+    /// Add a blackhole route for our own subnet (and IPv6 subnet), as flannel's.
+    #[arg(long, env = "FLANNELD_IP_BLACKHOLE_ROUTE", num_args = 0..=1, default_value_t = false,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub ip_blackhole_route: bool,
+
     /// Address the health server listens on.
     #[arg(long, env = "FLANNELD_HEALTHZ_IP", default_value = "0.0.0.0")]
     pub healthz_ip: IpAddr,
@@ -125,6 +130,14 @@ pub struct Opts {
     /// Log verbosity, as flannel's -v (0: info, 1+: debug, 5+: trace).
     #[arg(long = "v", env = "FLANNELD_V", default_value_t = 0)]
     pub verbosity: u8,
+
+    /// glog's per-file verbosity: accepted for flannel's unit files, ignored (use RUST_LOG).
+    #[arg(long = "vmodule", env = "FLANNELD_VMODULE")]
+    pub vmodule: Option<String>,
+
+    /// glog's stack trace at a log line: accepted for flannel's unit files, ignored.
+    #[arg(long = "log_backtrace_at", env = "FLANNELD_LOG_BACKTRACE_AT")]
+    pub log_backtrace_at: Option<String>,
 }
 
 /// Parses `24h`, `30m`, `90s`, `1h30m` or a plain number of seconds.
@@ -187,6 +200,29 @@ pub fn normalize_args<I: IntoIterator<Item = String>>(args: I) -> Vec<String> {
 }
 
 impl Opts {
+    /// One warning for each of glog's flags that was given: flanneld takes them so that
+    /// flannel's command lines start it, and does nothing with them.
+    pub fn ignored_glog_flags(&self) -> Vec<String> {
+        [
+            (
+                "-vmodule",
+                &self.vmodule,
+                "set RUST_LOG for per-module levels",
+            ),
+            (
+                "-log_backtrace_at",
+                &self.log_backtrace_at,
+                "no stack traces are logged",
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(flag, value, instead)| {
+            let value = value.as_ref()?;
+            Some(format!("{flag}={value} is glog's and ignored: {instead}"))
+        })
+        .collect()
+    }
+
     pub fn endpoints(&self) -> Vec<String> {
         self.etcd_endpoints
             .split(',')
@@ -232,6 +268,7 @@ mod tests {
         assert!(o.iptables_forward_rules);
         assert_eq!(o.iptables_resync, 5);
         assert_eq!(o.healthz_port, 0);
+        assert!(!o.ip_blackhole_route);
         assert_eq!(o.renew_after(), Duration::from_secs(23 * 3600));
     }
 
@@ -260,6 +297,40 @@ mod tests {
         assert_eq!(o.iface, ["eth0", "10.0.0.1"]);
         assert!(o.ip_masq);
         assert!(!o.iptables_forward_rules);
+    }
+
+    #[test]
+    fn ip_blackhole_route_in_every_form() {
+        for on in [
+            &["--ip-blackhole-route"][..],
+            &["-ip-blackhole-route"],
+            &["-ip-blackhole-route=true"],
+            &["--ip-blackhole-route", "true"],
+        ] {
+            assert!(parse(on).unwrap().ip_blackhole_route, "{on:?}");
+        }
+        assert!(
+            !parse(&["--ip-blackhole-route=false"])
+                .unwrap()
+                .ip_blackhole_route
+        );
+        let err = parse(&["--ip-blackhole-route=maybe"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--ip-blackhole-route"), "{err}");
+    }
+
+    #[test]
+    fn glogs_flags_are_taken_and_named_as_ignored() {
+        assert!(parse(&[]).unwrap().ignored_glog_flags().is_empty());
+        let o = parse(&["-vmodule=main=3,iface=2", "-log_backtrace_at=main.go:42"]).unwrap();
+        assert_eq!(
+            o.ignored_glog_flags(),
+            [
+                "-vmodule=main=3,iface=2 is glog's and ignored: set RUST_LOG for per-module levels",
+                "-log_backtrace_at=main.go:42 is glog's and ignored: no stack traces are logged",
+            ]
+        );
     }
 
     #[test]

@@ -265,18 +265,26 @@ async fn answer(mut stream: TcpStream, metrics: &Metrics, registry: &Registry, l
     }
 }
 
+/// `/healthz`, as flannel answers it.
+const HEALTHZ_BODY: &str = "flanneld is running";
+/// `/readyz` with 200, as flannel answers it.
+const READY_BODY: &str = "flanneld is ready";
+/// `/readyz` with 503: flannel's text, then why.
+const NOT_READY_BODY: &str = "flanneld is not ready yet: no lease or subnet file written";
+
 /// The answer to one request: status, plain-text body (hyper leaves it out for HEAD).
 fn respond<B>(request: &Request<B>, metrics: &Metrics, registry: &Registry) -> Response<String> {
     let (status, content_type, body) = match (request.method(), request.uri().path()) {
         (&Method::GET | &Method::HEAD, path) => match path {
-            "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
+            // flannel's own bodies, byte for byte (no newline); ours adds the reason to the 503.
+            "/healthz" => (StatusCode::OK, "text/plain", HEALTHZ_BODY.to_string()),
             "/readyz" if metrics.is_ready() => {
-                (StatusCode::OK, "text/plain", "ready\n".to_string())
+                (StatusCode::OK, "text/plain", READY_BODY.to_string())
             }
             "/readyz" => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "text/plain",
-                "not ready: no lease or subnet file yet\n".to_string(),
+                NOT_READY_BODY.to_string(),
             ),
             "/metrics" => (
                 StatusCode::OK,
@@ -361,7 +369,10 @@ mod tests {
         let addr = start().await;
         let response = exchange(addr, b"GET /healthz HTTP/1.0\r\nHost: x\r\n\r\n").await;
         assert!(response.starts_with("HTTP/1.0 200 OK\r\n"), "{response}");
-        assert!(response.ends_with("\r\n\r\nok\n"), "{response}");
+        assert!(
+            response.ends_with("\r\n\r\nflanneld is running"),
+            "{response}"
+        );
     }
 
     /// Status line, headers and body of each endpoint, as the server has always answered
@@ -378,19 +389,19 @@ mod tests {
         let cases = [
             (
                 "GET /healthz HTTP/1.0",
-                answer("200 OK", "text/plain", "ok\n"),
+                answer("200 OK", "text/plain", "flanneld is running"),
             ),
             // An HTTP/1.1 client that would keep the connection gets the same closing answer.
             (
                 "GET /healthz?verbose HTTP/1.1",
-                answer("200 OK", "text/plain", "ok\n"),
+                answer("200 OK", "text/plain", "flanneld is running"),
             ),
             (
                 "GET /readyz HTTP/1.0",
                 answer(
                     "503 Service Unavailable",
                     "text/plain",
-                    "not ready: no lease or subnet file yet\n",
+                    "flanneld is not ready yet: no lease or subnet file written",
                 ),
             ),
             (
@@ -414,7 +425,8 @@ mod tests {
         let head = exchange(addr, b"HEAD /healthz HTTP/1.0\r\n\r\n").await;
         assert_eq!(
             head,
-            answer("200 OK", "text/plain", "ok\n").trim_end_matches("ok\n"),
+            answer("200 OK", "text/plain", "flanneld is running")
+                .trim_end_matches("flanneld is running"),
             "HEAD has the GET's head and no body"
         );
         let metrics = exchange(addr, b"GET /metrics HTTP/1.0\r\n\r\n").await;

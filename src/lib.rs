@@ -5,6 +5,7 @@
 
 pub mod backend;
 pub mod backoff;
+pub mod blackhole;
 pub mod cli;
 pub mod config;
 pub mod daemon;

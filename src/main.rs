@@ -24,6 +24,9 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     tracing::info!("flanneld {} starting", env!("CARGO_PKG_VERSION"));
+    opts.ignored_glog_flags()
+        .iter()
+        .for_each(|w| tracing::warn!("{w}"));
     raise_open_file_limit();
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()

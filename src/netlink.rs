@@ -237,6 +237,11 @@ impl NetlinkError {
         }
     }
 
+    /// Something holds the place already (`EEXIST`).
+    pub fn is_exists(&self) -> bool {
+        self.errno == Some(libc::EEXIST)
+    }
+
     /// The object the operation was about does not exist (any more).
     pub fn is_not_found(&self) -> bool {
         matches!(
@@ -290,6 +295,17 @@ fn io_error(op: &str, e: std::io::Error) -> NetlinkError {
 pub fn connect() -> Result<Handle, NetlinkError> {
     let (conn, handle, _) =
         rtnetlink::new_connection().map_err(|e| io_error("open rtnetlink socket", e))?;
+    tokio::spawn(conn);
+    Ok(handle)
+}
+
+/// Like [`connect`], with strict checking on when the kernel has it, so that it honours dump
+/// filters.
+pub fn connect_strict() -> Result<Handle, NetlinkError> {
+    let (conn, handle, _) = match rtnetlink::new_connection_with_strict_check() {
+        Ok(c) => c,
+        Err(_) => rtnetlink::new_connection().map_err(|e| io_error("open rtnetlink socket", e))?,
+    };
     tokio::spawn(conn);
     Ok(handle)
 }
@@ -1173,6 +1189,128 @@ pub async fn delete_route<N: Net>(h: &Handle, route: &Route<N>) -> Result<(), Ne
         .execute()
         .await
         .map_err(|e| NetlinkError::new(format!("delete route {route}"), e))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Blackhole routes
+
+/// A blackhole route of family `N` in the main table (`ip route add blackhole DST`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Blackhole<N: Net> {
+    pub dst: N,
+    /// With the destination, what the kernel identifies the route by.
+    pub priority: u32,
+    pub protocol: RouteProtocol,
+}
+
+impl<N: Net> Blackhole<N> {
+    /// Ours: our protocol number, the family's default metric.
+    pub fn ours(dst: N) -> Self {
+        Blackhole {
+            dst,
+            priority: N::DEFAULT_METRIC,
+            protocol: ROUTE_PROTOCOL,
+        }
+    }
+
+    fn message(&self) -> RouteMessage {
+        let mut msg = RouteMessage::default();
+        let h = &mut msg.header;
+        h.address_family = N::FAMILY;
+        h.destination_prefix_length = self.dst.prefix_len();
+        h.table = RouteHeader::RT_TABLE_MAIN;
+        h.protocol = self.protocol;
+        h.scope = RouteScope::Universe;
+        h.kind = RouteType::BlackHole;
+        let a = &mut msg.attributes;
+        a.push(RouteAttribute::Table(RT_TABLE_MAIN));
+        a.push(RouteAttribute::Destination(RouteAddress::from(
+            self.dst.net_addr().into(),
+        )));
+        if self.priority != 0 {
+            a.push(RouteAttribute::Priority(self.priority));
+        }
+        msg
+    }
+}
+
+fn blackhole_from_message<N: Net>(msg: &RouteMessage) -> Option<Blackhole<N>> {
+    if msg.header.address_family != N::FAMILY || msg.header.kind != RouteType::BlackHole {
+        return None;
+    }
+    let mut table = u32::from(msg.header.table);
+    let mut dst = None;
+    let mut priority = 0;
+    for attr in &msg.attributes {
+        match attr {
+            RouteAttribute::Destination(a) => dst = route_addr::<N>(a),
+            RouteAttribute::Priority(p) => priority = *p,
+            RouteAttribute::Table(t) => table = *t,
+            _ => {}
+        }
+    }
+    if table != RT_TABLE_MAIN {
+        return None;
+    }
+    Some(Blackhole {
+        // A blackhole default route (no destination) is none of ours: skipped.
+        dst: N::with_prefix(dst?, msg.header.destination_prefix_length)?,
+        priority,
+        protocol: msg.header.protocol,
+    })
+}
+
+/// The blackhole routes of family `N` in the main table (with strict checking the kernel sends
+/// only those; they are filtered again here).
+pub async fn blackhole_routes<N: Net>(h: &Handle) -> Result<Vec<Blackhole<N>>, NetlinkError> {
+    let mut msg = RouteMessage::default();
+    msg.header.address_family = N::FAMILY;
+    msg.header.table = RouteHeader::RT_TABLE_MAIN;
+    msg.header.kind = RouteType::BlackHole;
+    msg.attributes.push(RouteAttribute::Table(RT_TABLE_MAIN));
+    let mut req = NetlinkMessage::from(RouteNetlinkMessage::GetRoute(msg));
+    req.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    let op = || format!("dump {} blackhole routes", N::NAME);
+    let mut h = h.clone();
+    let mut stream = h.request(req).map_err(|e| NetlinkError::new(op(), e))?;
+    let mut out = Vec::new();
+    while let Some(msg) = stream.next().await {
+        match msg.payload {
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(m)) => {
+                out.extend(blackhole_from_message::<N>(&m));
+            }
+            NetlinkPayload::Error(e) if e.code.is_some() => {
+                return Err(NetlinkError::new(op(), rtnetlink::Error::NetlinkError(e)));
+            }
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+/// Adds a blackhole route; fails with "exists" when any route holds its destination and metric
+/// (`ip route add`, never replacing).
+pub async fn add_blackhole_route<N: Net>(
+    h: &Handle,
+    route: &Blackhole<N>,
+) -> Result<(), NetlinkError> {
+    h.route()
+        .add(route.message())
+        .execute()
+        .await
+        .map_err(|e| NetlinkError::new(format!("add blackhole route {}", route.dst), e))
+}
+
+/// Deletes a blackhole route (of any protocol).
+pub async fn delete_blackhole_route<N: Net>(
+    h: &Handle,
+    route: &Blackhole<N>,
+) -> Result<(), NetlinkError> {
+    h.route()
+        .del(route.message())
+        .execute()
+        .await
+        .map_err(|e| NetlinkError::new(format!("delete blackhole route {}", route.dst), e))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -107,7 +107,14 @@ fn reservation_is_never_taken_and_is_a_peer() {
             .contains("no free subnet in network 10.5.0.0/26")
             .then_some(())
     });
-    assert_eq!(third.http_get("/readyz").map(|r| r.0), Some(503));
+    // flannel's body, then our reason.
+    assert_eq!(
+        third.http_get("/readyz"),
+        Some((
+            503,
+            "flanneld is not ready yet: no lease or subnet file written".into()
+        ))
+    );
     let reservation = etcd
         .get_prefix("/coreos.com/network/subnets/10.5.0.16-28")
         .unwrap();
@@ -341,7 +348,15 @@ fn systemd_is_told_ready_once_the_subnet_file_is_written() {
         a.subnet().is_some(),
         "READY=1 before the subnet file was written"
     );
-    assert_eq!(a.http_get("/readyz").map(|r| r.0), Some(200));
+    // flannel's bodies, byte for byte.
+    assert_eq!(
+        a.http_get("/readyz"),
+        Some((200, "flanneld is ready".into()))
+    );
+    assert_eq!(
+        a.http_get("/healthz"),
+        Some((200, "flanneld is running".into()))
+    );
 }
 
 #[test]

@@ -13,11 +13,6 @@ const NOT_ACCEPTED: &[&str] = &[
     "kubeconfig-file",
     "net-config-path",
     "set-node-network-unavailable",
-    // A blackhole route for the own subnet.
-    "ip-blackhole-route",
-    // glog's.
-    "log_backtrace_at",
-    "vmodule",
 ];
 
 /// The flag names a `--help` text lists: lines that start with `-x` or `--x` after spaces.

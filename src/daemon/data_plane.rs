@@ -7,6 +7,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::backend::Backend;
+use crate::blackhole::OwnBlackholes;
 use crate::config::NetworkConfig;
 use crate::error_chain::Chain;
 use crate::health;
@@ -34,6 +35,8 @@ pub(super) struct DataPlane {
     pub(super) metrics: Arc<Metrics>,
     pub(super) rejections: RejectionLog,
     pub(super) own_overruled_by: Option<SubnetKey>,
+    /// `--ip-blackhole-route`'s routes, kept on every full pass (`None`: no netlink socket).
+    pub(super) blackholes: Option<OwnBlackholes>,
 }
 
 impl DataPlane {
@@ -62,6 +65,7 @@ impl DataPlane {
                     notified = true;
                 }
             }
+            let full_pass = full;
             let view = view_rx.borrow_and_update().clone();
             if view.synced {
                 self.reconcile(&own, &view, std::mem::take(&mut full)).await;
@@ -72,6 +76,11 @@ impl DataPlane {
                             "no kernel change notifications ({e}); repairs wait for the timer"
                         );
                     }
+                }
+            }
+            if let Some(blackholes) = self.blackholes.as_mut().filter(|_| full_pass) {
+                if own_programmed {
+                    blackholes.sync(&self.config, &own.key).await;
                 }
             }
             tokio::select! {

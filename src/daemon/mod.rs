@@ -151,6 +151,9 @@ async fn run_with<R: LeaseRegistry>(
         metrics: metrics.clone(),
         rejections: RejectionLog::default(),
         own_overruled_by: None,
+        blackholes: crate::blackhole::OwnBlackholes::new(opts.ip_blackhole_route)
+            .inspect_err(|e| tracing::warn!("no blackhole routes: {e}"))
+            .ok(),
     };
     let plane = tokio::spawn(plane.run(own_rx.clone(), view_rx.clone()));
     let rules = RuleKeeper {
