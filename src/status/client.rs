@@ -19,6 +19,9 @@ pub const EXIT_UNREACHABLE: u8 = 2;
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 
+/// `FLANNELD_HEALTHZ_PORT` in `dist/flanneld.default`.
+pub const DEFAULT_PORT: u16 = 10260;
+
 /// Shows what the flanneld on this node sees: its lease, the registry, every peer and the
 /// state of its data plane. Exits 1 when something is missing or differs, 2 when the daemon
 /// cannot be reached.
@@ -29,9 +32,10 @@ pub struct StatusOpts {
     /// this host's loopback).
     #[arg(long, env = "FLANNELD_HEALTHZ_IP", default_value = "0.0.0.0")]
     pub healthz_ip: IpAddr,
-    /// Port of the daemon's health server (the daemon's --healthz-port; it is off, 0, unless
-    /// the daemon was started with one).
-    #[arg(long, env = "FLANNELD_HEALTHZ_PORT", default_value_t = 0)]
+    /// Port of the daemon's health server (the daemon's --healthz-port). The default is the
+    /// port `dist/flanneld.default` (the systemd unit's settings) gives the daemon; the
+    /// daemon's own default, 0, turns the server off.
+    #[arg(long, env = "FLANNELD_HEALTHZ_PORT", default_value_t = DEFAULT_PORT)]
     pub healthz_port: u16,
     /// Print the JSON of /v1/status instead of the table.
     #[arg(long)]
@@ -41,14 +45,15 @@ pub struct StatusOpts {
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
     #[error(
-        "no health port: flanneld serves its status only with --healthz-port N (default 0: off); \
-         start it with one and run `flanneld status --healthz-port N` (or set \
+        "--healthz-port 0: flanneld serves its status only on a health port; start it with \
+         --healthz-port N and run `flanneld status --healthz-port N` (or set \
          FLANNELD_HEALTHZ_PORT)"
     )]
     NoPort,
     #[error(
         "cannot reach flanneld at http://{addr}/v1/status: {err} (is it running with \
-         --healthz-port {port}? point elsewhere with --healthz-ip/--healthz-port)",
+         --healthz-port {port}? point elsewhere with --healthz-ip/--healthz-port or \
+         FLANNELD_HEALTHZ_IP/FLANNELD_HEALTHZ_PORT)",
         port = .addr.port()
     )]
     Connect {

@@ -275,3 +275,29 @@ fn a_full_pass_marks_refused_changes_and_keeps_the_last_repair() {
     assert_eq!(plane.last_reconcile.as_ref().unwrap().at, 120);
     assert_eq!(plane.last_repair.as_ref().unwrap().at, 110);
 }
+
+#[test]
+fn the_client_reaches_a_daemon_on_every_address_through_loopback() {
+    use clap::Parser;
+    let opts = client::StatusOpts::parse_from(["status", "--healthz-port", "8471"]);
+    assert_eq!(client::target(&opts).unwrap().to_string(), "127.0.0.1:8471");
+    let opts = client::StatusOpts::parse_from(["status", "--healthz-ip", "::"]);
+    assert_eq!(client::target(&opts).unwrap().port(), client::DEFAULT_PORT);
+    let opts = client::StatusOpts::parse_from(["status", "--healthz-port", "0"]);
+    let err = client::target(&opts).unwrap_err().to_string();
+    assert!(err.contains("--healthz-port 0"), "{err}");
+}
+
+#[test]
+fn an_unreachable_daemon_is_an_error_that_says_where_it_looked() {
+    // A port just freed: nothing listens there.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let err = client::fetch(addr).unwrap_err().to_string();
+    assert!(err.contains(&format!("http://{addr}/v1/status")), "{err}");
+    assert!(err.contains("--healthz-port"), "{err}");
+}
