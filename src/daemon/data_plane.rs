@@ -93,7 +93,8 @@ impl DataPlane {
     }
 
     async fn program_own(&mut self, own: &Lease) -> bool {
-        self.metrics.status.set_lease(own);
+        let backend = self.config.backend_type.to_string();
+        self.metrics.status.set_lease(own, &backend);
         if let Err(e) = self.backend.lease_acquired(own).await {
             tracing::error!(
                 "programming our lease {} failed, retrying: {}",
@@ -144,6 +145,12 @@ impl DataPlane {
             };
             let at = status::unix_now();
             board.set_full_pass(at, started.elapsed(), &report, error);
+        } else {
+            match &result {
+                Ok(report) => board.set_update(report, false),
+                Err(BackendError::Changes { report, .. }) => board.set_update(report, true),
+                Err(_) => board.set_update(&Default::default(), true),
+            }
         }
         match result {
             Ok(report) => {

@@ -217,14 +217,16 @@ impl Board {
         f(&mut self.inner.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
-    pub fn set_lease(&self, lease: &Lease) {
+    /// Our lease, run by `backend` (the lease itself may not say: flannel's udp leases carry
+    /// no type).
+    pub fn set_lease(&self, lease: &Lease, backend: &str) {
         let own = OwnLease {
             key: lease.key.to_string(),
             subnet: lease.key.ipv4.map(|n| n.to_string()),
             ipv6_subnet: lease.key.ipv6.map(|n| n.to_string()),
             public_ip: lease.attrs.public_ip.map(|a| a.to_string()),
             public_ipv6: lease.attrs.public_ipv6.map(|a| a.to_string()),
-            backend: lease.attrs.backend_type.clone(),
+            backend: backend.to_string(),
             expires: None,
             held_by: None,
         };
@@ -290,6 +292,11 @@ impl Board {
         self.with(|s| s.plane.full_pass(at, took, report, error));
     }
 
+    /// Records an incremental pass (a lease event applied without reading the kernel back).
+    pub fn set_update(&self, report: &ReconcileReport, failed: bool) {
+        self.with(|s| s.plane.update(report, failed));
+    }
+
     /// Puts the answer together; `up`, `expires` and `udp` come from the metrics.
     pub fn snapshot(&self, up: bool, expires: Option<u64>, udp: Option<UdpStatus>) -> Status {
         let s = self.with(|s| s.clone());
@@ -347,6 +354,28 @@ impl PlaneRecord {
                 None => {
                     self.peers.insert(*key, fresh);
                 }
+            }
+        }
+    }
+
+    /// An incremental pass programs the peers that are new since the last full pass: when it
+    /// succeeded they are programmed; a refused change marks its peer as in a full pass.
+    pub fn update(&mut self, report: &ReconcileReport, failed: bool) {
+        if !failed {
+            for peer in self.peers.values_mut() {
+                if peer.data_plane == PlaneState::Unknown {
+                    peer.data_plane = PlaneState::Programmed;
+                }
+            }
+        }
+        for change in report.changes.iter().filter(|c| c.error.is_some()) {
+            if let Some(peer) = change.peer.and_then(|k| self.peers.get_mut(&k)) {
+                peer.differs.push(change.into());
+                peer.data_plane = match change.effect {
+                    Effect::Added => PlaneState::Missing,
+                    _ if peer.data_plane == PlaneState::Missing => PlaneState::Missing,
+                    _ => PlaneState::Differs,
+                };
             }
         }
     }

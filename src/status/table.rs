@@ -193,7 +193,12 @@ pub fn render(s: &Status, style: Style) -> String {
                 vec![
                     plain(subnet),
                     plain(or_dash(&p.public_ip)),
-                    plain(p.backend.clone()),
+                    // flannel's udp leases carry no type.
+                    plain(if p.backend.is_empty() {
+                        "-"
+                    } else {
+                        &p.backend
+                    }),
                     (state.to_string(), Some(painted)),
                     plain(ago(s.now, p.changed)),
                 ]

@@ -301,3 +301,33 @@ fn an_unreachable_daemon_is_an_error_that_says_where_it_looked() {
     assert!(err.contains(&format!("http://{addr}/v1/status")), "{err}");
     assert!(err.contains("--healthz-port"), "{err}");
 }
+
+#[test]
+fn a_peer_new_since_the_full_pass_is_programmed_by_a_successful_update() {
+    let mut plane = PlaneRecord::default();
+    let (a, b) = (
+        lease("10.5.8.0-24", "198.18.0.2"),
+        lease("10.5.9.0-24", "198.18.0.3"),
+    );
+    plane.observe(&peers(std::slice::from_ref(&a)), 100);
+    plane.full_pass(100, Duration::ZERO, &ReconcileReport::default(), None);
+    plane.observe(&peers(&[a.clone(), b.clone()]), 105);
+    assert_eq!(plane.peers[&b.key].data_plane, PlaneState::Unknown);
+    plane.update(&ReconcileReport::default(), false);
+    assert_eq!(plane.peers[&b.key].data_plane, PlaneState::Programmed);
+
+    // An update whose change for a new peer is refused leaves it missing.
+    let c = lease("10.5.10.0-24", "198.18.0.4");
+    plane.observe(&peers(&[a, b, c.clone()]), 110);
+    let refused = ReconcileReport {
+        changes: vec![KernelChange {
+            peer: Some(c.key),
+            effect: Effect::Added,
+            what: "replace route".to_string(),
+            error: Some("No such device".to_string()),
+        }],
+        ..Default::default()
+    };
+    plane.update(&refused, true);
+    assert_eq!(plane.peers[&c.key].data_plane, PlaneState::Missing);
+}
