@@ -70,8 +70,8 @@ pub struct RegistryStatus {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct EndpointStatus {
     pub endpoint: String,
-    /// From the member probe (every 2 s when there are several members); `None` when not
-    /// probed (a single endpoint: see `RegistryStatus::up`).
+    /// From the member probe (every 2 s when there are several members); for a single
+    /// endpoint, whether the last call succeeded; `None` before the first probe.
     pub answers: Option<bool>,
 }
 
@@ -299,7 +299,11 @@ impl Board {
 
     /// Puts the answer together; `up`, `expires` and `udp` come from the metrics.
     pub fn snapshot(&self, up: bool, expires: Option<u64>, udp: Option<UdpStatus>) -> Status {
-        let s = self.with(|s| s.clone());
+        let mut s = self.with(|s| s.clone());
+        // One endpoint is not probed: the last call through it is its answer.
+        if let [only] = s.endpoints.as_mut_slice() {
+            only.answers = only.answers.or(Some(up));
+        }
         Status {
             version: env!("CARGO_PKG_VERSION").to_string(),
             now: unix_now(),
@@ -462,7 +466,8 @@ impl Status {
         if !self.registry.up {
             out.push(format!("registry ({}) does not answer", self.registry.kind));
         }
-        for e in &self.registry.endpoints {
+        // A single endpoint's answer is `up`, already reported above.
+        for e in self.registry.endpoints.iter().filter(|_| self.registry.up) {
             if e.answers == Some(false) {
                 out.push(format!("etcd member {} does not answer", e.endpoint));
             }

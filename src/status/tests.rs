@@ -331,3 +331,23 @@ fn a_peer_new_since_the_full_pass_is_programmed_by_a_successful_update() {
     plane.update(&refused, true);
     assert_eq!(plane.peers[&c.key].data_plane, PlaneState::Missing);
 }
+
+#[test]
+fn a_single_endpoint_answers_as_the_registry_does() {
+    let board = Board::default();
+    board.set_registry("etcd", &["http://127.0.0.1:2379".to_string()]);
+    let up = board.snapshot(true, None, None);
+    assert_eq!(up.registry.endpoints[0].answers, Some(true));
+    let down = board.snapshot(false, None, None);
+    assert_eq!(down.registry.endpoints[0].answers, Some(false));
+    // Named once, as the registry, not again as a member.
+    let problems = down.problems();
+    assert_eq!(
+        problems
+            .iter()
+            .filter(|p| p.contains("does not answer"))
+            .count(),
+        1,
+        "{problems:?}"
+    );
+}
