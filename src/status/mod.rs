@@ -159,7 +159,12 @@ pub struct ReconcileStatus {
     pub added: usize,
     pub removed: usize,
     pub repaired: usize,
+    /// The pass's changes, the first [`CHANGES_LISTED`] of them (a start on a large cluster
+    /// makes thousands; each peer lists its own).
     pub changes: Vec<Change>,
+    /// Changes beyond those listed.
+    #[serde(default)]
+    pub more_changes: usize,
     /// Why the pass failed, when it did.
     pub error: Option<String>,
 }
@@ -182,6 +187,9 @@ pub struct UdpStatus {
     pub rx_bytes: u64,
     pub rx_dropped: u64,
 }
+
+/// Changes listed per pass in `last_reconcile` and `last_repair`.
+pub const CHANGES_LISTED: usize = 100;
 
 pub fn unix_now() -> u64 {
     SystemTime::now()
@@ -422,7 +430,13 @@ impl PlaneRecord {
             added: report.added,
             removed: report.removed,
             repaired: report.repaired,
-            changes: report.changes.iter().map(Change::from).collect(),
+            changes: report
+                .changes
+                .iter()
+                .take(CHANGES_LISTED)
+                .map(Change::from)
+                .collect(),
+            more_changes: report.changes.len().saturating_sub(CHANGES_LISTED),
             error,
         };
         if !pass.changes.is_empty() || pass.error.is_some() {

@@ -244,6 +244,9 @@ pub fn render(s: &Status, style: Style) -> String {
         for c in &r.changes {
             let _ = writeln!(out, "  {}", change_line(c));
         }
+        if r.more_changes > 0 {
+            let _ = writeln!(out, "  and {} more", r.more_changes);
+        }
     }
 
     if !s.rejected.is_empty() {

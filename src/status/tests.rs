@@ -64,6 +64,7 @@ fn fixture() -> Status {
         removed: 0,
         repaired: 0,
         changes: vec![repaired, refused],
+        more_changes: 0,
         error: Some("backend vxlan: netlink: 1 change(s) failed".to_string()),
     };
     Status {
@@ -350,4 +351,23 @@ fn a_single_endpoint_answers_as_the_registry_does() {
         1,
         "{problems:?}"
     );
+}
+
+#[test]
+fn a_pass_lists_its_first_changes_and_counts_the_rest() {
+    let mut plane = PlaneRecord::default();
+    let change = KernelChange {
+        peer: None,
+        effect: Effect::Removed,
+        what: "delete route".to_string(),
+        error: None,
+    };
+    let report = ReconcileReport {
+        removed: CHANGES_LISTED + 5,
+        changes: vec![change; CHANGES_LISTED + 5],
+        ..Default::default()
+    };
+    plane.full_pass(1, Duration::ZERO, &report, None);
+    let pass = plane.last_repair.unwrap();
+    assert_eq!((pass.changes.len(), pass.more_changes), (CHANGES_LISTED, 5));
 }
