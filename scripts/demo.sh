@@ -2,12 +2,13 @@
 # The main job: a flannel cluster in network namespaces on this machine.
 #   3 hosts (namespaces on a 198.18.0.0/24 underlay bridge), etcd in its own namespace, the
 #   release flanneld in each host, one pod per host; pods ping each other across hosts; a table
-#   of hosts / subnets / public IPs / VTEP MACs; then everything is removed.
+#   of hosts / subnets / public IPs / VTEP MACs; `flanneld status` from the first host; then
+#   everything is removed.
 #
 #   scripts/demo.sh                   run and clean up
 #   scripts/demo.sh --keep            leave it running to explore (prints how)
 #   scripts/demo.sh --down            remove what --keep left
-#   scripts/demo.sh --backend host-gw | --backend alloc | --hosts 5
+#   scripts/demo.sh --backend host-gw | --backend udp | --backend alloc | --hosts 5
 #
 # Needs root (re-runs itself with sudo when it can). Installs missing tools with apt-get.
 # Nothing leaves the namespaces it creates.

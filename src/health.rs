@@ -1,4 +1,4 @@
-//! The health server: `/healthz`, `/readyz`, `/metrics`.
+//! The health server: `/healthz`, `/readyz`, `/metrics`, `/v1/status`.
 //!
 //! hyper's HTTP/1 server (already in the tree through the etcd client's gRPC) parses the
 //! requests; no web framework on the daemon's footprint. The port is often reachable from the
@@ -291,6 +291,11 @@ fn respond<B>(request: &Request<B>, metrics: &Metrics, registry: &Registry) -> R
                 "text/plain; version=0.0.4",
                 metrics::render(registry),
             ),
+            "/v1/status" => (
+                StatusCode::OK,
+                "application/json",
+                crate::status::to_json(&metrics.status()),
+            ),
             _ => (
                 StatusCode::NOT_FOUND,
                 "text/plain",
@@ -362,6 +367,21 @@ mod tests {
         let mut response = Vec::new();
         stream.read_to_end(&mut response).await.unwrap();
         String::from_utf8_lossy(&response).into_owned()
+    }
+
+    #[tokio::test]
+    async fn answers_the_status_as_json() {
+        let addr = start().await;
+        let response = exchange(addr, b"GET /v1/status HTTP/1.0\r\n\r\n").await;
+        assert!(response.starts_with("HTTP/1.0 200 OK\r\n"), "{response}");
+        assert!(
+            response.contains("Content-Type: application/json\r\n"),
+            "{response}"
+        );
+        let body = response.split_once("\r\n\r\n").unwrap().1;
+        let status: crate::status::Status = serde_json::from_str(body).unwrap();
+        assert_eq!(status.version, env!("CARGO_PKG_VERSION"));
+        assert!(status.lease.is_none() && status.peers.is_empty());
     }
 
     #[tokio::test]

@@ -17,4 +17,5 @@ pub mod iface;
 pub mod kernel_events;
 pub mod metrics;
 pub mod netlink;
+pub mod status;
 pub mod subnet;

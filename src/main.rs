@@ -10,6 +10,9 @@ fn main() -> ExitCode {
     if args.get(1).map(String::as_str) == Some("mk-docker-opts") {
         return flannel::docker_opts::main(&args[2..]);
     }
+    if args.get(1).map(String::as_str) == Some("status") {
+        return flannel::status::client::main(&args[2..]);
+    }
     let opts = Opts::parse_from(normalize_args(std::env::args()));
     let default_level = match opts.verbosity {
         0 => "info",

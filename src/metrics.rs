@@ -42,6 +42,8 @@ pub struct Metrics {
     /// The udp backend's data-path counters, set by the backend built with this `Metrics` in
     /// its context; none for the other backends.
     pub udp: ArcSwapOption<UdpCounters>,
+    /// What `/v1/status` shows beyond counters.
+    pub status: crate::status::Board,
 }
 
 impl Metrics {
@@ -51,6 +53,35 @@ impl Metrics {
 
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
+    }
+
+    /// The answer of `/v1/status`: the board plus what only the counters know.
+    pub fn status(&self) -> crate::status::Status {
+        let expiry = self.lease_expiry_seconds.load(Ordering::Relaxed);
+        let udp = self.udp.load_full().map(|u| {
+            let (tx, rx) = (u.tx.snapshot(), u.rx.snapshot());
+            let dropped = |d: &DirStats| {
+                d.no_route
+                    + d.unknown_source
+                    + d.spoofed_source
+                    + d.malformed
+                    + d.ttl_expired
+                    + d.io_errors
+            };
+            crate::status::UdpStatus {
+                tx_packets: tx.packets,
+                tx_bytes: tx.bytes,
+                tx_dropped: dropped(&tx),
+                rx_packets: rx.packets,
+                rx_bytes: rx.bytes,
+                rx_dropped: dropped(&rx),
+            }
+        });
+        self.status.snapshot(
+            self.etcd_up.load(Ordering::Relaxed),
+            u64::try_from(expiry).ok().filter(|&e| e > 0),
+            udp,
+        )
     }
 }
 

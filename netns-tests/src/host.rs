@@ -243,6 +243,25 @@ impl Host {
             .run_in(|| http_get(addr, path, Duration::from_secs(2)))?
     }
 
+    /// Runs `flanneld status --healthz-port <this host's> ARGS` (our binary) inside the host
+    /// namespace: (exit code, stdout, stderr).
+    pub fn flanneld_status(&self, args: &[&str]) -> Result<(i32, String, String)> {
+        let port = self.opts.healthz_port.to_string();
+        let out = self
+            .ns
+            .command(&self.bin)
+            .args(["status", "--healthz-port", &port])
+            .args(args)
+            .env_remove("FLANNELD_HEALTHZ_IP")
+            .output()
+            .map_err(|e| Error::io("running flanneld status", e))?;
+        Ok((
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
     /// The health server's address as seen from inside the host namespace.
     pub fn healthz_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.opts.healthz_port)

@@ -11,7 +11,7 @@ use netlink_packet_route::route::RouteProtocol;
 use rtnetlink::Handle;
 use serde_json::{Map, Value};
 
-use super::{BackendError, FailedChange, ReconcileReport};
+use super::{BackendError, FailedChange, KernelChange, ReconcileReport};
 use crate::config::NetworkConfig;
 use crate::iface::ExternalInterface;
 use crate::netlink::{self, Batch, Net, Netlink, NetlinkError, Op, Route, RT_TABLE_MAIN};
@@ -207,9 +207,10 @@ pub(super) fn log_skipped(backend: &str, on: &str, last: &mut Skipped, now: Skip
     *last = now;
 }
 
-/// What a planned change does when it succeeds.
+/// What a planned change does when it succeeds: the kernel lacked the entry (`Added`), had it
+/// otherwise (`Repaired`), or had one no peer wants (`Removed`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Effect {
+pub enum Effect {
     Added,
     Repaired,
     Removed,
@@ -300,6 +301,16 @@ impl ReconcileTally {
         let each = planned.len() <= LOG_EACH;
         let before = self.report.clone();
         for ((op, p), result) in ops.iter().zip(&planned).zip(results) {
+            let error = match &result {
+                Err(e) if !(p.effect == Effect::Removed && e.is_not_found()) => Some(e.to_string()),
+                _ => None,
+            };
+            self.report.changes.push(KernelChange {
+                peer: p.peer,
+                effect: p.effect,
+                what: op.to_string(),
+                error,
+            });
             match result {
                 Ok(()) => {
                     match p.effect {
@@ -345,6 +356,7 @@ impl ReconcileTally {
             Err(BackendError::Changes {
                 backend: self.backend,
                 failed: self.failed,
+                report: self.report,
             })
         }
     }

@@ -9,10 +9,11 @@ use crate::config::NetworkConfig;
 use crate::iface::ExternalInterface;
 use crate::metrics::Metrics;
 use crate::netlink::NetlinkError;
-use crate::subnet::{Lease, PeerSet};
+use crate::subnet::{Lease, PeerSet, SubnetKey};
 
 mod alloc;
 mod common;
+pub use common::Effect;
 mod hostgw;
 mod kind;
 pub mod udp;
@@ -53,6 +54,8 @@ pub enum BackendError {
     Changes {
         backend: &'static str,
         failed: Vec<FailedChange>,
+        /// What the pass did and tried, failed changes included (for `/v1/status`).
+        report: ReconcileReport,
     },
 }
 
@@ -96,23 +99,47 @@ pub struct Publish {
     pub mtu: u32,
 }
 
-/// What one reconciliation pass changed, for logs and metrics.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+/// What one reconciliation pass changed, for logs, metrics and `/v1/status`.
+#[derive(Debug, Default, Clone)]
 pub struct ReconcileReport {
     pub added: usize,
     pub removed: usize,
     pub repaired: usize,
+    /// Each kernel change the pass planned, in order, with its outcome.
+    pub changes: Vec<KernelChange>,
 }
 
+/// Reports are equal when they count the same: `changes` is the record behind the counts.
+impl PartialEq for ReconcileReport {
+    fn eq(&self, other: &Self) -> bool {
+        (self.added, self.removed, self.repaired) == (other.added, other.removed, other.repaired)
+    }
+}
+
+impl Eq for ReconcileReport {}
+
 impl ReconcileReport {
-    /// Both passes' counts together.
+    /// Both passes' counts and changes together.
     pub fn plus(&self, other: &ReconcileReport) -> ReconcileReport {
         ReconcileReport {
             added: self.added + other.added,
             removed: self.removed + other.removed,
             repaired: self.repaired + other.repaired,
+            changes: self.changes.iter().chain(&other.changes).cloned().collect(),
         }
     }
+}
+
+/// One kernel change a pass planned because the kernel differed from the peers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelChange {
+    /// The peer it is for; `None` for a stale entry or a device's own route.
+    pub peer: Option<SubnetKey>,
+    pub effect: Effect,
+    /// The operation, as the log shows it (`replace route 10.5.7.0/24 via ...`).
+    pub what: String,
+    /// Why the kernel refused it; `None` when it was applied.
+    pub error: Option<String>,
 }
 
 /// A data plane. Every method is idempotent: called again after a restart or a missed event,
@@ -209,6 +236,7 @@ mod tests {
         let e = BackendError::Changes {
             backend: "host-gw",
             failed,
+            report: ReconcileReport::default(),
         };
         let msg = e.to_string();
         assert!(

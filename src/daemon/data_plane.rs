@@ -6,12 +6,13 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, BackendError};
 use crate::blackhole::OwnBlackholes;
 use crate::config::NetworkConfig;
 use crate::error_chain::Chain;
 use crate::health;
 use crate::metrics::Metrics;
+use crate::status;
 use crate::subnet::env::{SubnetEnv, SubnetEnvExt};
 use crate::subnet::peers::{self, RejectionLog};
 use crate::subnet::watch::LeaseView;
@@ -101,6 +102,8 @@ impl DataPlane {
     }
 
     async fn program_own(&mut self, own: &Lease) -> bool {
+        let backend = self.config.backend_type.to_string();
+        self.metrics.status.set_lease(own, &backend);
         if let Err(e) = self.backend.lease_acquired(own).await {
             tracing::error!(
                 "programming our lease {} failed, retrying: {}",
@@ -127,6 +130,9 @@ impl DataPlane {
     async fn reconcile(&mut self, own: &Lease, view: &LeaseView, full: bool) {
         let filtered = peers::filter(&view.leases, &self.config, own);
         self.report_rejections(own, &filtered);
+        let board = &self.metrics.status;
+        board.set_peers(&filtered, &view.leases, status::unix_now());
+        let started = std::time::Instant::now();
         let peers = filtered.accepted;
         self.metrics
             .peers
@@ -137,6 +143,24 @@ impl DataPlane {
         } else {
             self.backend.update(&peers).await
         };
+        if full {
+            let (report, error) = match &result {
+                Ok(report) => (report.clone(), None),
+                Err(BackendError::Changes { report, .. }) => (
+                    report.clone(),
+                    result.as_ref().err().map(|e| Chain(e).to_string()),
+                ),
+                Err(e) => (Default::default(), Some(Chain(e).to_string())),
+            };
+            let at = status::unix_now();
+            board.set_full_pass(at, started.elapsed(), &report, error);
+        } else {
+            match &result {
+                Ok(report) => board.set_update(report, false),
+                Err(BackendError::Changes { report, .. }) => board.set_update(report, true),
+                Err(_) => board.set_update(&Default::default(), true),
+            }
+        }
         match result {
             Ok(report) => {
                 let m = &self.metrics;

@@ -202,6 +202,8 @@ struct EndpointKeeper {
     probes: Vec<(String, Option<Client>)>,
     options: ConnectOptions,
     in_use: std::collections::BTreeSet<String>,
+    /// Where each probe's answers are shown (`/v1/status`).
+    board: Option<std::sync::Arc<crate::metrics::Metrics>>,
 }
 
 impl EndpointKeeper {
@@ -211,6 +213,7 @@ impl EndpointKeeper {
             probes: endpoints.iter().map(|e| (e.clone(), None)).collect(),
             options,
             in_use: endpoints.iter().cloned().collect(),
+            board: None,
         }
     }
 
@@ -238,6 +241,9 @@ impl EndpointKeeper {
             (ep.clone(), Self::healthy(ep, probe, options).await)
         });
         let results = futures::future::join_all(checks).await;
+        if let Some(metrics) = &self.board {
+            metrics.status.set_endpoint_answers(&results);
+        }
         let healthy: std::collections::BTreeSet<String> = results
             .iter()
             .filter(|(_, ok)| *ok)
@@ -351,6 +357,14 @@ impl EtcdOptions {
 impl Registry {
     /// Connects (lazily for plain connections: a down etcd is found by the first request).
     pub async fn connect(opts: &EtcdOptions) -> Result<Self, EtcdError> {
+        Self::connect_reporting(opts, None).await
+    }
+
+    /// Connects; with `metrics`, the member probes' answers go to its status board.
+    pub async fn connect_reporting(
+        opts: &EtcdOptions,
+        metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
+    ) -> Result<Self, EtcdError> {
         let connect = opts.connect_options()?;
         let client = Client::connect(&opts.endpoints, Some(connect.clone())).await?;
         if opts.endpoints.len() > 1 {
@@ -359,6 +373,7 @@ impl Registry {
             // fails about as often as it meets the dead member, and a client that starts while
             // one is down may fail every time. Only members that answer stay in the balancer.
             let mut keeper = EndpointKeeper::new(client.clone(), &opts.endpoints, connect);
+            keeper.board = metrics;
             keeper.probe_once().await;
             tokio::spawn(keeper.run());
         }

@@ -47,8 +47,9 @@ impl EtcdRegistry {
         metrics: Arc<Metrics>,
     ) -> Result<Self, EtcdError> {
         let mut backoff = Backoff::new();
+        metrics.status.set_registry("etcd", &opts.endpoints);
         loop {
-            match Registry::connect(opts).await {
+            match Registry::connect_reporting(opts, Some(metrics.clone())).await {
                 Ok(reg) => return Ok(Self::new(reg, metrics)),
                 Err(e) if e.is_fatal() => return Err(e),
                 Err(e) => {

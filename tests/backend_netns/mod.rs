@@ -297,6 +297,7 @@ pub fn report(added: usize, removed: usize, repaired: usize) -> ReconcileReport 
         added,
         removed,
         repaired,
+        ..Default::default()
     }
 }
 

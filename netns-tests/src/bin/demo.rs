@@ -14,12 +14,14 @@ const NAME: &str = "fldemo";
 const WORKDIR: &str = "/tmp/flannel-demo";
 
 const USAGE: &str = "\
-usage: netns-demo [--backend vxlan|host-gw|alloc] [--hosts N] [--keep] [--down]
+usage: netns-demo [--backend vxlan|host-gw|udp|alloc] [--hosts N] [--keep] [--down] [--name P]
 
   --backend B   data plane (default vxlan; alloc only hands out leases, so no cross-host pings)
   --hosts N     number of hosts (default 3)
   --keep        leave the cluster running to explore; remove it later with --down
   --down        remove a cluster left by --keep (namespaces fldemo-*, /tmp/flannel-demo)
+  --name P      name prefix of the namespaces (default fldemo; the work directory is then
+                /tmp/P), so that demos (the tests run one per backend) do not meet
 
 Needs root. FLANNELD_BIN and FLANNEL_CNI_BIN name the binaries (default: the workspace's
 release builds); NETNS_TESTS_CNI=0 makes pods without the CNI plugin.";
@@ -29,6 +31,8 @@ struct Args {
     hosts: usize,
     keep: bool,
     down: bool,
+    name: String,
+    workdir: String,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -37,6 +41,8 @@ fn parse_args() -> Result<Args, String> {
         hosts: 3,
         keep: false,
         down: false,
+        name: NAME.to_string(),
+        workdir: WORKDIR.to_string(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -53,9 +59,9 @@ fn parse_args() -> Result<Args, String> {
         match flag.as_str() {
             "--backend" => {
                 let b = value("--backend")?;
-                a.backend = Backend::from_type(&b)
-                    .filter(|b| *b != Backend::Udp)
-                    .ok_or_else(|| format!("unknown backend {b:?} (vxlan, host-gw, alloc)"))?;
+                a.backend = Backend::from_type(&b).ok_or_else(|| {
+                    format!("--backend: unknown backend {b:?} (vxlan, host-gw, udp, alloc)")
+                })?;
             }
             "--hosts" => {
                 a.hosts = value("--hosts")?
@@ -63,6 +69,14 @@ fn parse_args() -> Result<Args, String> {
                     .ok()
                     .filter(|n| (1..=50).contains(n))
                     .ok_or("--hosts takes a number from 1 to 50")?;
+            }
+            "--name" => {
+                let n = value("--name")?;
+                if n.is_empty() || n.len() > 6 || !n.chars().all(|c| c.is_ascii_alphanumeric()) {
+                    return Err(format!("--name {n:?}: 1 to 6 letters or digits"));
+                }
+                a.workdir = format!("/tmp/{n}");
+                a.name = n;
             }
             "--keep" => a.keep = true,
             "--down" => a.down = true,
@@ -76,9 +90,9 @@ fn parse_args() -> Result<Args, String> {
     Ok(a)
 }
 
-fn down() -> usize {
-    let removed = sweep_prefix(&format!("{NAME}-"));
-    let _ = std::fs::remove_dir_all(WORKDIR);
+fn down(args: &Args) -> usize {
+    let removed = sweep_prefix(&format!("{}-", args.name));
+    let _ = std::fs::remove_dir_all(&args.workdir);
     removed.len()
 }
 
@@ -95,11 +109,14 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     if args.down {
-        let n = down();
-        println!("removed {n} namespaces ({NAME}-*) and {WORKDIR}");
+        let n = down(&args);
+        println!(
+            "removed {n} namespaces ({}-*) and {}",
+            args.name, args.workdir
+        );
         return ExitCode::SUCCESS;
     }
-    let n = down();
+    let n = down(&args);
     if n > 0 {
         println!("removed {n} namespaces left by an earlier demo");
     }
@@ -123,8 +140,8 @@ fn run(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
     let cluster = Cluster::builder()
         .hosts(args.hosts)
         .backend(args.backend)
-        .name(NAME)
-        .workdir(Path::new(WORKDIR))
+        .name(&args.name)
+        .workdir(Path::new(&args.workdir))
         .build()?;
     println!(
         "   etcd and {} flanneld ready in {:.1?}; network config: {}",
@@ -161,6 +178,15 @@ fn run(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
 
     let mut ok = true;
     if args.backend.has_data_plane() {
+        if args.backend == Backend::Udp {
+            // The udp peer table lives in flanneld, not in the kernel: wait until the leases
+            // reached it (a pod answers) rather than lose the first pings.
+            for a in &pods {
+                for b in pods.iter().filter(|b| b.host_index() != a.host_index()) {
+                    a.wait_reaches(b.ip(), Duration::from_secs(20))?;
+                }
+            }
+        }
         println!("\n== pings between pods on different hosts (3 each)");
         for a in &pods {
             for b in &pods {
@@ -217,7 +243,17 @@ fn run(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
         }
     }
 
+    let h0 = cluster.host(0);
+    println!("\n== flanneld status on {}", h0.name());
+    let (code, table, err) = h0.flanneld_status(&[])?;
+    print!("{}{}", indent(&table), indent(&err));
+    if code != 0 {
+        println!("   flanneld status exited {code}");
+        ok = false;
+    }
+
     if args.keep {
+        let name = &args.name;
         let h0 = cluster.host(0).name().to_string();
         let p0 = pods[0].name().to_string();
         let dst = pods.last().map(|p| p.ip().to_string()).unwrap_or_default();
@@ -229,18 +265,18 @@ fn run(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
         cluster.leak();
         println!(
             "\n== left running (--keep). Explore:
-   ip netns list | grep {NAME}
+   ip netns list | grep {name}
    ip netns exec {p0} ping {dst}
    ip -n {h0} route; ip -n {h0} -d link show flannel.1; bridge -netns {h0} fdb show dev flannel.1
-   ip netns exec {h0} curl -s {healthz}/metrics
-   ip netns exec {NAME}-etcd env ETCDCTL_API=3 etcdctl --endpoints=http://198.18.0.2:2379 get --prefix /coreos.com/network
+   ip netns exec {h0} curl -s {healthz}/metrics; ip netns exec {h0} curl -s {healthz}/v1/status
+   ip netns exec {name}-etcd env ETCDCTL_API=3 etcdctl --endpoints=http://198.18.0.2:2379 get --prefix /coreos.com/network
    cat {dir}/h0/subnet.env; tail {dir}/h0/flanneld.log
    Tear down: scripts/demo.sh --down"
         );
     } else {
         drop(pods);
         drop(cluster);
-        let _ = std::fs::remove_dir_all(WORKDIR);
+        let _ = std::fs::remove_dir_all(&args.workdir);
         println!("\n== cleaned up: every namespace, process and file of the demo removed");
     }
     println!(
