@@ -917,8 +917,8 @@ mod tests {
             "Backend.Type",
             "\"\"",
         );
-        let (_, value, why) = field_of(parse(&format!(r#"{{{net},"Backend":{{"Type":"IPIP"}}}}"#)));
-        assert_eq!(value, "\"IPIP\"");
+        let (_, value, why) = field_of(parse(&format!(r#"{{{net},"Backend":{{"Type":"GCE"}}}}"#)));
+        assert_eq!(value, "\"GCE\"");
         assert!(why.contains("unknown backend type"), "{why}");
         assert!(why.contains("host-gw"), "{why}");
     }

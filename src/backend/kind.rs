@@ -13,15 +13,20 @@ pub enum BackendType {
     HostGw,
     Udp,
     Vxlan,
+    /// User commands run on lease events.
+    Extension,
+    Ipip,
 }
 
 impl BackendType {
     /// Every type, in the order error messages list them.
-    pub const ALL: [BackendType; 4] = [
+    pub const ALL: [BackendType; 6] = [
         BackendType::Alloc,
         BackendType::HostGw,
         BackendType::Udp,
         BackendType::Vxlan,
+        BackendType::Extension,
+        BackendType::Ipip,
     ];
 
     /// Flannel's name for the type, as written in `Backend.Type`.
@@ -31,6 +36,8 @@ impl BackendType {
             BackendType::HostGw => "host-gw",
             BackendType::Udp => "udp",
             BackendType::Vxlan => "vxlan",
+            BackendType::Extension => "extension",
+            BackendType::Ipip => "ipip",
         }
     }
 
@@ -71,6 +78,7 @@ mod tests {
         }
         assert_eq!(BackendType::from_name("Host-GW"), Some(BackendType::HostGw));
         assert_eq!(BackendType::from_name("hostgw"), None);
-        assert_eq!(BackendType::from_name("ipip"), None);
+        assert_eq!(BackendType::from_name("IPIP"), Some(BackendType::Ipip));
+        assert_eq!(BackendType::from_name("ipsec-x"), None);
     }
 }

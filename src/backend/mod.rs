@@ -14,7 +14,9 @@ use crate::subnet::{Lease, PeerSet, SubnetKey};
 mod alloc;
 mod common;
 pub use common::Effect;
+mod extension;
 mod hostgw;
+mod ipip;
 mod kind;
 pub mod udp;
 mod vxlan;
@@ -199,6 +201,8 @@ pub fn create(ctx: BackendContext) -> Result<Box<dyn Backend>, BackendError> {
         BackendType::HostGw => Box::new(hostgw::HostGwBackend::new(ctx)?),
         BackendType::Udp => Box::new(udp::UdpBackend::new(ctx)?),
         BackendType::Vxlan => Box::new(vxlan::VxlanBackend::new(ctx)?),
+        BackendType::Extension => Box::new(extension::ExtensionBackend::new(ctx)?),
+        BackendType::Ipip => Box::new(ipip::IpipBackend::new(ctx)?),
     })
 }
 
