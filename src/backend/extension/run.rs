@@ -263,7 +263,7 @@ mod tests {
         assert_eq!(o.output, "started", "output before the deadline is kept");
         assert!(
             started.elapsed() < Duration::from_secs(1),
-            "the pipe was not left open"
+            "run waited past its deadline"
         );
         assert!(o.to_string().contains("timed out"), "{o}");
         // The background subshell went with its group: it never gets to touch the file.
