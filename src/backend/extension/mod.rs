@@ -416,4 +416,100 @@ mod tests {
             PeerInput::of(&lease("10.5.7.0/24", None, Some("{\"VtepMAC\":\"x\"}"))).unwrap_err();
         assert!(e.contains("not a JSON string"), "{e}");
     }
+
+    fn backend(options: Value) -> ExtensionBackend {
+        let mut b = json!({"Type": "extension"});
+        b.as_object_mut()
+            .unwrap()
+            .extend(options.as_object().unwrap().clone());
+        let raw = json!({"Network": "10.5.0.0/16", "Backend": b}).to_string();
+        let config = crate::config::NetworkConfig::parse(raw.as_bytes()).unwrap();
+        let public = Some("198.18.0.1".parse().unwrap());
+        let ext = crate::iface::ExternalInterface {
+            name: "eth0".into(),
+            index: 2,
+            iface_addr: public,
+            iface_v6_addr: None,
+            public_ip: public,
+            public_ipv6: None,
+            mtu: 1500,
+        };
+        ExtensionBackend::new(BackendContext::new(config, ext)).unwrap()
+    }
+
+    #[tokio::test]
+    async fn pre_startup_output_is_published_as_a_json_string_and_a_failure_stops_the_start() {
+        let mut b = backend(json!({"PreStartupCommand": "/bin/echo  vtep  $HOME"}));
+        let p = b.prepare().await.unwrap();
+        let home = std::env::var("HOME").unwrap_or_default();
+        assert_eq!(
+            p.backend_data,
+            Some(Value::String(format!("vtep {home}").trim().to_string()))
+        );
+        assert_eq!((p.backend_type.as_str(), p.mtu), ("extension", 1500));
+        assert_eq!(
+            backend(json!({})).prepare().await.unwrap().backend_data,
+            None
+        );
+
+        let mut b = backend(json!({"PreStartupCommand": "/bin/ls /nonexistent-flannel-dir"}));
+        let e = b.prepare().await.unwrap_err().to_string();
+        assert!(
+            e.starts_with(
+                "backend extension: PreStartupCommand `/bin/ls /nonexistent-flannel-dir`: \
+                 exit status: 2; output: \""
+            ) && e.contains("No such file"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn commands_are_queued_for_what_changed_in_the_leases() {
+        let mut b =
+            backend(json!({"SubnetAddCommand": "/bin/true", "SubnetRemoveCommand": "/bin/true"}));
+        let set =
+            |leases: &[Lease]| -> PeerSet { leases.iter().map(|l| (l.key, l.clone())).collect() };
+        let a = lease("10.5.1.0/24", Some("198.18.0.2"), Some("\"a\""));
+        let mut other = lease("10.5.2.0/24", Some("198.18.0.3"), None);
+        other.attrs.backend_type = "vxlan".into();
+        let counts = |r: ReconcileReport| (r.added, r.repaired, r.removed);
+
+        assert_eq!(
+            counts(
+                b.reconcile(&set(&[a.clone(), other.clone()]))
+                    .await
+                    .unwrap()
+            ),
+            (1, 0, 0)
+        );
+        // A pass with nothing changed (a renewal) runs nothing.
+        assert_eq!(
+            counts(
+                b.reconcile(&set(&[a.clone(), other.clone()]))
+                    .await
+                    .unwrap()
+            ),
+            (0, 0, 0)
+        );
+        // Changed BackendData: the add command again.
+        let a2 = lease("10.5.1.0/24", Some("198.18.0.2"), Some("\"b\""));
+        let r = b.reconcile(&set(&[a2])).await.unwrap();
+        assert_eq!(counts(r.clone()), (0, 1, 0));
+        assert_eq!(
+            r.changes[0].what,
+            "run SubnetAddCommand for 10.5.1.0/24 via 198.18.0.2"
+        );
+        // Gone: the remove command.
+        assert_eq!(
+            counts(b.reconcile(&PeerSet::new()).await.unwrap()),
+            (0, 0, 1)
+        );
+        // Without a remove command configured, nothing is queued for a lease that goes.
+        let mut b = backend(json!({"SubnetAddCommand": "/bin/true"}));
+        b.reconcile(&set(&[a])).await.unwrap();
+        assert_eq!(
+            counts(b.reconcile(&PeerSet::new()).await.unwrap()),
+            (0, 0, 0)
+        );
+    }
 }
