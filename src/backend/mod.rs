@@ -15,6 +15,7 @@ mod alloc;
 mod common;
 pub use common::Effect;
 mod hostgw;
+mod ipsec;
 mod kind;
 pub mod udp;
 mod vxlan;
@@ -199,6 +200,7 @@ pub fn create(ctx: BackendContext) -> Result<Box<dyn Backend>, BackendError> {
         BackendType::HostGw => Box::new(hostgw::HostGwBackend::new(ctx)?),
         BackendType::Udp => Box::new(udp::UdpBackend::new(ctx)?),
         BackendType::Vxlan => Box::new(vxlan::VxlanBackend::new(ctx)?),
+        BackendType::Ipsec => Box::new(ipsec::IpsecBackend::new(ctx)?),
     })
 }
 
