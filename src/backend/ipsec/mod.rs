@@ -21,6 +21,7 @@ use ipnetwork::Ipv4Network;
 
 use super::common::{self, Effect};
 use super::{Backend, BackendContext, BackendError, KernelChange, Publish, ReconcileReport};
+use crate::netlink::{self, Netlink};
 use crate::subnet::{Lease, PeerSet, SubnetKey};
 use charon::{Charon, ViciError};
 pub use config::IpsecOptions;
@@ -125,7 +126,10 @@ pub struct IpsecBackend {
     opts: IpsecOptions,
     socket: PathBuf,
     charon: Option<Charon>,
+    nl: Option<Netlink>,
     local: Option<Local>,
+    /// The subnet address we put on `lo` (see [`IpsecBackend::ensure_subnet_address`]).
+    lo_address: Option<Ipv4Network>,
     /// The connections we loaded, by name; after a charon restart charon has none of them.
     loaded: BTreeMap<String, Conn>,
     /// Peers not programmed, with the reason; logged when it changes.
@@ -152,7 +156,9 @@ impl IpsecBackend {
             opts,
             socket,
             charon: None,
+            nl: None,
             local: None,
+            lo_address: None,
             loaded: BTreeMap::new(),
             skipped: common::Skipped::new(),
         })
@@ -198,6 +204,45 @@ impl IpsecBackend {
             }
         }
         unreachable!("the second attempt returns")
+    }
+
+    /// charon routes each child SA's remote subnet from an address inside the local one, and
+    /// without such an address it installs no route and no policy (with its userspace ESP the
+    /// SA then fails). The CNI bridge's gateway address exists only once a pod runs, so the
+    /// subnet's network address goes on `lo` (as vxlan puts it on `flannel.1`); one of an old
+    /// lease is removed.
+    async fn ensure_subnet_address(&mut self, subnet: Ipv4Network) -> Result<(), BackendError> {
+        let nl = common::connect(BACKEND, &mut self.nl)?;
+        let want = Ipv4Network::new(subnet.network(), 32).expect("a /32 is valid");
+        let context = format!("address {want} on lo");
+        let lo = netlink::link_by_name(&nl.h, "lo")
+            .await
+            .map_err(common::fatal(BACKEND, &context))?
+            .ok_or_else(|| BackendError::Setup {
+                backend: BACKEND,
+                why: "no device lo".into(),
+            })?;
+        let have = netlink::addresses::<Ipv4Network>(&nl.h, lo.index)
+            .await
+            .map_err(common::fatal(BACKEND, &context))?;
+        if let Some(old) = self
+            .lo_address
+            .filter(|old| *old != want && have.contains(old))
+        {
+            match netlink::delete_address(&nl.h, lo.index, old).await {
+                Ok(()) => tracing::info!("{BACKEND}: removed old address {old} from lo"),
+                Err(e) if e.is_not_found() => {}
+                Err(e) => tracing::warn!("{BACKEND}: removing old address {old} from lo: {e}"),
+            }
+        }
+        if !have.contains(&want) {
+            netlink::replace_address(&nl.h, lo.index, want)
+                .await
+                .map_err(common::fatal(BACKEND, &context))?;
+            tracing::info!("{BACKEND}: {context} set");
+        }
+        self.lo_address = Some(want);
+        Ok(())
     }
 
     fn wanted(&mut self, peers: &PeerSet) -> BTreeMap<SubnetKey, Conn> {
@@ -300,6 +345,7 @@ impl Backend for IpsecBackend {
             backend: BACKEND,
             why: format!("interface {} has no IPv4 public IP", self.ctx.ext.name),
         })?;
+        self.ensure_subnet_address(subnet).await?;
         // Connections named after an old subnet are stale now: the next pass unloads them.
         self.local = Some(Local { public_ip, subnet });
         Ok(())
@@ -309,6 +355,7 @@ impl Backend for IpsecBackend {
         let Some(local) = self.local else {
             return Ok(ReconcileReport::default());
         };
+        self.ensure_subnet_address(local.subnet).await?;
         let in_charon = self.loaded_names().await?;
         let want = self.wanted(peers);
         let want_names: BTreeMap<String, Conn> =
