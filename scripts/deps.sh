@@ -16,6 +16,12 @@ need_pkgs() {
     command -v ping >/dev/null || missing+=(iputils-ping)
     [ -x /usr/lib/cni/bridge ] || missing+=(containernetworking-plugins)
     command -v cc >/dev/null || missing+=(gcc)
+    # The ipsec backend's tests: charon with the VICI plugin (swanctl's package), openssl/gcm
+    # for flannel's ESP proposal, kernel-libipsec for kernels without ESP.
+    [ -x /usr/lib/ipsec/charon ] || missing+=(strongswan-charon)
+    [ -x /usr/sbin/swanctl ] || missing+=(strongswan-swanctl)
+    [ -f /usr/lib/ipsec/plugins/libstrongswan-openssl.so ] || missing+=(libstrongswan-standard-plugins)
+    [ -f /usr/lib/ipsec/plugins/libstrongswan-kernel-libipsec.so ] || missing+=(libcharon-extra-plugins)
     if [ ${#missing[@]} -gt 0 ]; then
         echo "installing: ${missing[*]}"
         export DEBIAN_FRONTEND=noninteractive

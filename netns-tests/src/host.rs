@@ -49,6 +49,10 @@ pub struct Host {
     pods: Mutex<usize>,
     /// flannel's Go flanneld to run instead of ours (see [`Host::set_go_flanneld`]).
     go_flanneld: Mutex<Option<PathBuf>>,
+    /// More environment for flanneld (see [`Host::set_env`]).
+    extra_env: Mutex<Vec<(String, String)>>,
+    /// A program flanneld runs under (see [`Host::set_wrapper`]).
+    wrapper: Mutex<Vec<std::ffi::OsString>>,
     index: usize,
     public_ip: Ipv4Addr,
     bin: PathBuf,
@@ -89,6 +93,8 @@ impl Host {
             ),
             pods: Mutex::new(0),
             go_flanneld: Mutex::new(None),
+            extra_env: Mutex::new(Vec::new()),
+            wrapper: Mutex::new(Vec::new()),
             index,
             public_ip,
             bin: bin.to_path_buf(),
@@ -144,6 +150,20 @@ impl Host {
     /// [`crate::go_peers::go_flanneld_args`]).
     pub fn set_go_flanneld(&self, bin: Option<&Path>) {
         *self.go_flanneld.lock().unwrap() = bin.map(Path::to_path_buf);
+    }
+
+    /// From the next [`Host::start`] on, flanneld also gets `key=value` in its environment
+    /// (e.g. the VICI socket of the host's charon).
+    pub fn set_env(&self, key: &str, value: &str) {
+        let mut env = self.extra_env.lock().unwrap();
+        env.retain(|(k, _)| k != key);
+        env.push((key.to_string(), value.to_string()));
+    }
+
+    /// From the next [`Host::start`] on, flanneld runs as `<wrapper...> <flanneld> <flags>`
+    /// inside the namespace (e.g. in a mount namespace of its own).
+    pub fn set_wrapper(&self, wrapper: &[&str]) {
+        *self.wrapper.lock().unwrap() = wrapper.iter().map(Into::into).collect();
     }
 
     /// Whether [`Host::start`] runs flannel's Go flanneld.
@@ -207,6 +227,8 @@ impl Host {
             .or_else(|| std::env::var("NETNS_TESTS_RUST_LOG").ok())
             .or_else(|| std::env::var("RUST_LOG").ok())
             .unwrap_or_else(|| "info".to_string());
+        flanneld.env = self.extra_env.lock().unwrap().clone();
+        flanneld.wrapper = self.wrapper.lock().unwrap().clone();
         let mut c = flanneld.command();
         c.process_group(0);
         self.flanneld.start(c)

@@ -25,6 +25,7 @@
 //! set, where it panics (see [`privileges`]).
 
 pub mod bins;
+pub mod charon;
 pub mod cluster;
 pub mod cmd;
 pub mod daemon;

@@ -16,17 +16,19 @@ pub enum BackendType {
     /// User commands run on lease events.
     Extension,
     Ipip,
+    Ipsec,
 }
 
 impl BackendType {
     /// Every type, in the order error messages list them.
-    pub const ALL: [BackendType; 6] = [
+    pub const ALL: [BackendType; 7] = [
         BackendType::Alloc,
         BackendType::HostGw,
         BackendType::Udp,
         BackendType::Vxlan,
         BackendType::Extension,
         BackendType::Ipip,
+        BackendType::Ipsec,
     ];
 
     /// Flannel's name for the type, as written in `Backend.Type`.
@@ -38,6 +40,7 @@ impl BackendType {
             BackendType::Vxlan => "vxlan",
             BackendType::Extension => "extension",
             BackendType::Ipip => "ipip",
+            BackendType::Ipsec => "ipsec",
         }
     }
 

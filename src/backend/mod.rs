@@ -17,6 +17,7 @@ pub use common::Effect;
 mod extension;
 mod hostgw;
 mod ipip;
+mod ipsec;
 mod kind;
 pub mod udp;
 mod vxlan;
@@ -203,6 +204,7 @@ pub fn create(ctx: BackendContext) -> Result<Box<dyn Backend>, BackendError> {
         BackendType::Vxlan => Box::new(vxlan::VxlanBackend::new(ctx)?),
         BackendType::Extension => Box::new(extension::ExtensionBackend::new(ctx)?),
         BackendType::Ipip => Box::new(ipip::IpipBackend::new(ctx)?),
+        BackendType::Ipsec => Box::new(ipsec::IpsecBackend::new(ctx)?),
     })
 }
 
