@@ -141,8 +141,7 @@ impl KubeRegistry {
     /// Builds the client and finds our Node's name, waiting for the API server when the name
     /// comes from our Pod (flannel exits instead).
     pub async fn connect(opts: &KubeOptions, metrics: Arc<Metrics>) -> Result<Self, KubeError> {
-        client::check_flannel_tuning(|k| std::env::var(k).ok())
-            .map_err(|e| ClientError::Client(e))?;
+        client::check_flannel_tuning(|k| std::env::var(k).ok()).map_err(ClientError::Client)?;
         let identity = client::node_identity(|k| std::env::var(k).ok())?;
         let config = client::client_config(&opts.api_url, &opts.kubeconfig).await?;
         let url = config.cluster_url.to_string();

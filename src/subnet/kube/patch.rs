@@ -28,9 +28,9 @@ pub fn wanted_annotations(
     let overwrite = |key: &str| current.get(key).filter(|v| !v.is_empty()).cloned();
     let mut want = BTreeMap::new();
     want.insert(keys.backend_type.clone(), ty.to_string());
-    // flannel's condition, kept as written: "always, except vxlan without v4 data".
-    let write_v4 =
-        (ty == "vxlan" && bd != "null") || (ty == "wireguard" && bd != "null") || ty != "vxlan";
+    // flannel's condition `(vxlan && bd != null) || (wireguard && bd != null) || !vxlan`
+    // comes down to: always, except vxlan without v4 data (IPv6 only).
+    let write_v4 = ty != "vxlan" || bd != "null";
     if write_v4 {
         want.insert(keys.backend_data.clone(), bd);
         let own = attrs
