@@ -10,6 +10,9 @@ fn main() -> ExitCode {
     if args.get(1).map(String::as_str) == Some("mk-docker-opts") {
         return flannel::docker_opts::main(&args[2..]);
     }
+    if args.get(1).map(String::as_str) == Some("install-cni") {
+        return flannel::install_cni::main(&args[2..]);
+    }
     if args.get(1).map(String::as_str) == Some("status") {
         return flannel::status::client::main(&args[2..]);
     }
