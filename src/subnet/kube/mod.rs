@@ -282,6 +282,35 @@ impl KubeRegistry {
     }
 }
 
+/// The Node watch's retry pace: 200 ms doubling to 5 s (kube-runtime's default grows to 30 s,
+/// so peers that changed during an API server outage would be applied up to 30 s after it).
+#[derive(Debug, Clone, Copy)]
+struct WatchBackoff(Duration);
+
+const WATCH_RETRY_FIRST: Duration = Duration::from_millis(200);
+const WATCH_RETRY_MAX: Duration = Duration::from_secs(5);
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        WatchBackoff(WATCH_RETRY_FIRST)
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+    fn next(&mut self) -> Option<Duration> {
+        let now = self.0;
+        self.0 = (self.0 * 2).min(WATCH_RETRY_MAX);
+        Some(now)
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.0 = WATCH_RETRY_FIRST;
+    }
+}
+
 /// Why there is no lease for us yet, as `acquire` reports it.
 fn no_lease(e: impl std::error::Error + Send + Sync + 'static) -> AcquireFailure<KubeError> {
     AcquireFailure::NoLease(Box::new(e))
@@ -423,7 +452,8 @@ impl LeaseRegistry for KubeRegistry {
             return std::future::pending().await;
         };
         let mut table = NodeTable::new(self.keys.clone(), ours.families);
-        let stream = watcher(self.nodes.clone(), watcher::Config::default()).default_backoff();
+        let stream = watcher(self.nodes.clone(), watcher::Config::default())
+            .backoff(WatchBackoff::default());
         let mut stream = std::pin::pin!(stream);
         let mut failing = false;
         while let Some(event) = stream.next().await {
@@ -480,6 +510,16 @@ mod tests {
 
     fn config(json: &str) -> NetworkConfig {
         NetworkConfig::parse(json.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn the_watch_retries_within_five_seconds_and_starts_over_after_a_reset() {
+        use kube::runtime::utils::Backoff;
+        let mut b = WatchBackoff::default();
+        let waits: Vec<u64> = b.by_ref().take(7).map(|d| d.as_millis() as u64).collect();
+        assert_eq!(waits, [200, 400, 800, 1600, 3200, 5000, 5000]);
+        b.reset();
+        assert_eq!(b.next(), Some(Duration::from_millis(200)));
     }
 
     #[test]
