@@ -77,8 +77,14 @@ impl KubeCluster {
     }
 
     pub fn create_node(&self, i: usize) {
+        // The annotation a kubelet writes on every Node: flannel's Go flanneld panics on a
+        // Node without any ("assignment to entry in nil map", kube.go AcquireLease).
         self.cp
-            .create_node(&node_name(i), &[&pod_cidr(i)], &[])
+            .create_node(
+                &node_name(i),
+                &[&pod_cidr(i)],
+                &[("node.alpha.kubernetes.io/ttl", "0")],
+            )
             .expect("create node");
         self.cp
             .set_network_unavailable(&node_name(i), true)
