@@ -39,6 +39,17 @@ impl Default for HostOptions {
     }
 }
 
+/// Kubernetes mode for a host (see [`Host::set_kube`]): flanneld runs with
+/// `--kube-subnet-mgr`, this kubeconfig and net-conf file, as Node `node_name` (`NODE_NAME`).
+#[derive(Debug, Clone)]
+pub struct KubeMode {
+    pub kubeconfig: PathBuf,
+    pub net_conf: PathBuf,
+    pub node_name: String,
+    /// More flags in kube mode only (e.g. `--kube-annotation-prefix=...`).
+    pub extra_args: Vec<String>,
+}
+
 /// Host `index`: namespace `<prefix>-h<index>`, `eth0` = `198.18.0.(10+index)/24` on the
 /// underlay, IPv4 forwarding on, flanneld with its subnet file and log in the host's directory.
 /// Dropping it stops flanneld (SIGKILL) and deletes the namespace (and the pods' veths with it);
@@ -49,6 +60,8 @@ pub struct Host {
     pods: Mutex<usize>,
     /// flannel's Go flanneld to run instead of ours (see [`Host::set_go_flanneld`]).
     go_flanneld: Mutex<Option<PathBuf>>,
+    /// Kubernetes mode instead of etcd (see [`Host::set_kube`]).
+    kube: Mutex<Option<KubeMode>>,
     index: usize,
     public_ip: Ipv4Addr,
     bin: PathBuf,
@@ -89,6 +102,7 @@ impl Host {
             ),
             pods: Mutex::new(0),
             go_flanneld: Mutex::new(None),
+            kube: Mutex::new(None),
             index,
             public_ip,
             bin: bin.to_path_buf(),
@@ -146,6 +160,16 @@ impl Host {
         *self.go_flanneld.lock().unwrap() = bin.map(Path::to_path_buf);
     }
 
+    /// From the next [`Host::start`] on, run flanneld in Kubernetes mode (`None`: etcd again).
+    pub fn set_kube(&self, mode: Option<KubeMode>) {
+        *self.kube.lock().unwrap() = mode;
+    }
+
+    /// The Kubernetes mode the host runs in, if any.
+    pub fn kube(&self) -> Option<KubeMode> {
+        self.kube.lock().unwrap().clone()
+    }
+
     /// Whether [`Host::start`] runs flannel's Go flanneld.
     pub fn runs_go(&self) -> bool {
         self.go_flanneld.lock().unwrap().is_some()
@@ -171,13 +195,27 @@ impl Host {
     }
 
     fn our_args(&self) -> Vec<String> {
-        let mut a = vec![
-            format!("--etcd-endpoints={}", self.etcd_endpoint),
-            format!("--etcd-prefix={}", self.etcd_prefix),
+        let registry = match self.kube() {
+            Some(k) => {
+                let mut a = vec![
+                    "--kube-subnet-mgr".to_string(),
+                    format!("--kubeconfig-file={}", k.kubeconfig.display()),
+                    format!("--net-config-path={}", k.net_conf.display()),
+                ];
+                a.extend(k.extra_args);
+                a
+            }
+            None => vec![
+                format!("--etcd-endpoints={}", self.etcd_endpoint),
+                format!("--etcd-prefix={}", self.etcd_prefix),
+            ],
+        };
+        let mut a = registry;
+        a.extend([
             format!("--subnet-file={}", self.subnet_file().display()),
             "--healthz-ip=0.0.0.0".to_string(),
             format!("--healthz-port={}", self.opts.healthz_port),
-        ];
+        ]);
         if let Some(iface) = &self.opts.iface {
             a.push(format!("--iface={iface}"));
         }
@@ -207,6 +245,9 @@ impl Host {
             .or_else(|| std::env::var("NETNS_TESTS_RUST_LOG").ok())
             .or_else(|| std::env::var("RUST_LOG").ok())
             .unwrap_or_else(|| "info".to_string());
+        if let Some(k) = self.kube() {
+            flanneld.env.push(("NODE_NAME".into(), k.node_name));
+        }
         let mut c = flanneld.command();
         c.process_group(0);
         self.flanneld.start(c)

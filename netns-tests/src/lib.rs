@@ -51,7 +51,7 @@ pub use etcd::{free_port, CertKey, Etcd, LocalEtcd, ServerTls, WatchEvent, Watch
 pub use etcd_cmd::{etcd_bin, EtcdSpec, EtcdTls};
 pub use flanneld_cmd::FlanneldCommand;
 pub use go_peers::{go_peers, GoPeers};
-pub use host::{Host, HostOptions, ProcStats};
+pub use host::{Host, HostOptions, KubeMode, ProcStats};
 pub use kube::{kube_peers, ControlPlane, KubeOptions, KubePeers};
 pub use netns::{sweep_stale, unique_prefix, Netns};
 pub use pod::{Pod, PodMode};
