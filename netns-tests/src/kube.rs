@@ -635,7 +635,8 @@ impl ControlPlane {
     }
 
     /// Creates Node `name` with `pod_cidrs` (`spec.podCIDR` is the first; empty: none yet, as
-    /// before the controller-manager assigns one) and `annotations`.
+    /// before the controller-manager assigns one) and `annotations` (besides a kubelet's, see
+    /// [`node_object`]).
     pub fn create_node(
         &self,
         name: &str,
@@ -879,10 +880,21 @@ pub fn count_requests_by_user(log: &str) -> std::collections::BTreeMap<String, u
     counts
 }
 
-/// A Node object as the tests make it.
+/// The annotations a kubelet puts on the Node it registers. Every Node the bed makes has them:
+/// flannel's Go flanneld panics on a Node without any annotation (it assigns into a nil map).
+pub const KUBELET_ANNOTATIONS: &[(&str, &str)] = &[
+    ("node.alpha.kubernetes.io/ttl", "0"),
+    (
+        "volumes.kubernetes.io/controller-managed-attach-detach",
+        "true",
+    ),
+];
+
+/// A Node object as the tests make it: `annotations` besides [`KUBELET_ANNOTATIONS`].
 pub fn node_object(name: &str, pod_cidrs: &[&str], annotations: &[(&str, &str)]) -> Value {
-    let annotations: serde_json::Map<String, Value> = annotations
+    let annotations: serde_json::Map<String, Value> = KUBELET_ANNOTATIONS
         .iter()
+        .chain(annotations)
         .map(|(k, v)| (k.to_string(), json!(v)))
         .collect();
     let mut spec = serde_json::Map::new();
@@ -981,6 +993,10 @@ mod tests {
         let n = node_object("n1", &[], &[("k", "v")]);
         assert_eq!(n["spec"], json!({}));
         assert_eq!(n["metadata"]["annotations"]["k"], "v");
+        assert_eq!(
+            n["metadata"]["annotations"]["node.alpha.kubernetes.io/ttl"],
+            "0"
+        );
         let n = node_object("n2", &["10.244.1.0/24", "fd00:1::/64"], &[]);
         assert_eq!(n["spec"]["podCIDR"], "10.244.1.0/24");
         assert_eq!(n["spec"]["podCIDRs"][1], "fd00:1::/64");
