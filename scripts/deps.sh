@@ -13,6 +13,8 @@ need_pkgs() {
     command -v nft >/dev/null || missing+=(nftables)
     command -v iperf3 >/dev/null || missing+=(iperf3)
     command -v openssl >/dev/null || missing+=(openssl)
+    # The kube test bed sends flanneld's own requests (a PATCH without a GET first) with curl.
+    command -v curl >/dev/null || missing+=(curl)
     command -v ping >/dev/null || missing+=(iputils-ping)
     [ -x /usr/lib/cni/bridge ] || missing+=(containernetworking-plugins)
     command -v cc >/dev/null || missing+=(gcc)

@@ -8,6 +8,9 @@ need_pkgs
 # flannel's own flanneld and CNI plugin, the interop tests' peers (built once per machine).
 GO_PEERS_DIR="$(bash scripts/go-peers.sh)"
 export GO_PEERS_DIR
+# kube-apiserver, kubectl and etcd 3.6 for the Kubernetes-mode tests (built once per machine).
+KUBE_PEERS_DIR="$(bash scripts/kube-peers.sh)"
+export KUBE_PEERS_DIR
 
 echo "== format and lints"
 cargo fmt --all -- --check

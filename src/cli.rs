@@ -127,6 +127,38 @@ pub struct Opts {
     #[arg(long, env = "FLANNELD_HEALTHZ_PORT", default_value_t = 0)]
     pub healthz_port: u16,
 
+    /// Kubernetes mode: the lease is this Node's podCIDR, peers are the other flannel Nodes.
+    #[arg(long, env = "FLANNELD_KUBE_SUBNET_MGR", num_args = 0..=1, default_value_t = false,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub kube_subnet_mgr: bool,
+
+    /// Kubernetes API server URL (replaces the kubeconfig's server; alone: no credentials).
+    #[arg(long, env = "FLANNELD_KUBE_API_URL", default_value = "")]
+    pub kube_api_url: String,
+
+    /// kubeconfig file (with --kube-api-url empty too: the in-cluster config).
+    #[arg(long, env = "FLANNELD_KUBECONFIG_FILE", default_value = "")]
+    pub kubeconfig_file: String,
+
+    /// Prefix of the Node annotations flannel reads and writes.
+    #[arg(long, env = "FLANNELD_KUBE_ANNOTATION_PREFIX",
+          default_value = crate::subnet::kube::annotations::DEFAULT_PREFIX,
+          value_parser = parse_annotation_prefix)]
+    pub kube_annotation_prefix: String,
+
+    /// The network config in Kubernetes mode (a file, not etcd).
+    #[arg(
+        long,
+        env = "FLANNELD_NET_CONFIG_PATH",
+        default_value = "/etc/kube-flannel/net-conf.json"
+    )]
+    pub net_config_path: PathBuf,
+
+    /// Set the Node's NetworkUnavailable condition to False once the subnet file is written.
+    #[arg(long, env = "FLANNELD_SET_NODE_NETWORK_UNAVAILABLE", num_args = 0..=1,
+          default_value_t = true, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub set_node_network_unavailable: bool,
+
     /// Log verbosity, as flannel's -v (0: info, 1+: debug, 5+: trace).
     #[arg(long = "v", env = "FLANNELD_V", default_value_t = 0)]
     pub verbosity: u8,
@@ -138,6 +170,13 @@ pub struct Opts {
     /// glog's stack trace at a log line: accepted for flannel's unit files, ignored.
     #[arg(long = "log_backtrace_at", env = "FLANNELD_LOG_BACKTRACE_AT")]
     pub log_backtrace_at: Option<String>,
+}
+
+/// flannel's rules for the prefix, checked at parse time so that the error names the flag.
+fn parse_annotation_prefix(s: &str) -> Result<String, String> {
+    crate::subnet::kube::annotations::AnnotationKeys::new(s)
+        .map(|_| s.to_string())
+        .map_err(|e| e.to_string())
 }
 
 /// Parses `24h`, `30m`, `90s`, `1h30m` or a plain number of seconds.
@@ -365,6 +404,41 @@ mod tests {
         let dump = format!("{o:?} {o:#?}");
         assert!(!dump.contains("s3cret-pw"), "{dump}");
         assert!(dump.contains("etcd_password"), "{dump}");
+    }
+
+    #[test]
+    fn kube_flags_have_flannels_defaults() {
+        let o = parse(&[]).unwrap();
+        assert!(!o.kube_subnet_mgr);
+        assert_eq!(o.kube_api_url, "");
+        assert_eq!(o.kubeconfig_file, "");
+        assert_eq!(o.kube_annotation_prefix, "flannel.alpha.coreos.com");
+        assert_eq!(
+            o.net_config_path,
+            PathBuf::from("/etc/kube-flannel/net-conf.json")
+        );
+        assert!(o.set_node_network_unavailable);
+        let o = parse(&[
+            "-kube-subnet-mgr",
+            "--set-node-network-unavailable=false",
+            "--kube-annotation-prefix=example.org/net",
+        ])
+        .unwrap();
+        assert!(o.kube_subnet_mgr && !o.set_node_network_unavailable);
+        assert_eq!(o.kube_annotation_prefix, "example.org/net");
+    }
+
+    #[test]
+    fn a_bad_annotation_prefix_names_the_flag_and_value() {
+        for bad in ["org", "org.COM", "a.org/b/c"] {
+            let err = parse(&[&format!("--kube-annotation-prefix={bad}")])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("--kube-annotation-prefix") && err.contains(bad),
+                "{err}"
+            );
+        }
     }
 
     #[test]

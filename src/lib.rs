@@ -14,6 +14,7 @@ pub mod error_chain;
 pub mod firewall;
 pub mod health;
 pub mod iface;
+pub mod install_cni;
 pub mod kernel_events;
 pub mod metrics;
 pub mod netlink;

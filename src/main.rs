@@ -10,6 +10,9 @@ fn main() -> ExitCode {
     if args.get(1).map(String::as_str) == Some("mk-docker-opts") {
         return flannel::docker_opts::main(&args[2..]);
     }
+    if args.get(1).map(String::as_str) == Some("install-cni") {
+        return flannel::install_cni::main(&args[2..]);
+    }
     if args.get(1).map(String::as_str) == Some("status") {
         return flannel::status::client::main(&args[2..]);
     }
@@ -21,7 +24,11 @@ fn main() -> ExitCode {
     };
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)),
+            // kube-client logs every failed request as an error; ours say what it means
+            // (waiting for the API server, retrying), once.
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                EnvFilter::new(format!("{default_level},kube_client::client::builder=off"))
+            }),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

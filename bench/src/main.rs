@@ -8,6 +8,8 @@
 //!   backend (fast and plain path) against kernel VXLAN and a raw veth, iperf3 pod to pod.
 //! - `flannel-bench mesh50 [--hosts N] [--rounds R] [--json FILE]`: N hosts started at once
 //!   against a 3-member etcd: time until the whole mesh is programmed, flanneld RSS and CPU.
+//! - `flannel-bench kube [--nodes N] [--rounds R] [--json FILE]`: Kubernetes mode against a real
+//!   kube-apiserver with N Nodes: start to the N-th route vs `ip -batch`, RSS, apiserver requests.
 //!
 //! `scale` and `mesh50` run flannel's own Go flanneld beside ours in the same run
 //! (`--daemons flanneld,go-flanneld`, the default), `udp` has a `go-udp` mode; each prints the
@@ -16,6 +18,7 @@
 mod blast;
 mod cni;
 mod common;
+mod kube;
 mod mesh50;
 mod scale;
 mod side_by_side;
@@ -35,7 +38,10 @@ fn usage() -> ! {
          udp backend and flanneld's vxlan vs hand-made kernel VXLAN vs raw veth vs Go flanneld's udp: 1 and 4 TCP streams, 64-byte UDP pps, CPU\n  \
          mesh50 [--hosts N] [--rounds R] [--backend vxlan|host-gw] [--json FILE] [--flanneld PATH]\n        \
          [--daemons flanneld,go-flanneld] [--go-flanneld PATH] [--idle-secs N]\n      \
-         N hosts at once on a 3-member etcd: time to the full mesh, flanneld RSS, CPU to converge and idle; ours vs Go flanneld"
+         N hosts at once on a 3-member etcd: time to the full mesh, flanneld RSS, CPU to converge and idle; ours vs Go flanneld\n  \
+         kube [--nodes N] [--rounds R] [--json FILE] [--flanneld PATH] [--daemons flanneld,go-flanneld]\n        \
+         [--go-flanneld PATH]\n      \
+         Kubernetes mode, N Nodes in a real kube-apiserver: start to the N-th route vs ip -batch, RSS, apiserver requests; ours vs Go flanneld"
     );
     std::process::exit(2)
 }
@@ -49,6 +55,7 @@ fn main() {
         "scale" => scale::main(&rest),
         "udp" => udp::main(&rest),
         "mesh50" => mesh50::main(&rest),
+        "kube" => kube::main(&rest),
         "blast-send" => blast::send_main(&rest),
         "blast-recv" => blast::recv_main(&rest),
         "-h" | "--help" | "help" => usage(),

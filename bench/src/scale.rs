@@ -143,13 +143,13 @@ pub fn main(args: &[String]) -> i32 {
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 /// A network namespace, deleted on drop.
-struct Ns {
-    name: String,
+pub(crate) struct Ns {
+    pub(crate) name: String,
     _guard: netns_tests::Netns,
 }
 
 impl Ns {
-    fn new(tag: &str) -> Result<Ns, String> {
+    pub(crate) fn new(tag: &str) -> Result<Ns, String> {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let name = format!("fbs-{tag}-{}-{n}", std::process::id());
         let guard = netns_tests::Netns::create(&name).map_err(|e| e.to_string())?;
@@ -159,7 +159,7 @@ impl Ns {
         })
     }
 
-    fn ip(&self, args: &[&str]) -> Result<String, String> {
+    pub(crate) fn ip(&self, args: &[&str]) -> Result<String, String> {
         let mut all = vec!["-n", self.name.as_str()];
         all.extend_from_slice(args);
         sh("ip", &all)
@@ -167,6 +167,10 @@ impl Ns {
 
     fn path(&self) -> String {
         format!("/var/run/netns/{}", self.name)
+    }
+
+    pub(crate) fn netns(&self) -> &netns_tests::Netns {
+        &self._guard
     }
 }
 
@@ -194,7 +198,11 @@ fn in_ns<T: Send + 'static>(
 
 /// Starts `cmd` (built to run inside a namespace: `ip netns exec` execs the program, so the
 /// child's pid is the program's) with its output in `log`; killed when dropped.
-fn spawn_logged(cmd: Command, log: &Path, what: &str) -> Result<netns_tests::Daemon, String> {
+pub(crate) fn spawn_logged(
+    cmd: Command,
+    log: &Path,
+    what: &str,
+) -> Result<netns_tests::Daemon, String> {
     let process = netns_tests::Daemon::new(what, log, 0);
     process.start(cmd).map_err(|e| e.to_string())?;
     Ok(process)
@@ -353,15 +361,15 @@ impl Etcd {
 // A netlink monitor: when did which route (and the first permanent neighbour) appear?
 
 #[derive(Default)]
-struct Seen {
+pub(crate) struct Seen {
     /// First time an IPv4 /24 route to 10.0.0.0/8 appeared in the main table, by destination.
     routes: HashMap<u32, Instant>,
-    first_neigh: Option<Instant>,
+    pub(crate) first_neigh: Option<Instant>,
     overrun: bool,
 }
 
-struct Monitor {
-    seen: Arc<Mutex<Seen>>,
+pub(crate) struct Monitor {
+    pub(crate) seen: Arc<Mutex<Seen>>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<Result<(), String>>>,
 }
@@ -379,7 +387,7 @@ const RTMGRP_NEIGH: u32 = 0x4;
 const RTMGRP_IPV4_ROUTE: u32 = 0x40;
 
 impl Monitor {
-    fn start(ns: &Ns) -> Result<Monitor, String> {
+    pub(crate) fn start(ns: &Ns) -> Result<Monitor, String> {
         let seen = Arc::new(Mutex::new(Seen::default()));
         let stop = Arc::new(AtomicBool::new(false));
         let (s2, st2) = (seen.clone(), stop.clone());
@@ -418,7 +426,7 @@ impl Monitor {
     }
 
     /// Waits until `n` routes were seen; returns when the n-th appeared.
-    fn wait_count(&self, n: usize, timeout: Duration) -> Result<Instant, String> {
+    pub(crate) fn wait_count(&self, n: usize, timeout: Duration) -> Result<Instant, String> {
         let start = Instant::now();
         loop {
             {
@@ -537,22 +545,22 @@ fn parse_messages(mut b: &[u8], now: Instant, s: &mut Seen) {
 // ---------------------------------------------------------------------------------------------
 // The pieces of the benchmark
 
-fn peer_subnet(i: usize) -> Ipv4Addr {
+pub(crate) fn peer_subnet(i: usize) -> Ipv4Addr {
     // 10.1.0.0/24, 10.1.1.0/24, ...: away from 10.0.x (ours may land anywhere else, it avoids
     // taken ones).
     Ipv4Addr::new(10, 1 + (i / 256) as u8, (i % 256) as u8, 0)
 }
 
-fn peer_mac(i: usize) -> String {
+pub(crate) fn peer_mac(i: usize) -> String {
     format!("02:00:00:00:{:02x}:{:02x}", i / 256, i % 256)
 }
 
-fn peer_public(i: usize) -> Ipv4Addr {
+pub(crate) fn peer_public(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(198, 19, (i / 250) as u8, (i % 250 + 1) as u8)
 }
 
 /// `ip -batch` + `bridge -batch` for `peers` peers on a hand-made `flannel.1`; returns seconds.
-fn ip_batch_round(peers: usize, dir: &Path) -> Result<f64, String> {
+pub(crate) fn ip_batch_round(peers: usize, dir: &Path) -> Result<f64, String> {
     let ns = Ns::new("ipb")?;
     let peer = Ns::new("ipbp")?;
     veth(&ns, "e0", &peer, "e1")?;
@@ -674,7 +682,7 @@ fn daemon_round(
     Ok(r)
 }
 
-fn median(v: &mut [f64]) -> f64 {
+pub(crate) fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     if v.is_empty() {
         return f64::NAN;

@@ -39,6 +39,17 @@ impl Default for HostOptions {
     }
 }
 
+/// Kubernetes mode for a host (see [`Host::set_kube`]): flanneld runs with
+/// `--kube-subnet-mgr`, this kubeconfig and net-conf file, as Node `node_name` (`NODE_NAME`).
+#[derive(Debug, Clone)]
+pub struct KubeMode {
+    pub kubeconfig: PathBuf,
+    pub net_conf: PathBuf,
+    pub node_name: String,
+    /// More flags in kube mode only (e.g. `--kube-annotation-prefix=...`).
+    pub extra_args: Vec<String>,
+}
+
 /// Host `index`: namespace `<prefix>-h<index>`, `eth0` = `198.18.0.(10+index)/24` on the
 /// underlay, IPv4 forwarding on, flanneld with its subnet file and log in the host's directory.
 /// Dropping it stops flanneld (SIGKILL) and deletes the namespace (and the pods' veths with it);
@@ -53,6 +64,8 @@ pub struct Host {
     extra_env: Mutex<Vec<(String, String)>>,
     /// A program flanneld runs under (see [`Host::set_wrapper`]).
     wrapper: Mutex<Vec<std::ffi::OsString>>,
+    /// Kubernetes mode instead of etcd (see [`Host::set_kube`]).
+    kube: Mutex<Option<KubeMode>>,
     index: usize,
     public_ip: Ipv4Addr,
     bin: PathBuf,
@@ -95,6 +108,7 @@ impl Host {
             go_flanneld: Mutex::new(None),
             extra_env: Mutex::new(Vec::new()),
             wrapper: Mutex::new(Vec::new()),
+            kube: Mutex::new(None),
             index,
             public_ip,
             bin: bin.to_path_buf(),
@@ -166,6 +180,16 @@ impl Host {
         *self.wrapper.lock().unwrap() = wrapper.iter().map(Into::into).collect();
     }
 
+    /// From the next [`Host::start`] on, run flanneld in Kubernetes mode (`None`: etcd again).
+    pub fn set_kube(&self, mode: Option<KubeMode>) {
+        *self.kube.lock().unwrap() = mode;
+    }
+
+    /// The Kubernetes mode the host runs in, if any.
+    pub fn kube(&self) -> Option<KubeMode> {
+        self.kube.lock().unwrap().clone()
+    }
+
     /// Whether [`Host::start`] runs flannel's Go flanneld.
     pub fn runs_go(&self) -> bool {
         self.go_flanneld.lock().unwrap().is_some()
@@ -191,13 +215,27 @@ impl Host {
     }
 
     fn our_args(&self) -> Vec<String> {
-        let mut a = vec![
-            format!("--etcd-endpoints={}", self.etcd_endpoint),
-            format!("--etcd-prefix={}", self.etcd_prefix),
+        let registry = match self.kube() {
+            Some(k) => {
+                let mut a = vec![
+                    "--kube-subnet-mgr".to_string(),
+                    format!("--kubeconfig-file={}", k.kubeconfig.display()),
+                    format!("--net-config-path={}", k.net_conf.display()),
+                ];
+                a.extend(k.extra_args);
+                a
+            }
+            None => vec![
+                format!("--etcd-endpoints={}", self.etcd_endpoint),
+                format!("--etcd-prefix={}", self.etcd_prefix),
+            ],
+        };
+        let mut a = registry;
+        a.extend([
             format!("--subnet-file={}", self.subnet_file().display()),
             "--healthz-ip=0.0.0.0".to_string(),
             format!("--healthz-port={}", self.opts.healthz_port),
-        ];
+        ]);
         if let Some(iface) = &self.opts.iface {
             a.push(format!("--iface={iface}"));
         }
@@ -229,6 +267,9 @@ impl Host {
             .unwrap_or_else(|| "info".to_string());
         flanneld.env = self.extra_env.lock().unwrap().clone();
         flanneld.wrapper = self.wrapper.lock().unwrap().clone();
+        if let Some(k) = self.kube() {
+            flanneld.env.push(("NODE_NAME".into(), k.node_name));
+        }
         let mut c = flanneld.command();
         c.process_group(0);
         self.flanneld.start(c)

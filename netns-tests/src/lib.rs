@@ -35,6 +35,7 @@ pub mod flanneld_cmd;
 pub mod go_peers;
 pub mod hash;
 pub mod host;
+pub mod kube;
 pub mod netns;
 pub mod packet;
 pub mod pod;
@@ -51,7 +52,8 @@ pub use etcd::{free_port, CertKey, Etcd, LocalEtcd, ServerTls, WatchEvent, Watch
 pub use etcd_cmd::{etcd_bin, EtcdSpec, EtcdTls};
 pub use flanneld_cmd::FlanneldCommand;
 pub use go_peers::{go_peers, GoPeers};
-pub use host::{Host, HostOptions, ProcStats};
+pub use host::{Host, HostOptions, KubeMode, ProcStats};
+pub use kube::{kube_peers, ControlPlane, KubeOptions, KubePeers};
 pub use netns::{sweep_stale, unique_prefix, Netns};
 pub use pod::{Pod, PodMode};
 pub use privileges::Need;

@@ -175,6 +175,9 @@ pub struct BackendContext {
     pub ext: ExternalInterface,
     /// Where the backend's own counters (the udp data path's) are shown at `/metrics`.
     pub metrics: Arc<Metrics>,
+    /// The VTEP MACs (IPv4, IPv6) this host published before (Kubernetes mode reads them from
+    /// its Node's `backend-data`), for vxlan to keep across restarts as flannel does.
+    pub stored_vtep_macs: (Option<crate::netlink::Mac>, Option<crate::netlink::Mac>),
 }
 
 impl BackendContext {
@@ -184,6 +187,7 @@ impl BackendContext {
             config,
             ext,
             metrics: Arc::default(),
+            stored_vtep_macs: (None, None),
         }
     }
 

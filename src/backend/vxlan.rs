@@ -153,6 +153,9 @@ struct Vtep<N: LeaseFamily> {
     mtu: u32,
     /// The MAC of the device, as published; kept when the device is re-created.
     mac: Option<Mac>,
+    /// The MAC this host published before (Kubernetes mode: its Node's annotation), used for
+    /// a new device so that peers keep a MAC they know.
+    stored_mac: Option<Mac>,
     own: Option<N>,
     /// Peers not programmed, with the reason; logged when it changes.
     skipped: BTreeMap<SubnetKey, String>,
@@ -216,6 +219,7 @@ impl<N: LeaseFamily> Vtep<N> {
             local,
             mtu: underlay - overhead,
             mac: None,
+            stored_mac: None,
             own: None,
             skipped: BTreeMap::new(),
             programmed: common::Programmed::default(),
@@ -330,6 +334,7 @@ impl<N: LeaseFamily> Vtep<N> {
         let mac = self
             .mac
             .or(old_mac)
+            .or(self.stored_mac)
             .unwrap_or_else(|| stable_vtep_mac(self.public_ip, s.opts.vni));
         let spec = VxlanSpec {
             name: name.clone(),
@@ -707,7 +712,13 @@ impl VxlanBackend {
                 )
             })
             .transpose()?;
-        let (v4, v6) = common::some_family(BACKEND, v4, v6)?;
+        let (mut v4, mut v6) = common::some_family(BACKEND, v4, v6)?;
+        if let Some(v) = v4.as_mut() {
+            v.stored_mac = ctx.stored_vtep_macs.0;
+        }
+        if let Some(v) = v6.as_mut() {
+            v.stored_mac = ctx.stored_vtep_macs.1;
+        }
         Ok(VxlanBackend {
             opts,
             ext,

@@ -38,6 +38,9 @@ pub(super) struct DataPlane {
     pub(super) own_overruled_by: Option<SubnetKey>,
     /// `--ip-blackhole-route`'s routes, kept on every full pass (`None`: no netlink socket).
     pub(super) blackholes: Option<OwnBlackholes>,
+    /// Told once, after the subnet file is first written (Kubernetes mode then clears the
+    /// Node's NetworkUnavailable condition, as flannel does at that point).
+    pub(super) subnet_file_written: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl DataPlane {
@@ -117,6 +120,9 @@ impl DataPlane {
             Ok(()) => {
                 tracing::info!("wrote {}", self.subnet_file.display());
                 self.metrics.ready.store(true, Ordering::Relaxed);
+                if let Some(tell) = self.subnet_file_written.take() {
+                    let _ = tell.send(());
+                }
                 true
             }
             Err(e) => {

@@ -30,6 +30,7 @@ use crate::subnet::acquire::AcquireRequest;
 use crate::subnet::env::{SubnetEnv, SubnetEnvExt};
 use crate::subnet::etcd::{EtcdError, EtcdOptions};
 use crate::subnet::etcd_registry::EtcdRegistry;
+use crate::subnet::kube::{KubeError, KubeOptions, KubeRegistry};
 use crate::subnet::peers::RejectionLog;
 use crate::subnet::registry::LeaseRegistry;
 use crate::subnet::watch::LeaseView;
@@ -46,6 +47,8 @@ pub enum DaemonError {
     Iface(#[from] IfaceError),
     #[error(transparent)]
     Etcd(#[from] EtcdError),
+    #[error(transparent)]
+    Kube(#[from] KubeError),
     #[error(transparent)]
     Backend(#[from] BackendError),
     #[error("--healthz-ip/--healthz-port {addr}: {err}")]
@@ -75,12 +78,76 @@ pub async fn run(opts: Opts) -> Result<(), DaemonError> {
         tokio::spawn(health::serve(listener, metrics.clone()));
     }
 
+    if opts.kube_subnet_mgr {
+        return run_kube(&opts, metrics).await;
+    }
+    let ext = select_iface(&opts, opts.public_ip, opts.public_ipv6).await?;
+    let reg = EtcdRegistry::connect_until_done(&etcd_options(&opts), metrics.clone()).await?;
+    run_with(&opts, ext, Arc::new(reg), metrics, Extras::default()).await
+}
+
+/// Kubernetes mode: the registry is our Node and its peers; our Node's `node-public-ip[v6]`
+/// annotations choose the interface (over --public-ip, as in flannel), its published VTEP
+/// MACs are kept, and NetworkUnavailable is cleared once the subnet file is written.
+async fn run_kube(opts: &Opts, metrics: Arc<Metrics>) -> Result<(), DaemonError> {
+    let kube_opts = KubeOptions {
+        api_url: opts.kube_api_url.clone(),
+        kubeconfig: opts.kubeconfig_file.clone(),
+        keys: crate::subnet::kube::annotations::AnnotationKeys::new(&opts.kube_annotation_prefix)
+            .map_err(|e| DaemonError::Mismatch(e.to_string()))?,
+        net_config_path: opts.net_config_path.clone(),
+    };
+    let reg = Arc::new(KubeRegistry::connect(&kube_opts, metrics.clone()).await?);
+    let start = reg.node_at_start().await?;
+    if start.public_ip.is_some() || start.public_ipv6.is_some() {
+        tracing::info!(
+            "Node {}: node-public-ip {:?}, node-public-ipv6 {:?} (over --public-ip/--public-ipv6)",
+            reg.node_name(),
+            start.public_ip,
+            start.public_ipv6
+        );
+    }
+    let ext = select_iface(
+        opts,
+        start.public_ip.or(opts.public_ip),
+        start.public_ipv6.or(opts.public_ipv6),
+    )
+    .await?;
+    let mac = |m: &Option<String>| m.as_deref().and_then(crate::netlink::parse_mac);
+    let (tell, written) = tokio::sync::oneshot::channel();
+    if opts.set_node_network_unavailable {
+        let reg = reg.clone();
+        tokio::spawn(async move {
+            if written.await.is_ok() {
+                reg.set_network_available().await;
+            }
+        });
+    }
+    let extras = Extras {
+        stored_vtep_macs: (mac(&start.vtep_mac), mac(&start.vtep_mac_v6)),
+        subnet_file_written: Some(tell),
+    };
+    run_with(opts, ext, reg, metrics, extras).await
+}
+
+/// What a registry brings beyond the trait.
+#[derive(Default)]
+struct Extras {
+    stored_vtep_macs: (Option<crate::netlink::Mac>, Option<crate::netlink::Mac>),
+    subnet_file_written: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+async fn select_iface(
+    opts: &Opts,
+    public_ip: Option<std::net::Ipv4Addr>,
+    public_ipv6: Option<std::net::Ipv6Addr>,
+) -> Result<ExternalInterface, DaemonError> {
     let ext = iface::select(&IfaceChoice {
         iface: opts.iface.clone(),
         iface_regex: opts.iface_regex.clone(),
         iface_can_reach: opts.iface_can_reach,
-        public_ip: opts.public_ip,
-        public_ipv6: opts.public_ipv6,
+        public_ip,
+        public_ipv6,
     })
     .await?;
     tracing::info!(
@@ -92,9 +159,7 @@ pub async fn run(opts: Opts) -> Result<(), DaemonError> {
         ext.public_ip,
         ext.public_ipv6
     );
-
-    let reg = EtcdRegistry::connect_until_done(&etcd_options(&opts), metrics.clone()).await?;
-    run_with(&opts, ext, Arc::new(reg), metrics).await
+    Ok(ext)
 }
 
 /// Everything after the registry is connected: config → backend → lease → run loops.
@@ -103,6 +168,7 @@ async fn run_with<R: LeaseRegistry>(
     ext: ExternalInterface,
     reg: Arc<R>,
     metrics: Arc<Metrics>,
+    extras: Extras,
 ) -> Result<(), DaemonError> {
     let config = wait_for_config(&*reg).await;
     check_families(&config, &ext)?;
@@ -117,6 +183,7 @@ async fn run_with<R: LeaseRegistry>(
         config: config.clone(),
         ext: ext.clone(),
         metrics: metrics.clone(),
+        stored_vtep_macs: extras.stored_vtep_macs,
     })?;
     let publish = backend.prepare().await?;
     let attrs = lease_attrs(&config, &ext, &publish);
@@ -154,6 +221,7 @@ async fn run_with<R: LeaseRegistry>(
         blackholes: crate::blackhole::OwnBlackholes::new(opts.ip_blackhole_route)
             .inspect_err(|e| tracing::warn!("no blackhole routes: {e}"))
             .ok(),
+        subnet_file_written: extras.subnet_file_written,
     };
     let plane = tokio::spawn(plane.run(own_rx.clone(), view_rx.clone()));
     let rules = RuleKeeper {

@@ -6,6 +6,7 @@ pub mod alloc;
 pub mod env;
 pub mod etcd;
 pub mod etcd_registry;
+pub mod kube;
 pub mod lease;
 pub mod malformed;
 pub mod peers;
