@@ -122,10 +122,10 @@ pub fn run(install: &Install) -> Result<Vec<String>, String> {
 fn check_conflist(text: &[u8]) -> Result<(), String> {
     let v: serde_json::Value =
         serde_json::from_slice(text).map_err(|e| format!("not JSON: {e}"))?;
-    if !v["name"].as_str().is_some_and(|n| !n.is_empty()) {
+    if v["name"].as_str().is_none_or(|n| n.is_empty()) {
         return Err("no \"name\"".into());
     }
-    if !v["plugins"].as_array().is_some_and(|p| !p.is_empty()) {
+    if v["plugins"].as_array().is_none_or(|p| p.is_empty()) {
         return Err("no \"plugins\" list".into());
     }
     Ok(())
