@@ -17,11 +17,12 @@ pub enum BackendType {
     Extension,
     Ipip,
     Ipsec,
+    Wireguard,
 }
 
 impl BackendType {
     /// Every type, in the order error messages list them.
-    pub const ALL: [BackendType; 7] = [
+    pub const ALL: [BackendType; 8] = [
         BackendType::Alloc,
         BackendType::HostGw,
         BackendType::Udp,
@@ -29,6 +30,7 @@ impl BackendType {
         BackendType::Extension,
         BackendType::Ipip,
         BackendType::Ipsec,
+        BackendType::Wireguard,
     ];
 
     /// Flannel's name for the type, as written in `Backend.Type`.
@@ -41,6 +43,7 @@ impl BackendType {
             BackendType::Extension => "extension",
             BackendType::Ipip => "ipip",
             BackendType::Ipsec => "ipsec",
+            BackendType::Wireguard => "wireguard",
         }
     }
 

@@ -21,6 +21,7 @@ mod ipsec;
 mod kind;
 pub mod udp;
 mod vxlan;
+pub mod wireguard;
 
 pub use kind::BackendType;
 
@@ -209,6 +210,7 @@ pub fn create(ctx: BackendContext) -> Result<Box<dyn Backend>, BackendError> {
         BackendType::Extension => Box::new(extension::ExtensionBackend::new(ctx)?),
         BackendType::Ipip => Box::new(ipip::IpipBackend::new(ctx)?),
         BackendType::Ipsec => Box::new(ipsec::IpsecBackend::new(ctx)?),
+        BackendType::Wireguard => Box::new(wireguard::WireguardBackend::new(ctx)?),
     })
 }
 
