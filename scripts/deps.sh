@@ -16,6 +16,9 @@ need_pkgs() {
     command -v ping >/dev/null || missing+=(iputils-ping)
     [ -x /usr/lib/cni/bridge ] || missing+=(containernetworking-plugins)
     command -v cc >/dev/null || missing+=(gcc)
+    # The foreign WireGuard peer of the wireguard interop tests and `flannel-bench wireguard`.
+    command -v wireguard-go >/dev/null || missing+=(wireguard-go)
+    command -v wg >/dev/null || missing+=(wireguard-tools)
     if [ ${#missing[@]} -gt 0 ]; then
         echo "installing: ${missing[*]}"
         export DEBIAN_FRONTEND=noninteractive
