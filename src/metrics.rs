@@ -42,6 +42,8 @@ pub struct Metrics {
     /// The udp backend's data-path counters, set by the backend built with this `Metrics` in
     /// its context; none for the other backends.
     pub udp: ArcSwapOption<UdpCounters>,
+    /// The wireguard backend's userspace engine counters, likewise.
+    pub wireguard: ArcSwapOption<crate::backend::wireguard::counters::Counters>,
     /// What `/v1/status` shows beyond counters.
     pub status: crate::status::Board,
 }
@@ -210,6 +212,9 @@ impl Collector for Exporter {
         if let Some(udp) = m.udp.load_full() {
             encode_udp(&mut out, &udp)?;
         }
+        if let Some(wg) = m.wireguard.load_full() {
+            encode_wireguard(&mut out, &wg)?;
+        }
         Ok(())
     }
 }
@@ -254,6 +259,59 @@ fn encode_udp(out: &mut DescriptorEncoder, udp: &UdpCounters) -> fmt::Result {
         "flannel_udp_icmp_unreachable",
         "ICMP net unreachable replies sent for packets with no peer.",
         udp.icmp_unreachable.load(Ordering::Relaxed),
+    )
+}
+
+/// The wireguard engine: inner packets and bytes, drops by reason, handshake messages; per
+/// direction (tx = TUN to peers, rx = peers to TUN).
+fn encode_wireguard(
+    out: &mut DescriptorEncoder,
+    wg: &crate::backend::wireguard::counters::Counters,
+) -> fmt::Result {
+    use crate::backend::wireguard::counters::Drop;
+    let dirs = [("tx", &wg.tx), ("rx", &wg.rx)];
+    let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    counter_family(
+        out,
+        "flannel_wireguard_packets",
+        "Inner packets the wireguard engine forwarded, by direction (tx: TUN to peers, rx: peers to TUN).",
+        dirs.map(|(dir, d)| ([("direction", dir)], get(&d.packets))),
+    )?;
+    counter_family(
+        out,
+        "flannel_wireguard_bytes",
+        "Inner IP bytes the wireguard engine forwarded, by direction.",
+        dirs.map(|(dir, d)| ([("direction", dir)], get(&d.bytes))),
+    )?;
+    let drops = dirs.iter().flat_map(|(dir, d)| {
+        Drop::ALL.map(|why| {
+            (
+                [("direction", *dir), ("reason", why.label())],
+                d.dropped(why),
+            )
+        })
+    });
+    counter_family(
+        out,
+        "flannel_wireguard_drops",
+        "Packets the wireguard engine dropped, by direction and reason.",
+        drops,
+    )?;
+    let h = &wg.handshakes;
+    let handshakes = [
+        ("initiation", "tx", &h.initiations_sent),
+        ("initiation", "rx", &h.initiations_received),
+        ("response", "tx", &h.responses_sent),
+        ("response", "rx", &h.responses_received),
+        ("cookie_reply", "tx", &h.cookie_replies_sent),
+        ("cookie_reply", "rx", &h.cookie_replies_received),
+    ]
+    .map(|(msg, dir, c)| ([("message", msg), ("direction", dir)], get(c)));
+    counter_family(
+        out,
+        "flannel_wireguard_handshake_messages",
+        "WireGuard handshake messages sent (tx) and received (rx), by message type.",
+        handshakes,
     )
 }
 

@@ -122,6 +122,11 @@ impl Host {
         &self.dir
     }
 
+    /// The wireguard backend's private key file (`WIREGUARD_KEY_FILE`), in the host's directory.
+    pub fn wireguard_key_file(&self) -> PathBuf {
+        self.dir.join("wgkey")
+    }
+
     pub fn subnet_file(&self) -> PathBuf {
         self.dir.join("subnet.env")
     }
@@ -207,6 +212,11 @@ impl Host {
             .or_else(|| std::env::var("NETNS_TESTS_RUST_LOG").ok())
             .or_else(|| std::env::var("RUST_LOG").ok())
             .unwrap_or_else(|| "info".to_string());
+        // One WireGuard key per host (flannel's default path would be shared by all hosts).
+        flanneld.env.push((
+            "WIREGUARD_KEY_FILE".into(),
+            self.wireguard_key_file().display().to_string(),
+        ));
         let mut c = flanneld.command();
         c.process_group(0);
         self.flanneld.start(c)

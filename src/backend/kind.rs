@@ -13,15 +13,17 @@ pub enum BackendType {
     HostGw,
     Udp,
     Vxlan,
+    Wireguard,
 }
 
 impl BackendType {
     /// Every type, in the order error messages list them.
-    pub const ALL: [BackendType; 4] = [
+    pub const ALL: [BackendType; 5] = [
         BackendType::Alloc,
         BackendType::HostGw,
         BackendType::Udp,
         BackendType::Vxlan,
+        BackendType::Wireguard,
     ];
 
     /// Flannel's name for the type, as written in `Backend.Type`.
@@ -31,6 +33,7 @@ impl BackendType {
             BackendType::HostGw => "host-gw",
             BackendType::Udp => "udp",
             BackendType::Vxlan => "vxlan",
+            BackendType::Wireguard => "wireguard",
         }
     }
 

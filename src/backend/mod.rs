@@ -18,6 +18,7 @@ mod hostgw;
 mod kind;
 pub mod udp;
 mod vxlan;
+pub mod wireguard;
 
 pub use kind::BackendType;
 
@@ -199,6 +200,7 @@ pub fn create(ctx: BackendContext) -> Result<Box<dyn Backend>, BackendError> {
         BackendType::HostGw => Box::new(hostgw::HostGwBackend::new(ctx)?),
         BackendType::Udp => Box::new(udp::UdpBackend::new(ctx)?),
         BackendType::Vxlan => Box::new(vxlan::VxlanBackend::new(ctx)?),
+        BackendType::Wireguard => Box::new(wireguard::WireguardBackend::new(ctx)?),
     })
 }
 

@@ -1,0 +1,215 @@
+//! Hosts with the wireguard backend (root only). This kernel has no WireGuard module, so
+//! flanneld falls back to its userspace engine and says so; every pod reaches every other,
+//! and the underlay carries only WireGuard messages (data as type-4 transport messages, no
+//! inner IP header in the clear).
+
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use netns_tests::traffic::tcp_transfer;
+use netns_tests::{Cluster, Pod};
+use serde_json::json;
+
+const REACH: Duration = Duration::from_secs(20);
+const PORT: u16 = 51820;
+
+fn cluster(hosts: usize) -> Cluster {
+    Cluster::builder()
+        .hosts(hosts)
+        .backend_json(json!({"Type": "wireguard", "PersistentKeepaliveInterval": 25}))
+        .build()
+        .expect("cluster")
+}
+
+fn reach(a: &Pod, b: &Pod) {
+    a.wait_reaches(b.ip(), REACH)
+        .unwrap_or_else(|e| panic!("{} → {}: {e}", a.ip(), b.ip()));
+}
+
+fn log(c: &Cluster, i: usize) -> String {
+    std::fs::read_to_string(c.host(i).log_path()).unwrap_or_default()
+}
+
+/// The UDP payloads to or from `port` seen on `eth0` of the namespace this runs in, until
+/// `stop` is set: an `AF_PACKET` socket, so the capture sees what the wire carries.
+fn capture(port: u16, stop: &AtomicBool) -> Vec<Vec<u8>> {
+    let eth_p_ip = (libc::ETH_P_IP as u16).to_be();
+    // SAFETY: plain socket(2) call; the result is checked before use.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM, i32::from(eth_p_ip)) };
+    assert!(
+        fd >= 0,
+        "AF_PACKET socket: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: fd is a fresh descriptor we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let index = nix::net::if_::if_nametoindex("eth0").expect("eth0");
+    // SAFETY: sockaddr_ll is plain old data; all zeroes is valid.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = eth_p_ip;
+    sll.sll_ifindex = index as i32;
+    // SAFETY: sll is a valid sockaddr_ll of the given length.
+    let r = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&sll as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
+    let tv = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 100_000,
+    };
+    // SAFETY: SO_RCVTIMEO takes a timeval of this size.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        )
+    };
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    while !stop.load(Ordering::Relaxed) {
+        // SAFETY: buf is valid for writes of its length.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n <= 0 {
+            continue;
+        }
+        let p = &buf[..n as usize];
+        let ihl = usize::from(p[0] & 0x0f) * 4;
+        if p.len() < ihl + 8 || p[9] != 17 {
+            continue;
+        }
+        let sport = u16::from_be_bytes([p[ihl], p[ihl + 1]]);
+        let dport = u16::from_be_bytes([p[ihl + 2], p[ihl + 3]]);
+        if sport == port || dport == port {
+            out.push(p[ihl + 8..].to_vec());
+        }
+    }
+    out
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn wireguard_every_pod_reaches_every_pod_and_the_underlay_carries_only_wireguard() {
+    netns_tests::require_test_bed!();
+    let c = cluster(3);
+    for i in 0..3 {
+        let lease = c.lease_of(i).unwrap().expect("host has a lease");
+        assert_eq!(
+            lease.backend_type.as_deref(),
+            Some("wireguard"),
+            "{:?}",
+            lease.value
+        );
+        let v = &lease.value;
+        assert_eq!(v["BackendData"]["Port"], json!(PORT), "{v}");
+        assert_eq!(
+            v["BackendData"]["PublicKey"].as_str().map(str::len),
+            Some(44),
+            "{v}"
+        );
+        assert_eq!(c.host(i).subnet_env().unwrap()["FLANNEL_MTU"], "1420");
+        let l = log(&c, i);
+        assert!(
+            l.contains("kernel WireGuard unavailable") && l.contains("using the userspace engine"),
+            "host {i}: the fallback is chosen and logged:\n{l}"
+        );
+        let key = c.host(i).wireguard_key_file();
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&key).unwrap().permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600, "{}", key.display());
+        let secret = std::fs::read_to_string(&key).unwrap();
+        assert!(
+            !l.contains(secret.trim()),
+            "host {i} logged its private key"
+        );
+    }
+    let mut pods: Vec<Pod> = (0..3).map(|i| c.add_pod(i).expect("pod")).collect();
+    pods.push(c.add_pod(0).expect("second pod on host 0"));
+    for a in &pods {
+        for b in &pods {
+            if a.ip() != b.ip() {
+                reach(a, b);
+            }
+        }
+    }
+    c.assert_connected(&pods, 4 << 20);
+
+    // A transfer from host 0's pod to host 1's pod, watched on host 1's underlay link.
+    let stop = AtomicBool::new(false);
+    let (a, b) = (&pods[0], &pods[1]);
+    let seen = std::thread::scope(|s| {
+        let cap = s.spawn(|| {
+            c.host(1)
+                .netns()
+                .run_in(|| capture(PORT, &stop))
+                .expect("capture runs in host 1")
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        // The receiver hashes what it got; a mismatch is an error.
+        tcp_transfer(a, b, 2 << 20).expect("checksummed transfer over wireguard");
+        stop.store(true, Ordering::Relaxed);
+        cap.join().unwrap()
+    });
+    let types: Vec<u8> = seen
+        .iter()
+        .map(|d| d.first().copied().unwrap_or(0))
+        .collect();
+    let transport = types.iter().filter(|t| **t == 4).count();
+    assert!(
+        transport > 100,
+        "type-4 messages seen: {transport} of {}",
+        seen.len()
+    );
+    assert!(
+        types.iter().all(|t| (1..=4).contains(t)),
+        "only WireGuard message types on the wire: {:?}",
+        types
+            .iter()
+            .filter(|t| !(1..=4).contains(*t))
+            .collect::<Vec<_>>()
+    );
+    let pair = |x: Ipv4Addr, y: Ipv4Addr| [x.octets(), y.octets()].concat();
+    for d in &seen {
+        assert!(
+            !contains(d, &pair(a.ip(), b.ip())) && !contains(d, &pair(b.ip(), a.ip())),
+            "an inner IP header is visible on the underlay"
+        );
+    }
+    for i in 0..3 {
+        let m = c.host(i).metrics().unwrap();
+        let get = |k: &str| m.get(k).copied().unwrap_or(-1.0);
+        assert!(
+            get(r#"flannel_wireguard_packets_total{direction="tx"}"#) > 0.0,
+            "{m:?}"
+        );
+        assert!(
+            get(r#"flannel_wireguard_packets_total{direction="rx"}"#) > 0.0,
+            "{m:?}"
+        );
+        assert!(
+            get(
+                r#"flannel_wireguard_handshake_messages_total{message="initiation",direction="tx"}"#
+            ) + get(
+                r#"flannel_wireguard_handshake_messages_total{message="initiation",direction="rx"}"#
+            ) > 0.0,
+            "{m:?}"
+        );
+        assert_eq!(
+            get(r#"flannel_wireguard_drops_total{direction="rx",reason="spoofed_source"}"#),
+            0.0
+        );
+    }
+}

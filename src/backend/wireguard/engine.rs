@@ -1,0 +1,492 @@
+//! The userspace WireGuard data path, on the udp fast path's devices: the TUN device (no
+//! offloads yet) and the batching UDP socket (recvmmsg, sendmmsg, UDP GSO/GRO). Three
+//! dedicated threads: TUN → peers, peers → TUN, and the protocol's timers. The protocol
+//! (Noise IK handshake, cookies, sessions, replay window, timers) is gotatun's `noise` layer;
+//! this module routes packets to peers and enforces cryptokey routing around it.
+
+use std::collections::HashMap;
+use std::io::{self, IoSlice};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::BytesMut;
+use gotatun::noise::errors::WireGuardError;
+use gotatun::noise::handshake::parse_handshake_anon;
+use gotatun::noise::index_table::IndexTable;
+use gotatun::noise::rate_limiter::RateLimiter;
+use gotatun::noise::{Tunn, TunnResult};
+use gotatun::packet::{Packet, WgKind};
+use gotatun::tun::MtuWatcher;
+use gotatun::x25519::{PublicKey, StaticSecret};
+
+use super::counters::{bump, Counters, Drop};
+use super::peers::{Peer, PeerTable};
+use crate::backend::udp::device::Tun;
+use crate::backend::udp::socket::{RecvBatch, SendStorage, UdpSock};
+
+/// How long an idle thread sleeps in `poll` before looking at the stop flag.
+const POLL_MS: i32 = 200;
+/// Largest packet read from the TUN device (no offloads: at most the MTU).
+const FRAME_LEN: usize = 65536;
+/// Receive buffer per message: a GRO-coalesced run of datagrams is no larger.
+const DATAGRAM_LEN: usize = 65536;
+/// Packets per batch.
+const BATCH: usize = 64;
+/// How often the timers run (WireGuard's own devices use 250 ms ticks too).
+const TICK: Duration = Duration::from_millis(250);
+/// Handshakes per source IP per second before cookie replies are demanded.
+pub const HANDSHAKE_RATE_LIMIT: u64 = 20;
+
+/// The protocol state the threads share with the backend.
+pub struct Engine {
+    pub peers: ArcSwap<PeerTable>,
+    /// Our session and handshake indices → their peer: data messages name only the index.
+    by_index: ArcSwap<HashMap<u32, Arc<Peer>>>,
+    pub index_table: IndexTable,
+    pub rate_limiter: Arc<RateLimiter>,
+    secret: StaticSecret,
+    public: PublicKey,
+    pub psk: Option<[u8; 32]>,
+    pub keepalive: Option<u16>,
+    pub stop: AtomicBool,
+    pub counters: Arc<Counters>,
+    mtu: u16,
+}
+
+impl Engine {
+    pub fn new(
+        secret: StaticSecret,
+        psk: Option<[u8; 32]>,
+        keepalive: Option<u16>,
+        mtu: u16,
+        counters: Arc<Counters>,
+    ) -> Engine {
+        let public = PublicKey::from(&secret);
+        Engine {
+            peers: ArcSwap::from_pointee(PeerTable::default()),
+            by_index: ArcSwap::from_pointee(HashMap::new()),
+            index_table: IndexTable::from_os_rng(),
+            rate_limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
+            secret,
+            public,
+            psk,
+            keepalive,
+            stop: AtomicBool::new(false),
+            counters,
+            mtu,
+        }
+    }
+
+    pub fn public_key(&self) -> [u8; 32] {
+        *self.public.as_bytes()
+    }
+
+    /// A new peer for `key`, reached at `endpoint` until it roams.
+    pub fn new_peer(&self, key: [u8; 32], endpoint: SocketAddrV4) -> Arc<Peer> {
+        let tunn = Tunn::new(
+            self.secret.clone(),
+            PublicKey::from(key),
+            self.psk,
+            self.keepalive,
+            self.index_table.clone(),
+            self.rate_limiter.clone(),
+        );
+        Arc::new(Peer::new(key, endpoint, tunn))
+    }
+
+    /// Remembers which peer a handshake index of ours belongs to, forgetting indices no
+    /// session or handshake holds any more.
+    fn register(&self, idx: u32, peer: &Arc<Peer>) {
+        self.by_index.rcu(|m| {
+            let mut m: HashMap<u32, Arc<Peer>> = m
+                .iter()
+                .filter(|(i, _)| self.index_table.in_use(**i))
+                .map(|(i, p)| (*i, p.clone()))
+                .collect();
+            m.insert(idx, peer.clone());
+            m
+        });
+    }
+
+    fn peer_by_index(&self, idx: u32) -> Option<Arc<Peer>> {
+        self.by_index.load().get(&idx).cloned()
+    }
+
+    /// Notes the handshake messages we send (their index, the counters).
+    fn outgoing(&self, peer: &Arc<Peer>, msg: &WgKind) {
+        let h = &self.counters.handshakes;
+        match msg {
+            WgKind::HandshakeInit(p) => {
+                self.register(p.sender_idx.get(), peer);
+                bump(&h.initiations_sent);
+            }
+            WgKind::HandshakeResp(p) => {
+                self.register(p.sender_idx.get(), peer);
+                bump(&h.responses_sent);
+            }
+            WgKind::CookieReply(_) => bump(&h.cookie_replies_sent),
+            WgKind::Data(_) => {}
+        }
+    }
+}
+
+fn ipv4_at(pkt: &[u8], off: usize) -> Option<Ipv4Addr> {
+    if pkt.len() < 20 || pkt[0] >> 4 != 4 {
+        return None;
+    }
+    let b: [u8; 4] = pkt[off..off + 4].try_into().ok()?;
+    Some(Ipv4Addr::from(b))
+}
+
+fn drop_for(e: &WireGuardError) -> Drop {
+    match e {
+        WireGuardError::DuplicateCounter | WireGuardError::InvalidCounter => Drop::Replay,
+        WireGuardError::WrongIndex | WireGuardError::NoCurrentSession => Drop::UnknownPeer,
+        WireGuardError::InvalidPacket | WireGuardError::IncorrectPacketLength => Drop::Malformed,
+        _ => Drop::Invalid,
+    }
+}
+
+/// The device was deleted or detached: the thread ends and reconciliation rebuilds it.
+fn device_gone(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EBADFD | libc::EBADF | libc::ENODEV | libc::ENXIO)
+    )
+}
+
+/// Where decrypted packets go: the TUN device (or, in tests and fuzzing, a recorder).
+pub trait Sink {
+    fn write_packet(&self, pkt: &[u8]) -> io::Result<()>;
+}
+
+impl Sink for Tun {
+    fn write_packet(&self, pkt: &[u8]) -> io::Result<()> {
+        self.writev(&[IoSlice::new(pkt)]).map(|_| ())
+    }
+}
+
+/// Encrypts one IP packet from the device for the peer its destination routes to: the
+/// datagram to send (a transport message, or a handshake initiation while the packet waits
+/// in the peer's queue), `None` when the packet waits for a handshake already under way.
+pub fn encapsulate(
+    engine: &Engine,
+    peers: &PeerTable,
+    pkt: &[u8],
+    mtu: &mut MtuWatcher,
+) -> Result<Option<(SocketAddrV4, Packet)>, Drop> {
+    let dst = ipv4_at(pkt, 16).ok_or(Drop::Malformed)?;
+    let peer = peers.route(dst).ok_or(Drop::NoRoute)?;
+    let packet = Packet::from_bytes(BytesMut::from(pkt));
+    let msg = peer.lock().handle_outgoing_packet(packet, Some(mtu));
+    Ok(msg.map(|msg| {
+        engine.outgoing(peer, &msg);
+        if matches!(msg, WgKind::Data(_)) {
+            engine.counters.tx.count(1, pkt.len() as u64);
+        }
+        (peer.endpoint(), msg.into())
+    }))
+}
+
+/// Starts the three threads.
+pub fn spawn(
+    tun: Arc<Tun>,
+    sock: Arc<UdpSock>,
+    engine: Arc<Engine>,
+) -> io::Result<Vec<JoinHandle<()>>> {
+    let tx = {
+        let (tun, sock, engine) = (tun.clone(), sock.clone(), engine.clone());
+        std::thread::Builder::new()
+            .name("wg-tx".into())
+            .spawn(move || tx_loop(&tun, &sock, &engine))?
+    };
+    let timers = {
+        let (sock, engine) = (sock.clone(), engine.clone());
+        std::thread::Builder::new()
+            .name("wg-timers".into())
+            .spawn(move || timer_loop(&sock, &engine))?
+    };
+    let rx = std::thread::Builder::new()
+        .name("wg-rx".into())
+        .spawn(move || rx_loop(&tun, &sock, &engine))?;
+    Ok(vec![tx, rx, timers])
+}
+
+/// Sends what the protocol produced, in one batch (sendmmsg, GSO when the socket has it).
+fn send_all(
+    sock: &UdpSock,
+    storage: &mut SendStorage,
+    out: &[(SocketAddrV4, Packet)],
+    c: &Counters,
+) {
+    if out.is_empty() {
+        return;
+    }
+    let mut batch = storage.batch(sock, sock.gso);
+    for (to, p) in out {
+        batch.push(*to, p, &[]);
+    }
+    let sent = batch.finish();
+    for _ in 0..sent.failed {
+        c.tx.drop(Drop::IoError);
+    }
+}
+
+fn tx_loop(tun: &Tun, sock: &UdpSock, engine: &Engine) {
+    let mut buf = vec![0u8; FRAME_LEN];
+    let mut out: Vec<(SocketAddrV4, Packet)> = Vec::with_capacity(BATCH * 2);
+    let mut storage = SendStorage::new(BATCH * 2, 16);
+    let mut mtu = MtuWatcher::new(engine.mtu);
+    let c = &engine.counters;
+    while !engine.stop.load(Ordering::Relaxed) {
+        let peers = engine.peers.load();
+        let mut idle = false;
+        for _ in 0..BATCH {
+            let n = match tun.read(&mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    idle = true;
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if device_gone(&e) => {
+                    tracing::warn!(
+                        "wireguard: {}: device gone ({e}); TUN → peers stops",
+                        tun.name
+                    );
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!("wireguard: reading {}: {e}", tun.name);
+                    idle = true;
+                    break;
+                }
+            };
+            match encapsulate(engine, &peers, &buf[..n], &mut mtu) {
+                Ok(Some(datagram)) => out.push(datagram),
+                Ok(None) => {}
+                Err(why) => c.tx.drop(why),
+            }
+        }
+        drop(peers);
+        send_all(sock, &mut storage, &out, c);
+        out.clear();
+        if idle {
+            let _ = tun.wait_readable(POLL_MS);
+        }
+    }
+}
+
+/// The socket → TUN direction's per-batch state.
+pub struct Rx<'a, S: Sink> {
+    sink: &'a S,
+    engine: &'a Engine,
+    /// Datagrams to send: handshake replies, cookie replies, packets a handshake released.
+    pub out: Vec<(SocketAddrV4, Packet)>,
+    mtu: MtuWatcher,
+    packets: u64,
+    bytes: u64,
+}
+
+impl<'a, S: Sink> Rx<'a, S> {
+    pub fn new(sink: &'a S, engine: &'a Engine) -> Self {
+        Rx {
+            sink,
+            engine,
+            out: Vec::with_capacity(BATCH),
+            mtu: MtuWatcher::new(engine.mtu),
+            packets: 0,
+            bytes: 0,
+        }
+    }
+
+    /// Counts what the batch delivered.
+    pub fn finish_batch(&mut self) {
+        self.engine.counters.rx.count(self.packets, self.bytes);
+        self.packets = 0;
+        self.bytes = 0;
+    }
+
+    /// Handles one datagram from the socket.
+    pub fn datagram(&mut self, peers: &PeerTable, data: &[u8], from: SocketAddrV4) {
+        let c = &self.engine.counters;
+        let packet = Packet::from_bytes(BytesMut::from(data));
+        let msg = match self
+            .engine
+            .rate_limiter
+            .verify_packet(SocketAddr::V4(from), packet)
+        {
+            Ok(msg) => msg,
+            Err(TunnResult::WriteToNetwork(cookie)) => {
+                // Under load: the sender must prove it owns its address first.
+                bump(&c.handshakes.cookie_replies_sent);
+                c.rx.drop(Drop::UnderLoad);
+                self.out.push((from, cookie.into()));
+                return;
+            }
+            Err(TunnResult::Err(e)) => {
+                c.rx.drop(drop_for(&e));
+                return;
+            }
+            Err(_) => {
+                c.rx.drop(Drop::Malformed);
+                return;
+            }
+        };
+        let peer = match &msg {
+            WgKind::HandshakeInit(init) => {
+                bump(&c.handshakes.initiations_received);
+                let half =
+                    match parse_handshake_anon(&self.engine.secret, &self.engine.public, init) {
+                        Ok(h) => h,
+                        Err(e) => {
+                            c.rx.drop(drop_for(&e));
+                            return;
+                        }
+                    };
+                peers.by_key(&half.peer_static_public).cloned()
+            }
+            WgKind::HandshakeResp(p) => {
+                bump(&c.handshakes.responses_received);
+                self.engine.peer_by_index(p.receiver_idx.get())
+            }
+            WgKind::CookieReply(p) => {
+                bump(&c.handshakes.cookie_replies_received);
+                self.engine.peer_by_index(p.receiver_idx.get())
+            }
+            WgKind::Data(p) => self.engine.peer_by_index(p.header.receiver_idx.get()),
+        };
+        // A peer removed from the table (lease gone, key replaced) is no peer any more.
+        let Some(peer) = peer.filter(|p| {
+            peers
+                .by_key(&p.public_key)
+                .is_some_and(|q| Arc::ptr_eq(p, q))
+        }) else {
+            c.rx.drop(Drop::UnknownPeer);
+            return;
+        };
+        let authenticated_roam = !matches!(msg, WgKind::CookieReply(_));
+        let mut tunn = peer.lock();
+        match tunn.handle_incoming_packet(msg) {
+            TunnResult::Done => {}
+            TunnResult::Err(e) => {
+                c.rx.drop(drop_for(&e));
+                return;
+            }
+            TunnResult::WriteToNetwork(reply) => {
+                self.engine.outgoing(&peer, &reply);
+                self.out.push((from, reply.into()));
+            }
+            TunnResult::WriteToTunnel(inner) => {
+                if !inner.is_empty() {
+                    self.inner(peers, &peer, &inner);
+                }
+            }
+        }
+        // Only authenticated messages get here (a failed check returned above): roaming.
+        if authenticated_roam && peer.endpoint() != from {
+            peer.set_endpoint(from);
+        }
+        for queued in tunn.get_queued_packets(&mut self.mtu) {
+            self.engine.outgoing(&peer, &queued);
+            self.out.push((from, queued.into()));
+        }
+    }
+
+    /// A decrypted packet: written to the device if its source belongs to the peer.
+    fn inner(&mut self, peers: &PeerTable, peer: &Arc<Peer>, pkt: &[u8]) {
+        let c = &self.engine.counters;
+        let Some(src) = ipv4_at(pkt, 12) else {
+            c.rx.drop(Drop::Malformed);
+            return;
+        };
+        if !peers.allows(peer, src) {
+            c.rx.drop(Drop::SpoofedSource);
+            return;
+        }
+        match self.sink.write_packet(pkt) {
+            Ok(_) => {
+                self.packets += 1;
+                self.bytes += pkt.len() as u64;
+            }
+            Err(_) => c.rx.drop(Drop::IoError),
+        }
+    }
+}
+
+fn rx_loop(tun: &Tun, sock: &UdpSock, engine: &Engine) {
+    let mut rb = RecvBatch::new(BATCH, DATAGRAM_LEN);
+    let mut storage = SendStorage::new(BATCH * 2, 16);
+    let mut rx = Rx::new(tun, engine);
+    while !engine.stop.load(Ordering::Relaxed) {
+        let n = match sock.recv_batch(&mut rb) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let _ = sock.wait(libc::POLLIN, POLL_MS);
+                continue;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                tracing::debug!("wireguard: receiving: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        let peers = engine.peers.load();
+        for i in 0..n {
+            let m = rb.meta[i];
+            if m.truncated {
+                engine.counters.rx.drop(Drop::Malformed);
+                continue;
+            }
+            let data = &rb.bufs[i][..m.len];
+            // A GRO run holds datagrams of `seg_size` bytes (the last may be shorter).
+            let seg = if m.seg_size > 0 {
+                m.seg_size
+            } else {
+                m.len.max(1)
+            };
+            for d in data.chunks(seg) {
+                rx.datagram(&peers, d, m.from);
+            }
+        }
+        drop(peers);
+        send_all(sock, &mut storage, &rx.out, &engine.counters);
+        rx.out.clear();
+        rx.finish_batch();
+    }
+}
+
+fn timer_loop(sock: &UdpSock, engine: &Engine) {
+    let mut storage = SendStorage::new(64, 16);
+    let mut out = Vec::new();
+    let mut last_reset = Instant::now();
+    while !engine.stop.load(Ordering::Relaxed) {
+        std::thread::sleep(TICK);
+        let peers = engine.peers.load();
+        for peer in peers.peers() {
+            let r = peer.lock().update_timers();
+            match r {
+                Ok(Some(msg)) => {
+                    engine.outgoing(peer, &msg);
+                    out.push((peer.endpoint(), msg.into()));
+                }
+                Ok(None) => {}
+                // The session expired (reject-after-time) or a handshake gave up: the
+                // next packet starts over.
+                Err(e) => tracing::debug!("wireguard: peer {peer:?}: {e:?}"),
+            }
+        }
+        drop(peers);
+        send_all(sock, &mut storage, &out, &engine.counters);
+        out.clear();
+        if last_reset.elapsed() >= Duration::from_secs(1) {
+            engine.rate_limiter.try_reset_count();
+            last_reset = Instant::now();
+        }
+    }
+}
