@@ -186,6 +186,23 @@ fn echo_requests_received(ns: &Netns) -> u64 {
     values.split_whitespace().nth(at).unwrap().parse().unwrap()
 }
 
+/// The sum of our `/metrics` samples of family `family` whose labels include every one of
+/// `labels` (e.g. `reason="spoofed_source"`).
+fn our_metric(t: &Interop, family: &str, labels: &[&str]) -> f64 {
+    t.ours()
+        .metrics()
+        .expect("/metrics")
+        .iter()
+        .filter(|(k, _)| k.starts_with(family) && labels.iter().all(|l| k.contains(l)))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+/// Handshake messages our engine sent and received so far.
+fn our_handshake_messages(t: &Interop) -> f64 {
+    our_metric(t, "flannel_wireguard_handshake_messages", &[])
+}
+
 /// Two TCP streams each way at once, each checked end to end (count and hash).
 fn tcp_both_ways(a: &Pod, b: &Pod, bytes: u64) {
     std::thread::scope(|s| {
@@ -310,6 +327,14 @@ fn a_spoofed_inner_source_is_dropped() {
     // encrypted to us; we must drop it since it is not in its allowed IPs.
     t.wg.ip(&["addr", "add", "10.5.9.1/32", "dev", wireguard_go::DEVICE])
         .unwrap();
+    let spoofed = |t: &Interop| {
+        our_metric(
+            t,
+            "flannel_wireguard_drops",
+            &["direction=\"rx\"", "reason=\"spoofed_source\""],
+        )
+    };
+    let dropped_before = spoofed(&t);
     let sent_before = t.wg.peer_state(&t.our_key()).unwrap().unwrap().tx_bytes;
     let before = echo_requests_received(our_pod.netns());
     let host0 = t.c.host(0).netns();
@@ -323,6 +348,10 @@ fn a_spoofed_inner_source_is_dropped() {
         "the spoofed pings went through the tunnel ({sent} bytes)"
     );
     assert_eq!(got, 0, "our pod received spoofed echo requests");
+    assert!(
+        spoofed(&t) - dropped_before >= 5.0,
+        "our engine counts the drops as spoofed_source"
+    );
 }
 
 #[test]
@@ -475,6 +504,7 @@ fn a_lease_re_put_without_change_keeps_the_session() {
     let our_key = t.our_key();
     let before = t.wg.peer_state(&our_key).unwrap().unwrap();
     let log_before = t.wg.handshake_log();
+    let ours_before = our_handshake_messages(&t);
     assert!(before.latest_handshake > 0);
     // Renewals as flannel writes them: the same value under a fresh etcd lease.
     t.put_their_lease();
@@ -489,6 +519,7 @@ fn a_lease_re_put_without_change_keeps_the_session() {
         "no handshake message after the re-put"
     );
     assert_eq!(after.latest_handshake, before.latest_handshake);
+    assert_eq!(our_handshake_messages(&t), ours_before, "nor on our side");
 }
 
 #[test]
