@@ -1,11 +1,13 @@
-//! The userspace WireGuard data path, on the udp fast path's devices: the TUN device (no
-//! offloads yet) and the batching UDP socket (recvmmsg, sendmmsg, UDP GSO/GRO). Three
-//! dedicated threads: TUN → peers, peers → TUN, and the protocol's timers. The protocol
+//! The userspace WireGuard data path, on the udp fast path's machinery: the TUN device with
+//! the virtio-net header (TSO/USO super-packets split into MTU-sized packets before
+//! encryption; decrypted TCP/UDP segments coalesced before the write), the batching UDP
+//! socket (recvmmsg, sendmmsg, UDP GSO/GRO). Three dedicated threads: TUN → peers,
+//! peers → TUN, and the protocol's timers. The protocol
 //! (Noise IK handshake, cookies, sessions, replay window, timers) is gotatun's `noise` layer;
 //! this module routes packets to peers and enforces cryptokey routing around it.
 
 use std::collections::HashMap;
-use std::io::{self, IoSlice};
+use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -26,16 +28,21 @@ use gotatun::x25519::{PublicKey, StaticSecret};
 use super::counters::{bump, Counters, Drop};
 use super::peers::{Peer, PeerTable};
 use crate::backend::udp::device::Tun;
+use crate::backend::udp::offload::{
+    self, Coalescer, PktRef, Segments, TxPacket, MAX_COALESCE, VNET_HDR_LEN,
+};
 use crate::backend::udp::socket::{RecvBatch, SendStorage, UdpSock};
 
 /// How long an idle thread sleeps in `poll` before looking at the stop flag.
 const POLL_MS: i32 = 200;
-/// Largest packet read from the TUN device (no offloads: at most the MTU).
-const FRAME_LEN: usize = 65536;
+/// Largest frame the TUN device hands over: a 64 KiB super-packet and the virtio-net header.
+const FRAME_LEN: usize = 65536 + VNET_HDR_LEN + 64;
 /// Receive buffer per message: a GRO-coalesced run of datagrams is no larger.
 const DATAGRAM_LEN: usize = 65536;
-/// Packets per batch.
+/// Frames (datagrams) read per batch.
 const BATCH: usize = 64;
+/// Datagrams queued before a send: one super-packet makes up to 46.
+const SEND_AT_ONCE: usize = 256;
 /// How often the timers run (WireGuard's own devices use 250 ms ticks too).
 const TICK: Duration = Duration::from_millis(250);
 /// Handshakes per source IP per second before cookie replies are demanded.
@@ -159,17 +166,6 @@ fn device_gone(e: &io::Error) -> bool {
     )
 }
 
-/// Where decrypted packets go: the TUN device (or, in tests and fuzzing, a recorder).
-pub trait Sink {
-    fn write_packet(&self, pkt: &[u8]) -> io::Result<()>;
-}
-
-impl Sink for Tun {
-    fn write_packet(&self, pkt: &[u8]) -> io::Result<()> {
-        self.writev(&[IoSlice::new(pkt)]).map(|_| ())
-    }
-}
-
 /// Encrypts one IP packet from the device for the peer its destination routes to: the
 /// datagram to send (a transport message, or a handshake initiation while the packet waits
 /// in the peer's queue), `None` when the packet waits for a handshake already under way.
@@ -190,6 +186,53 @@ pub fn encapsulate(
         }
         (peer.endpoint(), msg.into())
     }))
+}
+
+/// Encrypts one frame read from the TUN device with the virtio-net header: a super-packet
+/// is split into MTU-sized packets (complete checksums), each encrypted under one lock of
+/// the peer. The datagrams go to `out`.
+pub fn encapsulate_frame(
+    engine: &Engine,
+    peers: &PeerTable,
+    frame: &mut [u8],
+    segs: &mut Segments,
+    mtu: &mut MtuWatcher,
+    out: &mut Vec<(SocketAddrV4, Packet)>,
+) -> Result<(), Drop> {
+    let (dst, prepared) =
+        offload::prepare_from_tun(frame, true, segs).map_err(|_| Drop::Malformed)?;
+    let peer = peers.route(dst).ok_or(Drop::NoRoute)?;
+    let (mut packets, mut bytes) = (0u64, 0u64);
+    let mut tunn = peer.lock();
+    let endpoint = peer.endpoint();
+    let mut one = |buf: BytesMut| {
+        let len = buf.len() as u64;
+        if let Some(msg) = tunn.handle_outgoing_packet(Packet::from_bytes(buf), Some(&mut *mtu)) {
+            engine.outgoing(peer, &msg);
+            if matches!(msg, WgKind::Data(_)) {
+                packets += 1;
+                bytes += len;
+            }
+            out.push((endpoint, msg.into()));
+        }
+    };
+    match prepared {
+        TxPacket::Single { start, len } => one(BytesMut::from(&frame[start..start + len])),
+        TxPacket::Split => {
+            for s in &segs.segs {
+                let hdr = segs.header(s);
+                let p = s.payload_off as usize;
+                let payload = &frame[p..p + s.payload_len as usize];
+                let mut buf = BytesMut::with_capacity(hdr.len() + payload.len() + 32);
+                buf.extend_from_slice(hdr);
+                buf.extend_from_slice(payload);
+                one(buf);
+            }
+        }
+    }
+    drop(tunn);
+    engine.counters.tx.count(packets, bytes);
+    Ok(())
 }
 
 /// Starts the three threads.
@@ -238,8 +281,10 @@ fn send_all(
 
 fn tx_loop(tun: &Tun, sock: &UdpSock, engine: &Engine) {
     let mut buf = vec![0u8; FRAME_LEN];
-    let mut out: Vec<(SocketAddrV4, Packet)> = Vec::with_capacity(BATCH * 2);
-    let mut storage = SendStorage::new(BATCH * 2, 16);
+    let mut segs = Segments::new();
+    let vnet = tun.offloads.vnet;
+    let mut out: Vec<(SocketAddrV4, Packet)> = Vec::with_capacity(SEND_AT_ONCE + 64);
+    let mut storage = SendStorage::new(SEND_AT_ONCE + 64, 16);
     let mut mtu = MtuWatcher::new(engine.mtu);
     let c = &engine.counters;
     while !engine.stop.load(Ordering::Relaxed) {
@@ -266,10 +311,23 @@ fn tx_loop(tun: &Tun, sock: &UdpSock, engine: &Engine) {
                     break;
                 }
             };
-            match encapsulate(engine, &peers, &buf[..n], &mut mtu) {
-                Ok(Some(datagram)) => out.push(datagram),
-                Ok(None) => {}
-                Err(why) => c.tx.drop(why),
+            if vnet {
+                if let Err(why) =
+                    encapsulate_frame(engine, &peers, &mut buf[..n], &mut segs, &mut mtu, &mut out)
+                {
+                    c.tx.drop(why);
+                }
+            } else {
+                match encapsulate(engine, &peers, &buf[..n], &mut mtu) {
+                    Ok(Some(datagram)) => out.push(datagram),
+                    Ok(None) => {}
+                    Err(why) => c.tx.drop(why),
+                }
+            }
+            // A batch of super-packets makes many datagrams: send before the storage fills.
+            if out.len() >= SEND_AT_ONCE {
+                send_all(sock, &mut storage, &out, c);
+                out.clear();
             }
         }
         drop(peers);
@@ -282,9 +340,10 @@ fn tx_loop(tun: &Tun, sock: &UdpSock, engine: &Engine) {
 }
 
 /// The socket → TUN direction's per-batch state.
-pub struct Rx<'a, S: Sink> {
-    sink: &'a S,
+pub struct Rx<'a> {
     engine: &'a Engine,
+    /// Decrypted packets that passed the checks, for the device.
+    pub delivered: Vec<Packet>,
     /// Datagrams to send: handshake replies, cookie replies, packets a handshake released.
     pub out: Vec<(SocketAddrV4, Packet)>,
     mtu: MtuWatcher,
@@ -292,11 +351,11 @@ pub struct Rx<'a, S: Sink> {
     bytes: u64,
 }
 
-impl<'a, S: Sink> Rx<'a, S> {
-    pub fn new(sink: &'a S, engine: &'a Engine) -> Self {
+impl<'a> Rx<'a> {
+    pub fn new(engine: &'a Engine) -> Self {
         Rx {
-            sink,
             engine,
+            delivered: Vec::with_capacity(BATCH * MAX_COALESCE),
             out: Vec::with_capacity(BATCH),
             mtu: MtuWatcher::new(engine.mtu),
             packets: 0,
@@ -383,7 +442,7 @@ impl<'a, S: Sink> Rx<'a, S> {
             }
             TunnResult::WriteToTunnel(inner) => {
                 if !inner.is_empty() {
-                    self.inner(peers, &peer, &inner);
+                    self.inner(peers, &peer, inner);
                 }
             }
         }
@@ -398,30 +457,64 @@ impl<'a, S: Sink> Rx<'a, S> {
     }
 
     /// A decrypted packet: written to the device if its source belongs to the peer.
-    fn inner(&mut self, peers: &PeerTable, peer: &Arc<Peer>, pkt: &[u8]) {
+    fn inner(&mut self, peers: &PeerTable, peer: &Arc<Peer>, mut pkt: Packet) {
         let c = &self.engine.counters;
-        let Some(src) = ipv4_at(pkt, 12) else {
+        let Some(src) = ipv4_at(&pkt, 12) else {
             c.rx.drop(Drop::Malformed);
             return;
         };
+        // The sender pads to a multiple of 16 bytes: the packet ends where its header says.
+        let total = usize::from(u16::from_be_bytes([pkt[2], pkt[3]]));
+        if total < 20 || total > pkt.len() {
+            c.rx.drop(Drop::Malformed);
+            return;
+        }
+        pkt.truncate(total);
         if !peers.allows(peer, src) {
             c.rx.drop(Drop::SpoofedSource);
             return;
         }
-        match self.sink.write_packet(pkt) {
-            Ok(_) => {
-                self.packets += 1;
-                self.bytes += pkt.len() as u64;
-            }
-            Err(_) => c.rx.drop(Drop::IoError),
+        self.delivered.push(pkt);
+    }
+
+    /// Writes the delivered packets to the device, coalescing TCP/UDP segments of a flow
+    /// into super-packets when the device takes them; counts what was written.
+    pub fn flush(&mut self, tun: &Tun, co: &mut Coalescer) {
+        let vnet = tun.offloads.vnet;
+        for (i, p) in self.delivered.iter().enumerate() {
+            co.push(
+                &self.delivered,
+                PktRef {
+                    buf: i as u32,
+                    off: 0,
+                    len: p.len() as u32,
+                },
+            );
         }
+        let fs = co.flush(&self.delivered, vnet, |iov| tun.writev(iov));
+        self.packets += fs.packets;
+        self.bytes += fs.bytes;
+        for _ in 0..fs.failed {
+            self.engine.counters.rx.drop(Drop::IoError);
+        }
+        if fs.refused_gso > 0 {
+            tracing::warn!(
+                "wireguard: {}: the device refused coalesced packets; writing packets singly",
+                tun.name
+            );
+            *co = Coalescer::new(BATCH * MAX_COALESCE, false, false);
+        }
+        self.delivered.clear();
+        self.finish_batch();
     }
 }
 
 fn rx_loop(tun: &Tun, sock: &UdpSock, engine: &Engine) {
     let mut rb = RecvBatch::new(BATCH, DATAGRAM_LEN);
     let mut storage = SendStorage::new(BATCH * 2, 16);
-    let mut rx = Rx::new(tun, engine);
+    let mut rx = Rx::new(engine);
+    let o = tun.offloads;
+    let mut co = Coalescer::new(BATCH * MAX_COALESCE, o.vnet && o.tso, o.vnet && o.uso);
     while !engine.stop.load(Ordering::Relaxed) {
         let n = match sock.recv_batch(&mut rb) {
             Ok(n) => n,
@@ -457,7 +550,7 @@ fn rx_loop(tun: &Tun, sock: &UdpSock, engine: &Engine) {
         drop(peers);
         send_all(sock, &mut storage, &rx.out, &engine.counters);
         rx.out.clear();
-        rx.finish_batch();
+        rx.flush(tun, &mut co);
     }
 }
 

@@ -1,9 +1,7 @@
 //! Engines that talk through function calls instead of sockets, for the unit tests and the
 //! fuzz target `wireguard_from_socket` (datagrams from the socket: no panic on any bytes).
 
-use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
-use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 
@@ -13,18 +11,8 @@ use gotatun::x25519::StaticSecret;
 use ipnetwork::Ipv4Network;
 
 use super::counters::{Counters, Drop};
-use super::engine::{encapsulate, Engine, Rx, Sink};
+use super::engine::{encapsulate, Engine, Rx};
 use super::{next_table, TableChanges};
-
-#[derive(Default)]
-pub struct Recorder(pub RefCell<Vec<Vec<u8>>>);
-
-impl Sink for Recorder {
-    fn write_packet(&self, pkt: &[u8]) -> io::Result<()> {
-        self.0.borrow_mut().push(pkt.to_vec());
-        Ok(())
-    }
-}
 
 /// An IPv4 packet (ICMP-ish payload; the engine looks at addresses only).
 pub fn ip_packet(src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
@@ -89,15 +77,15 @@ impl Node {
 
     /// Receives datagrams from `from`: (what it sends back, what reaches its device).
     pub fn recv(&self, from: SocketAddrV4, data: &[&[u8]]) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
-        let sink = Recorder::default();
-        let mut rx = Rx::new(&sink, &self.engine);
+        let mut rx = Rx::new(&self.engine);
         let peers = self.engine.peers.load();
         for d in data {
             rx.datagram(&peers, d, from);
         }
         rx.finish_batch();
         let out = rx.out.drain(..).map(|(_, p)| p.to_vec()).collect();
-        (out, sink.0.into_inner())
+        let got = rx.delivered.drain(..).map(|p| p.to_vec()).collect();
+        (out, got)
     }
 
     pub fn drops(&self, why: Drop) -> u64 {

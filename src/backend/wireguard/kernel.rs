@@ -34,3 +34,15 @@ pub async fn probe(h: &Handle) -> KernelWireguard {
         ),
     }
 }
+
+/// Creates the link `name` of kind `wireguard`.
+pub async fn create(h: &Handle, name: &str) -> Result<(), NetlinkError> {
+    let msg = LinkMessageBuilder::<LinkUnspec>::new_with_info_kind(InfoKind::Wireguard)
+        .name(name.to_string())
+        .build();
+    h.link()
+        .add(msg)
+        .execute()
+        .await
+        .map_err(|e| NetlinkError::new(format!("add link {name} of kind wireguard"), e))
+}

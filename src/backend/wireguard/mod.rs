@@ -15,6 +15,7 @@ pub mod engine;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 pub mod kernel;
+pub mod kernel_device;
 pub mod keyfile;
 pub mod peers;
 
@@ -47,6 +48,15 @@ pub const BACKEND: &str = "wireguard";
 /// flannel's device names.
 pub const DEVICE: &str = "flannel-wg";
 pub const DEVICE_V6: &str = "flannel-wg-v6";
+
+/// The kernel device while it is ours.
+struct KernelRun {
+    dev: kernel_device::KernelDevice,
+    index: u32,
+    public: [u8; 32],
+    /// What the device was told: key → (lease endpoint, allowed IPs).
+    peers: BTreeMap<[u8; 32], (SocketAddrV4, Vec<Ipv4Network>)>,
+}
 
 struct Running {
     engine: Arc<Engine>,
@@ -82,6 +92,7 @@ pub struct WireguardBackend {
     key_file: PathBuf,
     nl: Option<Netlink>,
     run: Option<Running>,
+    kernel: Option<KernelRun>,
     own: Option<Ipv4Network>,
     /// The endpoint each peer's lease named when the table was last built: the engine's
     /// endpoint (which roams) is only reset when the lease itself changes.
@@ -175,6 +186,7 @@ impl WireguardBackend {
             key_file: keyfile::path_from_env(),
             nl: None,
             run: None,
+            kernel: None,
             own: None,
             lease_endpoints: HashMap::new(),
             skipped: Skipped::new(),
@@ -208,25 +220,53 @@ impl WireguardBackend {
         if let Some(old) = self.run.take() {
             old.stop();
         }
+        self.kernel = None;
         let nl = common::connect(BACKEND, &mut self.nl)?;
-        let probe = kernel::probe(&nl.h).await;
-        if !self.kernel_logged {
-            match &probe {
-                kernel::KernelWireguard::Unavailable(why) => tracing::info!(
-                    "wireguard: kernel WireGuard unavailable ({why}); using the userspace engine"
-                ),
-                kernel::KernelWireguard::Available => tracing::info!(
-                    "wireguard: kernel WireGuard available, but configuring it is not built in \
-                     yet; using the userspace engine"
-                ),
-            }
-            self.kernel_logged = true;
-        }
         let (key, origin) = keyfile::load_or_create(&self.key_file).map_err(io_failed(format!(
             "private key file {}",
             self.key_file.display()
         )))?;
+        let origin = match origin {
+            keyfile::Origin::Read => "read from",
+            keyfile::Origin::Created => "created in",
+        };
         let secret = gotatun::x25519::StaticSecret::from(*key);
+        let public = *gotatun::x25519::PublicKey::from(&secret).as_bytes();
+        match kernel::probe(&nl.h).await {
+            kernel::KernelWireguard::Available => {
+                match self.start_kernel(&nl, &key, public).await {
+                    Ok(()) => {
+                        tracing::info!(
+                        "wireguard: kernel WireGuard on {DEVICE} (MTU {}), port {}, public key {} \
+                         (private key {origin} {})",
+                        self.mtu,
+                        self.cfg.listen_port,
+                        config::encode_key(&public),
+                        self.key_file.display()
+                    );
+                        self.lease_endpoints.clear();
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        if !self.kernel_logged {
+                            tracing::warn!(
+                                "wireguard: kernel WireGuard could not be set up ({}); using the \
+                             userspace engine",
+                                crate::error_chain::Chain(&e)
+                            );
+                        }
+                    }
+                }
+            }
+            kernel::KernelWireguard::Unavailable(why) => {
+                if !self.kernel_logged {
+                    tracing::info!(
+                        "wireguard: kernel WireGuard unavailable ({why}); using the userspace engine"
+                    );
+                }
+            }
+        }
+        self.kernel_logged = true;
         // flannel deletes and recreates the device; a TUN device of ours is adopted.
         if let Ok(Some(link)) = netlink::link_by_name(&nl.h, DEVICE).await {
             if link.kind.as_deref().is_some_and(|k| k != "tun") {
@@ -235,9 +275,9 @@ impl WireguardBackend {
                     .map_err(fatal(BACKEND, "deleting the old device"))?;
             }
         }
-        // No offloads yet: the engine encrypts packets of at most the MTU.
+        // The virtio-net header and TSO/USO: super-packets are split before encryption.
         let tun =
-            Tun::open(DEVICE, false).map_err(io_failed(format!("opening TUN device {DEVICE}")))?;
+            Tun::open(DEVICE, true).map_err(io_failed(format!("opening TUN device {DEVICE}")))?;
         let index = nix::net::if_::if_nametoindex(DEVICE)
             .map_err(|e| io_failed(format!("index of {DEVICE}"))(e.into()))?;
         let _ = std::fs::write(
@@ -255,16 +295,12 @@ impl WireguardBackend {
             self.mtu as u16,
             self.counters.clone(),
         ));
-        let public = config::encode_key(&engine.public_key());
         tracing::info!(
-            "wireguard: userspace engine on {DEVICE} (MTU {}) ↔ {}, public key {public} \
-             (private key {} {})",
+            "wireguard: userspace engine on {DEVICE} (MTU {}) ↔ {}, public key {} \
+             (private key {origin} {})",
             self.mtu,
             sock.local,
-            match origin {
-                keyfile::Origin::Read => "read from",
-                keyfile::Origin::Created => "created in",
-            },
+            config::encode_key(&public),
             self.key_file.display()
         );
         self.lease_endpoints.clear();
@@ -278,9 +314,64 @@ impl WireguardBackend {
         Ok(())
     }
 
+    /// The kernel device: flannel's steps (an existing device is deleted and created anew,
+    /// our key and port set, every old peer dropped).
+    async fn start_kernel(
+        &mut self,
+        nl: &Netlink,
+        key: &[u8; 32],
+        public: [u8; 32],
+    ) -> Result<(), BackendError> {
+        if let Some(link) = netlink::link_by_name(&nl.h, DEVICE)
+            .await
+            .map_err(fatal(BACKEND, "reading the device"))?
+        {
+            netlink::delete_link(&nl.h, link.index)
+                .await
+                .map_err(fatal(BACKEND, "deleting the old device"))?;
+        }
+        kernel::create(&nl.h, DEVICE)
+            .await
+            .map_err(fatal(BACKEND, "creating the device"))?;
+        let index = netlink::link_by_name(&nl.h, DEVICE)
+            .await
+            .map_err(fatal(BACKEND, "reading the device"))?
+            .ok_or_else(|| setup(format!("{DEVICE} vanished after its creation")))?
+            .index;
+        let mut dev = kernel_device::KernelDevice::connect(DEVICE)
+            .map_err(io_failed("generic netlink".into()))?;
+        dev.configure(*key, self.cfg.listen_port)
+            .await
+            .map_err(io_failed(format!("configuring {DEVICE}")))?;
+        super::udp::kernel::set_up(&nl.h, DEVICE, index, self.mtu)
+            .await
+            .map_err(fatal(BACKEND, "setting the device up"))?;
+        self.kernel = Some(KernelRun {
+            dev,
+            index,
+            public,
+            peers: BTreeMap::new(),
+        });
+        Ok(())
+    }
+
+    fn device_index(&self) -> Option<u32> {
+        self.run
+            .as_ref()
+            .map(|r| r.index)
+            .or(self.kernel.as_ref().map(|k| k.index))
+    }
+
+    fn public_key(&self) -> Option<[u8; 32]> {
+        self.run
+            .as_ref()
+            .map(|r| r.engine.public_key())
+            .or(self.kernel.as_ref().map(|k| k.public))
+    }
+
     /// Gives the device our address and the route for the Network; removes stale ones.
     async fn program_device(&mut self, tally: &mut ReconcileTally) -> Result<(), BackendError> {
-        let (Some(own), Some(index)) = (self.own, self.run.as_ref().map(|r| r.index)) else {
+        let (Some(own), Some(index)) = (self.own, self.device_index()) else {
             return Ok(());
         };
         let nl = common::connect(BACKEND, &mut self.nl)?;
@@ -310,10 +401,12 @@ impl WireguardBackend {
         let link = netlink::link_by_name(&nl.h, DEVICE)
             .await
             .map_err(fatal(BACKEND, "reading the device"))?;
-        let healthy = self
-            .run
-            .as_ref()
-            .is_some_and(|r| r.alive() && link.as_ref().is_some_and(|l| l.index == r.index));
+        let same = |index: u32| link.as_ref().is_some_and(|l| l.index == index);
+        let healthy = match (&self.run, &self.kernel) {
+            (Some(r), _) => r.alive() && same(r.index),
+            (None, Some(k)) => same(k.index),
+            (None, None) => false,
+        };
         if !healthy {
             tracing::warn!("wireguard: {DEVICE} or its threads are gone; starting again");
             self.start().await?;
@@ -333,9 +426,14 @@ impl WireguardBackend {
     /// Builds the peer table from the leases. A peer whose key is unchanged keeps its
     /// tunnel (a lease renewal resets no session); a new key under a subnet is a new peer
     /// and the old key's peer goes (no stale peer).
-    fn publish_table(&mut self, peers: &PeerSet, tally: &mut ReconcileTally) {
-        let Some(run) = &self.run else { return };
-        let engine = &run.engine;
+    async fn publish_table(
+        &mut self,
+        peers: &PeerSet,
+        tally: &mut ReconcileTally,
+    ) -> Result<(), BackendError> {
+        let Some(public) = self.public_key() else {
+            return Ok(());
+        };
         let mut skipped = Skipped::new();
         let candidates = common::candidates::<Ipv4Network>(peers, BACKEND, &mut skipped);
         let mut wanted: BTreeMap<[u8; 32], (SocketAddrV4, Vec<Ipv4Network>)> = BTreeMap::new();
@@ -345,7 +443,7 @@ impl WireguardBackend {
                 c.public_ip,
                 self.cfg.listen_port,
             ) {
-                Ok(lp) if lp.key == engine.public_key() => {
+                Ok(lp) if lp.key == public => {
                     skipped.insert(c.key, "lease carries our own public key".into());
                 }
                 Ok(lp) => {
@@ -358,12 +456,40 @@ impl WireguardBackend {
             }
         }
         common::log_skipped(BACKEND, "", &mut self.skipped, skipped);
+        if let Some(k) = &mut self.kernel {
+            let (changed, removed) = kernel_changes(&k.peers, &wanted);
+            k.dev
+                .update(&changed, self.cfg.psk, self.cfg.keepalive, &removed)
+                .await
+                .map_err(io_failed(format!("setting the peers of {DEVICE}")))?;
+            for p in &changed {
+                let name = config::encode_key(&p.key);
+                tracing::info!(
+                    "wireguard: peer {name} for {:?} at {:?}",
+                    p.allowed,
+                    p.endpoint
+                );
+            }
+            for key in &removed {
+                tracing::info!("wireguard: peer {} removed", config::encode_key(key));
+            }
+            tally.report.added += changed
+                .iter()
+                .filter(|p| !k.peers.contains_key(&p.key))
+                .count();
+            tally.report.removed += removed.len();
+            k.peers = wanted;
+            return Ok(());
+        }
+        let Some(run) = &self.run else { return Ok(()) };
+        let engine = &run.engine;
         let old = engine.peers.load_full();
         let (table, changes) = next_table(engine, &old, wanted, &mut self.lease_endpoints);
         tally.report.added += changes.added;
         tally.report.removed += changes.removed;
         tally.report.repaired += changes.changed;
         engine.peers.store(Arc::new(table));
+        Ok(())
     }
 
     /// The current peer table (tests).
@@ -372,12 +498,39 @@ impl WireguardBackend {
     }
 }
 
+/// What to tell the kernel device: peers new or changed since `told` (the endpoint only
+/// when the lease's changed, so a roamed peer stays where it is), and keys to remove.
+fn kernel_changes(
+    told: &BTreeMap<[u8; 32], (SocketAddrV4, Vec<Ipv4Network>)>,
+    wanted: &BTreeMap<[u8; 32], (SocketAddrV4, Vec<Ipv4Network>)>,
+) -> (Vec<kernel_device::KernelPeer>, Vec<[u8; 32]>) {
+    let mut changed = Vec::new();
+    for (key, (endpoint, nets)) in wanted {
+        let endpoint = match told.get(key) {
+            Some((e, n)) if e == endpoint && sorted(n) == sorted(nets) => continue,
+            Some((e, _)) => (e != endpoint).then_some(*endpoint),
+            None => Some(*endpoint),
+        };
+        changed.push(kernel_device::KernelPeer {
+            key: *key,
+            endpoint,
+            allowed: nets.clone(),
+        });
+    }
+    let removed = told
+        .keys()
+        .filter(|k| !wanted.contains_key(*k))
+        .copied()
+        .collect();
+    (changed, removed)
+}
+
 /// What [`next_table`] changed.
 #[derive(Debug, Default, PartialEq, Eq)]
-struct TableChanges {
-    added: usize,
-    removed: usize,
-    changed: usize,
+pub struct TableChanges {
+    pub added: usize,
+    pub removed: usize,
+    pub changed: usize,
 }
 
 /// The peer table for `wanted` (key → lease endpoint and allowed IPs), given the `old` one.
@@ -452,10 +605,10 @@ impl Drop for WireguardBackend {
 #[async_trait]
 impl Backend for WireguardBackend {
     async fn prepare(&mut self) -> Result<Publish, BackendError> {
-        if self.run.is_none() {
+        if self.run.is_none() && self.kernel.is_none() {
             self.start().await?;
         }
-        let key = config::encode_key(&self.run.as_ref().expect("started").engine.public_key());
+        let key = config::encode_key(&self.public_key().expect("started"));
         // No IPv6 device yet: advertising BackendV6Data would invite peers to a port where
         // nothing listens.
         let v6 = None;
@@ -473,7 +626,7 @@ impl Backend for WireguardBackend {
             .ipv4
             .ok_or_else(|| setup(format!("our lease {} has no IPv4 subnet", own.key)))?;
         self.own = Some(subnet);
-        if self.run.is_none() {
+        if self.run.is_none() && self.kernel.is_none() {
             self.start().await?;
         }
         let mut tally = ReconcileTally::new(BACKEND);
@@ -485,7 +638,7 @@ impl Backend for WireguardBackend {
         let mut tally = ReconcileTally::new(BACKEND);
         self.repair_device(&mut tally).await?;
         self.program_device(&mut tally).await?;
-        self.publish_table(peers, &mut tally);
+        self.publish_table(peers, &mut tally).await?;
         tally.finish()
     }
 }

@@ -201,3 +201,51 @@ fn the_fuzz_harness_survives_its_seeds() {
         h.datagram(d);
     }
 }
+
+#[test]
+fn the_kernel_device_is_told_only_what_changed() {
+    use super::kernel_changes;
+    use std::collections::BTreeMap;
+    let net = |s: &str| s.parse::<ipnetwork::Ipv4Network>().unwrap();
+    let ep = |s: &str| s.parse::<SocketAddrV4>().unwrap();
+    let told: BTreeMap<_, _> = [
+        (
+            [1u8; 32],
+            (ep("198.18.0.1:51820"), vec![net("10.5.1.0/24")]),
+        ),
+        (
+            [2u8; 32],
+            (ep("198.18.0.2:51820"), vec![net("10.5.2.0/24")]),
+        ),
+        (
+            [3u8; 32],
+            (ep("198.18.0.3:51820"), vec![net("10.5.3.0/24")]),
+        ),
+    ]
+    .into_iter()
+    .collect();
+    // A renewal of everything: nothing to tell (the kernel keeps its sessions anyway).
+    let (changed, removed) = kernel_changes(&told, &told);
+    assert!(changed.is_empty() && removed.is_empty());
+    let mut wanted = told.clone();
+    // 1 moves its port, 2's subnet changes (its endpoint stays where it may have roamed),
+    // 3 is replaced by key 4.
+    wanted.get_mut(&[1u8; 32]).unwrap().0 = ep("198.18.0.1:51999");
+    wanted.get_mut(&[2u8; 32]).unwrap().1 = vec![net("10.5.20.0/24")];
+    let three = wanted.remove(&[3u8; 32]).unwrap();
+    wanted.insert([4u8; 32], three);
+    let (changed, removed) = kernel_changes(&told, &wanted);
+    let summary: Vec<_> = changed
+        .iter()
+        .map(|p| (p.key[0], p.endpoint, p.allowed.clone()))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            (1, Some(ep("198.18.0.1:51999")), vec![net("10.5.1.0/24")]),
+            (2, None, vec![net("10.5.20.0/24")]),
+            (4, Some(ep("198.18.0.3:51820")), vec![net("10.5.3.0/24")]),
+        ]
+    );
+    assert_eq!(removed, vec![[3u8; 32]], "no stale peer after a key change");
+}
