@@ -24,6 +24,9 @@ need_pkgs() {
     [ -x /usr/sbin/swanctl ] || missing+=(strongswan-swanctl)
     [ -f /usr/lib/ipsec/plugins/libstrongswan-openssl.so ] || missing+=(libstrongswan-standard-plugins)
     [ -f /usr/lib/ipsec/plugins/libstrongswan-kernel-libipsec.so ] || missing+=(libcharon-extra-plugins)
+    # The foreign WireGuard peer of the wireguard interop tests and `flannel-bench wireguard`.
+    command -v wireguard-go >/dev/null || missing+=(wireguard-go)
+    command -v wg >/dev/null || missing+=(wireguard-tools)
     if [ ${#missing[@]} -gt 0 ]; then
         echo "installing: ${missing[*]}"
         export DEBIAN_FRONTEND=noninteractive

@@ -6,6 +6,8 @@
 //!   flanneld start-up with thousands of peers vs `ip -batch`, its RSS, and join latency.
 //! - `flannel-bench udp [--json FILE] [--secs N] [--repeat N] [--modes ...]`: the udp
 //!   backend (fast and plain path) against kernel VXLAN and a raw veth, iperf3 pod to pod.
+//! - `flannel-bench wireguard [--json FILE] [--secs N] [--repeat N] [--modes ...]`: our
+//!   wireguard backend against Debian's wireguard-go and our plaintext udp path, in one run.
 //! - `flannel-bench mesh50 [--hosts N] [--rounds R] [--json FILE]`: N hosts started at once
 //!   against a 3-member etcd: time until the whole mesh is programmed, flanneld RSS and CPU.
 //! - `flannel-bench kube [--nodes N] [--rounds R] [--json FILE]`: Kubernetes mode against a real
@@ -23,6 +25,7 @@ mod mesh50;
 mod scale;
 mod side_by_side;
 mod udp;
+mod wireguard;
 
 fn usage() -> ! {
     eprintln!(
@@ -41,7 +44,9 @@ fn usage() -> ! {
          N hosts at once on a 3-member etcd: time to the full mesh, flanneld RSS, CPU to converge and idle; ours vs Go flanneld\n  \
          kube [--nodes N] [--rounds R] [--json FILE] [--flanneld PATH] [--daemons flanneld,go-flanneld]\n        \
          [--go-flanneld PATH]\n      \
-         Kubernetes mode, N Nodes in a real kube-apiserver: start to the N-th route vs ip -batch, RSS, apiserver requests; ours vs Go flanneld"
+         Kubernetes mode, N Nodes in a real kube-apiserver: start to the N-th route vs ip -batch, RSS, apiserver requests; ours vs Go flanneld\n  \
+         wireguard [--json FILE] [--secs N] [--repeat N] [--flanneld PATH] [--modes wireguard-go,wireguard,udp]\n      \
+         our wireguard backend vs Debian's wireguard-go vs our plaintext udp: 1 and 4 TCP streams, 64-byte pps, daemon CPU"
     );
     std::process::exit(2)
 }
@@ -56,6 +61,7 @@ fn main() {
         "udp" => udp::main(&rest),
         "mesh50" => mesh50::main(&rest),
         "kube" => kube::main(&rest),
+        "wireguard" => wireguard::main(&rest),
         "blast-send" => blast::send_main(&rest),
         "blast-recv" => blast::recv_main(&rest),
         "-h" | "--help" | "help" => usage(),

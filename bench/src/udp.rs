@@ -27,8 +27,8 @@ use serde_json::{json, Value};
 
 /// flannel's C udp proxy, one TCP stream on these machines (the figure, upper end).
 const FLANNEL_PROXY_GBPS: f64 = 1.2;
-const A_IP: &str = "198.19.0.1";
-const B_IP: &str = "198.19.0.2";
+pub(crate) const A_IP: &str = "198.19.0.1";
+pub(crate) const B_IP: &str = "198.19.0.2";
 
 struct Opts {
     json: Option<PathBuf>,
@@ -163,14 +163,14 @@ fn ns_cmd(ns: &str, args: &[&str]) -> Result<String, String> {
 }
 
 /// Namespaces and processes of the run; removed on drop.
-struct Bed {
+pub(crate) struct Bed {
     p: String,
     /// etcd in host A's namespace, once a mode needs it (started by the test bed).
-    etcd: Option<netns_tests::Etcd>,
+    pub(crate) etcd: Option<netns_tests::Etcd>,
     /// Dropped first to last (after the children are stopped): newest namespace first.
     guards: Vec<netns_tests::Netns>,
     children: Vec<Child>,
-    dir: PathBuf,
+    pub(crate) dir: PathBuf,
 }
 
 impl Drop for Bed {
@@ -183,7 +183,7 @@ impl Drop for Bed {
 }
 
 impl Bed {
-    fn new() -> Result<Bed, String> {
+    pub(crate) fn new() -> Result<Bed, String> {
         let p = format!("fb{}", std::process::id());
         let dir = std::env::temp_dir().join(format!("flannel-bench-udp-{}", std::process::id()));
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -211,7 +211,7 @@ impl Bed {
         Ok(bed)
     }
 
-    fn ns(&self, short: &str) -> String {
+    pub(crate) fn ns(&self, short: &str) -> String {
         format!("{}{short}", self.p)
     }
 
@@ -230,7 +230,7 @@ impl Bed {
     }
 
     /// A pod namespace behind host `h`: `<net>.2/24` via `<net>.1`, with `mtu`.
-    fn add_pod(&mut self, h: &str, net: &str, mtu: u32) -> Result<String, String> {
+    pub(crate) fn add_pod(&mut self, h: &str, net: &str, mtu: u32) -> Result<String, String> {
         let hn = self.ns(h);
         let pn = self.add_ns(&format!("p{h}"))?;
         let mtu = mtu.to_string();
@@ -257,7 +257,7 @@ impl Bed {
         Ok(pn)
     }
 
-    fn remove_pods(&mut self) {
+    pub(crate) fn remove_pods(&mut self) {
         for h in ["a", "b"] {
             let _ = ns_cmd(&self.ns(h), &["ip", "link", "del", "vpod"]);
             self.del_ns(&format!("p{h}"));
@@ -266,7 +266,7 @@ impl Bed {
 
     /// Starts `c` (built to run in one of this bed's namespaces) with its output in `log`
     /// (under the bed's directory); returns its pid.
-    fn spawn_cmd(&mut self, mut c: Command, log: &str) -> Result<u32, String> {
+    pub(crate) fn spawn_cmd(&mut self, mut c: Command, log: &str) -> Result<u32, String> {
         let log = std::fs::File::create(self.dir.join(log)).map_err(|e| e.to_string())?;
         let child = c
             .stdin(Stdio::null())
@@ -280,7 +280,7 @@ impl Bed {
     }
 
     /// Stops the process `pid` this bed started (a daemon; etcd keeps running).
-    fn stop_pid(&mut self, pid: u32) {
+    pub(crate) fn stop_pid(&mut self, pid: u32) {
         if let Some(i) = self.children.iter().position(|c| c.id() == pid) {
             let mut c = self.children.remove(i);
             netns_tests::daemon::stop_child(&mut c, Duration::from_secs(5));
@@ -326,13 +326,13 @@ fn ncpus() -> f64 {
 }
 
 #[derive(Debug, Clone, Copy, Default)]
-struct Figure {
+pub(crate) struct Figure {
     /// Gbit/s for TCP, packets/s for UDP.
-    value: f64,
+    pub(crate) value: f64,
     /// The daemons' CPU, in cores (1.0 = one core busy).
-    daemon_cpu: Option<f64>,
+    pub(crate) daemon_cpu: Option<f64>,
     /// The machine's CPU, in cores.
-    machine_cpu: f64,
+    pub(crate) machine_cpu: f64,
     /// UDP only: datagrams/s the data path delivered to the receiving namespace's UDP layer
     /// (taken by the socket or dropped there because the receiving iperf3 fell behind).
     delivered_pps: Option<f64>,
@@ -346,7 +346,7 @@ struct ModeResult {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Load {
+pub(crate) enum Load {
     Tcp1,
     Tcp4,
     /// 64-byte datagrams from the batching generator (`blast`): the data path's rate.
@@ -358,7 +358,7 @@ enum Load {
 impl Load {
     const ALL: [Load; 4] = [Load::Tcp1, Load::Tcp4, Load::Udp64, Load::Udp64Iperf];
 
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Load::Tcp1 => "tcp_1_stream_gbps",
             Load::Tcp4 => "tcp_4_streams_gbps",
@@ -392,7 +392,7 @@ fn udp_counters(ns: &str) -> (f64, f64) {
 }
 
 /// One iperf3 run from `client_ns` to `server` (listening in `server_ns`).
-fn iperf(
+pub(crate) fn iperf(
     bed: &mut Bed,
     client_ns: &str,
     server_ns: &str,
@@ -468,7 +468,7 @@ fn iperf(
 }
 
 /// One run of the batching generator from `client_ns` to `server:5302` in `server_ns`.
-fn blast(
+pub(crate) fn blast(
     client_ns: &str,
     server_ns: &str,
     server: &str,
@@ -669,7 +669,7 @@ fn teardown_vxlan(bed: &Bed) {
 }
 
 /// Reads `KEY=VALUE` from a subnet file.
-fn subnet_env(path: &Path, key: &str) -> Option<String> {
+pub(crate) fn subnet_env(path: &Path, key: &str) -> Option<String> {
     let text = std::fs::read_to_string(path).ok()?;
     text.lines()
         .find_map(|l| l.strip_prefix(&format!("{key}=")).map(str::to_string))
@@ -685,9 +685,14 @@ fn config_for(mode: Mode) -> &'static str {
     }
 }
 
-/// Starts etcd in host A's namespace on `A_IP` when it is not running yet, and writes the
-/// network config of `mode`.
+/// Writes the network config of `mode` (see [`put_network_config`]).
 fn put_config(bed: &mut Bed, mode: Mode) -> Result<(), String> {
+    put_network_config(bed, config_for(mode))
+}
+
+/// Starts etcd in host A's namespace on `A_IP` when it is not running yet, and writes `config`
+/// as the network config.
+pub(crate) fn put_network_config(bed: &mut Bed, config: &str) -> Result<(), String> {
     if bed.etcd.is_none() {
         let etcd = netns_tests::Etcd::start_local(netns_tests::LocalEtcd {
             netns: Some(bed.ns("a")),
@@ -699,7 +704,7 @@ fn put_config(bed: &mut Bed, mode: Mode) -> Result<(), String> {
         bed.etcd = Some(etcd);
     }
     let etcd = bed.etcd.as_ref().expect("etcd runs");
-    etcd.put("/coreos.com/network/config", config_for(mode))
+    etcd.put("/coreos.com/network/config", config)
         .map_err(|e| e.to_string())
 }
 
@@ -778,7 +783,7 @@ fn which_path(bed: &Bed, h: &str, mode: Mode) -> String {
 
 // ---------------------------------------------------------------------------------------------
 
-fn build_flanneld() -> Result<PathBuf, String> {
+pub(crate) fn build_flanneld() -> Result<PathBuf, String> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap_or(Path::new("."));

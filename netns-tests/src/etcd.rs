@@ -513,7 +513,7 @@ impl Drop for WatchLog {
 }
 
 /// Standard base64 (with padding), as etcdctl's JSON output uses.
-fn base64_decode(s: &str) -> Result<Vec<u8>> {
+pub(crate) fn base64_decode(s: &str) -> Result<Vec<u8>> {
     fn val(c: u8) -> Option<u32> {
         Some(match c {
             b'A'..=b'Z' => c - b'A',

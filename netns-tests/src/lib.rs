@@ -42,6 +42,8 @@ pub mod pod;
 pub mod privileges;
 pub mod traffic;
 pub mod underlay;
+pub mod wg_flood;
+pub mod wireguard_go;
 
 use std::time::{Duration, Instant};
 
@@ -62,6 +64,8 @@ pub use traffic::{
     Transfer,
 };
 pub use underlay::Underlay;
+pub use wg_flood::{FloodReport, HandshakeFlood};
+pub use wireguard_go::WireguardGo;
 
 /// Held while a heavy or timing-sensitive test runs (see [`heavy_lock`]).
 #[derive(Debug)]
