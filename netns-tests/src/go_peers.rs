@@ -10,8 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use crate::bins::workspace_dir;
-use crate::cmd;
+use crate::built;
 
 /// The Go programs of one pinned flannel release.
 #[derive(Debug, Clone)]
@@ -31,23 +30,12 @@ pub struct GoPeers {
 impl GoPeers {
     /// Checks that `dir` holds every program and reads `VERSIONS`.
     pub fn in_dir(dir: &Path) -> Result<GoPeers, String> {
-        let exe = |name: &str| -> Result<PathBuf, String> {
-            let p = dir.join(name);
-            if cmd::is_executable(&p) {
-                Ok(p)
-            } else {
-                Err(format!("{} is not an executable file", p.display()))
-            }
-        };
-        let versions_path = dir.join("VERSIONS");
-        let versions = std::fs::read_to_string(&versions_path)
-            .map_err(|e| format!("reading {}: {e}", versions_path.display()))?;
         Ok(GoPeers {
             dir: dir.to_path_buf(),
-            flanneld: exe("flanneld")?,
-            cni_plugin: exe("flannel")?,
-            mk_docker_opts: exe("mk-docker-opts.sh")?,
-            versions: versions.trim_end().to_string(),
+            flanneld: built::program(dir, "flanneld")?,
+            cni_plugin: built::program(dir, "flannel")?,
+            mk_docker_opts: built::program(dir, "mk-docker-opts.sh")?,
+            versions: built::versions(dir)?,
         })
     }
 }
@@ -59,55 +47,24 @@ pub fn go_peers() -> Result<&'static GoPeers, String> {
 }
 
 fn find() -> Result<GoPeers, String> {
-    if let Some(dir) = std::env::var_os("GO_PEERS_DIR").filter(|d| !d.is_empty()) {
-        return GoPeers::in_dir(Path::new(&dir)).map_err(|e| format!("GO_PEERS_DIR: {e}"));
-    }
-    let script = workspace_dir().join("scripts/go-peers.sh");
-    let mut c = std::process::Command::new("bash");
-    c.arg(&script);
-    eprintln!("netns-tests: {} (set GO_PEERS_DIR to skip)", cmd::show(&c));
-    let out = cmd::output(&mut c).map_err(|e| e.to_string())?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        let lines: Vec<&str> = err.lines().collect();
-        let tail = lines[lines.len().saturating_sub(20)..].join("\n");
-        return Err(format!(
-            "{} failed ({}):\n{tail}",
-            script.display(),
-            out.status
-        ));
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let dir = stdout
-        .lines()
-        .last()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .ok_or_else(|| format!("{} printed no folder", script.display()))?;
-    GoPeers::in_dir(Path::new(dir))
+    GoPeers::in_dir(&built::folder("GO_PEERS_DIR", "go-peers.sh")?)
 }
 
 /// The Go peers for `test`, with their versions printed; when they cannot be had: panics under
 /// `CI`, otherwise prints a skip line and returns `None`.
 pub fn require(test: &str) -> Option<&'static GoPeers> {
-    match go_peers() {
-        Ok(p) => {
-            eprintln!(
-                "{test}: flannel's Go peers from {}:\n{}",
+    built::require(
+        test,
+        "flannel's Go peers (scripts/go-peers.sh)",
+        go_peers(),
+        |p| {
+            format!(
+                "flannel's Go peers from {}:\n{}",
                 p.dir.display(),
                 p.versions
-            );
-            Some(p)
-        }
-        Err(e) => {
-            let msg = format!("{test}: needs flannel's Go peers (scripts/go-peers.sh): {e}");
-            if std::env::var_os("CI").is_some() {
-                panic!("{msg}; CI is set, so this is a failure, not a skip");
-            }
-            eprintln!("SKIPPED {msg}");
-            None
-        }
-    }
+            )
+        },
+    )
 }
 
 /// `let peers = require_go_peers!();`: the [`GoPeers`], or returns from the calling test (a

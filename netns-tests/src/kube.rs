@@ -26,6 +26,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::bins::workspace_dir;
+use crate::built;
 use crate::{cmd, free_port, wait_for, wait_until, Daemon, Error, Netns, Result, Underlay, Wait};
 
 /// The programs of one pinned Kubernetes release and etcd.
@@ -44,23 +45,12 @@ pub struct KubePeers {
 impl KubePeers {
     /// Checks that `dir` holds every program and reads `VERSIONS`.
     pub fn in_dir(dir: &Path) -> Result<KubePeers, String> {
-        let exe = |name: &str| -> Result<PathBuf, String> {
-            let p = dir.join(name);
-            if cmd::is_executable(&p) {
-                Ok(p)
-            } else {
-                Err(format!("{} is not an executable file", p.display()))
-            }
-        };
-        let versions_path = dir.join("VERSIONS");
-        let versions = std::fs::read_to_string(&versions_path)
-            .map_err(|e| format!("reading {}: {e}", versions_path.display()))?;
         Ok(KubePeers {
             dir: dir.to_path_buf(),
-            kube_apiserver: exe("kube-apiserver")?,
-            kubectl: exe("kubectl")?,
-            etcd: exe("etcd")?,
-            versions: versions.trim_end().to_string(),
+            kube_apiserver: built::program(dir, "kube-apiserver")?,
+            kubectl: built::program(dir, "kubectl")?,
+            etcd: built::program(dir, "etcd")?,
+            versions: built::versions(dir)?,
         })
     }
 }
@@ -73,58 +63,24 @@ pub fn kube_peers() -> Result<&'static KubePeers, String> {
 }
 
 fn find() -> Result<KubePeers, String> {
-    if let Some(dir) = std::env::var_os("KUBE_PEERS_DIR").filter(|d| !d.is_empty()) {
-        return KubePeers::in_dir(Path::new(&dir)).map_err(|e| format!("KUBE_PEERS_DIR: {e}"));
-    }
-    let script = workspace_dir().join("scripts/kube-peers.sh");
-    let mut c = Command::new("bash");
-    c.arg(&script);
-    eprintln!(
-        "netns-tests: {} (set KUBE_PEERS_DIR to skip)",
-        cmd::show(&c)
-    );
-    let out = cmd::output(&mut c).map_err(|e| e.to_string())?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        let lines: Vec<&str> = err.lines().collect();
-        let tail = lines[lines.len().saturating_sub(20)..].join("\n");
-        return Err(format!(
-            "{} failed ({}):\n{tail}",
-            script.display(),
-            out.status
-        ));
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let dir = stdout
-        .lines()
-        .last()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .ok_or_else(|| format!("{} printed no folder", script.display()))?;
-    KubePeers::in_dir(Path::new(dir))
+    KubePeers::in_dir(&built::folder("KUBE_PEERS_DIR", "kube-peers.sh")?)
 }
 
 /// The programs for `test`, with their versions printed; when they cannot be had: panics under
 /// `CI`, otherwise prints a skip line and returns `None`.
 pub fn require(test: &str) -> Option<&'static KubePeers> {
-    match kube_peers() {
-        Ok(p) => {
-            eprintln!(
-                "{test}: Kubernetes control plane from {}:\n{}",
+    built::require(
+        test,
+        "kube-apiserver (scripts/kube-peers.sh)",
+        kube_peers(),
+        |p| {
+            format!(
+                "Kubernetes control plane from {}:\n{}",
                 p.dir.display(),
                 p.versions
-            );
-            Some(p)
-        }
-        Err(e) => {
-            let msg = format!("{test}: needs kube-apiserver (scripts/kube-peers.sh): {e}");
-            if std::env::var_os("CI").is_some() {
-                panic!("{msg}; CI is set, so this is a failure, not a skip");
-            }
-            eprintln!("SKIPPED {msg}");
-            None
-        }
-    }
+            )
+        },
+    )
 }
 
 /// `let peers = require_kube_peers!();`: the [`KubePeers`], or returns from the calling test (a

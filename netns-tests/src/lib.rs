@@ -25,6 +25,7 @@
 //! set, where it panics (see [`privileges`]).
 
 pub mod bins;
+mod built;
 pub mod charon;
 pub mod cluster;
 pub mod cmd;
