@@ -7,23 +7,10 @@ here="$(cd "$(dirname "$0")" && pwd)"
 # shellcheck source=go-peers.env
 source "$here/go-peers.env"
 
-export PATH="/usr/local/go/bin:$PATH"
-command -v go >/dev/null || { echo "go-peers: the go command is required (Go 1.26)" >&2; exit 1; }
-
-cache="${GO_PEERS_CACHE:-/var/cache/flannel-rs/go-peers}"
-out="$cache/flannel-$FLANNEL_GO_VERSION+cni-$FLANNEL_CNI_GO_VERSION"
-if [ -f "$out/.complete" ]; then
-    echo "$out"
-    exit 0
-fi
-
-# A private GOPATH and module cache, so the build neither needs nor touches the user's.
-export GOPATH="$cache/gopath" GOMODCACHE="$cache/gomodcache" GOFLAGS=-modcacherw
+# shellcheck source=go-cache.sh
+source "$here/go-cache.sh"
+go_cache_begin go-peers "flannel-$FLANNEL_GO_VERSION+cni-$FLANNEL_CNI_GO_VERSION"
 export CGO_ENABLED=1 # flannel's udp backend is cgo
-mkdir -p "$cache"
-work="$(mktemp -d "$cache/build.XXXXXX")"
-trap 'rm -rf "$work"' EXIT
-mkdir -p "$work/bin"
 
 module_dir() { go mod download -json "$1@$2" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p'; }
 
@@ -50,8 +37,4 @@ flannel-cni $FLANNEL_CNI_GO_MODULE/plugins/meta/flannel $FLANNEL_CNI_GO_VERSION
 mk-docker-opts.sh github.com/flannel-io/flannel/dist $FLANNEL_GO_VERSION
 $(go version)
 VERSIONS
-rm -rf "$out"
-mkdir -p "$(dirname "$out")"
-mv "$work/bin" "$out"
-touch "$out/.complete"
-echo "$out"
+go_cache_finish

@@ -9,22 +9,10 @@ here="$(cd "$(dirname "$0")" && pwd)"
 # shellcheck source=kube-peers.env
 source "$here/kube-peers.env"
 
-export PATH="/usr/local/go/bin:$PATH"
-command -v go >/dev/null || { echo "kube-peers: the go command is required (Go 1.26)" >&2; exit 1; }
-
-cache="${GO_PEERS_CACHE:-/var/cache/flannel-rs/go-peers}"
-out="$cache/kubernetes-$KUBERNETES_VERSION+etcd-$ETCD_VERSION"
-if [ -f "$out/.complete" ]; then
-    echo "$out"
-    exit 0
-fi
-
-# A private GOPATH and module cache, so the build neither needs nor touches the user's.
-export GOPATH="$cache/gopath" GOMODCACHE="$cache/gomodcache" GOFLAGS=-modcacherw
-mkdir -p "$cache"
-work="$(mktemp -d "$cache/build.XXXXXX")"
-trap 'rm -rf "$work"' EXIT
-mkdir -p "$work/bin" "$work/kube/kube-apiserver" "$work/kube/kubectl" "$work/etcd"
+# shellcheck source=go-cache.sh
+source "$here/go-cache.sh"
+go_cache_begin kube-peers "kubernetes-$KUBERNETES_VERSION+etcd-$ETCD_VERSION"
+mkdir -p "$work/kube/kube-apiserver" "$work/kube/kubectl" "$work/etcd"
 
 # Two mains of a few lines, doing what kubernetes' own cmd/kube-apiserver and cmd/kubectl do.
 cat > "$work/kube/kube-apiserver/main.go" <<'GO'
@@ -102,8 +90,4 @@ kubectl k8s.io/kubectl/pkg/cmd $KUBERNETES_STAGING_VERSION (k8s.io/kubernetes $K
 etcd go.etcd.io/etcd/server/v3/etcdmain $ETCD_VERSION
 $(go version)
 VERSIONS
-rm -rf "$out"
-mkdir -p "$(dirname "$out")"
-mv "$work/bin" "$out"
-touch "$out/.complete"
-echo "$out"
+go_cache_finish
