@@ -398,6 +398,39 @@ pub(super) fn connect(
     Ok(nl.clone().expect("set above"))
 }
 
+/// Programs a point-to-point device that carries the whole Network (udp's `flannel0`,
+/// wireguard's `flannel-wg`): exactly our subnet's network address as a `/32`, and one route,
+/// the Network through the device; every other route inside the Network through it is stale.
+pub(super) async fn program_network_device(
+    nl: &Netlink,
+    device: &str,
+    index: u32,
+    own: Ipv4Network,
+    network: Ipv4Network,
+    ext_index: u32,
+    tally: &mut ReconcileTally,
+) -> Result<(), BackendError> {
+    let backend = tally.backend;
+    let want = Ipv4Network::new(own.network(), 32).expect("/32 is valid");
+    let change = ensure_address(&nl.h, device, index, want, tally).await?;
+    tally.report.added += usize::from(change.added);
+    tally.report.removed += change.removed;
+    let route = netlink::Route4::new(network, None, index, false);
+    let desired = [(network, (route, None))].into_iter().collect();
+    let mut plan = Plan::default();
+    plan_routes(
+        &nl.h,
+        backend,
+        &desired,
+        &[index],
+        |r| owned_route(r, &network, None, Some(index), ext_index),
+        &mut plan,
+    )
+    .await?;
+    tally.apply(nl, plan).await;
+    Ok(())
+}
+
 /// What [`ensure_address`] changed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(super) struct AddressChange {

@@ -30,11 +30,11 @@ use async_trait::async_trait;
 use ipnetwork::Ipv4Network;
 use serde_json::json;
 
-use super::common::{self, fatal, Plan, ReconcileTally, Skipped};
+use super::common::{self, fatal, ReconcileTally, Skipped};
 use super::udp::device::Tun;
 use super::udp::socket::UdpSock;
 use super::{Backend, BackendContext, BackendError, Publish, ReconcileReport};
-use crate::netlink::{self, Netlink, Route4};
+use crate::netlink::{self, Netlink};
 use crate::subnet::{Lease, PeerSet};
 use config::{Mode, WgConfig};
 use counters::Counters;
@@ -375,25 +375,9 @@ impl WireguardBackend {
             return Ok(());
         };
         let nl = common::connect(BACKEND, &mut self.nl)?;
-        let want = Ipv4Network::new(own.network(), 32).expect("/32 is valid");
-        let change = common::ensure_address(&nl.h, DEVICE, index, want, tally).await?;
-        tally.report.added += usize::from(change.added);
-        tally.report.removed += change.removed;
-        let network = self.network;
-        let route = Route4::new(network, None, index, false);
-        let desired = [(network, (route, None))].into_iter().collect();
-        let mut plan = Plan::default();
-        common::plan_routes(
-            &nl.h,
-            BACKEND,
-            &desired,
-            &[index],
-            |r| common::owned_route(r, &network, None, Some(index), self.ctx.ext.index),
-            &mut plan,
-        )
-        .await?;
-        tally.apply(&nl, plan).await;
-        Ok(())
+        let ext_index = self.ctx.ext.index;
+        common::program_network_device(&nl, DEVICE, index, own, self.network, ext_index, tally)
+            .await
     }
 
     async fn repair_device(&mut self, tally: &mut ReconcileTally) -> Result<(), BackendError> {
