@@ -130,7 +130,7 @@ impl Collector for Exporter {
             ),
             (
                 "flannel_etcd_up",
-                "1 when the last etcd request succeeded.",
+                "1 when the last etcd request succeeded (with --kube-subnet-mgr: the last Kubernetes API server request).",
                 flag(&m.etcd_up),
             ),
         ];
@@ -141,7 +141,7 @@ impl Collector for Exporter {
         let counters = [
             (
                 "flannel_etcd_errors",
-                "Failed etcd requests and broken watch streams.",
+                "Failed etcd requests and broken watch streams (with --kube-subnet-mgr: Kubernetes API server requests and Node watches).",
                 &m.etcd_errors,
             ),
             (

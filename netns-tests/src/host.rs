@@ -45,6 +45,8 @@ impl Default for HostOptions {
 pub struct KubeMode {
     pub kubeconfig: PathBuf,
     pub net_conf: PathBuf,
+    /// Empty: no `NODE_NAME`, flanneld finds its Node from `POD_NAME` and `POD_NAMESPACE`
+    /// (set with [`Host::set_env`]).
     pub node_name: String,
     /// More flags in kube mode only (e.g. `--kube-annotation-prefix=...`).
     pub extra_args: Vec<String>,
@@ -272,7 +274,7 @@ impl Host {
             .unwrap_or_else(|| "info".to_string());
         flanneld.env = self.extra_env.lock().unwrap().clone();
         flanneld.wrapper = self.wrapper.lock().unwrap().clone();
-        if let Some(k) = self.kube() {
+        if let Some(k) = self.kube().filter(|k| !k.node_name.is_empty()) {
             flanneld.env.push(("NODE_NAME".into(), k.node_name));
         }
         // One WireGuard key per host (flannel's default path would be shared by all hosts).

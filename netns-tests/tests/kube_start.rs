@@ -1,5 +1,6 @@
 //! Kubernetes mode at start (root only): waiting for a podCIDR and for the API server instead
-//! of exiting (test 4), and what the RBAC-limited token allows (test 8).
+//! of exiting (test 4), what the RBAC-limited token allows (test 8), and finding our Node from
+//! our Pod as the DaemonSet runs us.
 
 mod kube_common;
 
@@ -68,4 +69,28 @@ fn kube_token_without_status_patch_is_a_clear_error() {
     waits_with(&k, 0, "nodes/status patch");
     let log = k.c.host(0).log_tail(200);
     assert!(log.contains("forbidden"), "{log}");
+}
+
+/// The DaemonSet sets no `NODE_NAME`, only `POD_NAME` and `POD_NAMESPACE`: flanneld reads its
+/// Pod's `spec.nodeName` (the manifest's `pods get`) and runs as that Node.
+#[test]
+fn kube_finds_its_node_from_its_pod() {
+    netns_tests::require_test_bed!();
+    let peers = netns_tests::require_kube_peers!();
+    let k = KubeCluster::new(peers, 1, Backend::Vxlan);
+    k.create_node(0);
+    let pod = "kube-flannel-ds-pod-test";
+    k.cp.create_pod("kube-flannel", pod, &node_name(0)).unwrap();
+    let h = k.c.host(0);
+    let mut mode = h.kube().expect("kube mode");
+    mode.node_name = String::new();
+    h.set_kube(Some(mode));
+    h.set_env("POD_NAME", pod);
+    h.set_env("POD_NAMESPACE", "kube-flannel");
+    h.start().unwrap();
+    h.wait_ready(READY).unwrap();
+    let log = h.log_tail(200);
+    assert!(log.contains("this is Node \"node0\""), "{log}");
+    assert_eq!(h.subnet().unwrap().to_string(), pod_cidr(0));
+    assert_eq!(k.annotations(0)["kube-subnet-manager"], "true");
 }

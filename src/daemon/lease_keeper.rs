@@ -132,7 +132,7 @@ impl<R: LeaseRegistry> LeaseKeeper<R> {
                     }
                     let gone = lease_gone(&view_rx.borrow_and_update(), &lease);
                     if gone {
-                        tracing::warn!("lease {} was deleted from etcd", lease.key);
+                        tracing::warn!("{}", self.reg.lease_gone_message(&lease));
                     }
                     gone
                 }

@@ -208,6 +208,8 @@ struct BoardState {
     lease: Option<OwnLease>,
     endpoints: Vec<EndpointStatus>,
     registry_kind: String,
+    /// Who holds our lease when it is no expiring etcd lease (`Node <name>`).
+    lease_holder: Option<String>,
     plane: PlaneRecord,
 }
 
@@ -238,7 +240,17 @@ impl Board {
             expires: None,
             held_by: None,
         };
-        self.with(|s| s.lease = Some(own));
+        self.with(|s| {
+            s.lease = Some(OwnLease {
+                held_by: s.lease_holder.clone(),
+                ..own
+            })
+        });
+    }
+
+    /// Who holds our lease, shown as `held_by` (Kubernetes mode: our Node).
+    pub fn set_lease_holder(&self, holder: &str) {
+        self.with(|s| s.lease_holder = Some(holder.to_string()));
     }
 
     /// The registry and its endpoints, before any probe has answered.

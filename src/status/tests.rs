@@ -371,3 +371,17 @@ fn a_pass_lists_its_first_changes_and_counts_the_rest() {
     let pass = plane.last_repair.unwrap();
     assert_eq!((pass.changes.len(), pass.more_changes), (CHANGES_LISTED, 5));
 }
+
+#[test]
+fn a_lease_held_by_a_node_says_so_and_an_etcd_lease_does_not() {
+    let kube = Board::default();
+    kube.set_lease_holder("Node n1");
+    kube.set_lease(&lease("10.5.7.0-24", "198.18.0.1"), "vxlan");
+    let own = kube.snapshot(true, None, None).lease.unwrap();
+    assert_eq!(own.held_by.as_deref(), Some("Node n1"));
+
+    let etcd = Board::default();
+    etcd.set_lease(&lease("10.5.7.0-24", "198.18.0.1"), "vxlan");
+    let own = etcd.snapshot(true, Some(99), None).lease.unwrap();
+    assert_eq!((own.held_by, own.expires), (None, Some(99)));
+}

@@ -63,4 +63,9 @@ pub trait LeaseRegistry: Send + Sync + 'static {
     /// Watches every lease, ours included, for ever: publishes the complete view to `tx` after
     /// every change. A lease missing from a synced view at least as new as ours is lost.
     fn watch_leases(&self, tx: watch::Sender<LeaseView>) -> impl Future<Output = ()> + Send;
+
+    /// What it means here that `lease` vanished from the view, for the log line.
+    fn lease_gone_message(&self, lease: &Lease) -> String {
+        format!("lease {} was deleted from etcd", lease.key)
+    }
 }

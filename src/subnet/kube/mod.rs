@@ -169,6 +169,7 @@ impl KubeRegistry {
             }
         };
         tracing::info!("Kubernetes mode: this is Node {node:?}");
+        metrics.status.set_lease_holder(&format!("Node {node}"));
         Ok(KubeRegistry {
             nodes: Api::all(client),
             node,
@@ -360,6 +361,14 @@ fn own_key(node: &Node, config: &NetworkConfig) -> Result<SubnetKey, String> {
     Ok(key)
 }
 
+/// Our lease leaves the Node view when our Node is deleted or stops being a flannel peer.
+fn lease_gone_message(node: &str, key: &SubnetKey) -> String {
+    format!(
+        "Node {node:?} with our lease {key} is gone from the Nodes flannel watches (the Node was \
+         deleted, or lost its podCIDR or flannel annotations); acquiring it again"
+    )
+}
+
 impl LeaseRegistry for KubeRegistry {
     type Error = KubeError;
 
@@ -434,6 +443,10 @@ impl LeaseRegistry for KubeRegistry {
                 .map(|t| t.0.as_second())
                 .unwrap_or_default(),
         })
+    }
+
+    fn lease_gone_message(&self, lease: &Lease) -> String {
+        lease_gone_message(&self.node, &lease.key)
     }
 
     /// A Node's podCIDR is ours for as long as the Node exists: nothing to renew.
@@ -538,6 +551,16 @@ mod tests {
             err.contains("no podCIDR yet") && err.contains("waiting"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_lost_lease_is_told_in_terms_of_the_node() {
+        let msg = lease_gone_message("n1", &"10.244.3.0-24".parse().unwrap());
+        assert!(
+            msg.contains("Node \"n1\"") && msg.contains("10.244.3.0-24") && msg.contains("deleted"),
+            "{msg}"
+        );
+        assert!(!msg.contains("etcd"), "{msg}");
     }
 
     #[test]
