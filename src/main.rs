@@ -39,11 +39,20 @@ fn main() -> ExitCode {
         .for_each(|w| tracing::warn!("{w}"));
     raise_open_file_limit();
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    // Kubernetes mode's control plane (one watch, a few patches) fits on one thread, and each
+    // extra worker thread brings its own malloc arena: one thread lowers its peak memory. The
+    // data paths of the udp and wireguard backends run on threads of their own either way.
+    let built = if opts.kube_subnet_mgr {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+    };
+    let runtime = match built {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("flanneld: cannot start the async runtime: {e}");

@@ -5,6 +5,7 @@
 
 pub mod annotations;
 pub mod client;
+pub mod lean_node;
 pub mod node_lease;
 pub mod patch;
 pub mod view;
@@ -23,6 +24,7 @@ use tokio::sync::watch;
 
 use self::annotations::AnnotationKeys;
 use self::client::{ClientError, NodeIdentity};
+use self::lean_node::LeanNode;
 use self::node_lease::{contains, node_name, Families, NodeError};
 use self::view::NodeTable;
 use super::acquire::{AcquireRequest, Renewal};
@@ -465,8 +467,9 @@ impl LeaseRegistry for KubeRegistry {
             return std::future::pending().await;
         };
         let mut table = NodeTable::new(self.keys.clone(), ours.families);
-        let stream = watcher(self.nodes.clone(), watcher::Config::default())
-            .backoff(WatchBackoff::default());
+        // Nodes are parsed as LeanNode: only the fields flannel reads are allocated.
+        let nodes: Api<LeanNode> = Api::all(self.nodes.clone().into_client());
+        let stream = watcher(nodes, watcher::Config::default()).backoff(WatchBackoff::default());
         let mut stream = std::pin::pin!(stream);
         let mut failing = false;
         while let Some(event) = stream.next().await {
@@ -493,7 +496,7 @@ impl LeaseRegistry for KubeRegistry {
                     table.init();
                     false
                 }
-                watcher::Event::InitApply(node) => {
+                watcher::Event::InitApply(LeanNode(node)) => {
                     if node_name(&node) == self.node {
                         self.restore_annotations(&node).await;
                     }
@@ -501,13 +504,13 @@ impl LeaseRegistry for KubeRegistry {
                     false
                 }
                 watcher::Event::InitDone => table.init_done(),
-                watcher::Event::Apply(node) => {
+                watcher::Event::Apply(LeanNode(node)) => {
                     if node_name(&node) == self.node {
                         self.restore_annotations(&node).await;
                     }
                     table.apply(&node)
                 }
-                watcher::Event::Delete(node) => table.delete(&node),
+                watcher::Event::Delete(LeanNode(node)) => table.delete(&node),
             };
             if changed {
                 tx.send_replace(table.view());
