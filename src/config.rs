@@ -24,6 +24,14 @@ pub enum ConfigError {
     },
 }
 
+impl ConfigError {
+    /// Whether the config names no backend this build has (`Backend.Type` unknown, empty or
+    /// not a string). Waiting cannot help: flannel exits on it too ("Error fetching backend").
+    pub fn names_no_backend(&self) -> bool {
+        matches!(self, ConfigError::Field { field, .. } if *field == "Backend.Type")
+    }
+}
+
 /// A validated network configuration, with every default filled in.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NetworkConfig {

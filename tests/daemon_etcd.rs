@@ -233,10 +233,6 @@ fn bad_configs_are_named_and_fixing_them_needs_no_restart() {
             r#"{"Network":"10.5.0.0/16","SubnetLen":31,"Backend":{"Type":"alloc"}}"#,
             "SubnetLen 31",
         ),
-        (
-            r#"{"Network":"10.5.0.0/16","Backend":{"Type":"nosuch"}}"#,
-            "Backend.Type \"nosuch\": unknown backend type",
-        ),
     ];
     for (config, expected) in cases {
         common::config(&etcd, config);
@@ -258,6 +254,38 @@ fn bad_configs_are_named_and_fixing_them_needs_no_restart() {
     a.wait_ready(WAIT);
     assert!(a.subnet().unwrap().starts_with("10.5."));
     assert!(a.stop().success());
+}
+
+/// flannel exits on a backend it does not have ("Error fetching backend: unknown backend type");
+/// so do we, naming the field and the value, before any lease is taken.
+#[test]
+fn an_unknown_backend_type_stops_the_daemon_naming_it() {
+    netns_tests::require_etcd!();
+    let etcd = Etcd::start_local(Default::default()).unwrap();
+    common::config(
+        &etcd,
+        r#"{"Network":"10.5.0.0/16","Backend":{"Type":"nosuch"}}"#,
+    );
+    let mut a = Flanneld::start(&etcd.endpoint(), "198.18.7.1", &[]);
+    let status = a.wait_exit(WAIT);
+    assert!(!status.success(), "exit status {status}");
+    let log = a.log();
+    let exit_line = log
+        .lines()
+        .find(|l| l.starts_with("flanneld: "))
+        .unwrap_or_else(|| panic!("no exit message in:\n{log}"));
+    assert!(
+        exit_line.contains("Backend.Type \"nosuch\": unknown backend type"),
+        "{exit_line}"
+    );
+    assert!(
+        subnet_keys(&etcd).is_empty(),
+        "lease taken for a bad config"
+    );
+    assert!(
+        !a.subnet_file().exists(),
+        "subnet file written for a bad config"
+    );
 }
 
 #[test]

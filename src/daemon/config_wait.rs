@@ -1,13 +1,17 @@
 //! Waiting for a valid network config.
 
+use super::DaemonError;
 use crate::backoff::Backoff;
 use crate::config::NetworkConfig;
 use crate::error_chain::Chain;
 use crate::subnet::registry::{ConfigRead, LeaseRegistry};
 
 /// Reads the network config until a valid one is there, watching the key in between. An
-/// invalid config is reported once per distinct problem; fixing it in the registry is enough.
-pub(super) async fn wait_for_config<R: LeaseRegistry>(reg: &R) -> NetworkConfig {
+/// invalid config is reported once per distinct problem; fixing it in the registry is enough,
+/// except for a backend this build does not have, which is returned as the error to exit with.
+pub(super) async fn wait_for_config<R: LeaseRegistry>(
+    reg: &R,
+) -> Result<NetworkConfig, DaemonError> {
     let mut last_report = String::new();
     let mut report = |msg: String, level: tracing::Level| {
         if msg != last_report {
@@ -33,7 +37,7 @@ pub(super) async fn wait_for_config<R: LeaseRegistry>(reg: &R) -> NetworkConfig 
             }
         };
         backoff.reset();
-        match value.map(|v| validate(&v)) {
+        match value.map(|v| NetworkConfig::parse(&v)) {
             None => report(
                 format!(
                     "waiting for the network config at {}",
@@ -41,11 +45,18 @@ pub(super) async fn wait_for_config<R: LeaseRegistry>(reg: &R) -> NetworkConfig 
                 ),
                 tracing::Level::INFO,
             ),
-            Some(Ok(config)) => return config,
-            Some(Err(why)) => report(
+            Some(Ok(config)) => return Ok(config),
+            Some(Err(err)) if err.names_no_backend() => {
+                return Err(DaemonError::Config {
+                    location: reg.config_location(),
+                    err,
+                })
+            }
+            Some(Err(err)) => report(
                 format!(
-                    "invalid network config at {}: {why}; waiting for a valid one",
-                    reg.config_location()
+                    "invalid network config at {}: {}; waiting for a valid one",
+                    reg.config_location(),
+                    Chain(&err)
                 ),
                 tracing::Level::ERROR,
             ),
@@ -54,7 +65,8 @@ pub(super) async fn wait_for_config<R: LeaseRegistry>(reg: &R) -> NetworkConfig 
     }
 }
 
-pub(super) fn validate(raw: &[u8]) -> Result<NetworkConfig, String> {
+#[cfg(test)]
+fn validate(raw: &[u8]) -> Result<NetworkConfig, String> {
     NetworkConfig::parse(raw).map_err(|e| Chain(&e).to_string())
 }
 
@@ -105,8 +117,34 @@ mod tests {
         };
         let config = tokio::time::timeout(std::time::Duration::from_secs(5), wait_for_config(&reg))
             .await
-            .expect("a valid config in time");
+            .expect("a valid config in time")
+            .expect("no fatal config");
         assert_eq!(config.v4.unwrap().network, "10.7.0.0/16".parse().unwrap());
         assert_eq!(*reg.config_reads.lock().unwrap(), 4);
+    }
+
+    #[tokio::test]
+    async fn an_unknown_backend_type_ends_the_wait_with_an_error_naming_it() {
+        let reg = MemoryRegistry {
+            configs: script([
+                Ok(Some(
+                    r#"{"Network":"10.7.0.0/16","Backend":{"Type":"nosuch"}}"#,
+                )),
+                Ok(Some(
+                    r#"{"Network":"10.7.0.0/16","Backend":{"Type":"udp"}}"#,
+                )),
+            ]),
+            ..Default::default()
+        };
+        let err = tokio::time::timeout(std::time::Duration::from_secs(5), wait_for_config(&reg))
+            .await
+            .expect("an answer in time")
+            .expect_err("an unknown backend type is fatal");
+        let msg = err.to_string();
+        assert!(
+            msg.contains(r#"Backend.Type "nosuch": unknown backend type"#),
+            "{msg}"
+        );
+        assert_eq!(*reg.config_reads.lock().unwrap(), 1, "no second read");
     }
 }

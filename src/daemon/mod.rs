@@ -58,6 +58,12 @@ pub enum DaemonError {
     },
     #[error("{0}")]
     Mismatch(String),
+    /// A network config no waiting can fix (see [`ConfigError::names_no_backend`]).
+    #[error("{err} (read from {location})")]
+    Config {
+        location: String,
+        err: crate::config::ConfigError,
+    },
     /// A task that runs for the life of the daemon returned, or panicked (`failure`).
     #[error("internal task {task} stopped; exiting so that it is restarted")]
     TaskEnded {
@@ -170,7 +176,7 @@ async fn run_with<R: LeaseRegistry>(
     metrics: Arc<Metrics>,
     extras: Extras,
 ) -> Result<(), DaemonError> {
-    let config = wait_for_config(&*reg).await;
+    let config = wait_for_config(&*reg).await?;
     check_families(&config, &ext)?;
     tracing::info!(
         "network config: network {:?}, IPv6 network {:?}, backend {}",
