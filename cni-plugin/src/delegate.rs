@@ -118,9 +118,11 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
     write_replacing(path, bytes, true)
 }
 
-/// [`write_atomically`], with the two fsyncs only when `durable`: a reader still sees the old
-/// content or the new, but after a power cut the file may be missing.
-fn write_replacing(path: &Path, bytes: &[u8], durable: bool) -> io::Result<()> {
+/// [`write_atomically`]; the directory is fsynced only when `sync_dir`. The file's own fsync
+/// always comes before the rename: without it a power cut can leave the new name on an empty
+/// or partial file (ext4 and xfs commit the rename before delayed data). Without the
+/// directory's fsync the file may be missing after a power cut, never corrupt.
+fn write_replacing(path: &Path, bytes: &[u8], sync_dir: bool) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = temp_path(path);
     match fs::remove_file(&tmp) {
@@ -136,17 +138,14 @@ fn write_replacing(path: &Path, bytes: &[u8], durable: bool) -> io::Result<()> {
         .open(&tmp)
         .and_then(|mut f| {
             f.write_all(bytes)?;
-            if durable {
-                f.sync_all()?;
-            }
-            Ok(())
+            f.sync_all()
         })
         .and_then(|()| fs::rename(&tmp, path));
     if let Err(e) = written {
         let _ = fs::remove_file(&tmp);
         return Err(e);
     }
-    if !durable {
+    if !sync_dir {
         return Ok(());
     }
     // The rename itself must survive a power cut, or the next boot finds the old conf.
@@ -258,9 +257,10 @@ pub fn save(conf: &NetConf, env: &Env, d: &Map<String, Value>) -> CniResult<Path
     save_with(conf, env, d, true)
 }
 
-/// [`save`] without fsync, for the native path: our own DEL does not need the conf (a pod
-/// without one is undone with the current config), only flannel's plugin after a rollback
-/// does, so losing it to a power cut costs less than two fsyncs on every ADD.
+/// [`save`] without the directory's fsync, for the native path: after a power cut the conf is
+/// whole or missing, never empty or partial (flannel's plugin fails DEL on a conf it cannot
+/// parse, and treats a missing one as nothing to undo; our DEL does without it). The second
+/// fsync would cost more on every ADD than a conf missing after a power cut.
 pub fn save_native(conf: &NetConf, env: &Env, senv: &SubnetEnv) -> CniResult<PathBuf> {
     save_with(conf, env, &native_conf(conf, senv), false)
 }
@@ -269,7 +269,7 @@ fn save_with(
     conf: &NetConf,
     env: &Env,
     d: &Map<String, Value>,
-    durable: bool,
+    sync_dir: bool,
 ) -> CniResult<PathBuf> {
     let path = saved_path(conf, env);
     fs::DirBuilder::new()
@@ -278,7 +278,7 @@ fn save_with(
         .create(&conf.data_dir)
         .map_err(|e| io_error("create data dir", &conf.data_dir, e))?;
     let bytes = serde_json::to_vec(d).expect("serializable");
-    write_replacing(&path, &bytes, durable)
+    write_replacing(&path, &bytes, sync_dir)
         .map_err(|e| io_error("save delegate conf", &path, e))?;
     Ok(path)
 }
