@@ -7,6 +7,7 @@
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
 use std::time::Duration;
 
 use netns_tests::traffic::tcp_transfer;
@@ -34,8 +35,9 @@ fn log(c: &Cluster, i: usize) -> String {
 }
 
 /// The UDP payloads to or from `port` seen on `eth0` of the namespace this runs in, until
-/// `stop` is set: an `AF_PACKET` socket, so the capture sees what the wire carries.
-fn capture(port: u16, stop: &AtomicBool) -> Vec<Vec<u8>> {
+/// `stop` is set: an `AF_PACKET` socket, so the capture sees what the wire carries. `bound`
+/// hears once the socket is bound, from when on it sees every frame.
+fn capture(port: u16, stop: &AtomicBool, bound: mpsc::Sender<()>) -> Vec<Vec<u8>> {
     let eth_p_ip = (libc::ETH_P_IP as u16).to_be();
     // SAFETY: plain socket(2) call; the result is checked before use.
     let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM, i32::from(eth_p_ip)) };
@@ -61,6 +63,7 @@ fn capture(port: u16, stop: &AtomicBool) -> Vec<Vec<u8>> {
         )
     };
     assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
+    let _ = bound.send(());
     let tv = libc::timeval {
         tv_sec: 0,
         tv_usec: 100_000,
@@ -190,14 +193,19 @@ fn wireguard_every_pod_reaches_every_pod_and_the_underlay_carries_only_wireguard
     // A transfer from host 0's pod to host 1's pod, watched on host 1's underlay link.
     let stop = AtomicBool::new(false);
     let (a, b) = (&pods[0], &pods[1]);
+    let (bound_tx, bound) = mpsc::channel();
     let seen = std::thread::scope(|s| {
         let cap = s.spawn(|| {
             c.host(1)
                 .netns()
-                .run_in(|| capture(PORT, &stop))
+                .run_in(|| capture(PORT, &stop, bound_tx))
                 .expect("capture runs in host 1")
         });
-        std::thread::sleep(Duration::from_millis(300));
+        // The transfer starts once the capture sees the wire (a failed capture drops the
+        // sender, which ends the wait at once).
+        bound
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the capture socket is bound on host 1's eth0");
         // The receiver hashes what it got; a mismatch is an error.
         tcp_transfer(a, b, 2 << 20).expect("checksummed transfer over wireguard");
         stop.store(true, Ordering::Relaxed);
