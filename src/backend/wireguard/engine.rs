@@ -241,6 +241,7 @@ pub fn spawn(
     sock: Arc<UdpSock>,
     engine: Arc<Engine>,
 ) -> io::Result<Vec<JoinHandle<()>>> {
+    super::heap::keep_freed_batches();
     let tx = {
         let (tun, sock, engine) = (tun.clone(), sock.clone(), engine.clone());
         std::thread::Builder::new()
