@@ -31,7 +31,7 @@ use crate::backend::udp::device::Tun;
 use crate::backend::udp::offload::{
     self, Coalescer, PktRef, Segments, TxPacket, MAX_COALESCE, VNET_HDR_LEN,
 };
-use crate::backend::udp::socket::{RecvBatch, SendStorage, UdpSock};
+use crate::backend::udp::socket::{RecvBatch, SendStats, SendStorage, UdpSock};
 
 /// How long an idle thread sleeps in `poll` before looking at the stop flag.
 const POLL_MS: i32 = 200;
@@ -241,6 +241,7 @@ pub fn spawn(
     sock: Arc<UdpSock>,
     engine: Arc<Engine>,
 ) -> io::Result<Vec<JoinHandle<()>>> {
+    super::heap::keep_freed_batches();
     let tx = {
         let (tun, sock, engine) = (tun.clone(), sock.clone(), engine.clone());
         std::thread::Builder::new()
@@ -259,15 +260,22 @@ pub fn spawn(
     Ok(vec![tx, rx, timers])
 }
 
+/// Send state for batches of up to `max_msgs` datagrams. Each datagram takes two iovecs:
+/// with fewer than that, a batch is cut short (a sendmmsg every few datagrams, GSO runs
+/// of a few segments) however many messages fit.
+fn send_storage(max_msgs: usize) -> SendStorage {
+    SendStorage::new(max_msgs, 2 * max_msgs)
+}
+
 /// Sends what the protocol produced, in one batch (sendmmsg, GSO when the socket has it).
 fn send_all(
     sock: &UdpSock,
     storage: &mut SendStorage,
     out: &[(SocketAddrV4, Packet)],
     c: &Counters,
-) {
+) -> SendStats {
     if out.is_empty() {
-        return;
+        return SendStats::default();
     }
     let mut batch = storage.batch(sock, sock.gso);
     for (to, p) in out {
@@ -277,6 +285,7 @@ fn send_all(
     for _ in 0..sent.failed {
         c.tx.drop(Drop::IoError);
     }
+    sent
 }
 
 fn tx_loop(tun: &Tun, sock: &UdpSock, engine: &Engine) {
@@ -284,7 +293,7 @@ fn tx_loop(tun: &Tun, sock: &UdpSock, engine: &Engine) {
     let mut segs = Segments::new();
     let vnet = tun.offloads.vnet;
     let mut out: Vec<(SocketAddrV4, Packet)> = Vec::with_capacity(SEND_AT_ONCE + 64);
-    let mut storage = SendStorage::new(SEND_AT_ONCE + 64, 16);
+    let mut storage = send_storage(SEND_AT_ONCE + 64);
     let mut mtu = MtuWatcher::new(engine.mtu);
     let c = &engine.counters;
     while !engine.stop.load(Ordering::Relaxed) {
@@ -511,7 +520,7 @@ impl<'a> Rx<'a> {
 
 fn rx_loop(tun: &Tun, sock: &UdpSock, engine: &Engine) {
     let mut rb = RecvBatch::new(BATCH, DATAGRAM_LEN);
-    let mut storage = SendStorage::new(BATCH * 2, 16);
+    let mut storage = send_storage(BATCH * 2);
     let mut rx = Rx::new(engine);
     let o = tun.offloads;
     let mut co = Coalescer::new(BATCH * MAX_COALESCE, o.vnet && o.tso, o.vnet && o.uso);
@@ -555,7 +564,7 @@ fn rx_loop(tun: &Tun, sock: &UdpSock, engine: &Engine) {
 }
 
 fn timer_loop(sock: &UdpSock, engine: &Engine) {
-    let mut storage = SendStorage::new(64, 16);
+    let mut storage = send_storage(64);
     let mut out = Vec::new();
     let mut last_reset = Instant::now();
     while !engine.stop.load(Ordering::Relaxed) {
@@ -581,5 +590,30 @@ fn timer_loop(sock: &UdpSock, engine: &Engine) {
             engine.rate_limiter.try_reset_count();
             last_reset = Instant::now();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The datagrams one TSO super-packet becomes (64 KiB of 1420-byte segments, encrypted)
+    /// go out in one sendmmsg, not one per few datagrams.
+    #[test]
+    fn a_super_packets_datagrams_leave_in_one_syscall() {
+        let any = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0);
+        let (tx, rx) = (
+            UdpSock::bind(any, true).unwrap(),
+            UdpSock::bind(any, true).unwrap(),
+        );
+        let datagram = vec![4u8; 1452];
+        let out: Vec<(SocketAddrV4, Packet)> = (0..46)
+            .map(|_| (rx.local, Packet::from_bytes(BytesMut::from(&datagram[..]))))
+            .collect();
+        let mut storage = send_storage(SEND_AT_ONCE + 64);
+        let sent = send_all(&tx, &mut storage, &out, &Counters::default());
+        assert_eq!(sent.packets, 46);
+        assert_eq!(sent.failed, 0);
+        assert_eq!(sent.syscalls, 1, "{sent:?}");
     }
 }

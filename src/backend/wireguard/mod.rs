@@ -14,6 +14,7 @@ pub mod counters;
 pub mod engine;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
+mod heap;
 pub mod kernel;
 pub mod kernel_device;
 pub mod keyfile;
