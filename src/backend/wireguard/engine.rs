@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -192,8 +192,14 @@ pub fn encapsulate_frame(
     mtu: &mut MtuWatcher,
     out: &mut Vec<(SocketAddr, Packet)>,
 ) -> Result<(), Drop> {
-    let (dst, prepared) = match inner6::version(frame.get(VNET_HDR_LEN..).unwrap_or_default()) {
-        Some(6) => inner6::prepare_from_tun(frame, true, segs).map(|(d, p)| (d.into(), p)),
+    let pkt = frame.get(VNET_HDR_LEN..).unwrap_or_default();
+    let (dst, prepared) = match inner6::addr_and_len(pkt, true) {
+        Some((IpAddr::V6(dst), _)) => {
+            // The kernel's own IPv6 packets (router solicitations, MLD: multicast, hop
+            // limit 1) go to no peer: counted as such, not as malformed.
+            peers.route(dst.into()).ok_or(Drop::NoRoute)?;
+            inner6::prepare_from_tun(frame, true, segs).map(|(d, p)| (d.into(), p))
+        }
         _ => offload::prepare_from_tun(frame, true, segs).map(|(d, p)| (d.into(), p)),
     }
     .map_err(|_| Drop::Malformed)?;

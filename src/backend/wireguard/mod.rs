@@ -546,9 +546,14 @@ impl WireguardBackend {
         let tun = Tun::open(name, true).map_err(io_failed(format!("opening TUN device {name}")))?;
         let index = nix::net::if_::if_nametoindex(name)
             .map_err(|e| io_failed(format!("index of {name}"))(e.into()))?;
-        if spec.v6.is_none() {
-            let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
-        }
+        // IPv6 off on a device that carries none (no link-local, router or multicast
+        // packets from the kernel); on again on one that does (an adopted device may have
+        // been a single-family one).
+        let v6_off = if spec.v6.is_none() { "1" } else { "0" };
+        let _ = std::fs::write(
+            format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"),
+            v6_off,
+        );
         super::udp::kernel::set_up(&nl.h, name, index, self.mtu)
             .await
             .map_err(fatal(BACKEND, "setting the device up"))?;

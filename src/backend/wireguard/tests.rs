@@ -523,3 +523,36 @@ mod modes {
         a
     }
 }
+
+#[test]
+fn ipv6_frames_from_the_device_go_to_their_peer_and_the_kernels_own_to_none() {
+    use crate::backend::udp::offload::{Segments, VnetHdr};
+    use gotatun::tun::MtuWatcher;
+    let (a, b) = pair_over_ipv6();
+    let peers = a.engine.peers.load();
+    let frame = |pkt: Vec<u8>| [VnetHdr::default().encode().to_vec(), pkt].concat();
+    let mut out = Vec::new();
+    let mut go = |pkt: Vec<u8>| {
+        super::engine::encapsulate_frame(
+            &a.engine,
+            &peers,
+            &mut frame(pkt),
+            &mut Segments::new(),
+            &mut MtuWatcher::new(1420),
+            &mut out,
+        )
+    };
+    // A router solicitation: multicast, hop limit 255; an MLD report: hop limit 1.
+    let mut rs = ip6_packet(a.host6(1), "ff02::2".parse().unwrap(), b"rs");
+    rs[7] = 255;
+    let mut mld = ip6_packet(a.host6(1), "ff02::16".parse().unwrap(), b"mld");
+    mld[7] = 1;
+    assert_eq!(go(rs), Err(Drop::NoRoute));
+    assert_eq!(go(mld), Err(Drop::NoRoute));
+    assert_eq!(go(ip6_packet(a.host6(1), b.host6(1), b"to b")), Ok(()));
+    assert_eq!(out.len(), 1);
+    assert_eq!(
+        out[0].0, b.addr,
+        "a handshake initiation to b's IPv6 endpoint"
+    );
+}
