@@ -169,6 +169,9 @@ pub fn select_underlay(
 /// Peer key → (lease endpoint, allowed IPs): what one device should hold.
 type Wanted = BTreeMap<[u8; 32], (SocketAddr, Vec<IpNetwork>)>;
 
+/// One peer from its lease: key, endpoint, allowed IPs.
+type LeasePeer = ([u8; 32], SocketAddr, Vec<IpNetwork>);
+
 /// The kernel device while it is ours.
 struct KernelRun {
     dev: kernel_device::KernelDevice,
@@ -296,7 +299,7 @@ fn lease_peer(
     ours: OurAddrs,
     key: &SubnetKey,
     attrs: &LeaseAttrs,
-) -> Result<Option<([u8; 32], SocketAddr, Vec<IpNetwork>)>, String> {
+) -> Result<Option<LeasePeer>, String> {
     let v4 = spec.v4.and(key.ipv4);
     let v6 = spec.v6.and(key.ipv6);
     if v4.is_none() && v6.is_none() {
