@@ -399,23 +399,24 @@ pub(super) fn connect(
 }
 
 /// Programs a point-to-point device that carries the whole Network (udp's `flannel0`,
-/// wireguard's `flannel-wg`): exactly our subnet's network address as a `/32`, and one route,
-/// the Network through the device; every other route inside the Network through it is stale.
-pub(super) async fn program_network_device(
+/// wireguard's `flannel-wg`, `flannel-wg-v6`): exactly our subnet's network address as a `/32`
+/// (`/128`), and one route, the Network through the device; every other route of the family
+/// inside the Network through it is stale.
+pub(super) async fn program_network_device<N: Net>(
     nl: &Netlink,
     device: &str,
     index: u32,
-    own: Ipv4Network,
-    network: Ipv4Network,
+    own: N,
+    network: N,
     ext_index: u32,
     tally: &mut ReconcileTally,
 ) -> Result<(), BackendError> {
     let backend = tally.backend;
-    let want = Ipv4Network::new(own.network(), 32).expect("/32 is valid");
+    let want = N::host(own.net_addr());
     let change = ensure_address(&nl.h, device, index, want, tally).await?;
     tally.report.added += usize::from(change.added);
     tally.report.removed += change.removed;
-    let route = netlink::Route4::new(network, None, index, false);
+    let route = Route::<N>::new(network, None, index, false);
     let desired = [(network, (route, None))].into_iter().collect();
     let mut plan = Plan::default();
     plan_routes(

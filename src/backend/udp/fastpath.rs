@@ -373,16 +373,17 @@ impl<'a> RxPath<'a> {
         let peers = self.shared.peers.load();
         for i in 0..n {
             let m = self.rb.meta[i];
-            if m.truncated {
+            // The socket is IPv4: every sender is.
+            let (false, std::net::SocketAddr::V4(from)) = (m.truncated, m.from) else {
                 stats.malformed += 1;
                 continue;
-            }
+            };
             pipeline::rx_datagram(
                 &mut self.rb.bufs,
                 i,
                 m.len,
                 m.seg_size,
-                m.from,
+                from,
                 &peers,
                 &mut self.co,
                 &mut stats,

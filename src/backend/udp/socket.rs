@@ -1,9 +1,11 @@
 //! The tunnel's UDP socket: large buffers, UDP GSO (`UDP_SEGMENT`) and GRO (`UDP_GRO`) when the
-//! kernel has them, and batched `sendmmsg`/`recvmmsg` over preallocated message arrays.
+//! kernel has them, and batched `sendmmsg`/`recvmmsg` over preallocated message arrays. IPv4,
+//! IPv6, or both on one IPv6 socket (IPv4 peers then appear as themselves, not as mapped
+//! addresses).
 
 use std::io;
 use std::marker::PhantomData;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::AsRawFd;
 
 use nix::sys::socket::{setsockopt, sockopt};
@@ -29,17 +31,34 @@ pub struct UdpSock {
     pub gso: bool,
     /// `UDP_GRO` is on: one receive may return many datagrams of one sender, back to back.
     pub gro: bool,
-    pub local: SocketAddrV4,
+    pub local: SocketAddr,
+    /// An `AF_INET6` socket: addresses are `sockaddr_in6`, IPv4 ones mapped.
+    v6: bool,
 }
 
 impl UdpSock {
-    /// Binds the tunnel socket to `addr`; with `offload`, turns on UDP GSO/GRO where possible.
-    pub fn bind(addr: SocketAddrV4, offload: bool) -> io::Result<UdpSock> {
+    /// Binds the tunnel socket to `addr` (an IPv6 address: IPv6 only); with `offload`, turns
+    /// on UDP GSO/GRO where possible.
+    pub fn bind(addr: impl Into<SocketAddr>, offload: bool) -> io::Result<UdpSock> {
+        Self::bind_with(addr.into(), true, offload)
+    }
+
+    /// One socket on `port` of every address of both families (IPv6 with `IPV6_V6ONLY` off).
+    pub fn bind_dual_stack(port: u16, offload: bool) -> io::Result<UdpSock> {
+        let any = SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0);
+        Self::bind_with(any.into(), false, offload)
+    }
+
+    fn bind_with(addr: SocketAddr, v6_only: bool, offload: bool) -> io::Result<UdpSock> {
+        let v6 = addr.is_ipv6();
         let sock = Socket::new(
-            Domain::IPV4,
+            if v6 { Domain::IPV6 } else { Domain::IPV4 },
             Type::DGRAM.nonblocking().cloexec(),
             Some(Protocol::UDP),
         )?;
+        if v6 {
+            sock.set_only_v6(v6_only)?;
+        }
         sock.bind(&addr.into())?;
         // Forced sizes (root) go past net.core.[rw]mem_max; fall back to the capped ones.
         if setsockopt(&sock, sockopt::RcvBufForce, &SOCK_BUF).is_err() {
@@ -59,19 +78,36 @@ impl UdpSock {
         };
         let local = sock
             .local_addr()?
-            .as_socket_ipv4()
-            .ok_or_else(|| io::Error::other("socket has no IPv4 address"))?;
+            .as_socket()
+            .ok_or_else(|| io::Error::other("socket has no IP address"))?;
         Ok(UdpSock {
             sock,
             gso,
             gro,
             local,
+            v6,
         })
     }
 
     /// Sends one datagram (ICMP-free control paths, tests).
-    pub fn send_to(&self, buf: &[u8], to: SocketAddrV4) -> io::Result<usize> {
-        self.sock.send_to(buf, &to.into())
+    pub fn send_to(&self, buf: &[u8], to: impl Into<SocketAddr>) -> io::Result<usize> {
+        let (addr, len) = sockaddr(to.into(), self.v6);
+        // SAFETY: `addr` holds a valid socket address of `len` bytes; `buf` is readable.
+        let r = unsafe {
+            libc::sendto(
+                self.sock.as_raw_fd(),
+                buf.as_ptr().cast(),
+                buf.len(),
+                0,
+                (&addr as *const SockAddr).cast(),
+                len,
+            )
+        };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(r as usize)
+        }
     }
 
     pub fn wait(&self, events: libc::c_short, timeout_ms: i32) -> io::Result<bool> {
@@ -88,8 +124,8 @@ impl UdpSock {
             };
             // SAFETY: mmsghdr is plain old data; all zeroes is a valid value.
             let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
-            m.msg_hdr.msg_name = (&mut batch.addrs[i] as *mut libc::sockaddr_in).cast();
-            m.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            m.msg_hdr.msg_name = (&mut batch.addrs[i] as *mut SockAddr).cast();
+            m.msg_hdr.msg_namelen = std::mem::size_of::<SockAddr>() as libc::socklen_t;
             m.msg_hdr.msg_iov = &mut batch.iovs[i];
             m.msg_hdr.msg_iovlen = 1;
             m.msg_hdr.msg_control = batch.cmsgs[i].0.as_mut_ptr().cast();
@@ -116,10 +152,7 @@ impl UdpSock {
             let a = &batch.addrs[i];
             batch.meta[i] = RecvMeta {
                 len: m.msg_len as usize,
-                from: SocketAddrV4::new(
-                    Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
-                    u16::from_be(a.sin_port),
-                ),
+                from: from_sockaddr(a),
                 seg_size: gro_segment_size(&m.msg_hdr).unwrap_or(0),
                 truncated: m.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
             };
@@ -149,7 +182,7 @@ fn gro_segment_size(hdr: &libc::msghdr) -> Option<usize> {
 #[derive(Debug, Clone, Copy)]
 pub struct RecvMeta {
     pub len: usize,
-    pub from: SocketAddrV4,
+    pub from: SocketAddr,
     /// Size of the coalesced segments (GRO); 0 for a single datagram.
     pub seg_size: usize,
     pub truncated: bool,
@@ -165,7 +198,7 @@ pub struct RecvBatch {
     pub meta: Vec<RecvMeta>,
     msgs: Vec<libc::mmsghdr>,
     iovs: Vec<libc::iovec>,
-    addrs: Vec<libc::sockaddr_in>,
+    addrs: Vec<SockAddr>,
     cmsgs: Vec<CmsgBuf>,
 }
 
@@ -176,7 +209,7 @@ impl RecvBatch {
             (
                 std::mem::zeroed::<libc::mmsghdr>(),
                 std::mem::zeroed::<libc::iovec>(),
-                std::mem::zeroed::<libc::sockaddr_in>(),
+                std::mem::zeroed::<SockAddr>(),
             )
         };
         RecvBatch {
@@ -184,7 +217,7 @@ impl RecvBatch {
             meta: vec![
                 RecvMeta {
                     len: 0,
-                    from: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
+                    from: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0).into(),
                     seg_size: 0,
                     truncated: false,
                 };
@@ -211,7 +244,7 @@ pub struct SendStats {
 
 #[derive(Debug, Clone, Copy)]
 struct MsgMeta {
-    to: SocketAddrV4,
+    to: SocketAddr,
     /// First iovec; each packet takes two (header part, rest).
     iov_start: usize,
     packets: usize,
@@ -226,7 +259,7 @@ struct MsgMeta {
 pub struct SendStorage {
     msgs: Vec<libc::mmsghdr>,
     iovs: Vec<libc::iovec>,
-    addrs: Vec<libc::sockaddr_in>,
+    addrs: Vec<SockAddr>,
     cmsgs: Vec<CmsgBuf>,
     meta: Vec<MsgMeta>,
     max_msgs: usize,
@@ -239,7 +272,7 @@ impl SendStorage {
         let (msg, addr) = unsafe {
             (
                 std::mem::zeroed::<libc::mmsghdr>(),
-                std::mem::zeroed::<libc::sockaddr_in>(),
+                std::mem::zeroed::<SockAddr>(),
             )
         };
         SendStorage {
@@ -279,7 +312,8 @@ pub struct SendBatch<'a, 's> {
 
 impl<'a> SendBatch<'a, '_> {
     /// Queues one datagram made of `head` followed by `rest`.
-    pub fn push(&mut self, to: SocketAddrV4, head: &'a [u8], rest: &'a [u8]) {
+    pub fn push(&mut self, to: impl Into<SocketAddr>, head: &'a [u8], rest: &'a [u8]) {
+        let to = to.into();
         let len = head.len() + rest.len();
         let joins = self.gso
             && self.st.meta.last().is_some_and(|m| {
@@ -334,11 +368,12 @@ impl<'a> SendBatch<'a, '_> {
         }
         for i in 0..n {
             let m = self.st.meta[i];
-            self.st.addrs[i] = sockaddr(m.to);
+            let (addr, len) = sockaddr(m.to, self.sock.v6);
+            self.st.addrs[i] = addr;
             // SAFETY: mmsghdr is plain old data; all zeroes is a valid value.
             let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
-            h.msg_hdr.msg_name = (&mut self.st.addrs[i] as *mut libc::sockaddr_in).cast();
-            h.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            h.msg_hdr.msg_name = (&mut self.st.addrs[i] as *mut SockAddr).cast();
+            h.msg_hdr.msg_namelen = len;
             h.msg_hdr.msg_iov = self.st.iovs[m.iov_start..].as_mut_ptr();
             h.msg_hdr.msg_iovlen = m.packets * 2;
             if m.packets > 1 {
@@ -401,13 +436,13 @@ impl<'a> SendBatch<'a, '_> {
 
     fn send_singly(&mut self, msg: usize) {
         let m = self.st.meta[msg];
-        let addr = sockaddr(m.to);
+        let (addr, len) = sockaddr(m.to, self.sock.v6);
         for p in 0..m.packets {
             let iov = &self.st.iovs[m.iov_start + 2 * p..m.iov_start + 2 * p + 2];
             // SAFETY: msghdr is plain old data; all zeroes is a valid value.
             let mut h: libc::msghdr = unsafe { std::mem::zeroed() };
-            h.msg_name = (&addr as *const libc::sockaddr_in as *mut libc::sockaddr_in).cast();
-            h.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            h.msg_name = (&addr as *const SockAddr as *mut SockAddr).cast();
+            h.msg_namelen = len;
             h.msg_iov = iov.as_ptr() as *mut libc::iovec;
             h.msg_iovlen = 2;
             // SAFETY: the header points at two live iovecs and an address on the stack.
@@ -423,13 +458,77 @@ impl<'a> SendBatch<'a, '_> {
     }
 }
 
-fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
-    // SAFETY: sockaddr_in is plain old data; all zeroes is a valid value.
-    let mut s: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-    s.sin_family = libc::AF_INET as libc::sa_family_t;
-    s.sin_port = a.port().to_be();
-    s.sin_addr.s_addr = u32::from(*a.ip()).to_be();
-    s
+/// Room for a socket address of either family, as the kernel reads and writes them.
+#[repr(C)]
+#[derive(Clone, Copy)]
+union SockAddr {
+    v4: libc::sockaddr_in,
+    v6: libc::sockaddr_in6,
+}
+
+/// `a` as the kernel takes it on a socket of the given family (an IPv4 address on an IPv6
+/// socket is mapped, `::ffff:a.b.c.d`), with its length.
+fn sockaddr(a: SocketAddr, v6_socket: bool) -> (SockAddr, libc::socklen_t) {
+    // SAFETY: both variants are plain old data; all zeroes is a valid value.
+    let mut s: SockAddr = unsafe { std::mem::zeroed() };
+    let v6 = match a {
+        SocketAddr::V4(a) if !v6_socket => {
+            let v4 = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(*a.ip()).to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            s.v4 = v4;
+            return (
+                s,
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            );
+        }
+        SocketAddr::V4(a) => SocketAddrV6::new(a.ip().to_ipv6_mapped(), a.port(), 0, 0),
+        // An IPv6 address on an IPv4 socket: the kernel refuses it (EAFNOSUPPORT), counted
+        // as a failed send.
+        SocketAddr::V6(a) => a,
+    };
+    s.v6 = libc::sockaddr_in6 {
+        sin6_family: libc::AF_INET6 as libc::sa_family_t,
+        sin6_port: v6.port().to_be(),
+        sin6_flowinfo: 0,
+        sin6_addr: libc::in6_addr {
+            s6_addr: v6.ip().octets(),
+        },
+        sin6_scope_id: v6.scope_id(),
+    };
+    (
+        s,
+        std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+    )
+}
+
+/// The sender's address as recvmmsg wrote it; a mapped IPv4 address is given as IPv4.
+fn from_sockaddr(a: &SockAddr) -> SocketAddr {
+    // SAFETY: the family field sits at the same place in both variants, and the kernel
+    // wrote the variant that family names (zeroed storage reads as AF_UNSPEC).
+    unsafe {
+        if i32::from(a.v4.sin_family) == libc::AF_INET6 {
+            let v6 = a.v6;
+            let ip = Ipv6Addr::from(v6.sin6_addr.s6_addr);
+            let port = u16::from_be(v6.sin6_port);
+            match ip.to_ipv4_mapped() {
+                Some(v4) => SocketAddrV4::new(v4, port).into(),
+                None => SocketAddrV6::new(ip, port, 0, v6.sin6_scope_id).into(),
+            }
+        } else {
+            let v4 = a.v4;
+            SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(v4.sin_addr.s_addr)),
+                u16::from_be(v4.sin_port),
+            )
+            .into()
+        }
+    }
 }
 
 /// Attaches a `UDP_SEGMENT` control message with `size` to `hdr`, in `buf`.
@@ -472,5 +571,48 @@ mod tests {
         let plain = UdpSock::bind(loopback, false).unwrap();
         assert!(!plain.gso && !plain.gro);
         assert!(!getsockopt(&plain.sock, sockopt::UdpGroSegment).unwrap());
+    }
+
+    /// Receives one datagram on `sock` (polling up to a second): its bytes and sender.
+    fn recv_one(sock: &UdpSock) -> (Vec<u8>, SocketAddr) {
+        let mut rb = RecvBatch::new(1, 2048);
+        assert!(sock.wait(libc::POLLIN, 1000).unwrap(), "a datagram arrives");
+        assert_eq!(sock.recv_batch(&mut rb).unwrap(), 1);
+        (rb.bufs[0][..rb.meta[0].len].to_vec(), rb.meta[0].from)
+    }
+
+    #[test]
+    fn ipv6_and_dual_stack_sockets_batch_to_and_from_either_family() {
+        let v6_only = UdpSock::bind(SocketAddrV6::new(Ipv6Addr::LOCALHOST, 0, 0, 0), true).unwrap();
+        let dual = UdpSock::bind_dual_stack(0, true).unwrap();
+        let v4 = UdpSock::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0), true).unwrap();
+        let port = dual.local.port();
+        let dual_v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, port));
+        let dual_v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let mut storage = SendStorage::new(8, 16);
+
+        let mut batch = storage.batch(&v6_only, v6_only.gso);
+        batch.push(dual_v6, b"over v6", &[]);
+        assert_eq!(batch.finish().packets, 1);
+        let (got, from) = recv_one(&dual);
+        assert_eq!((got.as_slice(), from), (&b"over v6"[..], v6_only.local));
+
+        v4.send_to(b"over v4", dual_v4).unwrap();
+        let (got, from) = recv_one(&dual);
+        // Not ::ffff:127.0.0.1: an IPv4 sender is shown as one.
+        assert_eq!((got.as_slice(), from), (&b"over v4"[..], v4.local));
+
+        // The dual-stack socket answers both, the IPv4 one through a mapped address.
+        let mut batch = storage.batch(&dual, dual.gso);
+        batch.push(v4.local, b"back v4", &[]);
+        batch.push(v6_only.local, b"back v6", &[]);
+        assert_eq!(batch.finish().packets, 2);
+        assert_eq!(recv_one(&v4).0, b"back v4");
+        assert_eq!(recv_one(&v6_only).0, b"back v6");
+
+        // An IPv6 destination on an IPv4 socket fails, counted, not sent elsewhere.
+        let mut batch = storage.batch(&v4, v4.gso);
+        batch.push(dual_v6, b"nowhere", &[]);
+        assert_eq!(batch.finish().failed, 1);
     }
 }

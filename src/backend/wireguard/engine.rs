@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -26,6 +26,7 @@ use gotatun::tun::MtuWatcher;
 use gotatun::x25519::{PublicKey, StaticSecret};
 
 use super::counters::{bump, Counters, Drop};
+use super::inner6;
 use super::peers::{Peer, PeerTable};
 use crate::backend::udp::device::Tun;
 use crate::backend::udp::offload::{
@@ -93,7 +94,7 @@ impl Engine {
     }
 
     /// A new peer for `key`, reached at `endpoint` until it roams.
-    pub fn new_peer(&self, key: [u8; 32], endpoint: SocketAddrV4) -> Arc<Peer> {
+    pub fn new_peer(&self, key: [u8; 32], endpoint: SocketAddr) -> Arc<Peer> {
         let tunn = Tunn::new(
             self.secret.clone(),
             PublicKey::from(key),
@@ -141,14 +142,6 @@ impl Engine {
     }
 }
 
-fn ipv4_at(pkt: &[u8], off: usize) -> Option<Ipv4Addr> {
-    if pkt.len() < 20 || pkt[0] >> 4 != 4 {
-        return None;
-    }
-    let b: [u8; 4] = pkt[off..off + 4].try_into().ok()?;
-    Some(Ipv4Addr::from(b))
-}
-
 fn drop_for(e: &WireGuardError) -> Drop {
     match e {
         WireGuardError::DuplicateCounter | WireGuardError::InvalidCounter => Drop::Replay,
@@ -174,8 +167,8 @@ pub fn encapsulate(
     peers: &PeerTable,
     pkt: &[u8],
     mtu: &mut MtuWatcher,
-) -> Result<Option<(SocketAddrV4, Packet)>, Drop> {
-    let dst = ipv4_at(pkt, 16).ok_or(Drop::Malformed)?;
+) -> Result<Option<(SocketAddr, Packet)>, Drop> {
+    let (dst, _) = inner6::addr_and_len(pkt, true).ok_or(Drop::Malformed)?;
     let peer = peers.route(dst).ok_or(Drop::NoRoute)?;
     let packet = Packet::from_bytes(BytesMut::from(pkt));
     let msg = peer.lock().handle_outgoing_packet(packet, Some(mtu));
@@ -197,10 +190,19 @@ pub fn encapsulate_frame(
     frame: &mut [u8],
     segs: &mut Segments,
     mtu: &mut MtuWatcher,
-    out: &mut Vec<(SocketAddrV4, Packet)>,
+    out: &mut Vec<(SocketAddr, Packet)>,
 ) -> Result<(), Drop> {
-    let (dst, prepared) =
-        offload::prepare_from_tun(frame, true, segs).map_err(|_| Drop::Malformed)?;
+    let pkt = frame.get(VNET_HDR_LEN..).unwrap_or_default();
+    let (dst, prepared) = match inner6::addr_and_len(pkt, true) {
+        Some((IpAddr::V6(dst), _)) => {
+            // The kernel's own IPv6 packets (router solicitations, MLD: multicast, hop
+            // limit 1) go to no peer: counted as such, not as malformed.
+            peers.route(dst.into()).ok_or(Drop::NoRoute)?;
+            inner6::prepare_from_tun(frame, true, segs).map(|(d, p)| (d.into(), p))
+        }
+        _ => offload::prepare_from_tun(frame, true, segs).map(|(d, p)| (d.into(), p)),
+    }
+    .map_err(|_| Drop::Malformed)?;
     let peer = peers.route(dst).ok_or(Drop::NoRoute)?;
     let (mut packets, mut bytes) = (0u64, 0u64);
     let mut tunn = peer.lock();
@@ -271,7 +273,7 @@ fn send_storage(max_msgs: usize) -> SendStorage {
 fn send_all(
     sock: &UdpSock,
     storage: &mut SendStorage,
-    out: &[(SocketAddrV4, Packet)],
+    out: &[(SocketAddr, Packet)],
     c: &Counters,
 ) -> SendStats {
     if out.is_empty() {
@@ -292,7 +294,7 @@ fn tx_loop(tun: &Tun, sock: &UdpSock, engine: &Engine) {
     let mut buf = vec![0u8; FRAME_LEN];
     let mut segs = Segments::new();
     let vnet = tun.offloads.vnet;
-    let mut out: Vec<(SocketAddrV4, Packet)> = Vec::with_capacity(SEND_AT_ONCE + 64);
+    let mut out: Vec<(SocketAddr, Packet)> = Vec::with_capacity(SEND_AT_ONCE + 64);
     let mut storage = send_storage(SEND_AT_ONCE + 64);
     let mut mtu = MtuWatcher::new(engine.mtu);
     let c = &engine.counters;
@@ -354,7 +356,7 @@ pub struct Rx<'a> {
     /// Decrypted packets that passed the checks, for the device.
     pub delivered: Vec<Packet>,
     /// Datagrams to send: handshake replies, cookie replies, packets a handshake released.
-    pub out: Vec<(SocketAddrV4, Packet)>,
+    pub out: Vec<(SocketAddr, Packet)>,
     mtu: MtuWatcher,
     packets: u64,
     bytes: u64,
@@ -380,14 +382,10 @@ impl<'a> Rx<'a> {
     }
 
     /// Handles one datagram from the socket.
-    pub fn datagram(&mut self, peers: &PeerTable, data: &[u8], from: SocketAddrV4) {
+    pub fn datagram(&mut self, peers: &PeerTable, data: &[u8], from: SocketAddr) {
         let c = &self.engine.counters;
         let packet = Packet::from_bytes(BytesMut::from(data));
-        let msg = match self
-            .engine
-            .rate_limiter
-            .verify_packet(SocketAddr::V4(from), packet)
-        {
+        let msg = match self.engine.rate_limiter.verify_packet(from, packet) {
             Ok(msg) => msg,
             Err(TunnResult::WriteToNetwork(cookie)) => {
                 // Under load: the sender must prove it owns its address first.
@@ -468,13 +466,13 @@ impl<'a> Rx<'a> {
     /// A decrypted packet: written to the device if its source belongs to the peer.
     fn inner(&mut self, peers: &PeerTable, peer: &Arc<Peer>, mut pkt: Packet) {
         let c = &self.engine.counters;
-        let Some(src) = ipv4_at(&pkt, 12) else {
+        // The sender pads to a multiple of 16 bytes: the packet ends where its header says.
+        let Some((src, total)) = inner6::addr_and_len(&pkt, false) else {
             c.rx.drop(Drop::Malformed);
             return;
         };
-        // The sender pads to a multiple of 16 bytes: the packet ends where its header says.
-        let total = usize::from(u16::from_be_bytes([pkt[2], pkt[3]]));
-        if total < 20 || total > pkt.len() {
+        let min = if src.is_ipv4() { 20 } else { inner6::HDR_LEN };
+        if total < min || total > pkt.len() {
             c.rx.drop(Drop::Malformed);
             return;
         }
@@ -595,19 +593,21 @@ fn timer_loop(sock: &UdpSock, engine: &Engine) {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
 
     /// The datagrams one TSO super-packet becomes (64 KiB of 1420-byte segments, encrypted)
     /// go out in one sendmmsg, not one per few datagrams.
     #[test]
     fn a_super_packets_datagrams_leave_in_one_syscall() {
-        let any = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0);
+        let any = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
         let (tx, rx) = (
             UdpSock::bind(any, true).unwrap(),
             UdpSock::bind(any, true).unwrap(),
         );
         let datagram = vec![4u8; 1452];
-        let out: Vec<(SocketAddrV4, Packet)> = (0..46)
+        let out: Vec<(SocketAddr, Packet)> = (0..46)
             .map(|_| (rx.local, Packet::from_bytes(BytesMut::from(&datagram[..]))))
             .collect();
         let mut storage = send_storage(SEND_AT_ONCE + 64);

@@ -2,13 +2,13 @@
 //! fuzz target `wireguard_from_socket` (datagrams from the socket: no panic on any bytes).
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 
 use gotatun::packet::Packet;
 use gotatun::tun::MtuWatcher;
 use gotatun::x25519::StaticSecret;
-use ipnetwork::Ipv4Network;
+use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 
 use super::counters::{Counters, Drop};
 use super::engine::{encapsulate, Engine, Rx};
@@ -28,11 +28,25 @@ pub fn ip_packet(src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
     p
 }
 
+/// An IPv6 packet (UDP-ish payload; the engine looks at addresses and lengths only).
+pub fn ip6_packet(src: Ipv6Addr, dst: Ipv6Addr, payload: &[u8]) -> Vec<u8> {
+    let mut p = vec![0u8; 40];
+    p[0] = 0x60;
+    p[4..6].copy_from_slice(&(payload.len() as u16).to_be_bytes());
+    p[6] = 17;
+    p[7] = 64;
+    p[8..24].copy_from_slice(&src.octets());
+    p[24..40].copy_from_slice(&dst.octets());
+    p.extend_from_slice(payload);
+    p
+}
+
 pub struct Node {
     pub engine: Engine,
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
     pub subnet: Ipv4Network,
-    endpoints: HashMap<[u8; 32], SocketAddrV4>,
+    pub subnet6: Ipv6Network,
+    endpoints: HashMap<[u8; 32], SocketAddr>,
 }
 
 impl Node {
@@ -45,15 +59,26 @@ impl Node {
                 1420,
                 Arc::new(Counters::default()),
             ),
-            addr: SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, seed), 51820),
+            addr: SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, seed), 51820).into(),
             subnet: Ipv4Network::new(Ipv4Addr::new(10, 5, seed, 0), 24).unwrap(),
+            subnet6: Ipv6Network::new(Ipv6Addr::new(0xfc00, 0, 0, seed.into(), 0, 0, 0, 0), 64)
+                .unwrap(),
             endpoints: HashMap::new(),
         }
     }
 
+    /// What a peer's lease gives us of this node: key, endpoint, both subnets.
+    pub fn lease(&self) -> ([u8; 32], SocketAddr, Vec<IpNetwork>) {
+        let nets = vec![self.subnet.into(), self.subnet6.into()];
+        (self.engine.public_key(), self.addr, nets)
+    }
+
     /// Makes the peer table hold `peers` (key, endpoint, allowed IPs), as a lease pass does.
-    pub fn set_peers(&mut self, peers: &[([u8; 32], SocketAddrV4, Ipv4Network)]) -> TableChanges {
-        let wanted: BTreeMap<_, _> = peers.iter().map(|(k, e, n)| (*k, (*e, vec![*n]))).collect();
+    pub fn set_peers(&mut self, peers: &[([u8; 32], SocketAddr, Vec<IpNetwork>)]) -> TableChanges {
+        let wanted: BTreeMap<_, _> = peers
+            .iter()
+            .map(|(k, e, n)| (*k, (*e, n.clone())))
+            .collect();
         let old = self.engine.peers.load_full();
         let (t, changes) = next_table(&self.engine, &old, wanted, &mut self.endpoints);
         self.engine.peers.store(Arc::new(t));
@@ -61,22 +86,25 @@ impl Node {
     }
 
     pub fn knows(&mut self, other: &Node) {
-        let peer = (other.engine.public_key(), other.addr, other.subnet);
-        self.set_peers(&[peer]);
+        self.set_peers(&[other.lease()]);
     }
 
     pub fn host(&self, n: u8) -> Ipv4Addr {
         Ipv4Addr::from(u32::from(self.subnet.network()) + u32::from(n))
     }
 
+    pub fn host6(&self, n: u16) -> Ipv6Addr {
+        Ipv6Addr::from(u128::from(self.subnet6.network()) + u128::from(n))
+    }
+
     /// Sends one packet from the device: the datagram it produces, if any.
-    pub fn send(&self, pkt: &[u8]) -> Result<Option<(SocketAddrV4, Packet)>, Drop> {
+    pub fn send(&self, pkt: &[u8]) -> Result<Option<(SocketAddr, Packet)>, Drop> {
         let peers = self.engine.peers.load();
         encapsulate(&self.engine, &peers, pkt, &mut MtuWatcher::new(1420))
     }
 
     /// Receives datagrams from `from`: (what it sends back, what reaches its device).
-    pub fn recv(&self, from: SocketAddrV4, data: &[&[u8]]) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+    pub fn recv(&self, from: SocketAddr, data: &[&[u8]]) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
         let mut rx = Rx::new(&self.engine);
         let peers = self.engine.peers.load();
         for d in data {

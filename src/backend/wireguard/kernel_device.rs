@@ -1,11 +1,11 @@
 //! The kernel WireGuard device, configured over generic netlink (the `wireguard` family, as
 //! `wg` does): our private key and port once, then peers by difference.
 
-use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::net::SocketAddr;
 
 use futures::StreamExt;
 use genetlink::GenetlinkHandle;
-use ipnetwork::Ipv4Network;
+use ipnetwork::IpNetwork;
 use netlink_packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_REQUEST};
 use netlink_packet_generic::GenlMessage;
 use netlink_packet_wireguard::{
@@ -19,8 +19,8 @@ use netlink_packet_wireguard::{
 pub struct KernelPeer {
     pub key: [u8; 32],
     /// `None`: leave the endpoint as it is (the peer may have roamed).
-    pub endpoint: Option<SocketAddrV4>,
-    pub allowed: Vec<Ipv4Network>,
+    pub endpoint: Option<SocketAddr>,
+    pub allowed: Vec<IpNetwork>,
 }
 
 pub struct KernelDevice {
@@ -112,9 +112,13 @@ impl KernelDevice {
                     p.allowed
                         .iter()
                         .map(|n| {
+                            let family = match n {
+                                IpNetwork::V4(_) => WireguardAddressFamily::Ipv4,
+                                IpNetwork::V6(_) => WireguardAddressFamily::Ipv6,
+                            };
                             WireguardAllowedIp(vec![
-                                WireguardAllowedIpAttr::Family(WireguardAddressFamily::Ipv4),
-                                WireguardAllowedIpAttr::IpAddr(IpAddr::V4(n.network())),
+                                WireguardAllowedIpAttr::Family(family),
+                                WireguardAllowedIpAttr::IpAddr(n.network()),
                                 WireguardAllowedIpAttr::Cidr(n.prefix()),
                             ])
                         })
@@ -125,7 +129,7 @@ impl KernelDevice {
                 attrs.push(WireguardPeerAttribute::PresharedKey(psk));
             }
             if let Some(e) = p.endpoint {
-                attrs.push(WireguardPeerAttribute::Endpoint(SocketAddr::V4(e)));
+                attrs.push(WireguardPeerAttribute::Endpoint(e));
             }
             list.push(WireguardPeer(attrs));
         }

@@ -1,46 +1,40 @@
 //! The peer table the data-path threads read: immutable, swapped whole (`ArcSwap`) when the
 //! leases change, so a packet costs one atomic load and no lock on the table. A peer's tunnel
-//! state (`Tunn`) has its own mutex; its endpoint is one atomic word, so roaming takes no lock.
+//! state (`Tunn`) has its own mutex; its endpoint is swapped atomically, so roaming takes no
+//! lock.
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddrV4};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
+use arc_swap::ArcSwap;
 use gotatun::noise::Tunn;
-use ipnetwork::Ipv4Network;
+use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 
 /// One WireGuard peer: one public key, its tunnel state and where it was last seen.
 pub struct Peer {
     pub public_key: [u8; 32],
-    /// `ip << 16 | port`: written on authenticated packets only (roaming), read per send.
-    endpoint: AtomicU64,
+    /// Written on authenticated packets only (roaming), read per send. IPv4 or IPv6: an
+    /// IPv6 endpoint does not fit an atomic word, so the address is swapped whole.
+    endpoint: ArcSwap<SocketAddr>,
     pub tunn: Mutex<Tunn>,
 }
 
-fn pack(a: SocketAddrV4) -> u64 {
-    (u64::from(u32::from(*a.ip())) << 16) | u64::from(a.port())
-}
-
-fn unpack(v: u64) -> SocketAddrV4 {
-    SocketAddrV4::new(Ipv4Addr::from((v >> 16) as u32), v as u16)
-}
-
 impl Peer {
-    pub fn new(public_key: [u8; 32], endpoint: SocketAddrV4, tunn: Tunn) -> Peer {
+    pub fn new(public_key: [u8; 32], endpoint: SocketAddr, tunn: Tunn) -> Peer {
         Peer {
             public_key,
-            endpoint: AtomicU64::new(pack(endpoint)),
+            endpoint: ArcSwap::from_pointee(endpoint),
             tunn: Mutex::new(tunn),
         }
     }
 
-    pub fn endpoint(&self) -> SocketAddrV4 {
-        unpack(self.endpoint.load(Ordering::Relaxed))
+    pub fn endpoint(&self) -> SocketAddr {
+        **self.endpoint.load()
     }
 
-    pub fn set_endpoint(&self, to: SocketAddrV4) {
-        self.endpoint.store(pack(to), Ordering::Relaxed);
+    pub fn set_endpoint(&self, to: SocketAddr) {
+        self.endpoint.store(Arc::new(to));
     }
 
     /// The tunnel state; a thread that panicked holding it left nothing half-done that
@@ -59,41 +53,66 @@ impl std::fmt::Debug for Peer {
     }
 }
 
-/// Allowed IPs (longest prefix first) and the peers by key.
+/// Allowed IPs (longest prefix first, per family) and the peers by key.
 #[derive(Debug, Default, Clone)]
 pub struct PeerTable {
     /// `(network, mask, peer)`, longest mask first: the first match is the longest prefix.
     routes: Vec<(u32, u32, Arc<Peer>)>,
+    routes6: Vec<(u128, u128, Arc<Peer>)>,
     by_key: HashMap<[u8; 32], Arc<Peer>>,
 }
 
 impl PeerTable {
     /// A table of `peers`, each with its allowed IPs. A key listed twice keeps one peer
     /// holding both sets of prefixes.
-    pub fn new(peers: Vec<(Arc<Peer>, Vec<Ipv4Network>)>) -> PeerTable {
+    pub fn new(peers: Vec<(Arc<Peer>, Vec<IpNetwork>)>) -> PeerTable {
         let mut routes = Vec::new();
+        let mut routes6 = Vec::new();
         let mut by_key = HashMap::new();
         for (peer, nets) in peers {
             for n in nets {
-                routes.push((u32::from(n.network()), u32::from(n.mask()), peer.clone()));
+                match n {
+                    IpNetwork::V4(n) => {
+                        routes.push((u32::from(n.network()), u32::from(n.mask()), peer.clone()))
+                    }
+                    IpNetwork::V6(n) => {
+                        routes6.push((u128::from(n.network()), u128::from(n.mask()), peer.clone()))
+                    }
+                }
             }
             by_key.insert(peer.public_key, peer);
         }
         routes.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-        PeerTable { routes, by_key }
+        routes6.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        PeerTable {
+            routes,
+            routes6,
+            by_key,
+        }
     }
 
     /// The peer whose allowed IPs hold `ip` by longest prefix.
-    pub fn route(&self, ip: Ipv4Addr) -> Option<&Arc<Peer>> {
-        let ip = u32::from(ip);
-        self.routes
-            .iter()
-            .find(|(net, mask, _)| ip & mask == *net)
-            .map(|(_, _, p)| p)
+    pub fn route(&self, ip: IpAddr) -> Option<&Arc<Peer>> {
+        match ip {
+            IpAddr::V4(ip) => {
+                let ip = u32::from(ip);
+                self.routes
+                    .iter()
+                    .find(|(net, mask, _)| ip & mask == *net)
+                    .map(|(_, _, p)| p)
+            }
+            IpAddr::V6(ip) => {
+                let ip = u128::from(ip);
+                self.routes6
+                    .iter()
+                    .find(|(net, mask, _)| ip & mask == *net)
+                    .map(|(_, _, p)| p)
+            }
+        }
     }
 
     /// Whether `peer` may send packets from `src` (cryptokey routing).
-    pub fn allows(&self, peer: &Arc<Peer>, src: Ipv4Addr) -> bool {
+    pub fn allows(&self, peer: &Arc<Peer>, src: IpAddr) -> bool {
         self.route(src).is_some_and(|p| Arc::ptr_eq(p, peer))
     }
 
@@ -113,16 +132,27 @@ impl PeerTable {
         self.by_key.is_empty()
     }
 
-    /// The allowed IPs of the peer with `key`, as `network/prefix` strings (for logs, tests).
-    pub fn allowed_ips(&self, key: &[u8; 32]) -> Vec<Ipv4Network> {
-        self.routes
+    /// The allowed IPs of the peer with `key`, longest prefix first, IPv4 before IPv6.
+    pub fn allowed_ips(&self, key: &[u8; 32]) -> Vec<IpNetwork> {
+        let v4 = self
+            .routes
             .iter()
             .filter(|(_, _, p)| &p.public_key == key)
             .map(|(net, mask, _)| {
                 Ipv4Network::new(Ipv4Addr::from(*net), mask.count_ones() as u8)
                     .expect("a mask's ones are a valid prefix")
-            })
-            .collect()
+                    .into()
+            });
+        let v6 = self
+            .routes6
+            .iter()
+            .filter(|(_, _, p)| &p.public_key == key)
+            .map(|(net, mask, _)| {
+                Ipv6Network::new(Ipv6Addr::from(*net), mask.count_ones() as u8)
+                    .expect("a mask's ones are a valid prefix")
+                    .into()
+            });
+        v4.chain(v6).collect()
     }
 }
 
@@ -145,7 +175,7 @@ pub mod tests {
         ))
     }
 
-    fn net(s: &str) -> Ipv4Network {
+    fn net(s: &str) -> IpNetwork {
         s.parse().unwrap()
     }
 
@@ -157,7 +187,7 @@ pub mod tests {
             (a.clone(), vec![net("10.5.0.0/16")]),
             (b.clone(), vec![net("10.5.3.0/24")]),
         ]);
-        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         assert!(Arc::ptr_eq(t.route(ip("10.5.3.9")).unwrap(), &b));
         assert!(Arc::ptr_eq(t.route(ip("10.5.4.9")).unwrap(), &a));
         assert!(t.route(ip("10.6.0.1")).is_none());
@@ -170,10 +200,34 @@ pub mod tests {
     }
 
     #[test]
-    fn endpoints_round_trip_through_the_atomic_word() {
+    fn ipv6_allowed_ips_route_and_check_sources_apart_from_ipv4() {
+        let a = peer(2, "[fd18::2]:51820");
+        let b = peer(3, "198.18.0.3:51820");
+        let t = PeerTable::new(vec![
+            (a.clone(), vec![net("10.5.2.0/24"), net("fc00:0:0:2::/64")]),
+            (b.clone(), vec![net("10.5.3.0/24"), net("fc00:0:0:3::/64")]),
+        ]);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(Arc::ptr_eq(t.route(ip("fc00:0:0:3::9")).unwrap(), &b));
+        assert!(Arc::ptr_eq(t.route(ip("fc00:0:0:2::1")).unwrap(), &a));
+        assert!(t.route(ip("fc00:0:0:4::1")).is_none());
+        // The IPv4-mapped form of b's IPv4 subnet is not b's.
+        assert!(t.route(ip("::ffff:10.5.3.1")).is_none());
+        assert!(t.allows(&a, ip("fc00:0:0:2::7")));
+        assert!(!t.allows(&a, ip("fc00:0:0:3::7")));
+        assert_eq!(
+            t.allowed_ips(&a.public_key),
+            vec![net("10.5.2.0/24"), net("fc00:0:0:2::/64")]
+        );
+    }
+
+    #[test]
+    fn endpoints_of_either_family_round_trip() {
         let a = peer(2, "198.18.0.2:51820");
         assert_eq!(a.endpoint(), "198.18.0.2:51820".parse().unwrap());
         a.set_endpoint("198.19.255.254:1".parse().unwrap());
         assert_eq!(a.endpoint(), "198.19.255.254:1".parse().unwrap());
+        a.set_endpoint("[fd18::1:2]:51821".parse().unwrap());
+        assert_eq!(a.endpoint(), "[fd18::1:2]:51821".parse().unwrap());
     }
 }
