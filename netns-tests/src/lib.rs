@@ -26,6 +26,7 @@
 
 pub mod bins;
 mod built;
+pub mod capture;
 pub mod charon;
 pub mod cluster;
 pub mod cmd;

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use netns_tests::capture::{packet_socket, receive_until, Frames};
 use netns_tests::charon::{self, Charon};
 use netns_tests::privileges::{Need, TEST_BED};
 use netns_tests::{wait_until, Cluster, Pod};
@@ -101,10 +102,8 @@ impl Capture {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
             netns_tests::netns::enter(&ns).expect("enter host namespace");
-            let fd = packet_socket(&dev);
+            let fd = packet_socket(&dev, Frames::All).expect("capture socket");
             ready_tx.send(()).unwrap();
-            let mut seen = Seen::default();
-            let mut buf = vec![0u8; 65536];
             let pairs: Vec<[u8; 8]> = pod_ips
                 .iter()
                 .flat_map(|a| pod_ips.iter().map(move |b| (a, b)))
@@ -116,16 +115,10 @@ impl Capture {
                     p
                 })
                 .collect();
-            while !flag.load(Ordering::Relaxed) {
-                // SAFETY: `buf` is valid for `buf.len()` bytes and `fd` is our open socket.
-                let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
-                if n <= 0 {
-                    continue; // The receive timeout: look at the stop flag again.
-                }
-                classify(&buf[..n as usize], &network, &pairs, &mut seen);
-            }
-            // SAFETY: closing the socket this thread opened, once.
-            unsafe { libc::close(fd) };
+            let mut seen = Seen::default();
+            receive_until(&fd, &flag, |frame| {
+                classify(frame, &network, &pairs, &mut seen)
+            });
             seen
         });
         ready_rx.recv().expect("capture started");
@@ -148,60 +141,6 @@ impl Drop for Capture {
             let _ = t.join();
         }
     }
-}
-
-/// An AF_PACKET socket on `dev` of the calling thread's namespace, with a 200 ms receive
-/// timeout.
-fn packet_socket(dev: &str) -> i32 {
-    let proto = (libc::ETH_P_ALL as u16).to_be();
-    // SAFETY: plain socket(2) call; the result is checked.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
-    assert!(
-        fd >= 0,
-        "AF_PACKET socket: {}",
-        std::io::Error::last_os_error()
-    );
-    let name = std::ffi::CString::new(dev).unwrap();
-    // SAFETY: `name` is a NUL-terminated string.
-    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    assert!(index > 0, "no device {dev}");
-    // SAFETY: sockaddr_ll is plain data; all-zero is a valid start.
-    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    sll.sll_family = libc::AF_PACKET as u16;
-    sll.sll_protocol = proto;
-    sll.sll_ifindex = index as i32;
-    // SAFETY: `sll` is a valid sockaddr_ll of the size passed.
-    let rc = unsafe {
-        libc::bind(
-            fd,
-            (&sll as *const libc::sockaddr_ll).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as u32,
-        )
-    };
-    assert_eq!(rc, 0, "bind to {dev}: {}", std::io::Error::last_os_error());
-    let tv = libc::timeval {
-        tv_sec: 0,
-        tv_usec: 200_000,
-    };
-    // SAFETY: `tv` is a valid timeval of the size passed.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as u32,
-        );
-        let size: i32 = 8 << 20;
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            (&size as *const i32).cast(),
-            4,
-        );
-    }
-    fd
 }
 
 /// Sorts one Ethernet frame into `seen`.

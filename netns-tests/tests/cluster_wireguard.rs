@@ -5,11 +5,11 @@
 //! transport messages, no inner IP header in the clear).
 
 use std::net::Ipv4Addr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use netns_tests::capture::udp_payloads;
 use netns_tests::traffic::tcp_transfer;
 use netns_tests::{Cluster, Pod};
 use serde_json::json;
@@ -32,72 +32,6 @@ fn reach(a: &Pod, b: &Pod) {
 
 fn log(c: &Cluster, i: usize) -> String {
     std::fs::read_to_string(c.host(i).log_path()).unwrap_or_default()
-}
-
-/// The UDP payloads to or from `port` seen on `eth0` of the namespace this runs in, until
-/// `stop` is set: an `AF_PACKET` socket, so the capture sees what the wire carries. `bound`
-/// hears once the socket is bound, from when on it sees every frame.
-fn capture(port: u16, stop: &AtomicBool, bound: mpsc::Sender<()>) -> Vec<Vec<u8>> {
-    let eth_p_ip = (libc::ETH_P_IP as u16).to_be();
-    // SAFETY: plain socket(2) call; the result is checked before use.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM, i32::from(eth_p_ip)) };
-    assert!(
-        fd >= 0,
-        "AF_PACKET socket: {}",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: fd is a fresh descriptor we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let index = nix::net::if_::if_nametoindex("eth0").expect("eth0");
-    // SAFETY: sockaddr_ll is plain old data; all zeroes is valid.
-    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    sll.sll_family = libc::AF_PACKET as u16;
-    sll.sll_protocol = eth_p_ip;
-    sll.sll_ifindex = index as i32;
-    // SAFETY: sll is a valid sockaddr_ll of the given length.
-    let r = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&sll as *const libc::sockaddr_ll).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as u32,
-        )
-    };
-    assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
-    let _ = bound.send(());
-    let tv = libc::timeval {
-        tv_sec: 0,
-        tv_usec: 100_000,
-    };
-    // SAFETY: SO_RCVTIMEO takes a timeval of this size.
-    unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as u32,
-        )
-    };
-    let mut out = Vec::new();
-    let mut buf = vec![0u8; 65536];
-    while !stop.load(Ordering::Relaxed) {
-        // SAFETY: buf is valid for writes of its length.
-        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n <= 0 {
-            continue;
-        }
-        let p = &buf[..n as usize];
-        let ihl = usize::from(p[0] & 0x0f) * 4;
-        if p.len() < ihl + 8 || p[9] != 17 {
-            continue;
-        }
-        let sport = u16::from_be_bytes([p[ihl], p[ihl + 1]]);
-        let dport = u16::from_be_bytes([p[ihl + 2], p[ihl + 3]]);
-        if sport == port || dport == port {
-            out.push(p[ihl + 8..].to_vec());
-        }
-    }
-    out
 }
 
 /// Whether this kernel creates links of kind `wireguard` (tried in host 0's namespace).
@@ -198,7 +132,7 @@ fn wireguard_every_pod_reaches_every_pod_and_the_underlay_carries_only_wireguard
         let cap = s.spawn(|| {
             c.host(1)
                 .netns()
-                .run_in(|| capture(PORT, &stop, bound_tx))
+                .run_in(|| udp_payloads("eth0", PORT, false, bound_tx, &stop))
                 .expect("capture runs in host 1")
         });
         // The transfer starts once the capture sees the wire (a failed capture drops the

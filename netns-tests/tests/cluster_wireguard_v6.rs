@@ -13,11 +13,11 @@
 
 use std::io::{Read, Write};
 use std::net::{Ipv6Addr, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use netns_tests::capture::udp_payloads;
 use netns_tests::traffic::{fill_pseudo_random, tcp_transfer};
 use netns_tests::{wait_until, Cluster, Netns, Pod, PodMode};
 use serde_json::{json, Value};
@@ -162,74 +162,6 @@ fn tcp_transfer6(from: &Pod, to: &Pod, to6: Ipv6Addr, bytes: u64) {
     });
 }
 
-/// The UDP payloads to or from `port` over IPv4 (`v6` false) or IPv6 seen on `eth0` of the
-/// namespace this runs in, until `stop` is set; `ready` is told once the socket listens.
-fn capture(port: u16, v6: bool, ready: mpsc::Sender<()>, stop: &AtomicBool) -> Vec<Vec<u8>> {
-    let proto = if v6 { libc::ETH_P_IPV6 } else { libc::ETH_P_IP };
-    let proto = (proto as u16).to_be();
-    // SAFETY: plain socket(2) call; the result is checked before use.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM, i32::from(proto)) };
-    assert!(fd >= 0, "AF_PACKET: {}", std::io::Error::last_os_error());
-    // SAFETY: fd is a fresh descriptor we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: sockaddr_ll is plain old data; all zeroes is valid.
-    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    sll.sll_family = libc::AF_PACKET as u16;
-    sll.sll_protocol = proto;
-    sll.sll_ifindex = nix::net::if_::if_nametoindex("eth0").expect("eth0") as i32;
-    // SAFETY: sll is a valid sockaddr_ll of the given length.
-    let r = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&sll as *const libc::sockaddr_ll).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as u32,
-        )
-    };
-    assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
-    let tv = libc::timeval {
-        tv_sec: 0,
-        tv_usec: 100_000,
-    };
-    // SAFETY: SO_RCVTIMEO takes a timeval of this size.
-    unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as u32,
-        )
-    };
-    ready.send(()).unwrap();
-    let mut out = Vec::new();
-    let mut buf = vec![0u8; 65536 + 128];
-    while !stop.load(Ordering::Relaxed) {
-        // SAFETY: buf is valid for writes of its length.
-        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n <= 0 {
-            continue;
-        }
-        let p = &buf[..n as usize];
-        // Neither family's test bed traffic carries extension headers or IPv4 options
-        // that matter here: the UDP header follows the fixed header.
-        let (l4, udp) = if v6 {
-            (40, p.len() > 48 && p[6] == 17)
-        } else {
-            let ihl = usize::from(p[0] & 0x0f) * 4;
-            (ihl, p.len() > ihl + 8 && p[9] == 17)
-        };
-        if !udp {
-            continue;
-        }
-        let sport = u16::from_be_bytes([p[l4], p[l4 + 1]]);
-        let dport = u16::from_be_bytes([p[l4 + 2], p[l4 + 3]]);
-        if sport == port || dport == port {
-            out.push(p[l4 + 8..].to_vec());
-        }
-    }
-    out
-}
-
 /// Runs `traffic` while capturing on host `host`'s underlay: the UDP payloads on `port`
 /// over IPv4 and over IPv6.
 fn captured(
@@ -248,7 +180,7 @@ fn captured(
                 s.spawn(move || {
                     c.host(host)
                         .netns()
-                        .run_in(|| capture(port, v6, ready, stop))
+                        .run_in(|| udp_payloads("eth0", port, v6, ready, stop))
                         .expect("capture runs in the host")
                 })
             })
