@@ -8,6 +8,7 @@ use std::marker::PhantomData;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::AsRawFd;
 
+use bytes::BytesMut;
 use nix::sys::socket::{setsockopt, sockopt};
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -115,12 +116,13 @@ impl UdpSock {
     }
 
     /// Receives up to `batch.capacity()` datagrams; `WouldBlock` when none is queued.
-    pub fn recv_batch(&self, batch: &mut RecvBatch) -> io::Result<usize> {
+    pub fn recv_batch<B: RecvBuf>(&self, batch: &mut RecvBatch<B>) -> io::Result<usize> {
         let n = batch.bufs.len();
+        let size = batch.buf_size;
         for i in 0..n {
             batch.iovs[i] = libc::iovec {
-                iov_base: batch.bufs[i].as_mut_ptr().cast(),
-                iov_len: batch.bufs[i].len(),
+                iov_base: batch.bufs[i].target(size).cast(),
+                iov_len: size,
             };
             // SAFETY: mmsghdr is plain old data; all zeroes is a valid value.
             let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
@@ -192,17 +194,66 @@ pub struct RecvMeta {
 #[derive(Clone, Copy)]
 struct CmsgBuf([u8; 64]);
 
+/// A buffer `recvmmsg` writes one message into.
+pub trait RecvBuf {
+    /// A fresh buffer for messages of up to `size` bytes.
+    fn with_size(size: usize) -> Self;
+    /// Where the next message goes: `size` writable bytes.
+    fn target(&mut self, size: usize) -> *mut u8;
+}
+
+/// A buffer reused in place: the message is read where it landed and overwritten by the next.
+impl RecvBuf for Vec<u8> {
+    fn with_size(size: usize) -> Self {
+        vec![0u8; size]
+    }
+
+    fn target(&mut self, size: usize) -> *mut u8 {
+        self.resize(size, 0);
+        self.as_mut_ptr()
+    }
+}
+
+/// A buffer whose messages are taken away whole (`RecvBatch::take`) and cut into owned
+/// datagrams without a copy; the space is reused once every piece of it is dropped.
+impl RecvBuf for BytesMut {
+    fn with_size(size: usize) -> Self {
+        BytesMut::with_capacity(size)
+    }
+
+    fn target(&mut self, size: usize) -> *mut u8 {
+        self.clear();
+        // Reclaims the allocation when the datagrams cut from it are gone; a new one otherwise.
+        self.reserve(size);
+        self.spare_capacity_mut().as_mut_ptr().cast()
+    }
+}
+
 /// Preallocated receive state for `recvmmsg`.
-pub struct RecvBatch {
-    pub bufs: Vec<Vec<u8>>,
+pub struct RecvBatch<B: RecvBuf = Vec<u8>> {
+    pub bufs: Vec<B>,
     pub meta: Vec<RecvMeta>,
+    buf_size: usize,
     msgs: Vec<libc::mmsghdr>,
     iovs: Vec<libc::iovec>,
     addrs: Vec<SockAddr>,
     cmsgs: Vec<CmsgBuf>,
 }
 
-impl RecvBatch {
+impl RecvBatch<BytesMut> {
+    /// Message `i` of the last receive, taken out of its buffer (which keeps the rest of
+    /// its space for the next receive).
+    pub fn take(&mut self, i: usize) -> BytesMut {
+        let len = self.meta[i].len.min(self.buf_size);
+        let buf = &mut self.bufs[i];
+        // SAFETY: `target` reserved `buf_size` bytes past the (cleared) start of `buf` and
+        // recvmmsg wrote the message's `len` bytes there; `len` is capped at that size.
+        unsafe { buf.set_len(len) };
+        buf.split()
+    }
+}
+
+impl<B: RecvBuf> RecvBatch<B> {
     pub fn new(count: usize, buf_size: usize) -> Self {
         // SAFETY: these libc structs are plain old data; all zeroes is a valid value.
         let (msg, iov, addr) = unsafe {
@@ -213,7 +264,8 @@ impl RecvBatch {
             )
         };
         RecvBatch {
-            bufs: (0..count).map(|_| vec![0u8; buf_size]).collect(),
+            bufs: (0..count).map(|_| B::with_size(buf_size)).collect(),
+            buf_size,
             meta: vec![
                 RecvMeta {
                     len: 0,
@@ -575,10 +627,46 @@ mod tests {
 
     /// Receives one datagram on `sock` (polling up to a second): its bytes and sender.
     fn recv_one(sock: &UdpSock) -> (Vec<u8>, SocketAddr) {
-        let mut rb = RecvBatch::new(1, 2048);
+        let mut rb = RecvBatch::<Vec<u8>>::new(1, 2048);
         assert!(sock.wait(libc::POLLIN, 1000).unwrap(), "a datagram arrives");
         assert_eq!(sock.recv_batch(&mut rb).unwrap(), 1);
         (rb.bufs[0][..rb.meta[0].len].to_vec(), rb.meta[0].from)
+    }
+
+    /// Receives the one datagram `tx` sends next into `rb`, taken out whole.
+    fn take_next(
+        tx: &UdpSock,
+        rx: &UdpSock,
+        rb: &mut RecvBatch<BytesMut>,
+        what: &[u8],
+    ) -> BytesMut {
+        tx.send_to(what, rx.local).unwrap();
+        assert!(rx.wait(libc::POLLIN, 1000).unwrap(), "a datagram arrives");
+        assert_eq!(rx.recv_batch(rb).unwrap(), 1);
+        rb.take(0)
+    }
+
+    #[test]
+    fn taken_datagrams_stay_intact_and_their_space_is_reused_once_dropped() {
+        let lo = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0);
+        let (tx, rx) = (
+            UdpSock::bind(lo, false).unwrap(),
+            UdpSock::bind(lo, false).unwrap(),
+        );
+        let mut rb = RecvBatch::<BytesMut>::new(1, 2048);
+        let first = take_next(&tx, &rx, &mut rb, b"first");
+        // Still held: the next receive must not land on it.
+        let second = take_next(&tx, &rx, &mut rb, b"second");
+        assert_eq!((&first[..], &second[..]), (&b"first"[..], &b"second"[..]));
+        let second_at = second.as_ptr();
+        drop((first, second));
+        let third = take_next(&tx, &rx, &mut rb, b"third");
+        assert_eq!(&third[..], b"third");
+        assert_eq!(
+            third.as_ptr(),
+            second_at,
+            "the buffer's space was reclaimed, not reallocated"
+        );
     }
 
     #[test]

@@ -44,16 +44,24 @@ const DATAGRAM_LEN: usize = 65536;
 const BATCH: usize = 64;
 /// Datagrams queued before a send: one super-packet makes up to 46.
 const SEND_AT_ONCE: usize = 256;
+/// Space the segments of a super-packet are cut from before encryption: reclaimed whole
+/// once the protocol has copied them out, so a segment costs no allocation of its own.
+const SCRATCH_LEN: usize = 2 * FRAME_LEN;
+/// Room for a segment's padding to a multiple of 16 bytes.
+const PAD_ROOM: usize = 16;
 /// How often the timers run (WireGuard's own devices use 250 ms ticks too).
 const TICK: Duration = Duration::from_millis(250);
 /// Handshakes per source IP per second before cookie replies are demanded.
 pub const HANDSHAKE_RATE_LIMIT: u64 = 20;
 
+/// Our session and handshake indices → their peer.
+type IndexMap = HashMap<u32, Arc<Peer>, foldhash::fast::RandomState>;
+
 /// The protocol state the threads share with the backend.
 pub struct Engine {
     pub peers: ArcSwap<PeerTable>,
     /// Our session and handshake indices → their peer: data messages name only the index.
-    by_index: ArcSwap<HashMap<u32, Arc<Peer>>>,
+    by_index: ArcSwap<IndexMap>,
     pub index_table: IndexTable,
     pub rate_limiter: Arc<RateLimiter>,
     secret: StaticSecret,
@@ -76,7 +84,7 @@ impl Engine {
         let public = PublicKey::from(&secret);
         Engine {
             peers: ArcSwap::from_pointee(PeerTable::default()),
-            by_index: ArcSwap::from_pointee(HashMap::new()),
+            by_index: ArcSwap::from_pointee(IndexMap::default()),
             index_table: IndexTable::from_os_rng(),
             rate_limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
             secret,
@@ -110,7 +118,7 @@ impl Engine {
     /// session or handshake holds any more.
     fn register(&self, idx: u32, peer: &Arc<Peer>) {
         self.by_index.rcu(|m| {
-            let mut m: HashMap<u32, Arc<Peer>> = m
+            let mut m: IndexMap = m
                 .iter()
                 .filter(|(i, _)| self.index_table.in_use(**i))
                 .map(|(i, p)| (*i, p.clone()))
@@ -182,14 +190,15 @@ pub fn encapsulate(
 }
 
 /// Encrypts one frame read from the TUN device with the virtio-net header: a super-packet
-/// is split into MTU-sized packets (complete checksums), each encrypted under one lock of
-/// the peer. The datagrams go to `out`.
+/// is split into MTU-sized packets (complete checksums) cut from `scratch`, each encrypted
+/// under one lock of the peer. The datagrams go to `out`.
 pub fn encapsulate_frame(
     engine: &Engine,
     peers: &PeerTable,
     frame: &mut [u8],
     segs: &mut Segments,
     mtu: &mut MtuWatcher,
+    scratch: &mut BytesMut,
     out: &mut Vec<(SocketAddr, Packet)>,
 ) -> Result<(), Drop> {
     let pkt = frame.get(VNET_HDR_LEN..).unwrap_or_default();
@@ -218,17 +227,25 @@ pub fn encapsulate_frame(
             out.push((endpoint, msg.into()));
         }
     };
+    let mut cut = |parts: [&[u8]; 2]| {
+        let len = parts[0].len() + parts[1].len();
+        if scratch.capacity() < len + PAD_ROOM {
+            scratch.reserve(SCRATCH_LEN.max(len + PAD_ROOM));
+        }
+        scratch.extend_from_slice(parts[0]);
+        scratch.extend_from_slice(parts[1]);
+        scratch.extend_from_slice(&[0; PAD_ROOM]);
+        // The segment keeps the room past its end: padding it allocates nothing.
+        let mut seg = scratch.split_to(len + PAD_ROOM);
+        seg.truncate(len);
+        seg
+    };
     match prepared {
-        TxPacket::Single { start, len } => one(BytesMut::from(&frame[start..start + len])),
+        TxPacket::Single { start, len } => one(cut([&frame[start..start + len], &[]])),
         TxPacket::Split => {
             for s in &segs.segs {
-                let hdr = segs.header(s);
                 let p = s.payload_off as usize;
-                let payload = &frame[p..p + s.payload_len as usize];
-                let mut buf = BytesMut::with_capacity(hdr.len() + payload.len() + 32);
-                buf.extend_from_slice(hdr);
-                buf.extend_from_slice(payload);
-                one(buf);
+                one(cut([segs.header(s), &frame[p..p + s.payload_len as usize]]));
             }
         }
     }
@@ -297,6 +314,7 @@ fn tx_loop(tun: &Tun, sock: &UdpSock, engine: &Engine) {
     let mut out: Vec<(SocketAddr, Packet)> = Vec::with_capacity(SEND_AT_ONCE + 64);
     let mut storage = send_storage(SEND_AT_ONCE + 64);
     let mut mtu = MtuWatcher::new(engine.mtu);
+    let mut scratch = BytesMut::new();
     let c = &engine.counters;
     while !engine.stop.load(Ordering::Relaxed) {
         let peers = engine.peers.load();
@@ -323,9 +341,15 @@ fn tx_loop(tun: &Tun, sock: &UdpSock, engine: &Engine) {
                 }
             };
             if vnet {
-                if let Err(why) =
-                    encapsulate_frame(engine, &peers, &mut buf[..n], &mut segs, &mut mtu, &mut out)
-                {
+                if let Err(why) = encapsulate_frame(
+                    engine,
+                    &peers,
+                    &mut buf[..n],
+                    &mut segs,
+                    &mut mtu,
+                    &mut scratch,
+                    &mut out,
+                ) {
                     c.tx.drop(why);
                 }
             } else {
@@ -381,10 +405,11 @@ impl<'a> Rx<'a> {
         self.bytes = 0;
     }
 
-    /// Handles one datagram from the socket.
-    pub fn datagram(&mut self, peers: &PeerTable, data: &[u8], from: SocketAddr) {
+    /// Handles one datagram from the socket (decrypted in place: it becomes the packet
+    /// written to the device).
+    pub fn datagram(&mut self, peers: &PeerTable, data: BytesMut, from: SocketAddr) {
         let c = &self.engine.counters;
-        let packet = Packet::from_bytes(BytesMut::from(data));
+        let packet = Packet::from_bytes(data);
         let msg = match self.engine.rate_limiter.verify_packet(from, packet) {
             Ok(msg) => msg,
             Err(TunnResult::WriteToNetwork(cookie)) => {
@@ -517,7 +542,7 @@ impl<'a> Rx<'a> {
 }
 
 fn rx_loop(tun: &Tun, sock: &UdpSock, engine: &Engine) {
-    let mut rb = RecvBatch::new(BATCH, DATAGRAM_LEN);
+    let mut rb = RecvBatch::<BytesMut>::new(BATCH, DATAGRAM_LEN);
     let mut storage = send_storage(BATCH * 2);
     let mut rx = Rx::new(engine);
     let o = tun.offloads;
@@ -543,14 +568,16 @@ fn rx_loop(tun: &Tun, sock: &UdpSock, engine: &Engine) {
                 engine.counters.rx.drop(Drop::Malformed);
                 continue;
             }
-            let data = &rb.bufs[i][..m.len];
-            // A GRO run holds datagrams of `seg_size` bytes (the last may be shorter).
+            let mut data = rb.take(i);
+            // A GRO run holds datagrams of `seg_size` bytes (the last may be shorter); each
+            // is cut off the received run, not copied.
             let seg = if m.seg_size > 0 {
                 m.seg_size
             } else {
-                m.len.max(1)
+                data.len().max(1)
             };
-            for d in data.chunks(seg) {
+            while !data.is_empty() {
+                let d = data.split_to(seg.min(data.len()));
                 rx.datagram(&peers, d, m.from);
             }
         }

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 
+use bytes::BytesMut;
 use gotatun::packet::Packet;
 use gotatun::tun::MtuWatcher;
 use gotatun::x25519::StaticSecret;
@@ -108,7 +109,7 @@ impl Node {
         let mut rx = Rx::new(&self.engine);
         let peers = self.engine.peers.load();
         for d in data {
-            rx.datagram(&peers, d, from);
+            rx.datagram(&peers, BytesMut::from(*d), from);
         }
         rx.finish_batch();
         let out = rx.out.drain(..).map(|(_, p)| p.to_vec()).collect();

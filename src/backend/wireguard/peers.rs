@@ -59,7 +59,7 @@ pub struct PeerTable {
     /// `(network, mask, peer)`, longest mask first: the first match is the longest prefix.
     routes: Vec<(u32, u32, Arc<Peer>)>,
     routes6: Vec<(u128, u128, Arc<Peer>)>,
-    by_key: HashMap<[u8; 32], Arc<Peer>>,
+    by_key: HashMap<[u8; 32], Arc<Peer>, foldhash::fast::RandomState>,
 }
 
 impl PeerTable {
@@ -68,7 +68,7 @@ impl PeerTable {
     pub fn new(peers: Vec<(Arc<Peer>, Vec<IpNetwork>)>) -> PeerTable {
         let mut routes = Vec::new();
         let mut routes6 = Vec::new();
-        let mut by_key = HashMap::new();
+        let mut by_key = HashMap::default();
         for (peer, nets) in peers {
             for n in nets {
                 match n {

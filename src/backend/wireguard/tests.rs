@@ -539,6 +539,7 @@ fn ipv6_frames_from_the_device_go_to_their_peer_and_the_kernels_own_to_none() {
             &mut frame(pkt),
             &mut Segments::new(),
             &mut MtuWatcher::new(1420),
+            &mut bytes::BytesMut::new(),
             &mut out,
         )
     };
