@@ -261,6 +261,7 @@ fn run_wireguard_go(
                 // Verbose logging costs CPU on every handshake; the bench wants none of it.
                 log_level: "error".into(),
                 keys: None,
+                v6: None,
             })
             .map_err(err)?,
         );
@@ -270,8 +271,8 @@ fn run_wireguard_go(
         nodes[me]
             .set_peer(&Peer {
                 public_key: o.public_key(),
-                endpoint: o.endpoint(),
-                allowed_ips: vec![o.spec().subnet],
+                endpoint: o.endpoint().into(),
+                allowed_ips: vec![o.spec().subnet.into()],
                 psk: Some(psk.to_string()),
                 keepalive: 0,
             })

@@ -2,9 +2,13 @@
 //! that assert an underlay shows only encrypted traffic read it here.
 
 use std::io;
+use std::net::IpAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
+use std::time::Duration;
+
+use crate::Netns;
 
 /// How long a capture's `recv` waits before its loop looks at the stop flag again.
 const RECV_TIMEOUT_US: i64 = 100_000;
@@ -138,6 +142,127 @@ fn udp_payload(packet: &[u8], port: u16, v6: bool) -> Option<&[u8]> {
     let sport = u16::from_be_bytes([packet[l4], packet[l4 + 1]]);
     let dport = u16::from_be_bytes([packet[l4 + 2], packet[l4 + 3]]);
     (sport == port || dport == port).then(|| &packet[l4 + 8..])
+}
+
+/// What a capture on an underlay link must show while WireGuard carries test traffic across
+/// it (see [`assert_wireguard_only_while`]).
+#[derive(Debug, Clone)]
+pub struct WireguardUnderlay<'a> {
+    /// The underlay link captured, e.g. `eth0`.
+    pub link: &'a str,
+    /// The WireGuard port (source or destination).
+    pub port: u16,
+    /// The underlay family expected to carry the WireGuard traffic (`true`: IPv6); the other
+    /// must show nothing on `port`.
+    pub v6: bool,
+    /// Bytes of transport messages (type 4) the traffic must at least make.
+    pub min_transport_bytes: u64,
+    /// Byte strings no datagram may contain: the inner address pairs (see [`address_pairs`]).
+    pub inner: Vec<Vec<u8>>,
+}
+
+/// Source and destination addresses as they follow each other in an IP header, both ways.
+pub fn address_pairs(a: IpAddr, b: IpAddr) -> Vec<Vec<u8>> {
+    let bytes = |ip: IpAddr| match ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    };
+    vec![[bytes(a), bytes(b)].concat(), [bytes(b), bytes(a)].concat()]
+}
+
+/// Runs `traffic` while capturing UDP on `expect.port` over both families on `expect.link` of
+/// namespace `ns`, then asserts that the expected family carried the traffic in WireGuard
+/// messages only, with no inner address pair in the clear, and the other family nothing.
+pub fn assert_wireguard_only_while<T>(
+    ns: &Netns,
+    expect: &WireguardUnderlay,
+    traffic: impl FnOnce() -> T,
+) -> T {
+    let stop = AtomicBool::new(false);
+    let (out, v4_seen, v6_seen) = std::thread::scope(|s| {
+        let (ready, started) = mpsc::channel();
+        let caps: Vec<_> = [false, true]
+            .into_iter()
+            .map(|v6| {
+                let (ready, stop) = (ready.clone(), &stop);
+                s.spawn(move || {
+                    ns.run_in(|| udp_payloads(expect.link, expect.port, v6, ready, stop))
+                        .expect("the capture runs in the namespace")
+                })
+            })
+            .collect();
+        // A panic in the traffic must still end the captures, or the scope never returns.
+        let _stop_captures = StopOnDrop(&stop);
+        for _ in 0..2 {
+            started
+                .recv_timeout(Duration::from_secs(10))
+                .expect("captures started");
+        }
+        let out = traffic();
+        stop.store(true, Ordering::Relaxed);
+        let mut seen = caps.into_iter().map(|h| h.join().unwrap());
+        (out, seen.next().unwrap(), seen.next().unwrap())
+    });
+    let (carrier, silent) = if expect.v6 {
+        (v6_seen, v4_seen)
+    } else {
+        (v4_seen, v6_seen)
+    };
+    let family = |v6: bool| if v6 { "IPv6" } else { "IPv4" };
+    let what = format!(
+        "{} underlay {}, port {}",
+        family(expect.v6),
+        expect.link,
+        expect.port
+    );
+    assert_wireguard_only(&carrier, &what, expect);
+    assert!(
+        silent.is_empty(),
+        "the {} underlay carries nothing on port {}: {} datagrams",
+        family(!expect.v6),
+        expect.port,
+        silent.len()
+    );
+    out
+}
+
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The datagrams carry the traffic in WireGuard transport messages (veth hands UDP GSO runs
+/// over whole, so one captured frame may hold many: bytes are counted), nothing but WireGuard
+/// messages, and no inner address pair in the clear.
+fn assert_wireguard_only(seen: &[Vec<u8>], what: &str, expect: &WireguardUnderlay) {
+    let transport: usize = seen
+        .iter()
+        .filter(|d| d.first() == Some(&4))
+        .map(Vec::len)
+        .sum();
+    assert!(
+        transport as u64 >= expect.min_transport_bytes,
+        "{what}: type-4 bytes {transport} in {} datagrams, want at least {}",
+        seen.len(),
+        expect.min_transport_bytes
+    );
+    let odd: Vec<u8> = seen
+        .iter()
+        .map(|d| d.first().copied().unwrap_or(0))
+        .filter(|t| !(1..=4).contains(t))
+        .collect();
+    assert!(odd.is_empty(), "{what}: not WireGuard: types {odd:?}");
+    for d in seen {
+        for pair in &expect.inner {
+            assert!(
+                !d.windows(pair.len()).any(|w| w == pair.as_slice()),
+                "{what}: an inner IP header is visible on the underlay"
+            );
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,11 +1,11 @@
 //! A whole cluster: underlay + etcd + N flanneld hosts, and what it should look like.
 
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 use serde_json::{json, Value};
 
 use crate::netns::sweep_stale;
@@ -57,6 +57,9 @@ pub struct LeaseInfo {
     pub key: String,
     pub subnet: Ipv4Network,
     pub public_ip: Ipv4Addr,
+    /// The IPv6 half of a dual-stack lease: the subnet after `&` in the key, and `PublicIPv6`.
+    pub subnet_v6: Option<Ipv6Network>,
+    pub public_ipv6: Option<Ipv6Addr>,
     pub backend_type: Option<String>,
     pub vtep_mac: Option<String>,
     pub value: Value,
@@ -67,7 +70,10 @@ impl LeaseInfo {
     pub fn parse(key: &str, value: &str) -> Result<LeaseInfo> {
         let bad = |why: &str| Error::Other(format!("lease {key}: {why}: {value}"));
         let tail = key.rsplit('/').next().unwrap_or_default();
-        let v4 = tail.split('&').next().unwrap_or_default();
+        let (v4, v6) = match tail.split_once('&') {
+            Some((v4, v6)) => (v4, Some(v6)),
+            None => (tail, None),
+        };
         let (ip, len) = v4
             .split_once('-')
             .ok_or_else(|| bad("key is not <ip>-<len>"))?;
@@ -76,6 +82,18 @@ impl LeaseInfo {
             len.parse().map_err(|_| bad("bad length in key"))?,
         )
         .map_err(|_| bad("bad subnet in key"))?;
+        let subnet_v6 = v6
+            .map(|v6| {
+                let (ip, len) = v6
+                    .split_once('-')
+                    .ok_or_else(|| bad("IPv6 half of the key is not <ip>-<len>"))?;
+                Ipv6Network::new(
+                    ip.parse().map_err(|_| bad("bad IPv6 address in key"))?,
+                    len.parse().map_err(|_| bad("bad IPv6 length in key"))?,
+                )
+                .map_err(|_| bad("bad IPv6 subnet in key"))
+            })
+            .transpose()?;
         let value: Value = serde_json::from_str(value).map_err(|_| bad("not JSON"))?;
         let public_ip = value["PublicIP"]
             .as_str()
@@ -85,6 +103,8 @@ impl LeaseInfo {
             key: key.to_string(),
             subnet,
             public_ip,
+            subnet_v6,
+            public_ipv6: value["PublicIPv6"].as_str().and_then(|s| s.parse().ok()),
             backend_type: value["BackendType"].as_str().map(String::from),
             vtep_mac: value["BackendData"]["VtepMAC"]
                 .as_str()
@@ -982,13 +1002,19 @@ mod tests {
         assert_eq!(l.backend_type.as_deref(), Some("vxlan"));
         assert_eq!(l.vtep_mac.as_deref(), Some("c6:d2:aa:01:02:03"));
 
+        assert_eq!((l.subnet_v6, l.public_ipv6), (None, None));
+
         let dual = LeaseInfo::parse(
-            "/x/subnets/10.5.4.0-24&fc00::-64",
-            r#"{"PublicIP":"198.18.0.12"}"#,
+            "/x/subnets/10.5.4.0-24&fc00:0:0:4::-64",
+            r#"{"PublicIP":"198.18.0.12","PublicIPv6":"fd00:18::12"}"#,
         )
         .unwrap();
         assert_eq!(dual.subnet, "10.5.4.0/24".parse().unwrap());
+        assert_eq!(dual.subnet_v6, Some("fc00:0:0:4::/64".parse().unwrap()));
+        assert_eq!(dual.public_ipv6, Some("fd00:18::12".parse().unwrap()));
         assert_eq!(dual.backend_type, None);
+        let e = LeaseInfo::parse("/x/subnets/10.5.4.0-24&fc00::", "{}").unwrap_err();
+        assert!(e.to_string().contains("IPv6 half"), "{e}");
         assert!(LeaseInfo::parse("/x/subnets/garbage", "{}").is_err());
     }
 

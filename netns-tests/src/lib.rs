@@ -62,8 +62,8 @@ pub use netns::{sweep_stale, unique_prefix, Netns};
 pub use pod::{Pod, PodMode};
 pub use privileges::Need;
 pub use traffic::{
-    fill_pseudo_random, http_get, tcp_transfer, PacedReport, PacedTransfer, PingRun, PingStats,
-    Transfer,
+    fill_pseudo_random, http_get, tcp_transfer, tcp_transfer_to, PacedReport, PacedTransfer,
+    PingRun, PingStats, Transfer,
 };
 pub use underlay::Underlay;
 pub use wg_flood::{FloodReport, HandshakeFlood};

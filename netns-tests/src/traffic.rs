@@ -180,7 +180,11 @@ fn accept_within(l: &TcpListener, timeout: Duration) -> Result<TcpStream> {
 
 /// The receiving side of a transfer: reads `st` to its end, counting and hashing, then sends
 /// the receipt (count and hash) back. Also returns the longest wait between two reads.
-fn receive_and_acknowledge(st: &mut TcpStream, at: Ipv4Addr) -> Result<(u64, u64, Duration)> {
+fn receive_and_acknowledge(
+    st: &mut TcpStream,
+    at: impl Into<IpAddr>,
+) -> Result<(u64, u64, Duration)> {
+    let at = at.into();
     let mut buf = vec![0u8; 64 * 1024];
     let (mut n, mut h) = (0u64, FNV_OFFSET);
     let mut last = Instant::now();
@@ -227,8 +231,13 @@ fn finish_and_check(st: &mut TcpStream, addr: SocketAddr, sent: u64, h: u64) -> 
 /// threads that entered the pods' namespaces). The receiver counts and hashes what it got and
 /// sends both back; they must match what was sent.
 pub fn tcp_transfer(from: &Pod, to: &Pod, bytes: u64) -> Result<Transfer> {
+    tcp_transfer_to(from, to, to.ip().into(), bytes)
+}
+
+/// [`tcp_transfer`] to address `dst_ip` of pod `to` (e.g. the IPv6 address a dual-stack test
+/// gave it).
+pub fn tcp_transfer_to(from: &Pod, to: &Pod, dst_ip: IpAddr, bytes: u64) -> Result<Transfer> {
     let io_timeout = Duration::from_secs(15);
-    let dst_ip = to.ip();
     std::thread::scope(|s| {
         let (tx, rx) = mpsc::channel::<u16>();
         let server = s.spawn(move || -> Result<()> {

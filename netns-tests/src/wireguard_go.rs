@@ -8,10 +8,14 @@
 //! private tmpfs on `/run/wireguard`, and every `wg` command enters that mount namespace (and
 //! the network namespace) of the running daemon with `nsenter`. Dropping a [`WireguardGo`]
 //! kills the daemon; its TUN device, socket and tmpfs go with it.
+//!
+//! A node with an IPv6 half ([`NodeSpec::v6`]) is flannel's `Mode: separate` in a dual-stack
+//! network: a second wireguard-go runs `flannel-wg-v6` with the same key on `ListenPortV6`,
+//! carrying IPv6 over the IPv6 underlay, and the lease has `PublicIPv6` and `BackendV6Data`.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -20,7 +24,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use serde_json::json;
 
 use crate::cluster::LeaseInfo;
@@ -37,8 +41,12 @@ pub const NEEDS: &[Need<'static>] = &[
 
 /// flannel's device name for IPv4 (`flannel-wg`).
 pub const DEVICE: &str = "flannel-wg";
+/// flannel's device name for IPv6 in `Mode: separate` (`flannel-wg-v6`).
+pub const DEVICE_V6: &str = "flannel-wg-v6";
 /// flannel's default `ListenPort`.
 pub const DEFAULT_PORT: u16 = 51820;
+/// flannel's default `ListenPortV6`.
+pub const DEFAULT_PORT_V6: u16 = 51821;
 /// flannel's constant WireGuard overhead: device MTU = link MTU − 80.
 pub const OVERHEAD: u32 = 80;
 
@@ -127,6 +135,21 @@ pub struct NodeSpec {
     pub log_level: String,
     /// The key pair to use; `None` generates one.
     pub keys: Option<KeyPair>,
+    /// The IPv6 half (device [`DEVICE_V6`]); `None` for an IPv4-only node.
+    pub v6: Option<V6Spec>,
+}
+
+/// The IPv6 half of a dual-stack node in flannel's `Mode: separate`.
+#[derive(Debug, Clone)]
+pub struct V6Spec {
+    /// The IPv6 underlay address: the lease's `PublicIPv6`.
+    pub public_ip: Ipv6Addr,
+    /// The node's IPv6 lease subnet; the device gets its network address `/128`.
+    pub subnet: Ipv6Network,
+    /// flannel's `IPv6Network`, routed into the device.
+    pub network: Ipv6Network,
+    /// `ListenPortV6`.
+    pub port: u16,
 }
 
 impl NodeSpec {
@@ -143,6 +166,7 @@ impl NodeSpec {
             mtu: 1500 - OVERHEAD,
             log_level: "verbose".into(),
             keys: None,
+            v6: None,
         }
     }
 }
@@ -151,8 +175,9 @@ impl NodeSpec {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
     pub public_key: String,
-    pub endpoint: SocketAddrV4,
-    pub allowed_ips: Vec<Ipv4Network>,
+    /// An IPv6 endpoint makes it a peer of [`DEVICE_V6`].
+    pub endpoint: SocketAddr,
+    pub allowed_ips: Vec<IpNetwork>,
     /// The network's `PSK` (base64), `None` for none.
     pub psk: Option<String>,
     /// `PersistentKeepaliveInterval` in seconds (0: off).
@@ -181,11 +206,47 @@ impl Peer {
         };
         Ok(Peer {
             public_key: public_key.to_string(),
-            endpoint: SocketAddrV4::new(lease.public_ip, port),
-            allowed_ips: vec![lease.subnet],
+            endpoint: SocketAddrV4::new(lease.public_ip, port).into(),
+            allowed_ips: vec![lease.subnet.into()],
             psk: psk.map(str::to_string),
             keepalive,
         })
+    }
+
+    /// The peer of `flannel-wg-v6` flannel makes of a dual-stack `wireguard` lease in
+    /// `Mode: separate`: `BackendV6Data`'s key, `[PublicIPv6]:Port` (`ListenPortV6`'s default
+    /// when 0), the IPv6 subnet.
+    pub fn from_lease_v6(lease: &LeaseInfo, psk: Option<&str>, keepalive: u16) -> Result<Peer> {
+        let bad = |why: &str| Error::Other(format!("lease {}: {why}: {}", lease.key, lease.value));
+        let data = &lease.value["BackendV6Data"];
+        let public_key = data["PublicKey"]
+            .as_str()
+            .ok_or_else(|| bad("BackendV6Data has no PublicKey"))?;
+        let port = match data["Port"].as_u64().unwrap_or(0) {
+            0 => DEFAULT_PORT_V6,
+            p => u16::try_from(p)
+                .map_err(|_| bad(&format!("BackendV6Data.Port {p} is not a port")))?,
+        };
+        let ip = lease.public_ipv6.ok_or_else(|| bad("no PublicIPv6"))?;
+        let subnet = lease
+            .subnet_v6
+            .ok_or_else(|| bad("no IPv6 subnet in the key"))?;
+        Ok(Peer {
+            public_key: public_key.to_string(),
+            endpoint: SocketAddrV6::new(ip, port, 0, 0).into(),
+            allowed_ips: vec![subnet.into()],
+            psk: psk.map(str::to_string),
+            keepalive,
+        })
+    }
+
+    /// The device flannel adds this peer to: the one of its endpoint's family.
+    pub fn device(&self) -> &'static str {
+        if self.endpoint.is_ipv6() {
+            DEVICE_V6
+        } else {
+            DEVICE
+        }
     }
 }
 
@@ -286,10 +347,19 @@ impl HandshakeLog {
     }
 }
 
+/// One wireguard-go daemon: a device of the node.
+#[derive(Debug)]
+struct Device {
+    name: &'static str,
+    port: u16,
+    daemon: Daemon,
+}
+
 /// A running wireguard-go node (see the module doc).
 #[derive(Debug)]
 pub struct WireguardGo {
-    daemon: Daemon,
+    /// [`DEVICE`], then [`DEVICE_V6`] when the node has an IPv6 half.
+    devices: Vec<Device>,
     spec: NodeSpec,
     keys: Mutex<KeyPair>,
     /// Numbers the PSK files (a file per `wg set`, so a change never rewrites one in use).
@@ -299,41 +369,67 @@ pub struct WireguardGo {
 impl WireguardGo {
     /// Starts wireguard-go with device [`DEVICE`] in `spec.netns` and sets it up as flannel's
     /// backend does: private key and listen port, address `<subnet network>/32`, MTU, link up,
-    /// one route for the whole Network on the device. No peers yet.
+    /// one route for the whole Network on the device. No peers yet. With `spec.v6`, the same
+    /// for [`DEVICE_V6`] with the IPv6 subnet, network and port.
     pub fn start(spec: NodeSpec) -> Result<WireguardGo> {
         let keys = match spec.keys.clone() {
             Some(k) => k,
             None => KeyPair::generate()?,
         };
-        let node = WireguardGo {
+        let device = |name, port, log: &str| Device {
+            name,
+            port,
             daemon: Daemon::new(
-                format!("wireguard-go in {}", spec.netns),
-                spec.dir.join("wireguard-go.log"),
+                format!("wireguard-go {name} in {}", spec.netns),
+                spec.dir.join(log),
                 40,
             ),
+        };
+        let mut devices = vec![device(DEVICE, spec.port, "wireguard-go.log")];
+        if let Some(v6) = &spec.v6 {
+            devices.push(device(DEVICE_V6, v6.port, "wireguard-go-v6.log"));
+        }
+        let node = WireguardGo {
+            devices,
             spec,
             keys: Mutex::new(keys),
             files: AtomicU32::new(0),
         };
-        node.daemon.start(node.daemon_command())?;
-        node.wait_control_socket()?;
+        for d in &node.devices {
+            d.daemon.start(node.daemon_command(d.name))?;
+            node.wait_control_socket(d)?;
+        }
         node.set_private_key()?;
         let s = &node.spec;
         let mtu = s.mtu.to_string();
         let addr = format!("{}/32", s.subnet.network());
         let network = s.network.to_string();
-        for args in [
-            &["addr", "add", &addr, "dev", DEVICE][..],
-            &["link", "set", DEVICE, "mtu", &mtu, "up"],
-            &["route", "replace", &network, "dev", DEVICE, "scope", "link"],
-        ] {
-            node.ip(args)?;
+        let mut setup = vec![
+            vec!["addr", "add", &addr, "dev", DEVICE],
+            vec!["link", "set", DEVICE, "mtu", &mtu, "up"],
+            vec!["route", "replace", &network, "dev", DEVICE, "scope", "link"],
+        ];
+        let v6 = s.v6.as_ref().map(|v6| {
+            (
+                format!("{}/128", v6.subnet.network()),
+                v6.network.to_string(),
+            )
+        });
+        if let Some((addr6, network6)) = &v6 {
+            setup.extend([
+                vec!["-6", "addr", "add", addr6, "dev", DEVICE_V6, "nodad"],
+                vec!["link", "set", DEVICE_V6, "mtu", &mtu, "up"],
+                vec!["-6", "route", "replace", network6, "dev", DEVICE_V6],
+            ]);
+        }
+        for args in setup {
+            node.ip(&args)?;
         }
         Ok(node)
     }
 
-    /// `wireguard-go -f flannel-wg` in its own mount namespace with a private `/run/wireguard`.
-    fn daemon_command(&self) -> Command {
+    /// `wireguard-go -f <device>` in its own mount namespace with a private `/run/wireguard`.
+    fn daemon_command(&self, device: &str) -> Command {
         let mut c = crate::netns::command_in(Some(&self.spec.netns), "unshare");
         c.args(["--mount", "--propagation", "private", "sh", "-c"])
             .arg(
@@ -341,7 +437,7 @@ impl WireguardGo {
                  mount -t tmpfs -o mode=0700 flannel-wg-bed /run/wireguard && \
                  exec wireguard-go -f \"$1\"",
             )
-            .args(["wireguard-go", DEVICE])
+            .args(["wireguard-go", device])
             .env("LOG_LEVEL", &self.spec.log_level)
             // wireguard-go would otherwise fork into the background.
             .env("WG_PROCESS_FOREGROUND", "1");
@@ -349,39 +445,52 @@ impl WireguardGo {
         c
     }
 
-    fn wait_control_socket(&self) -> Result<()> {
+    fn wait_control_socket(&self, d: &Device) -> Result<()> {
         wait_until(
             Duration::from_secs(10),
-            &format!("wireguard-go's {DEVICE} in {} to answer", self.spec.netns),
+            &format!("wireguard-go's {} in {} to answer", d.name, self.spec.netns),
             || {
-                self.daemon.check_alive()?;
-                self.wg(&["show", DEVICE, "public-key"])
+                d.daemon.check_alive()?;
+                self.wg_on(d.name, &["show", d.name, "public-key"])
                     .map(drop)
                     .map_err(|e| e.to_string())
             },
         )
     }
 
-    /// The daemon's pid while it runs.
+    fn device(&self, name: &str) -> Result<&Device> {
+        self.devices
+            .iter()
+            .find(|d| d.name == name)
+            .ok_or_else(|| Error::Other(format!("this wireguard-go node has no {name}")))
+    }
+
+    fn v4(&self) -> &Device {
+        &self.devices[0]
+    }
+
+    /// The pid of [`DEVICE`]'s daemon while it runs.
     pub fn pid(&self) -> Option<u32> {
-        self.daemon.pid()
+        self.v4().daemon.pid()
     }
 
     /// The daemon's pid (the namespaces `wg` enters), or why it does not run.
-    fn running_pid(&self) -> Result<u32> {
-        self.daemon
-            .check_alive()
-            .map_err(Error::Other)
-            .and_then(|()| {
-                self.daemon
-                    .pid()
-                    .ok_or_else(|| Error::Other("wireguard-go is not running".into()))
-            })
+    fn running_pid(d: &Device) -> Result<u32> {
+        d.daemon.check_alive().map_err(Error::Other).and_then(|()| {
+            d.daemon
+                .pid()
+                .ok_or_else(|| Error::Other(format!("wireguard-go {} is not running", d.name)))
+        })
     }
 
-    /// `wg args...` inside the daemon's mount and network namespaces → stdout.
+    /// `wg args...` inside the mount and network namespaces of [`DEVICE`]'s daemon → stdout.
     pub fn wg(&self, args: &[&str]) -> Result<String> {
-        let pid = self.running_pid()?.to_string();
+        self.wg_on(DEVICE, args)
+    }
+
+    /// `wg args...` inside the namespaces of `device`'s daemon → stdout.
+    pub fn wg_on(&self, device: &str, args: &[&str]) -> Result<String> {
+        let pid = Self::running_pid(self.device(device)?)?.to_string();
         let mut c = Command::new("nsenter");
         c.args(["--target", &pid, "--mount", "--net", "wg"])
             .args(args);
@@ -416,24 +525,35 @@ impl WireguardGo {
         SocketAddrV4::new(self.spec.public_ip, self.spec.port)
     }
 
-    /// Whether the daemon runs; otherwise why not.
+    /// The IPv6 underlay endpoint of [`DEVICE_V6`], if the node has one.
+    pub fn endpoint_v6(&self) -> Option<SocketAddrV6> {
+        let v6 = self.spec.v6.as_ref()?;
+        Some(SocketAddrV6::new(v6.public_ip, v6.port, 0, 0))
+    }
+
+    /// Whether every daemon runs; otherwise why not.
     pub fn check_alive(&self) -> Result<(), String> {
-        self.daemon.check_alive()
+        self.devices.iter().try_for_each(|d| d.daemon.check_alive())
     }
 
-    /// The daemon's whole log.
+    /// The whole log of [`DEVICE`]'s daemon.
     pub fn log(&self) -> String {
-        self.daemon.log()
+        self.v4().daemon.log()
     }
 
-    /// Counts of the handshake messages in the log so far.
+    /// Counts of the handshake messages in [`DEVICE`]'s log so far.
     pub fn handshake_log(&self) -> HandshakeLog {
-        HandshakeLog::parse(&self.daemon.log())
+        HandshakeLog::parse(&self.v4().daemon.log())
     }
 
-    /// wireguard-go's CPU seconds so far (user + system).
+    /// Counts of the handshake messages in `device`'s log so far.
+    pub fn handshake_log_on(&self, device: &str) -> Result<HandshakeLog> {
+        Ok(HandshakeLog::parse(&self.device(device)?.daemon.log()))
+    }
+
+    /// wireguard-go's CPU seconds so far (user + system) for [`DEVICE`].
     pub fn cpu_secs(&self) -> Result<f64> {
-        crate::host::ProcStats::read(self.running_pid()?).map(|s| s.cpu_secs)
+        crate::host::ProcStats::read(Self::running_pid(self.v4())?).map(|s| s.cpu_secs)
     }
 
     /// A fresh file under the node's directory holding `secret`, readable by root only.
@@ -452,20 +572,27 @@ impl WireguardGo {
         Ok(path)
     }
 
+    /// Every device gets the node's key (flannel uses one key for both) and its port.
     fn set_private_key(&self) -> Result<()> {
         let private = self.keys.lock().unwrap().private.clone();
         let file = self.secret_file("key", &private)?;
-        let port = self.spec.port.to_string();
-        let r = self.wg(&[
-            "set",
-            DEVICE,
-            "private-key",
-            &file.to_string_lossy(),
-            "listen-port",
-            &port,
-        ]);
+        let r = self.devices.iter().try_for_each(|d| {
+            let port = d.port.to_string();
+            self.wg_on(
+                d.name,
+                &[
+                    "set",
+                    d.name,
+                    "private-key",
+                    &file.to_string_lossy(),
+                    "listen-port",
+                    &port,
+                ],
+            )
+            .map(drop)
+        });
         let _ = std::fs::remove_file(&file);
-        r.map(drop)
+        r
     }
 
     /// Replaces the node's key with a new one (the lease must be put again for peers to
@@ -478,9 +605,12 @@ impl WireguardGo {
         Ok(public)
     }
 
-    /// `wg set flannel-wg peer ...` as flannel's `addPeer`: endpoint, allowed IPs (replacing
-    /// the old ones), PSK (removed when `None`), persistent keepalive.
+    /// `wg set <device> peer ...` as flannel's `addPeer`, on the device of the peer's endpoint
+    /// family: endpoint, allowed IPs (replacing the old ones), PSK (removed when `None`),
+    /// persistent keepalive.
     pub fn set_peer(&self, peer: &Peer) -> Result<()> {
+        let device = peer.device();
+        self.device(device)?;
         let psk = self.secret_file("psk", peer.psk.as_deref().unwrap_or(""))?;
         let endpoint = peer.endpoint.to_string();
         let allowed = peer
@@ -490,33 +620,39 @@ impl WireguardGo {
             .collect::<Vec<_>>()
             .join(",");
         let keepalive = peer.keepalive.to_string();
-        let r = self.wg(&[
-            "set",
-            DEVICE,
-            "peer",
-            &peer.public_key,
-            "preshared-key",
-            &psk.to_string_lossy(),
-            "endpoint",
-            &endpoint,
-            "allowed-ips",
-            &allowed,
-            "persistent-keepalive",
-            &keepalive,
-        ]);
+        let r = self.wg_on(
+            device,
+            &[
+                "set",
+                device,
+                "peer",
+                &peer.public_key,
+                "preshared-key",
+                &psk.to_string_lossy(),
+                "endpoint",
+                &endpoint,
+                "allowed-ips",
+                &allowed,
+                "persistent-keepalive",
+                &keepalive,
+            ],
+        );
         let _ = std::fs::remove_file(&psk);
         r.map(drop)
     }
 
-    /// `wg set flannel-wg peer <key> remove`.
+    /// `wg set <device> peer <key> remove` on every device.
     pub fn remove_peer(&self, public_key: &str) -> Result<()> {
-        self.wg(&["set", DEVICE, "peer", public_key, "remove"])
-            .map(drop)
+        self.devices.iter().try_for_each(|d| {
+            self.wg_on(d.name, &["set", d.name, "peer", public_key, "remove"])
+                .map(drop)
+        })
     }
 
     /// What flannel's backend does with a full listing: a peer for every `wireguard` lease
-    /// other than this node's (by subnet), and no peer whose key no lease holds any more (the
-    /// removal flannel skips after a key change). Returns the peers set.
+    /// other than this node's (by subnet) on each device whose family the lease has, and no
+    /// peer whose key no lease holds any more (the removal flannel skips after a key change).
+    /// Returns the peers set.
     pub fn sync_peers(
         &self,
         leases: &[LeaseInfo],
@@ -528,13 +664,22 @@ impl WireguardGo {
             if l.subnet == self.spec.subnet || l.backend_type.as_deref() != Some("wireguard") {
                 continue;
             }
-            let p = Peer::from_lease(l, psk, keepalive)?;
-            self.set_peer(&p)?;
-            peers.push(p);
+            peers.push(Peer::from_lease(l, psk, keepalive)?);
+            if self.spec.v6.is_some() && l.subnet_v6.is_some() {
+                peers.push(Peer::from_lease_v6(l, psk, keepalive)?);
+            }
         }
-        for have in self.dump()?.peers {
-            if !peers.iter().any(|p| p.public_key == have.public_key) {
-                self.remove_peer(&have.public_key)?;
+        for p in &peers {
+            self.set_peer(p)?;
+        }
+        for d in &self.devices {
+            for have in self.dump_on(d.name)?.peers {
+                let wanted = peers
+                    .iter()
+                    .any(|p| p.device() == d.name && p.public_key == have.public_key);
+                if !wanted {
+                    self.wg_on(d.name, &["set", d.name, "peer", &have.public_key, "remove"])?;
+                }
             }
         }
         Ok(peers)
@@ -542,29 +687,50 @@ impl WireguardGo {
 
     /// `wg show flannel-wg dump`, parsed.
     pub fn dump(&self) -> Result<Dump> {
-        Dump::parse(&self.wg(&["show", DEVICE, "dump"])?)
+        self.dump_on(DEVICE)
     }
 
-    /// The state of the peer with `public_key`, if configured.
+    /// `wg show <device> dump`, parsed.
+    pub fn dump_on(&self, device: &str) -> Result<Dump> {
+        Dump::parse(&self.wg_on(device, &["show", device, "dump"])?)
+    }
+
+    /// The state of the peer with `public_key` on [`DEVICE`], if configured.
     pub fn peer_state(&self, public_key: &str) -> Result<Option<PeerState>> {
-        Ok(self.dump()?.peer(public_key).cloned())
+        self.peer_state_on(DEVICE, public_key)
     }
 
-    /// Polls until a handshake with `public_key` newer than `after` (unix seconds) completed;
-    /// the peer's state then.
+    /// The state of the peer with `public_key` on `device`, if configured.
+    pub fn peer_state_on(&self, device: &str, public_key: &str) -> Result<Option<PeerState>> {
+        Ok(self.dump_on(device)?.peer(public_key).cloned())
+    }
+
+    /// Polls until a handshake with `public_key` on [`DEVICE`] newer than `after` (unix
+    /// seconds) completed; the peer's state then.
     pub fn wait_handshake(
         &self,
         public_key: &str,
         after: u64,
         timeout: Duration,
     ) -> Result<PeerState> {
+        self.wait_handshake_on(DEVICE, public_key, after, timeout)
+    }
+
+    /// [`WireguardGo::wait_handshake`] on `device`.
+    pub fn wait_handshake_on(
+        &self,
+        device: &str,
+        public_key: &str,
+        after: u64,
+        timeout: Duration,
+    ) -> Result<PeerState> {
         wait_until(
             timeout,
-            &format!("a handshake with {public_key} after {after}"),
+            &format!("a handshake with {public_key} on {device} after {after}"),
             || {
                 self.check_alive()?;
                 let state = self
-                    .peer_state(public_key)
+                    .peer_state_on(device, public_key)
                     .map_err(|e| e.to_string())?
                     .ok_or_else(|| format!("no peer {public_key}"))?;
                 if state.latest_handshake > after {
@@ -576,22 +742,31 @@ impl WireguardGo {
         )
     }
 
-    /// The lease key flannel writes: `<subnets prefix>10.5.1.0-24`.
+    /// The lease key flannel writes: `<subnets prefix>10.5.1.0-24`, with
+    /// `&fc00:0:0:1::-64` after it for a dual-stack node.
     pub fn lease_key(&self, subnets_prefix: &str) -> String {
         let s = self.spec.subnet;
-        format!("{subnets_prefix}{}-{}", s.network(), s.prefix())
+        let mut key = format!("{subnets_prefix}{}-{}", s.network(), s.prefix());
+        if let Some(v6) = &self.spec.v6 {
+            let _ = write!(key, "&{}-{}", v6.subnet.network(), v6.subnet.prefix());
+        }
+        key
     }
 
-    /// The lease value flannel's `wireguard` backend writes for this node (IPv4 only): Go's
-    /// encoding of `LeaseAttrs`, field for field.
+    /// The lease value flannel's `wireguard` backend writes for this node: Go's encoding of
+    /// `LeaseAttrs`, field for field (`BackendV6Data` only for a dual-stack node).
     pub fn lease_value(&self) -> String {
-        json!({
+        let mut v = json!({
             "PublicIP": self.spec.public_ip.to_string(),
             "PublicIPv6": null,
             "BackendType": "wireguard",
             "BackendData": {"PublicKey": self.public_key(), "Port": self.spec.port},
-        })
-        .to_string()
+        });
+        if let Some(v6) = &self.spec.v6 {
+            v["PublicIPv6"] = json!(v6.public_ip.to_string());
+            v["BackendV6Data"] = json!({"PublicKey": self.public_key(), "Port": v6.port});
+        }
+        v.to_string()
     }
 
     /// Writes this node's lease into etcd under a fresh etcd lease of `ttl` (as flannel's
@@ -612,6 +787,11 @@ impl WireguardGo {
         let _ = writeln!(text, "FLANNEL_NETWORK={}", s.network);
         let first = Ipv4Addr::from(u32::from(s.subnet.network()) + 1);
         let _ = writeln!(text, "FLANNEL_SUBNET={first}/{}", s.subnet.prefix());
+        if let Some(v6) = &s.v6 {
+            let _ = writeln!(text, "FLANNEL_IPV6_NETWORK={}", v6.network);
+            let first = Ipv6Addr::from(u128::from(v6.subnet.network()) + 1);
+            let _ = writeln!(text, "FLANNEL_IPV6_SUBNET={first}/{}", v6.subnet.prefix());
+        }
         let _ = writeln!(text, "FLANNEL_MTU={}", s.mtu);
         let _ = writeln!(text, "FLANNEL_IPMASQ=false");
         std::fs::write(path, text).map_err(|e| Error::io(format!("writing {}", path.display()), e))
@@ -682,6 +862,32 @@ mod tests {
         .unwrap();
         let e = Peer::from_lease(&vxlan, None, 0).unwrap_err().to_string();
         assert!(e.contains("PublicKey") && e.contains("10.5.8.0-24"), "{e}");
+    }
+
+    #[test]
+    fn a_flannel_wg_v6_peer_from_a_dual_stack_lease() {
+        let lease = LeaseInfo::parse(
+            "/coreos.com/network/subnets/10.5.7.0-24&fc00:0:0:7::-64",
+            r#"{"PublicIP":"198.18.0.12","PublicIPv6":"fd00:18::12","BackendType":"wireguard","BackendData":{"PublicKey":"K=","Port":51820},"BackendV6Data":{"PublicKey":"K=","Port":51821}}"#,
+        )
+        .unwrap();
+        let p = Peer::from_lease_v6(&lease, None, 0).unwrap();
+        assert_eq!(p.endpoint, "[fd00:18::12]:51821".parse().unwrap());
+        assert_eq!(p.allowed_ips, ["fc00:0:0:7::/64".parse().unwrap()]);
+        assert_eq!(p.device(), DEVICE_V6);
+        assert_eq!(Peer::from_lease(&lease, None, 0).unwrap().device(), DEVICE);
+        let v4_only = LeaseInfo::parse(
+            "/coreos.com/network/subnets/10.5.7.0-24",
+            r#"{"PublicIP":"198.18.0.12","BackendType":"wireguard","BackendData":{"PublicKey":"K=","Port":51820}}"#,
+        )
+        .unwrap();
+        let e = Peer::from_lease_v6(&v4_only, None, 0)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("BackendV6Data") && e.contains("10.5.7.0-24"),
+            "{e}"
+        );
     }
 
     #[test]

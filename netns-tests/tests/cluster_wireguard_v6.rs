@@ -11,15 +11,11 @@
 //! on a host's underlay link shows WireGuard transport messages (type 4) on the expected
 //! family and port, no inner addresses in the clear.
 
-use std::io::{Read, Write};
-use std::net::{Ipv6Addr, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
+use std::net::Ipv6Addr;
 use std::time::Duration;
 
-use netns_tests::capture::udp_payloads;
-use netns_tests::traffic::{fill_pseudo_random, tcp_transfer};
-use netns_tests::{wait_until, Cluster, Netns, Pod, PodMode};
+use netns_tests::capture::{address_pairs, assert_wireguard_only_while, WireguardUnderlay};
+use netns_tests::{tcp_transfer, tcp_transfer_to, wait_until, Cluster, Netns, Pod, PodMode};
 use serde_json::{json, Value};
 
 mod common;
@@ -94,144 +90,31 @@ fn logs(c: &Cluster) -> String {
         .collect()
 }
 
-const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-
-fn fnv(mut h: u64, data: &[u8]) -> u64 {
-    for b in data {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
-}
-
-/// Sends `bytes` pseudo-random bytes over TCP from pod `from` to `[to6]` in pod `to`; the
-/// receiver sends back the count and hash of what it got, which must match what was sent.
+/// A checksummed TCP transfer to `to`'s IPv6 address `to6`.
 fn tcp_transfer6(from: &Pod, to: &Pod, to6: Ipv6Addr, bytes: u64) {
-    let timeout = Duration::from_secs(15);
-    std::thread::scope(|s| {
-        let (tx, rx) = mpsc::channel::<u16>();
-        let server = s.spawn(move || {
-            to.netns()
-                .run_in(|| {
-                    let l = TcpListener::bind((to6, 0)).expect("listen");
-                    tx.send(l.local_addr().unwrap().port()).unwrap();
-                    let (mut st, _) = l.accept().expect("accept");
-                    st.set_read_timeout(Some(timeout)).unwrap();
-                    let (mut n, mut h) = (0u64, FNV_OFFSET);
-                    let mut buf = vec![0u8; 64 << 10];
-                    loop {
-                        let r = st.read(&mut buf).expect("receiving");
-                        if r == 0 {
-                            break;
-                        }
-                        n += r as u64;
-                        h = fnv(h, &buf[..r]);
-                    }
-                    st.write_all(&[n.to_be_bytes(), h.to_be_bytes()].concat())
-                        .expect("receipt");
-                })
-                .expect("server in the pod")
-        });
-        let port = rx.recv_timeout(timeout).expect("the server listens");
-        from.netns()
-            .run_in(|| {
-                let addr = SocketAddr::from((to6, port));
-                let mut st = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-                    .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-                st.set_write_timeout(Some(timeout)).unwrap();
-                st.set_read_timeout(Some(timeout)).unwrap();
-                let (mut h, mut x) = (FNV_OFFSET, 0x9e37_79b9_7f4a_7c15u64 ^ bytes);
-                let mut buf = vec![0u8; 64 << 10];
-                let mut left = bytes;
-                while left > 0 {
-                    let k = (buf.len() as u64).min(left) as usize;
-                    fill_pseudo_random(&mut x, &mut buf[..k]);
-                    st.write_all(&buf[..k]).expect("sending");
-                    h = fnv(h, &buf[..k]);
-                    left -= k as u64;
-                }
-                st.shutdown(std::net::Shutdown::Write).unwrap();
-                let mut receipt = [0u8; 16];
-                st.read_exact(&mut receipt).expect("the receipt");
-                let n = u64::from_be_bytes(receipt[..8].try_into().unwrap());
-                let rh = u64::from_be_bytes(receipt[8..].try_into().unwrap());
-                assert_eq!((n, rh), (bytes, h), "received (bytes, hash) over IPv6");
-            })
-            .expect("client in the pod");
-        server.join().unwrap();
-    });
+    tcp_transfer_to(from, to, to6.into(), bytes)
+        .unwrap_or_else(|e| panic!("TCP {} → {to6}: {e}", from.ip()));
 }
 
-/// Runs `traffic` while capturing on host `host`'s underlay: the UDP payloads on `port`
-/// over IPv4 and over IPv6.
-fn captured(
+/// Runs `traffic` while capturing on host `host`'s underlay: WireGuard on `port` over the
+/// IPv6 underlay (`v6`) or the IPv4 one, and nothing on that port over the other; no address
+/// pair of `inner` in the clear.
+fn wireguard_only_while(
     c: &Cluster,
     host: usize,
     port: u16,
+    v6: bool,
+    inner: Vec<Vec<u8>>,
     traffic: impl FnOnce(),
-) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
-    let stop = AtomicBool::new(false);
-    std::thread::scope(|s| {
-        let (ready, started) = mpsc::channel();
-        let caps: Vec<_> = [false, true]
-            .into_iter()
-            .map(|v6| {
-                let (ready, stop) = (ready.clone(), &stop);
-                s.spawn(move || {
-                    c.host(host)
-                        .netns()
-                        .run_in(|| udp_payloads("eth0", port, v6, ready, stop))
-                        .expect("capture runs in the host")
-                })
-            })
-            .collect();
-        for _ in 0..2 {
-            started
-                .recv_timeout(Duration::from_secs(10))
-                .expect("captures started");
-        }
-        traffic();
-        stop.store(true, Ordering::Relaxed);
-        let mut caps = caps.into_iter().map(|h| h.join().unwrap());
-        (caps.next().unwrap(), caps.next().unwrap())
-    })
-}
-
-/// The datagrams carry the transfer in WireGuard transport messages (veth hands UDP GSO
-/// runs over whole, so one captured frame may hold many: bytes are counted), nothing but
-/// WireGuard messages, and no inner address pair in the clear.
-fn assert_wireguard_only(seen: &[Vec<u8>], what: &str, inner: &[Vec<u8>]) {
-    let transport: usize = seen
-        .iter()
-        .filter(|d| d.first() == Some(&4))
-        .map(Vec::len)
-        .sum();
-    assert!(
-        transport as u64 >= TRANSFER / 2,
-        "{what}: type-4 bytes {transport} in {} datagrams",
-        seen.len()
-    );
-    let odd: Vec<u8> = seen
-        .iter()
-        .map(|d| d.first().copied().unwrap_or(0))
-        .filter(|t| !(1..=4).contains(t))
-        .collect();
-    assert!(odd.is_empty(), "{what}: not WireGuard: types {odd:?}");
-    for d in seen {
-        for pair in inner {
-            assert!(
-                !d.windows(pair.len()).any(|w| w == pair.as_slice()),
-                "{what}: an inner IP header is visible on the underlay"
-            );
-        }
-    }
-}
-
-fn v6_pair(a: Ipv6Addr, b: Ipv6Addr) -> Vec<Vec<u8>> {
-    vec![
-        [a.octets(), b.octets()].concat(),
-        [b.octets(), a.octets()].concat(),
-    ]
+) {
+    let expect = WireguardUnderlay {
+        link: "eth0",
+        port,
+        v6,
+        min_transport_bytes: TRANSFER / 2,
+        inner,
+    };
+    assert_wireguard_only_while(c.host(host).netns(), &expect, traffic);
 }
 
 fn lease_values(c: &Cluster) -> Vec<Value> {
@@ -287,16 +170,11 @@ fn separate_mode_carries_ipv6_on_flannel_wg_v6_over_the_ipv6_underlay() {
     // Both families, checksummed; the IPv6 one watched on host 1's underlay.
     let ((a, a6), (b, b6)) = (&pods[0], &pods[1]);
     tcp_transfer(a, b, TRANSFER).expect("checksummed transfer over IPv4");
-    let (v4_seen, v6_seen) = captured(&c, 1, PORT_V6, || {
+    let inner = address_pairs((*a6).into(), (*b6).into());
+    wireguard_only_while(&c, 1, PORT_V6, true, inner, || {
         tcp_transfer6(a, b, *b6, TRANSFER);
         tcp_transfer6(b, a, *a6, TRANSFER);
     });
-    assert_wireguard_only(&v6_seen, "IPv6 underlay, port 51821", &v6_pair(*a6, *b6));
-    assert!(
-        v4_seen.is_empty(),
-        "nothing on port {PORT_V6} over IPv4: {} datagrams",
-        v4_seen.len()
-    );
     // Every pod pair, IPv6, checksummed.
     for (p, _) in &pods {
         for (q, q6) in &pods {
@@ -327,18 +205,13 @@ fn ipv6_mode_carries_both_families_on_one_device_over_the_ipv6_underlay() {
     let pods = pods(&c);
     all_reach(&c, &pods);
     let ((a, a6), (b, b6)) = (&pods[0], &pods[1]);
-    let (v4_seen, v6_seen) = captured(&c, 1, PORT, || {
+    let mut inner = address_pairs((*a6).into(), (*b6).into());
+    inner.extend(address_pairs(a.ip().into(), b.ip().into()));
+    // The IPv4 underlay carries nothing in this mode.
+    wireguard_only_while(&c, 1, PORT, true, inner, || {
         tcp_transfer(a, b, TRANSFER).expect("checksummed transfer over IPv4");
         tcp_transfer6(a, b, *b6, TRANSFER);
     });
-    let mut inner = v6_pair(*a6, *b6);
-    inner.push([a.ip().octets(), b.ip().octets()].concat());
-    assert_wireguard_only(&v6_seen, "IPv6 underlay, port 51820", &inner);
-    assert!(
-        v4_seen.is_empty(),
-        "the IPv4 underlay carries nothing in this mode: {} datagrams",
-        v4_seen.len()
-    );
 }
 
 #[test]
@@ -355,14 +228,9 @@ fn auto_mode_carries_both_families_on_one_device_over_the_underlay_it_selects() 
     all_reach(&c, &pods);
     let ((a, a6), (b, b6)) = (&pods[0], &pods[1]);
     // 198.18/15 is not RFC 1918 and we have IPv4: flannel's selectMode takes IPv4.
-    let (v4_seen, v6_seen) = captured(&c, 1, PORT, || {
+    let inner = address_pairs((*a6).into(), (*b6).into());
+    wireguard_only_while(&c, 1, PORT, false, inner, || {
         tcp_transfer6(a, b, *b6, TRANSFER);
         tcp_transfer6(b, a, *a6, TRANSFER);
     });
-    assert_wireguard_only(&v4_seen, "IPv4 underlay, port 51820", &v6_pair(*a6, *b6));
-    assert!(
-        v6_seen.is_empty(),
-        "the IPv6 underlay carries nothing here: {} datagrams",
-        v6_seen.len()
-    );
 }

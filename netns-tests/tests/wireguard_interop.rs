@@ -459,6 +459,7 @@ fn their_new_key_replaces_the_peer_and_the_old_key_is_refused() {
         mtu: 1420,
         log_level: "verbose".into(),
         keys: Some(old),
+        v6: None,
     })
     .unwrap();
     impostor

@@ -59,7 +59,9 @@ impl Tun {
                 Ok(tun) => return Ok(tun),
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => return Err(e),
                 Err(e) => {
-                    tracing::warn!("udp: {name}: TUN offloads unavailable ({e}); plain device")
+                    // Both the udp and the wireguard backend open their device here: the
+                    // device name (flannel0, flannel-wg, flannel-wg-v6) says whose it is.
+                    tracing::warn!("{name}: TUN offloads unavailable ({e}); plain device")
                 }
             }
         }
