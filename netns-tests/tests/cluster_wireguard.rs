@@ -4,12 +4,9 @@
 //! reaches every other, and the underlay carries only WireGuard messages (data as type-4
 //! transport messages, no inner IP header in the clear).
 
-use std::net::Ipv4Addr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
 use std::time::Duration;
 
-use netns_tests::capture::udp_payloads;
+use netns_tests::capture::{address_pairs, assert_wireguard_only_while, WireguardUnderlay};
 use netns_tests::traffic::tcp_transfer;
 use netns_tests::{Cluster, Pod};
 use serde_json::json;
@@ -51,10 +48,6 @@ fn kernel_has_wireguard(c: &Cluster) -> bool {
             .status();
     }
     made
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
 }
 
 #[test]
@@ -124,59 +117,19 @@ fn wireguard_every_pod_reaches_every_pod_and_the_underlay_carries_only_wireguard
     }
     c.assert_connected(&pods, 4 << 20);
 
-    // A transfer from host 0's pod to host 1's pod, watched on host 1's underlay link.
-    let stop = AtomicBool::new(false);
+    // A transfer from host 0's pod to host 1's pod, watched on host 1's underlay link: the
+    // receiver hashes what it got (a mismatch is an error), the wire shows only WireGuard.
     let (a, b) = (&pods[0], &pods[1]);
-    let (bound_tx, bound) = mpsc::channel();
-    let seen = std::thread::scope(|s| {
-        let cap = s.spawn(|| {
-            c.host(1)
-                .netns()
-                .run_in(|| udp_payloads("eth0", PORT, false, bound_tx, &stop))
-                .expect("capture runs in host 1")
-        });
-        // The transfer starts once the capture sees the wire (a failed capture drops the
-        // sender, which ends the wait at once).
-        bound
-            .recv_timeout(Duration::from_secs(10))
-            .expect("the capture socket is bound on host 1's eth0");
-        // The receiver hashes what it got; a mismatch is an error.
-        tcp_transfer(a, b, 2 << 20).expect("checksummed transfer over wireguard");
-        stop.store(true, Ordering::Relaxed);
-        cap.join().unwrap()
+    let expect = WireguardUnderlay {
+        link: "eth0",
+        port: PORT,
+        v6: false,
+        min_transport_bytes: 2 << 20,
+        inner: address_pairs(a.ip().into(), b.ip().into()),
+    };
+    assert_wireguard_only_while(c.host(1).netns(), &expect, || {
+        tcp_transfer(a, b, 2 << 20).expect("checksummed transfer over wireguard")
     });
-    let types: Vec<u8> = seen
-        .iter()
-        .map(|d| d.first().copied().unwrap_or(0))
-        .collect();
-    let transport = types.iter().filter(|t| **t == 4).count();
-    // veth hands UDP GSO runs over whole, so one captured frame may carry many datagrams:
-    // what must show is the transfer's bytes, all of them inside type-4 messages.
-    let transport_bytes: usize = seen
-        .iter()
-        .filter(|d| d.first() == Some(&4))
-        .map(Vec::len)
-        .sum();
-    assert!(
-        transport_bytes >= 2 << 20,
-        "type-4 bytes seen: {transport_bytes} in {transport} of {} frames",
-        seen.len()
-    );
-    assert!(
-        types.iter().all(|t| (1..=4).contains(t)),
-        "only WireGuard message types on the wire: {:?}",
-        types
-            .iter()
-            .filter(|t| !(1..=4).contains(*t))
-            .collect::<Vec<_>>()
-    );
-    let pair = |x: Ipv4Addr, y: Ipv4Addr| [x.octets(), y.octets()].concat();
-    for d in &seen {
-        assert!(
-            !contains(d, &pair(a.ip(), b.ip())) && !contains(d, &pair(b.ip(), a.ip())),
-            "an inner IP header is visible on the underlay"
-        );
-    }
     // The kernel device keeps its own counters (`wg show`); ours are the userspace engine's.
     for i in (0..3).filter(|_| !kernel) {
         let m = c.host(i).metrics().unwrap();
