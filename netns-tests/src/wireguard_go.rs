@@ -345,6 +345,22 @@ impl HandshakeLog {
     pub fn completed(&self) -> usize {
         self.responses_sent + self.responses_received
     }
+
+    /// Asserts who started the handshake: the flannel node (`we_initiate`, wireguard-go
+    /// answered) or wireguard-go (the flannel node answered).
+    pub fn assert_started_by(&self, we_initiate: bool) {
+        if we_initiate {
+            assert!(
+                self.initiations_received >= 1 && self.responses_sent >= 1,
+                "we initiated, wireguard-go answered: {self:?}"
+            );
+        } else {
+            assert!(
+                self.initiations_sent >= 1 && self.responses_received >= 1,
+                "wireguard-go initiated, we answered: {self:?}"
+            );
+        }
+    }
 }
 
 /// One wireguard-go daemon: a device of the node.

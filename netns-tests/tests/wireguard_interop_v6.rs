@@ -88,15 +88,7 @@ impl Interop6 {
             .expect("their subnet file");
         let ours = c.host(1);
         ours.start().expect("our flanneld");
-        wait_until(Duration::from_secs(30), "our flanneld ready", || {
-            ours.check_alive()?;
-            match ours.http_get("/readyz") {
-                Ok((200, _)) => {}
-                other => return Err(format!("/readyz: {other:?}")),
-            }
-            ours.subnet_v6().map(drop).map_err(|e| e.to_string())
-        })
-        .unwrap_or_else(|e| panic!("{e}\nflanneld log:\n{}", ours.log_tail(30)));
+        common::wait_ready_v6(ours, Duration::from_secs(30));
         let pods = (0..2)
             .map(|i| {
                 let p = c.add_pod(i).expect("pod");
@@ -204,18 +196,9 @@ fn handshake_mtu_and_tcp_over_ipv6(we_initiate: bool) {
         Some(SocketAddr::from((common::host_v6(1), PORT_V6))),
         "wireguard-go talks to our IPv6 address and ListenPortV6: {state:?}"
     );
-    let log = t.wg.handshake_log_on(DEVICE_V6).unwrap();
-    if we_initiate {
-        assert!(
-            log.initiations_received >= 1 && log.responses_sent >= 1,
-            "we initiated, wireguard-go answered: {log:?}"
-        );
-    } else {
-        assert!(
-            log.initiations_sent >= 1 && log.responses_received >= 1,
-            "wireguard-go initiated, we answered: {log:?}"
-        );
-    }
+    t.wg.handshake_log_on(DEVICE_V6)
+        .unwrap()
+        .assert_started_by(we_initiate);
     wait_reaches6(second.0, first.1, REACH);
 
     for ((a, _), (_, b6)) in [(t.our_pod(), t.their_pod()), (t.their_pod(), t.our_pod())] {

@@ -107,16 +107,21 @@ pub fn start_dual_stack(c: &Cluster, timeout: Duration) {
         h.start().expect("start flanneld");
     }
     for h in c.hosts() {
-        netns_tests::wait_until(timeout, &format!("{} ready", h.name()), || {
-            h.check_alive()?;
-            match h.http_get("/readyz") {
-                Ok((200, _)) => {}
-                other => return Err(format!("/readyz: {other:?}")),
-            }
-            h.subnet_v6().map(drop).map_err(|e| e.to_string())
-        })
-        .unwrap_or_else(|e| panic!("{e}\nflanneld log:\n{}", h.log_tail(30)));
+        wait_ready_v6(h, timeout);
     }
+}
+
+/// Waits (up to `timeout`) until the flanneld of `h` is ready and wrote an IPv6 subnet.
+pub fn wait_ready_v6(h: &netns_tests::Host, timeout: Duration) {
+    netns_tests::wait_until(timeout, &format!("{} ready", h.name()), || {
+        h.check_alive()?;
+        match h.http_get("/readyz") {
+            Ok((200, _)) => {}
+            other => return Err(format!("/readyz: {other:?}")),
+        }
+        h.subnet_v6().map(drop).map_err(|e| e.to_string())
+    })
+    .unwrap_or_else(|e| panic!("{e}\nflanneld log:\n{}", h.log_tail(30)));
 }
 
 /// Address number `n` of `net`.
