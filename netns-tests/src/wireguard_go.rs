@@ -184,28 +184,28 @@ pub struct Peer {
     pub keepalive: u16,
 }
 
+/// `{"PublicKey", "Port"}` of a lease's `field` (`BackendData`, `BackendV6Data`); a port of 0
+/// or none means `default`, as flannel reads leases written before 2025.
+fn key_and_port(lease: &LeaseInfo, field: &str, default: u16) -> Result<(String, u16)> {
+    let bad = |why: String| Error::Other(format!("lease {}: {why}: {}", lease.key, lease.value));
+    let data = &lease.value[field];
+    let key = data["PublicKey"]
+        .as_str()
+        .ok_or_else(|| bad(format!("{field} has no PublicKey")))?;
+    let port = match data["Port"].as_u64().unwrap_or(0) {
+        0 => default,
+        p => u16::try_from(p).map_err(|_| bad(format!("{field}.Port {p} is not a port")))?,
+    };
+    Ok((key.to_string(), port))
+}
+
 impl Peer {
     /// The peer flannel makes of a `wireguard` lease: its key, `PublicIP:Port` (flannel's
     /// default port when the lease says 0, as flannel before 2025 wrote), its subnet.
     pub fn from_lease(lease: &LeaseInfo, psk: Option<&str>, keepalive: u16) -> Result<Peer> {
-        let data = &lease.value["BackendData"];
-        let public_key = data["PublicKey"].as_str().ok_or_else(|| {
-            Error::Other(format!(
-                "lease {}: BackendData has no PublicKey: {}",
-                lease.key, lease.value
-            ))
-        })?;
-        let port = match data["Port"].as_u64().unwrap_or(0) {
-            0 => DEFAULT_PORT,
-            p => u16::try_from(p).map_err(|_| {
-                Error::Other(format!(
-                    "lease {}: BackendData.Port {p} is not a port",
-                    lease.key
-                ))
-            })?,
-        };
+        let (public_key, port) = key_and_port(lease, "BackendData", DEFAULT_PORT)?;
         Ok(Peer {
-            public_key: public_key.to_string(),
+            public_key,
             endpoint: SocketAddrV4::new(lease.public_ip, port).into(),
             allowed_ips: vec![lease.subnet.into()],
             psk: psk.map(str::to_string),
@@ -217,22 +217,14 @@ impl Peer {
     /// `Mode: separate`: `BackendV6Data`'s key, `[PublicIPv6]:Port` (`ListenPortV6`'s default
     /// when 0), the IPv6 subnet.
     pub fn from_lease_v6(lease: &LeaseInfo, psk: Option<&str>, keepalive: u16) -> Result<Peer> {
+        let (public_key, port) = key_and_port(lease, "BackendV6Data", DEFAULT_PORT_V6)?;
         let bad = |why: &str| Error::Other(format!("lease {}: {why}: {}", lease.key, lease.value));
-        let data = &lease.value["BackendV6Data"];
-        let public_key = data["PublicKey"]
-            .as_str()
-            .ok_or_else(|| bad("BackendV6Data has no PublicKey"))?;
-        let port = match data["Port"].as_u64().unwrap_or(0) {
-            0 => DEFAULT_PORT_V6,
-            p => u16::try_from(p)
-                .map_err(|_| bad(&format!("BackendV6Data.Port {p} is not a port")))?,
-        };
         let ip = lease.public_ipv6.ok_or_else(|| bad("no PublicIPv6"))?;
         let subnet = lease
             .subnet_v6
             .ok_or_else(|| bad("no IPv6 subnet in the key"))?;
         Ok(Peer {
-            public_key: public_key.to_string(),
+            public_key,
             endpoint: SocketAddrV6::new(ip, port, 0, 0).into(),
             allowed_ips: vec![subnet.into()],
             psk: psk.map(str::to_string),
